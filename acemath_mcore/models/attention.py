@@ -1,0 +1,142 @@
+"""Core attention for the native (Transformer-Engine-free) layer spec.
+
+megatron-core's own ``DotProductAttention`` materialises the full s x s score matrix (out of memory at
+seq 4096 for 1.5B models on an H100) and refuses packed (THD) input. This module computes the same function
+through fused kernels and supports packed sequences:
+
+* padded/unpacked input (``[s, b, heads, dim]``): ``scaled_dot_product_attention`` with ``is_causal``, which
+  dispatches to flash / memory-efficient kernels on CUDA and to a blocked kernel on CPU;
+* packed input (``[t, heads, dim]`` with ``cu_seqlens``): flash varlen attention (``torch.nn.attention.varlen``)
+  for half precision on CUDA; otherwise causal SDPA per document, which is exact and never builds scores
+  across documents.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+try:
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+
+    _VARLEN_PARAMS = set(inspect.signature(_varlen_attn).parameters)
+except ImportError:  # torch < 2.10
+    _varlen_attn, _VARLEN_PARAMS = None, set()
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class NativeCoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` submodule for megatron-core's ``SelfAttention`` (same constructor/forward)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        **unused_kwargs,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("the native core attention does not implement context parallelism; use the TE spec")
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("apply_query_key_layer_scaling is not supported by the native core attention")
+        if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
+            raise ValueError(f"the native core attention is causal-only, got attn_mask_type={attn_mask_type}")
+        tp_size = config.tensor_model_parallel_size
+        self.heads_per_partition = config.num_attention_heads // tp_size
+        self.groups_per_partition = (config.num_query_groups or config.num_attention_heads) // tp_size
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type: Optional[AttnMaskType] = None,
+        attention_bias: Optional[torch.Tensor] = None,
+        packed_seq_params: Optional[PackedSeqParams] = None,
+    ) -> torch.Tensor:
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by the native core attention")
+        if attention_mask is not None:
+            raise ValueError(
+                "the native core attention is causal-only and takes no explicit attention mask; "
+                "pass attention_mask=None and use packed sequences to separate documents"
+            )
+        dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, packed_seq_params, dropout)
+        return self._padded(query, key, value, dropout)
+
+    def _padded(self, query, key, value, dropout: float) -> torch.Tensor:
+        sq, batch = query.shape[0], query.shape[1]
+        sk = key.shape[0]
+        if sq != sk and sq != 1:
+            raise ValueError(f"causal attention with {sq} queries over {sk} keys is not supported")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
+        out = self._sdpa(q, k, v, is_causal=sq == sk and sq > 1, dropout=dropout)
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+
+    def _packed(self, query, key, value, params: PackedSeqParams, dropout: float) -> torch.Tensor:
+        padded = params.cu_seqlens_q_padded
+        if padded is not None and not torch.equal(padded, params.cu_seqlens_q):
+            raise ValueError("padded cu_seqlens (context-parallel padding) need the TE spec")
+        if self._can_use_varlen(query, dropout):
+            return self._varlen(query, key, value, params)
+        bounds = _document_bounds(params)
+        outputs: List[torch.Tensor] = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, L, d]
+            outputs.append(self._sdpa(q, k, v, is_causal=end - start > 1, dropout=dropout)[0].transpose(0, 1))
+        return torch.cat(outputs).reshape(query.shape[0], -1)
+
+    def _sdpa(self, q, k, v, is_causal: bool, dropout: float) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, dropout_p=dropout, scale=self.softmax_scale,
+            enable_gqa=self.heads_per_partition != self.groups_per_partition,
+        )
+
+    @staticmethod
+    def _can_use_varlen(query: torch.Tensor, dropout: float) -> bool:
+        return _varlen_attn is not None and query.is_cuda and query.dtype in _HALF_DTYPES and dropout == 0.0
+
+    def _varlen(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
+        if "enable_gqa" not in _VARLEN_PARAMS and self.heads_per_partition != self.groups_per_partition:
+            repeat = self.heads_per_partition // self.groups_per_partition
+            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        kwargs = {"scale": self.softmax_scale}
+        if "window_size" in _VARLEN_PARAMS:
+            kwargs["window_size"] = (-1, 0)
+        else:
+            kwargs["is_causal"] = True
+        if "enable_gqa" in _VARLEN_PARAMS:
+            kwargs["enable_gqa"] = self.heads_per_partition != self.groups_per_partition
+        max_q = int(params.max_seqlen_q)
+        out = _varlen_attn(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, max_q,
+                           int(params.max_seqlen_kv or max_q), **kwargs)
+        return out.reshape(query.shape[0], -1)
+
+
+def _document_bounds(params: PackedSeqParams) -> List[int]:
+    """Document boundaries as Python ints, computed once per packed batch and shared by every layer."""
+    cached = getattr(params, "_acemath_bounds", None)
+    if cached is None:
+        cached = params.cu_seqlens_q.tolist()
+        params._acemath_bounds = cached
+    return cached

@@ -1,0 +1,116 @@
+"""Build megatron-core GPT models (one per pipeline/virtual-pipeline stage) from a :class:`ModelArch`."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.specs import layer_spec, resolve_spec_name
+from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime.distributed import ParallelConfig
+
+
+@dataclasses.dataclass
+class ModelOptions:
+    """How to instantiate a model: layer spec, precision, activation recompute."""
+
+    spec: str = "auto"  # auto | te | native
+    bf16: bool = False
+    recompute: Optional[str] = None  # None | "selective" | "full"
+    recompute_num_layers: int = 1
+    fp8: Optional[str] = None  # None | "hybrid" | "e4m3" (TE only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (TE only)
+    init_method_std: float = 0.02
+
+
+def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> TransformerConfig:
+    arch.check_tensor_parallel(parallel.tensor_parallel)
+    spec = resolve_spec_name(options.spec)
+    if options.fp8 and spec != "te":
+        raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
+    dtype = torch.bfloat16 if options.bf16 else torch.float32
+    recompute = {}
+    if options.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=options.recompute_num_layers)
+    elif options.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    elif options.recompute is not None:
+        raise ValueError(f"recompute must be None, 'selective' or 'full', got {options.recompute!r}")
+    fp8 = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe) if options.fp8 else {}
+    return TransformerConfig(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=options.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+        context_parallel_size=parallel.context_parallel,
+        sequence_parallel=parallel.sequence_parallel and parallel.tensor_parallel > 1,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=options.bf16,
+        **device_lib.fusion_options(spec == "te"),
+        **recompute,
+        **fp8,
+    )
+
+
+def build_model_chunk(
+    arch: ModelArch,
+    config: TransformerConfig,
+    spec: str = "auto",
+    vp_stage: Optional[int] = None,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+) -> GPTModel:
+    """One GPT model chunk for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(spec),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta),
+        rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        parallel_output=True,
+        vp_stage=vp_stage,
+    )
+    return model.to(device_lib.current_device())
+
+
+def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> List[GPTModel]:
+    """All model chunks of this rank: one, or one per virtual pipeline stage."""
+    config = transformer_config(arch, parallel, options)
+    stages = parallel.virtual_pipeline_parallel or 1
+    return [
+        build_model_chunk(arch, config, options.spec, vp_stage=stage if stages > 1 else None)
+        for stage in range(stages)
+    ]

@@ -1,0 +1,46 @@
+"""Named model shapes: the AceMath backbones with their exact Hugging Face shapes, plus a CPU-sized ``tiny``."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+from acemath_mcore.models.arch import ModelArch
+
+
+def _qwen25(layers, hidden, ffn, heads, groups, vocab, tie, theta=1_000_000.0, max_pos=32768) -> ModelArch:
+    return ModelArch(family="qwen2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                     num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab, qkv_bias=True,
+                     tie_embeddings=tie, rope_theta=theta, rms_norm_eps=1e-6, max_position_embeddings=max_pos)
+
+
+def _llama31(layers, hidden, ffn, heads) -> ModelArch:
+    return ModelArch(family="llama", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
+                     num_attention_heads=heads, num_query_groups=8, vocab_size=128256, rope_theta=500000.0,
+                     rope_scaling_factor=8.0, rms_norm_eps=1e-5, max_position_embeddings=131072)
+
+
+# Qwen2.5-Math keeps Qwen2.5's shapes but uses rope theta 1e4 and a 4k context.
+_MATH = dict(theta=10000.0, max_pos=4096)
+
+PRESETS: Dict[str, ModelArch] = {
+    # Runs a training step in well under a second on two CPU cores; vocabulary sized for the Llama-2 tokenizer.
+    "tiny": ModelArch(family="qwen2", num_layers=4, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
+                      num_query_groups=2, vocab_size=32000, qkv_bias=True, tie_embeddings=True,
+                      rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096),
+    "qwen2.5-0.5b": _qwen25(24, 896, 4864, 14, 2, 151936, tie=True),
+    "qwen2.5-1.5b": _qwen25(28, 1536, 8960, 12, 2, 151936, tie=True),
+    "qwen2.5-7b": _qwen25(28, 3584, 18944, 28, 4, 152064, tie=False, max_pos=131072),
+    "qwen2.5-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, max_pos=131072),
+    "qwen2.5-math-1.5b": _qwen25(28, 1536, 8960, 12, 2, 151936, tie=True, **_MATH),
+    "qwen2.5-math-7b": _qwen25(28, 3584, 18944, 28, 4, 152064, tie=False, **_MATH),
+    "qwen2.5-math-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, **_MATH),
+    "llama3.1-8b": _llama31(32, 4096, 14336, 32),
+    "llama3.1-70b": _llama31(80, 8192, 28672, 64),
+}
+
+
+def get_preset(name: str) -> ModelArch:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None

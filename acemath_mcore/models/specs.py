@@ -1,0 +1,38 @@
+"""Transformer layer specs: Transformer Engine's when available, otherwise megatron's local modules + our attention."""
+
+from __future__ import annotations
+
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from acemath_mcore.models.attention import NativeCoreAttention
+from acemath_mcore.runtime import transformer_engine_available
+
+SPEC_CHOICES = ("auto", "te", "native")
+
+
+def resolve_spec_name(spec: str) -> str:
+    """``auto`` means TE when it imports on CUDA, native otherwise; asking for TE without it is an error."""
+    if spec not in SPEC_CHOICES:
+        raise ValueError(f"unknown layer spec {spec!r}; choose one of {SPEC_CHOICES}")
+    if spec == "auto":
+        return "te" if transformer_engine_available() else "native"
+    if spec == "te" and not transformer_engine_available():
+        raise RuntimeError("layer spec 'te' needs Transformer Engine on a CUDA machine; use spec=native")
+    return spec
+
+
+def native_layer_spec() -> ModuleSpec:
+    """megatron-core's local spec with RMSNorm, with the core attention replaced by :class:`NativeCoreAttention`."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = NativeCoreAttention
+    return spec
+
+
+def layer_spec(spec: str) -> ModuleSpec:
+    if resolve_spec_name(spec) == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    return native_layer_spec()

@@ -1,0 +1,35 @@
+"""Runtime: device selection (the only module that knows CPU from GPU), distributed set-up, seeding."""
+
+from acemath_mcore.runtime.device import (
+    cuda_available,
+    current_device,
+    distributed_backend,
+    peak_memory_bytes,
+    setup_device,
+    synchronize,
+    transformer_engine_available,
+)
+from acemath_mcore.runtime.distributed import (
+    LaunchEnv,
+    ParallelConfig,
+    destroy_distributed,
+    init_distributed,
+    read_launch_env,
+    seed_everything,
+)
+
+__all__ = [
+    "LaunchEnv",
+    "ParallelConfig",
+    "cuda_available",
+    "current_device",
+    "destroy_distributed",
+    "distributed_backend",
+    "init_distributed",
+    "peak_memory_bytes",
+    "read_launch_env",
+    "seed_everything",
+    "setup_device",
+    "synchronize",
+    "transformer_engine_available",
+]

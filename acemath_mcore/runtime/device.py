@@ -1,0 +1,103 @@
+"""Which accelerator we run on, decided once: CUDA (NCCL, Transformer Engine when importable) or CPU (gloo + shim).
+
+Every other module asks this one instead of calling ``torch.cuda.is_available()`` itself, so the
+CPU/GPU difference lives in a single place.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger("acemath_mcore")
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_available() -> bool:
+    """True when a usable CUDA device exists (``ACEMATH_FORCE_CPU=1`` forces the CPU path)."""
+    if os.environ.get("ACEMATH_FORCE_CPU", "0") == "1":
+        return False
+    return torch.cuda.is_available()
+
+
+def needs_cpu_shim(has_cuda: bool) -> bool:
+    """The megatron-core CPU shim is for machines without CUDA only; it must never wrap a GPU run."""
+    return not has_cuda
+
+
+def distributed_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def setup_device(local_rank: int) -> torch.device:
+    """Bind this process to its device; on CPU install the shim so megatron-core's CUDA calls land on the CPU."""
+    if needs_cpu_shim(cuda_available()):
+        from acemath_mcore.runtime import cpu_shim
+
+        cpu_shim.install()
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def current_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def transformer_engine_available() -> bool:
+    """Transformer Engine is used when it imports on a CUDA machine; say once which path we take."""
+    if not cuda_available():
+        logger.info("No CUDA device: using the native (TE-free) layer spec on CPU.")
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as error:  # ImportError, or a broken install that fails at import time
+        logger.info("Transformer Engine not importable (%s): using the native layer spec.", error)
+        return False
+    logger.info("Transformer Engine %s found: using the TE layer spec.", transformer_engine.__version__)
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def apex_available() -> bool:
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        logger.info("apex not installed: megatron-core falls back to torch's fused AdamW and local kernels.")
+        return False
+    return True
+
+
+def synchronize() -> None:
+    if cuda_available():
+        torch.cuda.synchronize()
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory on CUDA; peak resident set size of this process on CPU."""
+    if cuda_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fusion_options(use_transformer_engine: bool) -> dict:
+    """TransformerConfig kernel-fusion flags that are valid on this machine.
+
+    On CPU every fusion is off (they are CUDA kernels). On CUDA the native spec gets the fusions
+    megatron-core implements itself (SwiGLU, bias-dropout-add, fused vocab-parallel cross entropy); RoPE fusion
+    and gradient-accumulation fusion come from Transformer Engine, so only the TE spec enables them.
+    """
+    if not cuda_available():
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                    persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+                    cross_entropy_loss_fusion=False)
+    return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
+                persist_layer_norm=use_transformer_engine, apply_rope_fusion=use_transformer_engine,
+                gradient_accumulation_fusion=use_transformer_engine, cross_entropy_loss_fusion=True)

@@ -1,0 +1,138 @@
+"""Process-group and model-parallel set-up from torchrun or Slurm environments."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+import re
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+
+from acemath_mcore.runtime import device as device_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from the launcher's environment variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+@dataclasses.dataclass
+class ParallelConfig:
+    """Model-parallel layout; data parallelism is whatever is left of the world size."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline_parallel: Optional[int] = None
+    context_parallel: int = 1
+    expert_parallel: int = 1
+    sequence_parallel: bool = False
+
+    def model_parallel_size(self) -> int:
+        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.model_parallel_size():
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_parallel({self.tensor_parallel}) x "
+                f"pipeline_parallel({self.pipeline_parallel}) x context_parallel({self.context_parallel}) "
+                f"= {self.model_parallel_size()}"
+            )
+        return world_size // self.model_parallel_size()
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``gpu[003-010,012],login1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM_NODELIST {nodelist!r}")
+    prefix, ranges = match.groups()
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """torchrun variables win; otherwise Slurm's (one task per GPU under srun); otherwise a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return LaunchEnv(
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ.get("LOCAL_RANK", "0")),
+            master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(environ.get("MASTER_PORT", "29500")),
+        )
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        job_id = int(environ.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(environ["SLURM_NTASKS"]),
+            local_rank=int(environ.get("SLURM_LOCALID", "0")),
+            master_addr=environ.get("MASTER_ADDR") or first_slurm_host(environ.get("SLURM_NODELIST", "localhost")),
+            # A job-specific port lets several jobs share a node without colliding.
+            master_port=int(environ.get("MASTER_PORT", str(20000 + job_id % 20000))),
+        )
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
+                     master_port=int(environ.get("MASTER_PORT", "29500")))
+
+
+def init_distributed(
+    parallel: ParallelConfig,
+    launch: Optional[LaunchEnv] = None,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> LaunchEnv:
+    """Create the default process group and megatron's parallel groups, then seed every RNG."""
+    from megatron.core import parallel_state
+
+    launch = launch or read_launch_env()
+    parallel.data_parallel_size(launch.world_size)  # fail early, with the numbers, on a bad layout
+    device_lib.setup_device(launch.local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=device_lib.distributed_backend(),
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel,
+            pipeline_model_parallel_size=parallel.pipeline_parallel,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+            context_parallel_size=parallel.context_parallel,
+            expert_model_parallel_size=parallel.expert_parallel,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+    seed_everything(seed)
+    return launch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch, and megatron's model-parallel tracker (distinct streams per TP rank)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    offset = 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed + offset)
+    np.random.seed(seed + offset)
+    torch.manual_seed(seed + offset)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed + offset)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

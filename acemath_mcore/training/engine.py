@@ -1,0 +1,214 @@
+"""The one training engine under the SFT and reward-model trainers.
+
+It owns the megatron-core pieces that do not depend on the task: model chunks (one per virtual pipeline
+stage) wrapped in megatron's DistributedDataParallel, megatron's optimizer (optionally distributed), the LR
+schedule, and a train step through ``get_forward_backward_func()`` so 1F1B and interleaved pipeline schedules
+are used as-is. A :class:`Task` supplies what differs: how a micro-batch is fed to the model and the loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.builder import ModelOptions, build_model_chunk, transformer_config
+from acemath_mcore.models.weights import load_full_weights
+from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime.distributed import ParallelConfig
+
+Batch = Dict[str, torch.Tensor]
+LossFn = Callable[[torch.Tensor], tuple]
+
+
+class Task(Protocol):
+    """What a trainer plugs into the engine: a forward pass on one micro-batch and its loss."""
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
+
+    def loss(self, batch: Batch, output: torch.Tensor) -> tuple: ...
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with warmup and decay (the AceMath recipes use cosine or linear decay)."""
+
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_style: str = "cosine"  # cosine | linear | constant
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+
+
+def packed_seq_params(batch: Batch) -> Optional[PackedSeqParams]:
+    """PackedSeqParams (THD) for a packed micro-batch, None for a padded one."""
+    if "cu_seqlens" not in batch:
+        return None
+    cu_seqlens = batch["cu_seqlens"].to(torch.int32).reshape(-1)
+    max_seqlen = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+
+
+class Engine:
+    """Model chunks + DDP + optimizer + schedule for one rank."""
+
+    def __init__(self, arch: ModelArch, parallel: ParallelConfig, model_options: ModelOptions, optim: OptimConfig,
+                 train_steps: int, model_chunk_builder: Callable = build_model_chunk):
+        self.arch, self.parallel, self.optim_config = arch, parallel, optim
+        self.config = transformer_config(arch, parallel, model_options)
+        self.config.calculate_per_token_loss = True
+        stages = parallel.virtual_pipeline_parallel or 1
+        chunks = [
+            model_chunk_builder(arch, self.config, model_options.spec, vp_stage=stage if stages > 1 else None)
+            for stage in range(stages)
+        ]
+        if self.config.bf16:
+            # Casts first-stage inputs to bf16 and last-stage outputs back to fp32, as Megatron-LM does.
+            chunks = [Float16Module(self.config, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=optim.overlap_grad_reduce,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        )
+        self.model: List[DistributedDataParallel] = [
+            DistributedDataParallel(self.config, ddp_config, chunk, disable_bucketing=index > 0)
+            for index, chunk in enumerate(chunks)
+        ]
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam",
+                lr=optim.lr,
+                min_lr=optim.min_lr,
+                weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1,
+                adam_beta2=optim.adam_beta2,
+                adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad,
+                bf16=model_options.bf16,
+                params_dtype=self.config.params_dtype,
+                use_distributed_optimizer=optim.use_distributed_optimizer,
+            ),
+            self.model,
+        )
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(train_steps, optim.warmup_steps + 1),
+            lr_decay_style=optim.decay_style,
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=max(train_steps, 1),
+            wd_incr_style="constant",
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+        if optim.overlap_grad_reduce:
+            self.config.grad_sync_func = [m.start_grad_sync for m in self.model]
+            if len(self.model) == 1:
+                self.config.grad_sync_func = self.config.grad_sync_func[0]
+        self.step = 0
+
+    def load_full_weights(self, full: Dict[str, torch.Tensor]) -> None:
+        """Load canonical full tensors (e.g. converted from HF) into this rank's shards, then refresh the
+        optimizer's fp32 main copies so training starts from exactly these weights."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        for chunk in self.model:
+            load_full_weights(chunk, full, tp_rank, tp_size)
+        self.optimizer.reload_model_params()
+
+    # ---- one optimizer step -------------------------------------------------------------------------------
+    def forward_backward(self, task: Task, micro_batches: Sequence[Batch], forward_only: bool = False) -> List[Dict]:
+        """Run megatron's schedule over this rank's micro-batches; returns per-micro-batch loss reports
+        (non-empty on the last pipeline stage only)."""
+
+        def forward_step(data_iterator: Iterable[Batch], model: torch.nn.Module):
+            batch = next(data_iterator)
+            output = task.forward(model, batch)
+            return output, lambda out: task.loss(batch, out)
+
+        first = micro_batches[0]
+        seq_length, micro_batch_size = _activation_shape(first)
+        iterators = [iter(micro_batches) for _ in self.model]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(self.model) > 1 else iterators[0],
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, task: Task, micro_batches: Sequence[Batch]) -> Dict[str, float]:
+        """Forward/backward over the global batch share of this rank, then one optimizer + LR step."""
+        for chunk in self.model:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = self.forward_backward(task, micro_batches)
+        success, grad_norm, _ = self.optimizer.step()
+        if success:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = reduce_reports(reports)
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+                       lr=self.optimizer.param_groups[0]["lr"], skipped=float(not success))
+        return metrics
+
+
+def _activation_shape(batch: Batch) -> tuple:
+    """(seq_length, micro_batch_size) of the activations passed between pipeline stages."""
+    tokens = batch["tokens"]
+    if "cu_seqlens" in batch:
+        return tokens.numel(), 1
+    return tokens.shape[1], tokens.shape[0]
+
+
+def reduce_reports(reports: List[Dict]) -> Dict[str, float]:
+    """Global-batch means of every ``[sum, count]`` report: summed over micro-batches on the last pipeline
+    stage, all-reduced over data-parallel ranks, then broadcast to every pipeline stage so all ranks log it."""
+    keys = sorted(reports[0]) if reports else []
+    is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    names = _broadcast_object(keys, is_last)
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=device_lib.current_device())
+    for report in reports:
+        for i, name in enumerate(names):
+            totals[i] += report[name].to(torch.float64)
+    if is_last:
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if torch.distributed.get_world_size(pp_group) > 1:
+        last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(totals, src=last_rank, group=pp_group)
+    return {name.replace(" ", "_"): (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+
+
+def _broadcast_object(obj, is_source: bool):
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if torch.distributed.get_world_size(pp_group) == 1:
+        return obj
+    holder = [obj if is_source else None]
+    torch.distributed.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=pp_group)
+    return holder[0]
