@@ -1,0 +1,191 @@
+"""Grader: extraction, normalisation, equivalence, timeouts, and agreement with the Qwen2.5-Math reference labels."""
+
+import json
+import time
+
+import pytest
+
+from shared_data import shared_path
+
+from acemath_mcore.eval.grader import extract_answer, extract_choice, is_equal, last_boxed_content, normalize_answer
+
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"so \boxed{\frac{1}{\sqrt{2}}} done", r"\frac{1}{\sqrt{2}}"),
+        (r"first \boxed{1} then \boxed{\{1, 2\}}.", "{1,2}"),
+        (r"\fbox{42}", "42"),
+        (r"the value is \boxed 7$ here", "7"),
+        ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", r"\frac{3}{4}"),
+        ("So the answer is 12.", "12"),
+        ("Thus the answer is: 3,250 apples.", "3,250"),
+        ("We get 5 and then 17 apples", "17"),
+        (r"truncated \boxed{12", "12"),
+        ("no answer at all", ""),
+        (r"\boxed{x = 3}", "3"),
+        (r"\boxed{50\%}", "50%"),
+        (r"\boxed{\dfrac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{5\text{ cm}^2}", "5"),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text, "math") == expected
+
+
+def test_last_boxed_keeps_nested_braces():
+    matrix = r"\begin{pmatrix} 1 \\ {2} \end{pmatrix}"
+    assert last_boxed_content(rf"\boxed{{{matrix}}} and more") == matrix
+    assert last_boxed_content("no box") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (r"The answer is $\boxed{(B)}$", "B"),
+        (r"\boxed{\text{C}}", "C"),
+        (r"\boxed{D. 42 N}", "D"),
+        ("A frameshift is a shift ... Answer: D", "D"),
+        ("A is wrong because of X, so (B) is right", "B"),
+        ("The answer is C.", "C"),
+        ("I am not sure.", ""),
+    ],
+)
+def test_extract_choice_letters(text, expected):
+    assert extract_choice(text) == expected
+    assert extract_answer(text, "mmlu_stem") == expected
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        (r"\frac{1}{2}", "0.5"),
+        (r"\dfrac12", r"\frac{1}{2}"),
+        (r"\cfrac{25}{16}", "1.5625"),
+        ("1/2", r"\tfrac{1}{2}"),
+        (r"\frac{\sqrt{2}}{2}", r"\frac{1}{\sqrt{2}}"),
+        (r"\frac{\sqrt{2}}{2}", "0.7071"),
+        (r"\frac{1}{3}", "0.3333"),
+        (r"2\frac{1}{3}", r"\frac{7}{3}"),
+        (r"\sqrt{12}", r"2\sqrt{3}"),
+        (r"\sqrt[3]{8}", "2"),
+        (r"\pi", "3.14159"),
+        (r"2\pi", r"\pi \cdot 2"),
+        ("50\\%", "0.5"),
+        ("50%", "50"),
+        (r"10\%", "0.1"),
+        ("900,000,000", "900000000"),
+        (r"10{,}000", "10000"),
+        (r"\$32,\!348", "32348"),
+        ("27.0", "27"),
+        (r"[2, 5)", r"\left[2,5\right)"),
+        (r"(-\infty, -3) \cup (3, \infty)", r"(3,\infty)\cup(-\infty,-3)"),
+        (r"\{1, 2, 3\}", r"\{3,2,1\}"),
+        ("1, 2", "2,1"),
+        (r"\left( \frac{4}{3}, -\frac{1}{3} \right)", r"(\frac43,-\frac13)"),
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{bmatrix}1\\2\end{bmatrix}"),
+        (r"\begin{pmatrix} 1/2 & 0 \\ 0 & 1 \end{pmatrix}", r"\begin{pmatrix} 0.5 & 0 \\ 0 & 1 \end{pmatrix}"),
+        (r"\begin{pmatrix} 1/2 \\ 2 \end{pmatrix}", r"\left(\frac{1}{2}, 2\right)"),
+        ("x=3", "3"),
+        ("k = 15", "15"),
+        ("y = 2x + 3", "2x+3"),
+        ("x^2+y^2=1", "y^2+x^2=1"),
+        ("2x+2y=2", "x+y=1"),
+        (r"x \in [-2,7]", "[-2,7]"),
+        (r"5\text{ cm}^2", "5"),
+        ("10 inches", "10"),
+        (r"30^\circ", "30"),
+        (r"30^{\circ}", r"30"),
+        ("x^2+2x+1", "(x+1)^2"),
+        ("3+4i", "4i+3"),
+        (r"\sin^2 x + \cos^2 x", "1"),
+        (r"\log_2 8", "3"),
+        (r"\binom{5}{2}", "10"),
+        (r"\text{(C)}", "C"),
+        (r"\text{Devon}", "Devon"),
+        (r"\text{A,C,F}", "A, C, F"),
+        (r"\emptyset", r"\{\}"),
+        ("two", "2"),
+    ],
+)
+def test_equivalent_answers(pred, gold):
+    assert is_equal(pred, gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold"),
+    [
+        ("0.5", "50"),  # no percent sign on either side: a hundredfold difference is a different answer
+        ("9999", "10000"),  # an integer gold needs the exact integer, tolerance or not
+        (r"\frac{69999}{7}", "10000"),
+        ("0.333", r"\frac13"),
+        (r"\frac{3}{8}", r"\frac{5}{16}"),
+        (r"1\frac{1}{10}", r"1\frac{1}{9}"),
+        (r"\sqrt{34}+3\sqrt{10}", "28"),
+        (r"\frac{1}{2005!}", r"\frac{1}{2004!}"),
+        ("[2, 5)", "(2,5)"),
+        ("(1,2)", "(2,1)"),
+        ("(1,2)", "1,2"),
+        (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 5 \end{pmatrix}"),
+        (r"-\infty", r"\infty"),
+        ("odd", "even"),
+        ("AB", "BA"),
+        ("x^2+1", "x^2+2"),
+        ("5", ""),
+        ("", ""),
+        (None, "1"),
+    ],
+)
+def test_different_answers(pred, gold):
+    assert not is_equal(pred, gold)
+
+
+def test_normalisation_is_idempotent_on_math_golds():
+    """Extracted answers are already normalised; grading them again must not change them."""
+    from acemath_mcore.eval.benchmarks import load_benchmark
+
+    problems, _ = load_benchmark("math", shared_path("data/eval"))
+    changed = [p.gold for p in problems if normalize_answer(normalize_answer(p.gold)) != normalize_answer(p.gold)]
+    assert changed == []
+
+
+def test_pathological_input_times_out_quickly_and_grader_recovers():
+    start = time.monotonic()
+    # A C-level big-integer power: no signal interrupts it, only killing the worker does.
+    assert not is_equal(r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}+1", timeout=0.5)
+    assert time.monotonic() - start < 3.0
+    assert is_equal(r"\sqrt{4}+x", "x+2")  # the killed worker is replaced transparently
+
+
+def test_timeout_bounds_the_whole_comparison_not_each_item():
+    """30 identities that each need sympy's simplify: ~1 s in all, so a 0.2 s budget must cut the comparison short."""
+    gold = "(" + ",".join(["1"] * 30) + ")"
+
+    def identities(variable: str) -> str:
+        return "(" + ",".join(rf"\sin^2 {variable}_{{{i}}}+\cos^2 {variable}_{{{i}}}" for i in range(30)) + ")"
+
+    start = time.monotonic()
+    assert not is_equal(identities("a"), gold, timeout=0.2)
+    assert time.monotonic() - start < 1.0
+    assert is_equal(identities("b"), gold, timeout=60)
+
+
+def test_agreement_with_reference_labels_on_800_responses():
+    """Our extraction + equivalence vs the Qwen2.5-Math labels of math_cot_100.jsonl (100 problems x 8 responses)."""
+    rows = [json.loads(line) for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()]
+    total, disagreements = 0, []
+    for row in rows:
+        for response, reference_pred, reference_label in zip(row["code"], row["pred"], row["score"]):
+            ours = extract_answer(response, "math")
+            verdict = is_equal(ours, row["gt"])
+            total += 1
+            if verdict != reference_label:
+                disagreements.append((row["idx"], row["gt"], ours, verdict, reference_pred, reference_label))
+    for idx, gold, ours, verdict, reference_pred, reference_label in disagreements:
+        print(f"disagree idx={idx} gold={gold!r}: ours {ours!r} -> {verdict}, "
+              f"reference {reference_pred!r} -> {reference_label}")
+    agreement = 100.0 * (total - len(disagreements)) / total
+    print(f"agreement {agreement:.3f}% on {total} responses")
+    assert total == 800
+    assert agreement >= 99.5
