@@ -43,7 +43,8 @@ class Family:
             num_attention_heads=cfg["num_attention_heads"],
             num_query_groups=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             vocab_size=cfg["vocab_size"],
-            head_dim=cfg.get("head_dim"),
+            # Stored only when it differs from hidden/heads, so equal shapes compare equal.
+            head_dim=_explicit_head_dim(cfg),
             qkv_bias=self.qkv_bias or bool(cfg.get("attention_bias", False)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_theta=rope["theta"],
@@ -112,6 +113,11 @@ class Family:
         else:
             out["lm_head.weight"] = mc["output_layer.weight"][: arch.vocab_size]
         return out
+
+
+def _explicit_head_dim(cfg: Mapping):
+    head_dim = cfg.get("head_dim")
+    return None if head_dim in (None, cfg["hidden_size"] // cfg["num_attention_heads"]) else head_dim
 
 
 def _read_rope(cfg: Mapping, family: str) -> Dict:
