@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import pytest
 import torch
 
 from distributed_helpers import run_workers
@@ -87,28 +88,38 @@ def _packed_model_worker(rank, world_size):
         loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    tokens = torch.cat(docs).unsqueeze(0)
-    positions = torch.cat([torch.arange(n) for n in DOC_LENGTHS]).unsqueeze(0)
-    cu = torch.tensor([0] + list(torch.tensor(DOC_LENGTHS).cumsum(0)), dtype=torch.int32)
-    packed_logits = model(tokens, positions, None, packed_seq_params=packed_seq_params({"tokens": tokens, "cu_seqlens": cu}))
-    packed_logits = packed_logits.reshape(-1, arch.padded_vocab_size)
-    packed_grads = grads_of((packed_logits * torch.cat(weights)).sum())
-
     separate_logits, separate_loss = [], 0.0
     for doc, weight in zip(docs, weights):
         logits = model(doc.unsqueeze(0), torch.arange(len(doc)).unsqueeze(0), None)[0]
         separate_logits.append(logits.detach())
         separate_loss = separate_loss + (logits * weight).sum()
     separate_grads = grads_of(separate_loss)
-    return {
-        "logit_error": (packed_logits.detach() - torch.cat(separate_logits)).abs().max().item(),
-        "grad_error": max((packed_grads[n] - separate_grads[n]).abs().max().item() for n in packed_grads),
-        "grad_scale": max(g.abs().max().item() for g in separate_grads.values()),
-    }
+
+    tokens = torch.cat(docs).unsqueeze(0)
+    positions = torch.cat([torch.arange(n) for n in DOC_LENGTHS]).unsqueeze(0)
+    cu = torch.tensor([0] + list(torch.tensor(DOC_LENGTHS).cumsum(0)), dtype=torch.int32)
+    results = {"grad_scale": max(g.abs().max().item() for g in separate_grads.values())}
+    # thd: megatron's packed layout (RoPE restarts per document); sbhd: the native spec's layout (RoPE by row
+    # position, relative distances unchanged).
+    for qkv_format in ("thd", "sbhd"):
+        params = packed_seq_params({"tokens": tokens, "cu_seqlens": cu}, qkv_format)
+        packed_logits = model(tokens, positions, None, packed_seq_params=params).reshape(-1, arch.padded_vocab_size)
+        packed_grads = grads_of((packed_logits * torch.cat(weights)).sum())
+        results[qkv_format] = {
+            "logit_error": (packed_logits.detach() - torch.cat(separate_logits)).abs().max().item(),
+            "grad_error": max((packed_grads[n] - separate_grads[n]).abs().max().item() for n in packed_grads),
+        }
+    return results
 
 
-def test_packed_model_equals_documents_run_separately():
-    result = run_workers(_packed_model_worker, 1)[0]
+@pytest.mark.parametrize("qkv_format", ["thd", "sbhd"])
+def test_packed_model_equals_documents_run_separately(packed_results, qkv_format):
+    result = packed_results[qkv_format]
+    assert packed_results["grad_scale"] > 1e-3
     assert result["logit_error"] <= 1e-5
-    assert result["grad_scale"] > 1e-3
-    assert result["grad_error"] <= 1e-5 * max(1.0, result["grad_scale"])
+    assert result["grad_error"] <= 1e-5 * max(1.0, packed_results["grad_scale"])
+
+
+@pytest.fixture(scope="module")
+def packed_results():
+    return run_workers(_packed_model_worker, 1)[0]

@@ -6,9 +6,15 @@ through fused kernels and supports packed sequences:
 
 * padded/unpacked input (``[s, b, heads, dim]``): ``scaled_dot_product_attention`` with ``is_causal``, which
   dispatches to flash / memory-efficient kernels on CUDA and to a blocked kernel on CPU;
-* packed input (``[t, heads, dim]`` with ``cu_seqlens``): flash varlen attention (``torch.nn.attention.varlen``)
-  for half precision on CUDA; otherwise causal SDPA per document, which is exact and never builds scores
-  across documents.
+* packed input with ``cu_seqlens``: flash varlen attention (``torch.nn.attention.varlen``) for half precision
+  on CUDA; otherwise causal SDPA per document, which is exact and never builds scores across documents.
+
+Packed rows reach this module in one of two layouts. ``thd`` (``[t, heads, dim]``) is megatron's packed format;
+megatron then applies RoPE document by document (a Python loop with host syncs in every layer). The native
+spec instead feeds packed rows as ``sbhd`` with batch 1 (see :func:`acemath_mcore.models.specs.packed_qkv_format`):
+RoPE then uses the row position, which shifts every token of a document by the same offset. Attention scores
+depend only on the distance between query and key, and documents never attend to each other here, so the
+result is the same as restarting positions at every document, without the per-document RoPE loop.
 """
 
 from __future__ import annotations
@@ -80,9 +86,14 @@ class NativeCoreAttention(MegatronModule):
                 "pass attention_mask=None and use packed sequences to separate documents"
             )
         dropout = self.dropout if self.training else 0.0
-        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+        if packed_seq_params is None:
+            return self._padded(query, key, value, dropout)
+        if packed_seq_params.qkv_format == "thd":
             return self._packed(query, key, value, packed_seq_params, dropout)
-        return self._padded(query, key, value, dropout)
+        if query.shape[1] != 1:
+            raise ValueError(f"packed sbhd input must have batch size 1, got {query.shape[1]}")
+        out = self._packed(query.squeeze(1), key.squeeze(1), value.squeeze(1), packed_seq_params, dropout)
+        return out.unsqueeze(1)
 
     def _padded(self, query, key, value, dropout: float) -> torch.Tensor:
         sq, batch = query.shape[0], query.shape[1]
@@ -127,14 +138,14 @@ class NativeCoreAttention(MegatronModule):
             kwargs["is_causal"] = True
         if "enable_gqa" in _VARLEN_PARAMS:
             kwargs["enable_gqa"] = self.heads_per_partition != self.groups_per_partition
-        max_q = int(params.max_seqlen_q)
-        out = _varlen_attn(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, max_q,
-                           int(params.max_seqlen_kv or max_q), **kwargs)
+        bounds = _document_bounds(params)
+        longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
+        out = _varlen_attn(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, longest, longest, **kwargs)
         return out.reshape(query.shape[0], -1)
 
 
 def _document_bounds(params: PackedSeqParams) -> List[int]:
-    """Document boundaries as Python ints, computed once per packed batch and shared by every layer."""
+    """Document boundaries as Python ints: one host sync per packed batch, shared by every layer."""
     cached = getattr(params, "_acemath_bounds", None)
     if cached is None:
         cached = params.cu_seqlens_q.tolist()

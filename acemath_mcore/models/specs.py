@@ -32,6 +32,12 @@ def native_layer_spec() -> ModuleSpec:
     return spec
 
 
+def packed_qkv_format(spec: str) -> str:
+    """Layout of packed rows: TE attends over ``thd``; the native attention takes ``sbhd`` rows of batch 1
+    (RoPE by row position, exact because documents never attend to each other; see models/attention.py)."""
+    return "thd" if resolve_spec_name(spec) == "te" else "sbhd"
+
+
 def layer_spec(spec: str) -> ModuleSpec:
     if resolve_spec_name(spec) == "te":
         return get_gpt_layer_with_transformer_engine_spec()

@@ -23,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model_chunk, transformer_config
+from acemath_mcore.models.specs import packed_qkv_format
 from acemath_mcore.models.weights import load_full_weights
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime.distributed import ParallelConfig
@@ -56,13 +57,19 @@ class OptimConfig:
     overlap_grad_reduce: bool = False
 
 
-def packed_seq_params(batch: Batch) -> Optional[PackedSeqParams]:
-    """PackedSeqParams (THD) for a packed micro-batch, None for a padded one."""
+def packed_seq_params(batch: Batch, qkv_format: str = "thd") -> Optional[PackedSeqParams]:
+    """PackedSeqParams for a packed micro-batch (document boundaries in ``cu_seqlens``), None for a padded one."""
     if "cu_seqlens" not in batch:
         return None
     cu_seqlens = batch["cu_seqlens"].to(torch.int32).reshape(-1)
-    max_seqlen = int(batch["max_seqlen"]) if "max_seqlen" in batch else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+    if qkv_format == "sbhd":
+        # megatron sizes the RoPE table by max_seqlen for packed input; sbhd rows use row positions.
+        max_seqlen = batch["tokens"].shape[-1]
+    elif "max_seqlen" in batch:
+        max_seqlen = int(batch["max_seqlen"])
+    else:
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                            max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
 
 
@@ -74,6 +81,7 @@ class Engine:
         self.arch, self.parallel, self.optim_config = arch, parallel, optim
         self.config = transformer_config(arch, parallel, model_options)
         self.config.calculate_per_token_loss = True
+        self.packed_qkv_format = packed_qkv_format(model_options.spec)
         stages = parallel.virtual_pipeline_parallel or 1
         chunks = [
             model_chunk_builder(arch, self.config, model_options.spec, vp_stage=stage if stages > 1 else None)
@@ -143,7 +151,8 @@ class Engine:
         (non-empty on the last pipeline stage only)."""
 
         def forward_step(data_iterator: Iterable[Batch], model: torch.nn.Module):
-            batch = next(data_iterator)
+            batch = dict(next(data_iterator))
+            batch["packed_seq_params"] = packed_seq_params(batch, self.packed_qkv_format)
             output = task.forward(model, batch)
             return output, lambda out: task.loss(batch, out)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from acemath_mcore.training.engine import Batch, packed_seq_params
+from acemath_mcore.training.engine import Batch
 from acemath_mcore.training.losses import masked_token_loss
 
 
@@ -15,7 +15,7 @@ class SFTTask:
         # Returns per-token cross entropy on the last pipeline stage (megatron's vocab-parallel CE), hidden
         # states elsewhere.
         return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                     packed_seq_params=packed_seq_params(batch))
+                     packed_seq_params=batch.get("packed_seq_params"))
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
         return masked_token_loss(output, batch["loss_mask"])

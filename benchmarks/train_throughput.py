@@ -1,0 +1,236 @@
+"""Training throughput of this stack vs Hugging Face transformers on identical shapes (one GPU).
+
+Each implementation runs in its own subprocess (clean GPU memory), on fresh random tokens every step,
+with AdamW and bf16; warm-up steps are excluded and the median step time is reported. MFU follows
+acemath_mcore.training.flops (causal attention counted per document) against both the datasheet peak and
+a bf16 matmul peak measured in the same run.
+
+    python benchmarks/train_throughput.py --model qwen2.5-1.5b --impls te,native,hf --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+IMPLS = ("te", "te-fp8", "native", "hf")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-1.5b")
+    parser.add_argument("--impls", default="te,native,hf", help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (packed rows when --packed)")
+    parser.add_argument("--micro-batches", type=int, default=4, help="gradient-accumulation micro-batches per step")
+    parser.add_argument("--packed", action="store_true", help="pack variable-length documents (THD) into each row")
+    parser.add_argument("--mean-doc-length", type=int, default=700)
+    parser.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print a torch-profiler kernel table of one step")
+    parser.add_argument("--json", default=None, help="append one JSON line per implementation here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def document_lengths(seq_length: int, mean: int, generator: torch.Generator) -> list:
+    """Lognormal document lengths (a realistic SFT mix) filling one row exactly."""
+    lengths, used = [], 0
+    while used < seq_length:
+        n = int(torch.empty(1).log_normal_(mean=float(torch.tensor(mean).log()) - 0.5, std=1.0, generator=generator))
+        n = min(max(16, n), seq_length - used)
+        lengths.append(n)
+        used += n
+    return lengths
+
+
+def make_micro_batch(args, vocab: int, generator: torch.Generator, device) -> dict:
+    rows = args.micro_batch
+    tokens = torch.randint(0, vocab, (rows, args.seq_length + 1), generator=generator)
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(rows, args.seq_length)}
+    if args.packed:
+        lengths = [n for _ in range(rows) for n in document_lengths(args.seq_length, args.mean_doc_length, generator)]
+        batch = {k: v.reshape(1, -1) for k, v in batch.items()}
+        batch["cu_seqlens"] = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        batch["max_seqlen"] = max(lengths)
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+        batch["doc_lengths"] = lengths
+    else:
+        batch["position_ids"] = torch.arange(args.seq_length).expand(rows, -1)
+        batch["doc_lengths"] = [args.seq_length] * rows
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def measured_matmul_peak() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(10):
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * 8192**3 / statistics.median(times)
+
+
+def run_mcore(args, impl: str) -> dict:
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.runtime import ParallelConfig, init_distributed
+    from acemath_mcore.training.engine import Engine, OptimConfig
+    from acemath_mcore.training.sft import SFTTask
+
+    os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    init_distributed(ParallelConfig())
+    arch = get_preset(args.model)
+    options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
+                           fp8="hybrid" if impl == "te-fp8" else None)
+    engine = Engine(arch, ParallelConfig(), options, OptimConfig(lr=1e-5), train_steps=args.steps + args.warmup)
+    task = SFTTask()
+
+    def step(micro_batches):
+        engine.train_step(task, [{k: v for k, v in mb.items() if k != "doc_lengths"} for mb in micro_batches])
+
+    return time_steps(args, step, arch.vocab_size)
+
+
+def run_hf(args) -> dict:
+    import transformers
+
+    from acemath_mcore.models import FAMILIES, get_preset
+
+    arch = get_preset(args.model)
+    if args.packed:
+        raise SystemExit("the HF baseline runs unpacked rows (its SDPA path cannot separate packed documents)")
+    config_dict = FAMILIES[arch.family].hf_config_from_arch(arch, torch_dtype="float32")
+    config_cls = transformers.Qwen2Config if arch.family == "qwen2" else transformers.LlamaConfig
+    config = config_cls(**{k: v for k, v in config_dict.items() if k != "architectures"})
+    config._attn_implementation = "sdpa"
+    model_cls = transformers.Qwen2ForCausalLM if arch.family == "qwen2" else transformers.LlamaForCausalLM
+    model = model_cls(config).cuda().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step(micro_batches):
+        optimizer.zero_grad(set_to_none=True)
+        total = sum(mb["loss_mask"].sum() for mb in micro_batches)
+        for mb in micro_batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = model(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), mb["labels"].flatten(),
+                                                     reduction="none")
+            ((loss * mb["loss_mask"].flatten()).sum() / total).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return time_steps(args, step, arch.vocab_size)
+
+
+def time_steps(args, step, vocab: int) -> dict:
+    from acemath_mcore.models import get_preset
+    from acemath_mcore.training.flops import training_flops
+
+    generator = torch.Generator().manual_seed(0)
+    times, flops, tokens, data_wait = [], [], [], []
+    for index in range(args.warmup + args.steps):
+        data_start = time.perf_counter()
+        micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(micro_batches)
+        torch.cuda.synchronize()
+        if index >= args.warmup:
+            times.append(time.perf_counter() - start)
+            data_wait.append(start - data_start)
+            lengths = [n for mb in micro_batches for n in mb["doc_lengths"]]
+            flops.append(training_flops(get_preset(args.model), lengths))
+            tokens.append(sum(lengths))
+    if args.profile:
+        profile_step(args, step, vocab, generator)
+    median = statistics.median(times)
+    return {"step_s": median, "step_s_min": min(times), "step_s_max": max(times),
+            "tokens_per_s": statistics.median(tokens) / median, "flops_per_step": statistics.median(flops),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "host_batch_build_s": statistics.median(data_wait)}
+
+
+def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
+    """One more step under the torch profiler; the top CUDA kernels and CPU ops go to stdout."""
+    from torch.profiler import ProfilerActivity, profile
+
+    micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step(micro_batches)
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
+
+
+def worker(args) -> None:
+    impl = args.worker
+    try:
+        result = run_hf(args) if impl == "hf" else run_mcore(args, impl)
+        result["status"] = "ok"
+    except torch.OutOfMemoryError as error:
+        result = {"status": "oom", "error": str(error).splitlines()[0]}
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    peak = measured_matmul_peak()
+    from acemath_mcore.training.flops import H100_BF16_PEAK_FLOPS
+
+    rows = []
+    for impl in args.impls.split(","):
+        if impl not in IMPLS:
+            raise SystemExit(f"unknown implementation {impl!r}; choose from {IMPLS}")
+        command = [sys.executable, __file__, "--worker", impl] + [a for a in (argv or sys.argv[1:])]
+        completed = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if args.profile:
+            print(f"== profile of {impl}\n" + "\n".join(
+                line for line in completed.stdout.splitlines() if not line.startswith("RESULT ")))
+        if completed.returncode or not lines:
+            sys.stderr.write(completed.stdout[-3000:] + completed.stderr[-6000:])
+            result = {"status": f"failed (exit {completed.returncode})"}
+        else:
+            result = json.loads(lines[-1][len("RESULT "):])
+        if result["status"] == "ok":
+            achieved = result["flops_per_step"] / result["step_s"]
+            result.update(mfu_datasheet=achieved / H100_BF16_PEAK_FLOPS, mfu_measured_peak=achieved / peak)
+        result.update(impl=impl, model=args.model, seq_length=args.seq_length, packed=args.packed,
+                      micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
+                      measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
+                      date=time.strftime("%Y-%m-%d"))
+        rows.append(result)
+        if args.json:
+            with open(args.json, "a") as handle:
+                handle.write(json.dumps(result) + "\n")
+    print(f"\n{args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
+          f"mbs {args.micro_batch} x {args.micro_batches}  (measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
+    print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
+    for r in rows:
+        if r["status"] == "ok":
+            print(f"{r['impl']:8} ok       {r['tokens_per_s']:10.0f} {r['mfu_measured_peak']:9.1%} "
+                  f"{r['mfu_datasheet']:9.1%} {r['step_s']:7.3f} {r['peak_mem_gib']:8.1f}")
+        else:
+            print(f"{r['impl']:8} {r['status']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Runtime: launcher environments, the CPU shim and when it is (not) used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed_helpers import run_workers
+
+
+def test_torchrun_environment_wins_over_slurm():
+    from acemath_mcore.runtime import read_launch_env
+
+    env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "node7", "MASTER_PORT": "6000",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    launch = read_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port) == (
+        3, 8, 3, "node7", 6000)
+
+
+def test_slurm_environment():
+    from acemath_mcore.runtime import read_launch_env
+
+    env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123456",
+           "SLURM_NODELIST": "gpu-h100-[007-008,011]"}
+    launch = read_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.local_rank) == (13, 16, 5)
+    assert launch.master_addr == "gpu-h100-007"
+    assert launch.master_port == 20000 + 123456 % 20000
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node001", "node001"), ("a1,b2", "a1"), ("gpu[3-5]", "gpu3"), ("gpu[010,012-014]", "gpu010"),
+])
+def test_first_slurm_host(nodelist, first):
+    from acemath_mcore.runtime.distributed import first_slurm_host
+
+    assert first_slurm_host(nodelist) == first
+
+
+def test_single_process_default():
+    from acemath_mcore.runtime import read_launch_env
+
+    launch = read_launch_env({})
+    assert (launch.rank, launch.world_size) == (0, 1)
+
+
+def test_layout_that_does_not_divide_world_size_names_the_numbers():
+    from acemath_mcore.runtime import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by .*tensor_parallel\(4\).* = 4"):
+        ParallelConfig(tensor_parallel=4).data_parallel_size(6)
+
+
+def test_shim_is_never_selected_on_cuda(monkeypatch):
+    """On a CUDA machine setup_device binds the GPU and leaves torch untouched."""
+    from acemath_mcore.runtime import cpu_shim, device
+
+    assert device.needs_cpu_shim(has_cuda=True) is False
+    assert device.needs_cpu_shim(has_cuda=False) is True
+    bound = []
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setattr(cpu_shim, "install", lambda: pytest.fail("the CPU shim must not be installed on CUDA"))
+    assert device.setup_device(local_rank=3) == torch.device("cuda", 3)
+    assert bound == [3]
+
+
+def _shim_worker(rank, world_size):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from acemath_mcore.runtime import cpu_shim, device
+
+    assert not cpu_shim.is_installed()
+    first = device.setup_device(0)
+    mode = cpu_shim.install()
+    assert cpu_shim.install() is mode, "installing twice must be a no-op"
+    results = {"device": str(first)}
+    results["empty_device"] = str(torch.empty(2, device="cuda").device)
+    results["int_device"] = str(torch.zeros(2, device=torch.cuda.current_device()).device)
+    results["to_device"] = str(torch.ones(2).to(torch.device("cuda", 0)).device)
+    results["cuda_method"] = str(torch.ones(2).cuda().device)
+    results["type_name"] = torch.ones(2).type()
+    results["bf16_type_name"] = torch.ones(2, dtype=torch.bfloat16).type()
+    torch.cuda.synchronize()
+
+    # The tracker's named stream is independent of the default one and advances across forks.
+    torch.cuda.manual_seed(11)
+    tracker = get_cuda_rng_tracker()
+    tracker.reset()
+    tracker.add("model-parallel-rng", 1234)
+    default_before = torch.get_rng_state()
+    with tracker.fork():
+        first_draw = torch.rand(3)
+    with tracker.fork():
+        second_draw = torch.rand(3)
+    results["default_state_restored"] = torch.equal(default_before, torch.get_rng_state())
+    results["fork_streams_advance"] = not torch.equal(first_draw, second_draw)
+    expected = torch.Generator().manual_seed(1234)
+    results["fork_uses_named_seed"] = torch.equal(first_draw, torch.rand(3, generator=expected))
+    return results
+
+
+def test_cpu_shim_redirects_cuda_calls_and_backs_the_rng_tracker():
+    results = run_workers(_shim_worker, 1)[0]
+    assert results["device"] == "cpu"
+    for key in ("empty_device", "int_device", "to_device", "cuda_method"):
+        assert results[key] == "cpu", key
+    assert results["type_name"] == "torch.cuda.FloatTensor"
+    assert results["bf16_type_name"] == "torch.cuda.BFloat16Tensor"
+    assert results["default_state_restored"]
+    assert results["fork_streams_advance"]
+    assert results["fork_uses_named_seed"]
