@@ -1,0 +1,339 @@
+"""Reward-model data: problem groups of labelled responses, score-sorted selection, tokenization and batching.
+
+Input schemas (one JSONL may mix them):
+- AceMath-RM-Training-Data rows: ``{"qid", "message": [system?, user, assistant], "label": 0|1}``; consecutive
+  rows with one qid form a group (a qid reappearing later is an error: groups must be contiguous);
+- grouped: ``{"prompt": str, "system": str?, "responses": [str], "labels": [0|1], "scores": [float]?}``;
+- Qwen2.5-Math evaluation output: ``{"question", "code": [str], "score": [bool], "pred_score": [[float]]?}``.
+
+A group whose candidates are all correct or all wrong carries no preference and is dropped (counted).
+Score-sorted selection (AceMath RM data): from candidates scored by a reward model, keep ``n`` per problem,
+half from the positives and half from the negatives where possible, positives taken from the top of the
+score order and negatives from the bottom (both directions configurable).
+
+Batches pack whole groups, so a group never straddles micro-batches; the RM score is read at
+``score_index``, each response's last token, its end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+from acemath_mcore.data.datasets import ResumableDistributedSampler
+from acemath_mcore.data.indexed import RMIndexedDataset, RMIndexedWriter
+from acemath_mcore.data.jsonl import DataError, Reason, iter_line_chunks, parse_json_line, validate_messages
+from acemath_mcore.data.packing import best_fit_decreasing, collate_packed, collate_padded
+from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
+
+ALL_CORRECT = "all_correct"
+ALL_WRONG = "all_wrong"
+TOO_LONG = "too_long"
+
+
+@dataclass
+class RMGroup:
+    where: str  # file:line of the group's first row
+    prompt: list[dict]  # validated messages before the response (system?, user, ...)
+    responses: list[str]
+    labels: list[int]
+    scores: Optional[list[float]] = None
+
+
+def _label(value, where: str) -> int:
+    if value in (0, 1):  # True/False included
+        return int(value)
+    raise DataError(where, "bad_label", f"label {value!r} is not 0/1")
+
+
+def _conversation_prompt(messages: list, where: str) -> tuple[list[dict], str]:
+    validated = validate_messages(messages, where)
+    if validated[-1]["role"] != "assistant":
+        raise DataError(where, Reason.BAD_MESSAGE, "the last message must be the assistant response")
+    return validated[:-1], validated[-1]["content"]
+
+
+def _grouped(record: dict, where: str) -> RMGroup:
+    """A one-line group: grouped schema or Qwen2.5-Math evaluation output."""
+    if "responses" in record:
+        prompt_text, responses, labels, scores = (record.get(k) for k in ("prompt", "responses", "labels", "scores"))
+    else:
+        prompt_text, responses, labels = record.get("question"), record.get("code"), record.get("score")
+        scores = record.get("pred_score")
+        if scores is not None:  # one score list per response; the RM score is its first entry
+            scores = [s[0] if isinstance(s, list) and s else s for s in scores]
+    if not isinstance(prompt_text, str) or not isinstance(responses, list) or not isinstance(labels, list):
+        raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "grouped rows need a prompt string, responses and labels")
+    if len(labels) != len(responses) or (scores is not None and len(scores) != len(responses)):
+        raise DataError(where, "length_mismatch", f"{len(responses)} responses, {len(labels)} labels"
+                        + ("" if scores is None else f", {len(scores)} scores"))
+    messages = [{"role": "user", "content": prompt_text}]
+    if record.get("system") is not None:
+        messages.insert(0, {"role": "system", "content": record["system"]})
+    if not responses:
+        raise DataError(where, Reason.NO_ASSISTANT_TURN, "the group has no responses")
+    pairs = [_conversation_prompt(messages + [{"role": "assistant", "content": r}], where) for r in responses]
+    return RMGroup(where, pairs[0][0], [response for _, response in pairs], [_label(v, where) for v in labels],
+                   None if scores is None else [float(s) for s in scores])
+
+
+def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], None]) -> Iterator[RMGroup]:
+    """Groups of every input in order; a bad line goes to ``report`` (which may raise) and is skipped."""
+    closed_qids: dict = {}
+    for path in paths:
+        current: Optional[RMGroup] = None
+        current_qid = None
+        for chunk in iter_line_chunks([path], lines_per_chunk=4096):
+            for where, raw in chunk.located():
+                try:
+                    record = parse_json_line(raw, where)
+                    if "qid" not in record:
+                        yield _grouped(record, where)
+                        continue
+                    qid = record["qid"]
+                    if qid != current_qid and qid in closed_qids:
+                        raise DataError(where, "qid_not_contiguous", f"qid {qid!r} already ended at {closed_qids[qid]}")
+                    if not isinstance(record.get("message"), list):
+                        raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "RM rows need a 'message' list")
+                    prompt, response = _conversation_prompt(record["message"], where)
+                    label = _label(record.get("label"), where)
+                except DataError as error:
+                    report(error)
+                    continue
+                if qid != current_qid:
+                    if current is not None:
+                        closed_qids[current_qid] = where
+                        yield current
+                    current, current_qid = RMGroup(where, prompt, [], []), qid
+                elif prompt != current.prompt:
+                    report(DataError(where, "prompt_mismatch", f"qid {qid!r} rows disagree on the prompt"))
+                    continue
+                current.responses.append(response)
+                current.labels.append(label)
+        if current is not None:
+            closed_qids[current_qid] = f"{path}:end"
+            yield current
+
+
+def uniform_label_reason(group: RMGroup) -> Optional[str]:
+    """ALL_CORRECT / ALL_WRONG when the group has no positive-negative pair to learn from, else None."""
+    if all(group.labels):
+        return ALL_CORRECT
+    if not any(group.labels):
+        return ALL_WRONG
+    return None
+
+
+def score_sorted_selection(group: RMGroup, num_responses: int, positives: str = "top",
+                           negatives: str = "bottom") -> RMGroup:
+    """Keep ``num_responses`` candidates, as balanced between positives and negatives as the pools allow,
+    each pool read in score order from the given end (ties keep input order). Selected candidates stay in
+    input order so position says nothing about the label."""
+    if group.scores is None:
+        raise ValueError(f"{group.where}: score-sorted selection needs reward scores")
+    for name, end in (("positives", positives), ("negatives", negatives)):
+        if end not in ("top", "bottom"):
+            raise ValueError(f"{name} must be 'top' or 'bottom', got {end!r}")
+    scores = np.asarray(group.scores, dtype=np.float64)
+    labels = np.asarray(group.labels)
+
+    def ranked(label: int, end: str) -> np.ndarray:
+        members = np.flatnonzero(labels == label)
+        order = np.argsort(-scores[members] if end == "top" else scores[members], kind="stable")
+        return members[order]
+
+    pool_positive, pool_negative = ranked(1, positives), ranked(0, negatives)
+    take_positive = min(len(pool_positive), max(num_responses // 2, num_responses - len(pool_negative)))
+    take_negative = min(len(pool_negative), num_responses - take_positive)
+    chosen = np.sort(np.concatenate([pool_positive[:take_positive], pool_negative[:take_negative]]))
+    return RMGroup(group.where, group.prompt, [group.responses[i] for i in chosen],
+                   [group.labels[i] for i in chosen], [group.scores[i] for i in chosen])
+
+
+def encode_rm_group(encoder: ConversationEncoder, group: RMGroup) -> list[np.ndarray]:
+    """Token ids of prompt + response per candidate, ending at the response's end-of-turn token (the score token)."""
+    encoded = encoder.encode_batch([group.prompt + [{"role": "assistant", "content": r}] for r in group.responses])
+    return [sample.input_ids[: np.flatnonzero(sample.loss_mask)[-1] + 1] for sample in encoded]
+
+
+@dataclass
+class RMPreprocessConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer: str
+    template: str = "chatml"
+    system_prompt: Optional[str] = None
+    max_length: Optional[int] = None  # a group with a longer response is dropped (its score token would be cut)
+    num_responses: Optional[int] = None  # score-sorted selection of this many candidates per problem
+    positives: str = "top"
+    negatives: str = "bottom"
+    strict: bool = False
+
+
+def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = None) -> dict:
+    """JSONL groups → RM IndexedDataset (see indexed.py) + ``<prefix>_stats.json``; returns the stats.
+    ``tokenizer``: an already loaded ``config.tokenizer``."""
+    started = time.monotonic()
+    tokenizer = tokenizer or load_tokenizer(config.tokenizer)
+    encoder = ConversationEncoder(tokenizer, build_template(config.template, tokenizer, config.system_prompt))
+    dropped: Counter = Counter()
+    examples: dict[str, list[str]] = {}
+    counts = Counter()
+
+    def drop(where: str, reason: str, detail: str) -> None:
+        dropped[reason] += 1
+        if len(examples.setdefault(reason, [])) < 5:
+            examples[reason].append(f"{where}: {detail}")
+
+    def report(error: DataError) -> None:
+        if config.strict:
+            raise error
+        drop(error.where, error.reason, error.detail)
+
+    with RMIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:
+        for group in iter_rm_groups(config.inputs, report):
+            counts["groups_read"] += 1
+            reason = uniform_label_reason(group)
+            if reason is not None:
+                drop(group.where, reason, f"{len(group.labels)} candidates, all labelled {group.labels[0]}")
+                continue
+            if config.num_responses is not None:
+                group = score_sorted_selection(group, config.num_responses, config.positives, config.negatives)
+            sequences = encode_rm_group(encoder, group)
+            longest = max(len(s) for s in sequences)
+            if config.max_length is not None and longest > config.max_length:
+                drop(group.where, TOO_LONG, f"a response takes {longest} tokens > max length {config.max_length}")
+                continue
+            writer.add_group(sequences, group.labels)
+            counts["groups"] += 1
+            counts["responses"] += len(sequences)
+            counts["positives"] += sum(group.labels)
+            counts["tokens"] += sum(len(s) for s in sequences)
+    elapsed = time.monotonic() - started
+    config_dict = asdict(config)
+    stats = {
+        "inputs": config_dict.pop("inputs"),
+        "output_prefix": config_dict.pop("output_prefix"),
+        "tokenizer": tokenizer.describe(),
+        "config": config_dict,
+        **{key: counts[key] for key in ("groups_read", "groups", "responses", "positives", "tokens")},
+        "dropped_total": sum(dropped.values()),
+        "dropped": dict(sorted(dropped.items())),
+        "drop_examples": dict(sorted(examples.items())),
+        "elapsed_s": round(elapsed, 3),
+    }
+    Path(config.output_prefix + "_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training side
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RMGroupSample:
+    responses: list[np.ndarray]
+    labels: np.ndarray  # float32, one per response
+
+
+class RMGroupDataset(torch.utils.data.Dataset):
+    """Samples are single groups (padded batches: ``micro_batch_size`` groups per micro-batch)."""
+
+    def __init__(self, prefix: str):
+        self.data = RMIndexedDataset(prefix)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def group(self, index: int) -> RMGroupSample:
+        responses, labels = self.data.group(index)
+        return RMGroupSample(responses, labels)
+
+    def __getitem__(self, index: int) -> list[RMGroupSample]:
+        return [self.group(index)]
+
+
+@dataclass
+class PackedRMDataset(torch.utils.data.Dataset):
+    """Samples are bins of whole groups holding at most ``max_tokens`` tokens (best-fit decreasing)."""
+
+    groups: RMGroupDataset
+    max_tokens: int
+    bins: list = field(init=False)
+
+    def __post_init__(self):
+        self.bins = best_fit_decreasing(self.groups.data.group_token_counts, self.max_tokens)
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def __getitem__(self, index: int) -> list[RMGroupSample]:
+        return [self.groups.group(int(g)) for g in self.bins[index]]
+
+
+def _flatten(samples: Sequence[Sequence[RMGroupSample]]) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    groups = [group for sample in samples for group in sample]
+    responses = [r for group in groups for r in group.responses]
+    labels = np.concatenate([group.labels for group in groups]).astype(np.float32)
+    group_sizes = np.array([len(group.responses) for group in groups], dtype=np.int64)
+    return responses, labels, group_sizes
+
+
+def collate_rm_packed(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, total_length: int) -> dict:
+    """``tokens/position_ids [1, T]``, ``cu_seqlens``, ``max_seqlen`` as in SFT packing, plus ``score_index`` int64
+    [R] (row position of every response's last token), ``labels`` float32 [R], ``group_sizes`` int64 [G]."""
+    responses, labels, group_sizes = _flatten(samples)
+    batch = collate_packed([[(r, np.zeros(len(r), dtype=np.uint8)) for r in responses]], pad_id, total_length)
+    return {
+        "tokens": batch["tokens"],
+        "position_ids": batch["position_ids"],
+        "cu_seqlens": batch["cu_seqlens"],
+        "max_seqlen": batch["max_seqlen"],
+        "score_index": batch["cu_seqlens"][1:len(responses) + 1].to(torch.int64) - 1,
+        "labels": torch.from_numpy(labels),
+        "group_sizes": torch.from_numpy(group_sizes),
+    }
+
+
+def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, seq_length: int) -> dict:
+    """``tokens/position_ids [R, S]`` (one response per row, right-padded), ``score_index`` int64 [R] (column of
+    each row's last real token), ``labels`` float32 [R], ``group_sizes`` int64 [G]."""
+    responses, labels, group_sizes = _flatten(samples)
+    batch = collate_padded([[(r, np.zeros(len(r), dtype=np.uint8))] for r in responses], pad_id, seq_length)
+    return {
+        "tokens": batch["tokens"],
+        "position_ids": batch["position_ids"],
+        "score_index": torch.tensor([len(r) - 1 for r in responses], dtype=torch.int64),
+        "labels": torch.from_numpy(labels),
+        "group_sizes": torch.from_numpy(group_sizes),
+    }
+
+
+def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
+                        packed_tokens: Optional[int] = None, seq_length: Optional[int] = None, dp_rank: int = 0,
+                        dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0,
+                        num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """Endless RM micro-batches. Packed (``packed_tokens``): a sample is a bin of whole groups, rows are
+    ``micro_batch_size * packed_tokens`` long. Padded (``seq_length``): a sample is one group."""
+    if (packed_tokens is None) == (seq_length is None):
+        raise ValueError("give exactly one of packed_tokens (packed) or seq_length (padded)")
+    groups = RMGroupDataset(prefix)
+    if packed_tokens is not None:
+        dataset = PackedRMDataset(groups, packed_tokens)
+        collate = functools.partial(collate_rm_packed, pad_id=pad_id, total_length=micro_batch_size * packed_tokens)
+    else:
+        dataset = groups
+        collate = functools.partial(collate_rm_padded, pad_id=pad_id, seq_length=seq_length)
+    sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
+                                          seed, consumed_samples)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)

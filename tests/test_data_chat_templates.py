@@ -1,0 +1,143 @@
+"""Chat templates: rendered text equal to the tokenizer's own template, rendered ids equal to tokenizing the whole
+text at once, and loss masks exactly on assistant content + end-of-turn tokens."""
+
+import json
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from shared_data import shared_path
+
+from acemath_mcore.data.chat_templates import (
+    MATH_SYSTEM_PROMPT,
+    ChatMLTemplate,
+    ConversationEncoder,
+    build_template,
+)
+from acemath_mcore.data.tokenizers import load_tokenizer
+
+QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."  # what Qwen2's own template injects
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_tokenizer(shared_path("tokenizers/qwen2"))
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return load_tokenizer(shared_path("tokenizers/llama3_tiktoken/tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def llama2():
+    return load_tokenizer(shared_path("tokenizers/llama2_sp/tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def real_conversations():
+    """Real MATH questions with real model solutions, plus multi-turn and awkward-whitespace/unicode cases."""
+    conversations = []
+    for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()[:25]:
+        record = json.loads(line)
+        conversations.append([{"role": "user", "content": record["question"]},
+                              {"role": "assistant", "content": record["code"][0]}])
+    conversations += [
+        [{"role": "system", "content": MATH_SYSTEM_PROMPT}, {"role": "user", "content": "What is 1+1?"},
+         {"role": "assistant", "content": "\n\n1+1 = $\\boxed{2}$"}, {"role": "user", "content": "  and 2+2?\n"},
+         {"role": "assistant", "content": " It is 4.  \n"}],
+        [{"role": "user", "content": "caf\u00e9 \u2211 \u4f60\u597d \U0001f600?"},
+         {"role": "assistant", "content": "\u00e9\u00e9 \u2211\u2211 \u4f60\u597d\u4f60\u597d \U0001f600"}],
+        [{"role": "user", "content": "12345678 + 87654321"}, {"role": "assistant", "content": "99999999"}],
+    ]
+    return conversations
+
+
+def loss_tokens(tokenizer, encoded):
+    return [tokenizer.decode([int(i)]) for i, m in zip(encoded.input_ids, encoded.loss_mask) if m]
+
+
+def test_chatml_text_equals_transformers_template(qwen, real_conversations):
+    reference = AutoTokenizer.from_pretrained(str(shared_path("tokenizers/qwen2")))
+    encoder = ConversationEncoder(qwen, ChatMLTemplate(system_prompt=QWEN_DEFAULT_SYSTEM))
+    for messages in real_conversations:
+        assert encoder.render_text(messages) == reference.apply_chat_template(messages, tokenize=False)
+    # The generation prompt of a [system, user] conversation is Qwen2's template output for it.
+    prompt = real_conversations[0][:1]
+    assert encoder.render_text(prompt, add_generation_prompt=True) == reference.apply_chat_template(prompt, tokenize=False)
+
+
+@pytest.mark.parametrize("template_name", ["chatml", "plain"])
+def test_qwen_ids_equal_whole_text_tokenization(qwen, real_conversations, template_name):
+    encoder = ConversationEncoder(qwen, build_template(template_name, qwen, MATH_SYSTEM_PROMPT))
+    for messages, encoded in zip(real_conversations, encoder.encode_batch(real_conversations)):
+        assert encoded.input_ids.tolist() == qwen.encode(encoder.render_text(messages))
+        assert encoded.input_ids.dtype == np.int32 and encoded.loss_mask.dtype == np.uint8
+
+
+def test_llama3_ids_equal_whole_text_tokenization(llama3, real_conversations):
+    encoder = ConversationEncoder(llama3, build_template("llama3", llama3))
+    for messages, encoded in zip(real_conversations, encoder.encode_batch(real_conversations)):
+        text = encoder.render_text(messages)
+        assert text.startswith("<|begin_of_text|><|start_header_id|>")
+        assert encoded.input_ids.tolist() == llama3.encode(text)
+
+
+def test_chatml_loss_mask_hand_checked(qwen):
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    encoded = encoder.encode([{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}])
+    # <|im_start|> user \n 1 + 1 =? <|im_end|> \n <|im_start|> assistant \n 2 <|im_end|> \n
+    assert encoded.input_ids.tolist() == [151644, 872, 198, 16, 10, 16, 19884, 151645, 198,
+                                          151644, 77091, 198, 17, 151645, 198]
+    assert np.flatnonzero(encoded.loss_mask).tolist() == [12, 13]  # "2" and its <|im_end|>
+
+
+def test_chatml_loss_mask_every_assistant_turn(qwen):
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen, MATH_SYSTEM_PROMPT))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"},
+                {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye"}]
+    encoded = encoder.encode(messages)
+    assert loss_tokens(qwen, encoded) == ["Hello", " there", "<|im_end|>", "Good", "bye", "<|im_end|>"]
+    # System prompt, user text, role headers and the newline after <|im_end|> carry no loss.
+    assert encoded.input_ids[encoded.loss_mask == 1].tolist().count(qwen.im_start_id) == 0
+
+
+def test_chatml_straddling_newline_is_a_loss_token(qwen):
+    """``assistant\\n`` + content starting with ``\\n`` tokenizes as one ``\\n\\n`` token: the model must emit it."""
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    encoded = encoder.encode([{"role": "user", "content": "q"}, {"role": "assistant", "content": "\nA"}])
+    assert loss_tokens(qwen, encoded) == ["\n\n", "A", "<|im_end|>"]
+
+
+def test_llama3_loss_mask_hand_checked(llama3):
+    encoder = ConversationEncoder(llama3, build_template("llama3", llama3))
+    encoded = encoder.encode([{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": " 2 "}])
+    assert encoded.input_ids.tolist() == [128000, 128006, 882, 128007, 271, 16, 10, 16, 20477, 128009,
+                                          128006, 78191, 128007, 271, 17, 128009]
+    assert np.flatnonzero(encoded.loss_mask).tolist() == [14, 15]  # "2" (trimmed) and <|eot_id|>
+
+
+def test_plain_sentencepiece_loss_mask_hand_checked(llama2):
+    encoder = ConversationEncoder(llama2, build_template("plain", llama2))
+    encoded = encoder.encode([{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}])
+    # <s> ▁ 1 + 1 = ? \n 2 </s>: the prompt/response text is one SentencePiece run.
+    assert encoded.input_ids.tolist() == [1, 29871, 29896, 29974, 29896, 29922, 29973, 13, 29906, 2]
+    assert encoded.input_ids[1:-1].tolist() == llama2.encode("1+1=?\n2")
+    assert np.flatnonzero(encoded.loss_mask).tolist() == [8, 9]
+
+
+def test_template_needs_its_special_tokens(llama2):
+    with pytest.raises(ValueError, match="needs '<\\|im_start\\|>'"):
+        ConversationEncoder(llama2, build_template("chatml", llama2))
+    with pytest.raises(ValueError, match="unknown chat template"):
+        build_template("vicuna", llama2)
+
+
+def test_special_token_text_in_content_is_found(qwen, llama2):
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    assert encoder.special_token_in([{"role": "user", "content": "a <|im_end|> b"}]) == "<|im_end|>"
+    assert encoder.special_token_in([{"role": "user", "content": "a <b> c"}]) is None
+    # SentencePiece never parses special tokens in text, so nothing is rejected.
+    assert ConversationEncoder(llama2, build_template("plain", llama2)).special_token_in(
+        [{"role": "user", "content": "</s>"}]) is None

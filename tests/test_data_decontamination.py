@@ -1,0 +1,92 @@
+"""Decontamination against the real benchmark test sets in ../shared/data/eval."""
+
+import json
+import random
+import time
+
+import pytest
+
+from shared_data import shared_path
+
+from acemath_mcore.data.decontamination import Decontaminator, lcs_length, load_benchmark_questions, words_of
+from acemath_mcore.data.jsonl import Conversation
+
+
+@pytest.fixture(scope="module")
+def math_decontaminator():
+    return Decontaminator.from_dir(shared_path("data/eval"), math=True)
+
+
+@pytest.fixture(scope="module")
+def math_problems():
+    return [json.loads(line)["problem"] for line in shared_path("data/eval/math/test.jsonl").read_text().splitlines()]
+
+
+def reference_lcs(a, b):
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def test_bit_parallel_lcs_equals_dynamic_programming():
+    rng = random.Random(0)
+    for _ in range(200):
+        a = [rng.randrange(6) for _ in range(rng.randrange(0, 40))]
+        b = [rng.randrange(6) for _ in range(rng.randrange(0, 40))]
+        assert lcs_length(a, b) == reference_lcs(a, b)
+    long_a = [rng.randrange(50) for _ in range(300)]  # longer than a machine word
+    long_b = [rng.randrange(50) for _ in range(250)]
+    assert lcs_length(long_a, long_b) == reference_lcs(long_a, long_b)
+
+
+def test_all_benchmarks_are_indexed():
+    questions = load_benchmark_questions(shared_path("data/eval"))
+    counts = {}
+    for question in questions:
+        counts[question.benchmark] = counts.get(question.benchmark, 0) + 1
+    assert counts == {"aime24": 30, "amc23": 40, "college_math": 2818, "gaokao2023en": 385, "gsm8k": 1319,
+                      "math": 5000, "math500": 500, "minerva_math": 272, "mmlu_stem": 3018, "olympiadbench": 675}
+
+
+def test_planted_math_test_prompt_is_found(math_decontaminator, math_problems):
+    problem = math_problems[17]
+    found = math_decontaminator.find(problem)
+    assert found is not None and found.question.benchmark in ("math", "math500")
+    # Wrapped in an instruction and re-spaced, it is still the test question.
+    wrapped = "Solve the following problem step by step.\n\n" + problem.replace(" ", "  ")
+    found = math_decontaminator.find(wrapped)
+    assert found is not None and found.shared_ngram is not None and found.lcs_fraction > 0.6
+    detail = math_decontaminator.check(Conversation("train.jsonl:1", [{"role": "user", "content": wrapped},
+                                                                      {"role": "assistant", "content": "x"}]))
+    assert "test.jsonl:" in detail and "13-gram" in detail
+
+
+def test_shared_ngram_alone_only_counts_outside_math_mode(math_decontaminator, math_problems):
+    problem = next(p for p in math_problems if len(words_of(p)) >= 30)
+    # The question buried in a long unrelated prompt: shares 13-grams, LCS far below 60% of the prompt.
+    filler = " ".join(f"unrelated{i} context words about something else" for i in range(60))
+    prompt = filler + " " + problem
+    assert math_decontaminator.find(prompt) is None
+    general = Decontaminator(math_decontaminator.questions, math=False)
+    found = general.find(prompt)
+    assert found is not None and found.lcs_fraction < 0.6
+
+
+def test_clean_prompts_pass_and_short_questions_match_whole(math_decontaminator):
+    assert math_decontaminator.find("Compute the number of lattice points inside a circle of radius 7 "
+                                    "centered at the origin, counting boundary points twice.") is None
+    short = next(q for q in math_decontaminator.questions if 3 <= len(q.words) < 13)
+    found = math_decontaminator.find(" ".join(short.words).upper())
+    assert found is not None and found.shared_ngram is None
+
+
+def test_index_lookups_are_fast(math_decontaminator):
+    responses = [code for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()
+                 for code in json.loads(line)["code"]]
+    started = time.perf_counter()
+    flagged = sum(math_decontaminator.find(text) is not None for text in responses)
+    elapsed = time.perf_counter() - started
+    assert flagged == 0  # solutions do not restate the question verbatim
+    assert elapsed < 2.0, f"{len(responses)} long prompts took {elapsed:.2f}s"

@@ -1,0 +1,181 @@
+"""Reward-model data: grouping, score-sorted selection on real scored responses, tokenized groups ending at the
+score token, and batches that never split a group."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from shared_data import shared_path
+
+from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+from acemath_mcore.data.jsonl import DataError
+from acemath_mcore.data.rm_data import (
+    PackedRMDataset,
+    RMGroup,
+    RMGroupDataset,
+    RMPreprocessConfig,
+    build_rm_dataloader,
+    collate_rm_packed,
+    collate_rm_padded,
+    encode_rm_group,
+    iter_rm_groups,
+    preprocess_rm,
+    score_sorted_selection,
+    uniform_label_reason,
+)
+from acemath_mcore.data.tokenizers import load_tokenizer
+
+QWEN = str(shared_path("tokenizers/qwen2"))
+MATH_COT = str(shared_path("data/rm/math_cot_100.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return load_tokenizer(QWEN)
+
+
+@pytest.fixture(scope="module")
+def real_groups():
+    return list(iter_rm_groups([MATH_COT], report=pytest.fail))
+
+
+@pytest.fixture(scope="module")
+def rm_prefix(tmp_path_factory, qwen):
+    prefix = str(tmp_path_factory.mktemp("rm") / "math_cot")
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=prefix, tokenizer=QWEN,
+                                             num_responses=4), qwen)
+    return prefix, stats
+
+
+def rm_row(qid, prompt, response, label, system="Please reason step by step."):
+    return {"qid": qid, "label": label, "message": [{"role": "system", "content": system},
+                                                    {"role": "user", "content": prompt},
+                                                    {"role": "assistant", "content": response}]}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_acemath_rm_rows_group_by_contiguous_qid(tmp_path):
+    data = write_jsonl(tmp_path / "rm.jsonl", [
+        rm_row(1, "1+1?", "2", 1), rm_row(1, "1+1?", "3", 0), rm_row(1, "1+1?", "11", 0),
+        rm_row(2, "2+2?", "4", 1), rm_row(2, "2+2?", "4.0", 1),
+        rm_row(3, "3+3?", "6", "yes"),  # line 6: bad label
+        rm_row(3, "3+3?", "6", 1), rm_row(3, "3+3!", "7", 0),  # line 8: prompt differs within the qid
+        {"prompt": "5+5?", "responses": ["10", "9"], "labels": [1, 0], "scores": [0.5, 0.1]},
+        rm_row(1, "1+1?", "2", 1),  # line 10: qid 1 again after its group ended
+    ])
+    errors = []
+    groups = list(iter_rm_groups([data], errors.append))
+    assert [(g.where, g.responses, g.labels) for g in groups] == [
+        (f"{data}:1", ["2", "3", "11"], [1, 0, 0]),
+        (f"{data}:4", ["4", "4.0"], [1, 1]),
+        (f"{data}:9", ["10", "9"], [1, 0]),
+        (f"{data}:7", ["6"], [1]),
+    ]
+    assert groups[0].prompt == [{"role": "system", "content": "Please reason step by step."},
+                                {"role": "user", "content": "1+1?"}]
+    assert groups[2].scores == [0.5, 0.1]
+    assert [(e.where, e.reason) for e in errors] == [(f"{data}:6", "bad_label"), (f"{data}:8", "prompt_mismatch"),
+                                                     (f"{data}:10", "qid_not_contiguous")]
+    def strict(error):
+        raise error
+
+    with pytest.raises(DataError, match=rf"{data}:6: bad_label"):
+        list(iter_rm_groups([data], report=strict))
+
+
+def test_real_scored_groups_and_uniform_label_drops(real_groups):
+    assert len(real_groups) == 100 and all(len(g.responses) == 8 and len(g.scores) == 8 for g in real_groups)
+    reasons = [uniform_label_reason(g) for g in real_groups]
+    assert (reasons.count("all_correct"), reasons.count("all_wrong"), reasons.count(None)) == (86, 4, 10)
+
+
+def test_score_sorted_selection_hand_checked():
+    group = RMGroup("x:1", [], [f"r{i}" for i in range(8)], [1, 0, 1, 0, 0, 1, 0, 0],
+                    [0.9, 0.8, 0.2, -0.5, 0.1, 0.5, -0.9, 0.3])
+    chosen = score_sorted_selection(group, 4)
+    # Top-2 positives by score: r0 (0.9), r5 (0.5); bottom-2 negatives: r6 (-0.9), r3 (-0.5); input order kept.
+    assert chosen.responses == ["r0", "r3", "r5", "r6"] and chosen.labels == [1, 0, 1, 0]
+    flipped = score_sorted_selection(group, 4, positives="bottom", negatives="top")
+    assert flipped.responses == ["r1", "r2", "r5", "r7"]
+    # Few positives: take them all and fill with negatives.
+    lopsided = RMGroup("x:2", [], ["a", "b", "c", "d"], [1, 0, 0, 0], [0.0, 3.0, 1.0, 2.0])
+    assert score_sorted_selection(lopsided, 3).responses == ["a", "c", "d"]
+
+
+def test_score_sorted_selection_on_real_groups(real_groups):
+    for group in (g for g in real_groups if uniform_label_reason(g) is None):
+        chosen = score_sorted_selection(group, 6)
+        positives, negatives = sum(group.labels), len(group.labels) - sum(group.labels)
+        assert sum(chosen.labels) == min(positives, max(3, 6 - negatives)) and len(chosen.labels) == 6
+        for label, take_highest in ((1, True), (0, False)):
+            pool = sorted((s for s, l in zip(group.scores, group.labels) if l == label), reverse=take_highest)
+            picked = sorted((s for s, l in zip(chosen.scores, chosen.labels) if l == label), reverse=take_highest)
+            assert picked == pool[:len(picked)]
+
+
+def test_encoded_responses_end_at_the_end_of_turn_token(qwen, real_groups):
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    group = real_groups[0]
+    sequences = encode_rm_group(encoder, group)
+    assert len(sequences) == 8 and all(s[-1] == qwen.im_end_id for s in sequences)
+    full = encoder.encode(group.prompt + [{"role": "assistant", "content": group.responses[0]}]).input_ids
+    assert np.array_equal(full[:-1], sequences[0])  # everything but the trailing "\n"
+
+
+def test_preprocess_rm_writes_groups_as_documents(rm_prefix, qwen):
+    prefix, stats = rm_prefix
+    assert (stats["groups_read"], stats["groups"], stats["responses"]) == (100, 10, 40)
+    assert stats["dropped"] == {"all_correct": 86, "all_wrong": 4}
+    groups = RMGroupDataset(prefix)
+    assert len(groups) == 10
+    for index in range(len(groups)):
+        group = groups.group(index)
+        assert len(group.responses) == 4 and 1 <= group.labels.sum() <= 3
+        assert all(r[-1] == qwen.im_end_id for r in group.responses)
+
+
+def test_packed_rm_batches_keep_groups_whole_and_point_at_score_tokens(rm_prefix, qwen):
+    prefix, _ = rm_prefix
+    groups = RMGroupDataset(prefix)
+    budget = int(groups.data.group_token_counts.max()) + 500
+    packed = PackedRMDataset(groups, budget)
+    assert sorted(np.concatenate(packed.bins).tolist()) == list(range(len(groups)))
+    for index in range(len(packed)):
+        batch = collate_rm_packed([packed[index]], pad_id=qwen.pad_or_eos_id, total_length=budget)
+        tokens = batch["tokens"][0]
+        assert (tokens[batch["score_index"]] == qwen.im_end_id).all()
+        members = [groups.group(int(g)) for g in packed.bins[index]]
+        assert batch["group_sizes"].tolist() == [len(g.responses) for g in members]
+        assert batch["labels"].tolist() == np.concatenate([g.labels for g in members]).tolist()
+        cu = batch["cu_seqlens"]
+        assert int(cu[-1]) == budget and (batch["score_index"] == cu[1:len(batch["labels"]) + 1] - 1).all()
+
+
+def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
+    prefix, _ = rm_prefix
+    groups = RMGroupDataset(prefix)
+    seq_length = int(groups.data.tokens.sequence_lengths.max())
+    batch = collate_rm_padded([groups[0], groups[1]], pad_id=qwen.pad_or_eos_id, seq_length=seq_length)
+    assert batch["tokens"].shape == (8, seq_length) and batch["group_sizes"].tolist() == [4, 4]
+    rows = np.arange(8)
+    assert (batch["tokens"][rows, batch["score_index"]] == qwen.im_end_id).all()
+    loader = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=2, micro_batch_size=1,
+                                 packed_tokens=int(groups.data.group_token_counts.max()))
+    for micro_batch in itertools.islice(loader, 4):
+        assert int(micro_batch["group_sizes"].sum()) == len(micro_batch["labels"]) == len(micro_batch["score_index"])
+        assert micro_batch["group_sizes"].tolist() == [4] * len(micro_batch["group_sizes"])
+    with pytest.raises(ValueError, match="exactly one"):
+        build_rm_dataloader(prefix, 0, 2, 1)
+
+
+def test_preprocess_rm_max_length_drops_whole_groups(tmp_path, qwen):
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=str(tmp_path / "short"),
+                                             tokenizer=QWEN, max_length=600), qwen)
+    assert stats["dropped"]["too_long"] + stats["groups"] == 10
+    assert stats["dropped"]["too_long"] > 0
