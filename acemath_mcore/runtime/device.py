@@ -110,3 +110,15 @@ def _has_fused_weight_gradient() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+# Dense bf16 tensor-core peaks (datasheets) by device-name fragment; used for MFU in training logs.
+_BF16_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "B200": 2250e12}
+
+
+def bf16_peak_flops() -> float | None:
+    """Datasheet bf16 peak of this GPU, or None (CPU, unknown GPU): then no MFU is logged."""
+    if not cuda_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in _BF16_PEAK_FLOPS.items() if key in name), None)

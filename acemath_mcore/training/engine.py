@@ -169,18 +169,27 @@ class Engine:
             forward_only=forward_only,
         )
 
-    def train_step(self, task: Task, micro_batches: Sequence[Batch]) -> Dict[str, float]:
-        """Forward/backward over the global batch share of this rank, then one optimizer + LR step."""
+    def train_step(self, task: Task, micro_batches: Sequence[Batch], nan_policy: str = "stop") -> Dict[str, float]:
+        """Forward/backward over this rank's share of the global batch, then one optimizer + LR step.
+
+        A non-finite loss (known on every rank after the report reduction) raises before the optimizer touches
+        the weights (``nan_policy="stop"``) or skips this update (``"skip"``).
+        """
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reports = self.forward_backward(task, micro_batches)
-        success, grad_norm, _ = self.optimizer.step()
+        metrics = reduce_reports(self.forward_backward(task, micro_batches))
+        non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
+        if non_finite and nan_policy == "stop":
+            raise FloatingPointError(f"{', '.join(non_finite)} is not finite at step {self.step + 1}: {metrics}; "
+                                     "stopping before the optimizer step (set nan_policy=skip to skip such steps)")
+        success, grad_norm = False, None
+        if not non_finite:
+            success, grad_norm, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics = reduce_reports(reports)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                        lr=self.optimizer.param_groups[0]["lr"], skipped=float(not success))
         return metrics

@@ -1,21 +1,58 @@
-"""SFT: next-token cross entropy on response tokens, normalised over the global batch."""
+"""The SFT trainer: next-token cross entropy on response tokens over packed or padded pre-tokenized data."""
 
 from __future__ import annotations
 
+from typing import Dict, List
+
 import torch
 
+from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.training.engine import Batch
 from acemath_mcore.training.losses import masked_token_loss
+from acemath_mcore.training.trainer import TrainingData, run
 
 
 class SFTTask:
     """Feeds padded ``[b, s]`` or packed ``[1, t]`` micro-batches to a GPT model and scores loss tokens only."""
 
+    loss_name = "lm_loss"
+
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        # Returns per-token cross entropy on the last pipeline stage (megatron's vocab-parallel CE), hidden
-        # states elsewhere.
+        # Per-token cross entropy on the last pipeline stage (megatron's vocab-parallel CE), hidden states elsewhere.
         return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                      packed_seq_params=batch.get("packed_seq_params"))
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
         return masked_token_loss(output, batch["loss_mask"])
+
+
+def sequence_lengths(batch: Batch) -> List[int]:
+    """Attention spans of a micro-batch: documents of a packed row, or full padded rows."""
+    if "cu_seqlens" in batch:
+        return torch.diff(batch["cu_seqlens"]).tolist()
+    return [batch["tokens"].shape[1]] * batch["tokens"].shape[0]
+
+
+def sft_training_data(config: TrainConfig) -> TrainingData:
+    from acemath_mcore.data.datasets import build_sft_dataloader, build_sft_dataset
+
+    if not config.data.prefixes:
+        raise ValueError(f"recipe {config.name!r} has no data: pass data.prefixes=[PREFIX,...] "
+                         "(outputs of launch/preprocess.py)")
+    dataset = build_sft_dataset(config.data.prefixes, config.data.seq_length, packed=config.data.packed,
+                                weights=config.data.weights or None, seed=config.seed)
+    fill = f", fill ratio {dataset.fill_ratio:.1%}" if hasattr(dataset, "fill_ratio") else ""
+
+    def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
+        return iter(build_sft_dataloader(dataset, pad_id=0, global_batch_size=config.global_batch_size,
+                                         micro_batch_size=config.micro_batch_size, dp_rank=dp_rank,
+                                         dp_size=dp_size, seed=config.seed, consumed_samples=consumed_samples,
+                                         num_workers=config.data.num_workers))
+
+    layout = "packed rows" if config.data.packed else "padded rows"
+    return TrainingData(num_samples=len(dataset), make_loader=make_loader, sequence_lengths=sequence_lengths,
+                        description=f"{len(dataset.documents)} documents in {len(dataset)} {layout}{fill}")
+
+
+def train_sft(config: TrainConfig) -> Dict:
+    return run(config, SFTTask(), sft_training_data(config))

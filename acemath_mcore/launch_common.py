@@ -1,0 +1,35 @@
+"""What the thin ``launch/train_*.py`` scripts share: recipe lookup, ``key=value`` overrides, dry runs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe
+from acemath_mcore.recipes.config import OverrideError
+
+
+def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-6")
+    args = parser.parse_args(argv)
+    try:
+        config = apply_overrides(get_recipe(args.recipe), args.overrides)
+    except (KeyError, OverrideError) as error:
+        parser.error(str(error.args[0] if isinstance(error, KeyError) else error))
+    if args.dry_run:
+        print(config.to_json())
+        return 0
+    if kind == "sft":
+        from acemath_mcore.training.sft import train_sft as train
+    else:
+        from acemath_mcore.training.reward import train_reward_model as train
+    summary = train(config)
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main_for(sys.argv[1], ""))

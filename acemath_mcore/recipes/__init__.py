@@ -1,0 +1,25 @@
+"""Recipes: named functions that return a complete TrainConfig; ``get_recipe(name)`` looks one up."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from acemath_mcore.recipes import sft
+from acemath_mcore.recipes.config import TrainConfig, apply_overrides
+
+RECIPES: Dict[str, Callable[[], TrainConfig]] = {
+    name: function
+    for module in (sft,)
+    for name, function in vars(module).items()
+    if callable(function) and not name.startswith("_") and getattr(function, "__module__", "") == module.__name__
+    and function.__annotations__.get("return") in (TrainConfig, "TrainConfig")
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    if name not in RECIPES:
+        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]()
+
+
+__all__ = ["RECIPES", "TrainConfig", "apply_overrides", "get_recipe"]

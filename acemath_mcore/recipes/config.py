@@ -1,0 +1,134 @@
+"""Training configuration: one dataclass tree per run, built by a named recipe and overridable from the CLI.
+
+``apply_overrides(config, ["optim.lr=3e-6", "parallel.tensor_parallel=8", "data.prefixes=[a,b]"])`` walks the
+dotted path and converts the value to the field's declared type, so a typo or a wrong type is an error that
+names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, List, Optional, Sequence
+
+from acemath_mcore.models.builder import ModelOptions
+from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.training.engine import OptimConfig
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Pre-tokenized megatron .bin/.idx prefixes (from launch/preprocess.py) and how to batch them."""
+
+    prefixes: List[str] = dataclasses.field(default_factory=list)
+    weights: List[float] = dataclasses.field(default_factory=list)  # blend weights; empty = proportional to size
+    seq_length: int = 4096
+    packed: bool = True
+    num_workers: int = 2
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+    # Weights-only start (the previous stage's checkpoint, or a converted HF model); ignored when resuming.
+    init_from: Optional[str] = None
+    resume: bool = True  # continue from save_dir/latest when it exists
+
+
+@dataclasses.dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    wandb_project: Optional[str] = None
+    wandb_run: Optional[str] = None
+    wandb_mode: str = "offline"  # never needs the network unless asked
+    output_dir: str = "runs"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training stage needs."""
+
+    name: str
+    model: str  # a preset name from acemath_mcore.models.presets
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    model_options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    global_batch_size: int = 128
+    micro_batch_size: int = 1
+    epochs: float = 1.0
+    train_steps: int = 0  # > 0 overrides epochs
+    seed: int = 1234
+    nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss does
+    tokenizer: Optional[str] = None  # for vocab checks and the summary
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+class OverrideError(ValueError):
+    pass
+
+
+def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Set ``a.b.c=value`` items on a dataclass tree in place; returns the config."""
+    for item in overrides:
+        if "=" not in item:
+            raise OverrideError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        target, path = config, key.split(".")
+        for part in path[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise OverrideError(f"unknown config key {key!r} (no section {part!r})")
+            target = getattr(target, part)
+        field = {f.name: f for f in dataclasses.fields(target)}.get(path[-1])
+        if field is None:
+            known = ", ".join(f.name for f in dataclasses.fields(target))
+            raise OverrideError(f"unknown config key {key!r}; {type(target).__name__} has: {known}")
+        hints = typing.get_type_hints(type(target))
+        try:
+            value = _convert(raw, hints[field.name])
+        except (TypeError, ValueError) as error:
+            raise OverrideError(f"{key}={raw!r}: {error}") from None
+        setattr(target, field.name, value)
+    return config
+
+
+def _convert(raw: str, annotation) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(raw, non_none[0])
+    if origin in (list, List):
+        items = raw.strip()
+        if items.startswith("["):
+            items = items[1:-1] if items.endswith("]") else items[1:]
+        return [_convert(x.strip(), args[0]) for x in items.split(",") if x.strip()] if items.strip() else []
+    if annotation is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected a boolean (true/false)")
+    if annotation is int:
+        value = float(raw)  # accepts "128" and "1e3"
+        if not value.is_integer():
+            raise ValueError("expected an integer")
+        return int(value)
+    if annotation is float:
+        return float(raw)
+    if annotation is str:
+        return raw
+    raise TypeError(f"cannot set a field of type {annotation}")

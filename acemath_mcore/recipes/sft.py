@@ -1,0 +1,129 @@
+"""SFT recipes: AceMath's general SFT (two stages) and math SFT, per backbone, with the paper's numbers.
+
+Paper (arXiv 2412.15084): AdamW, lr 5e-6 for general SFT and 3e-6 for math SFT, global batch 128 (256 for 72B),
+sequence length 4096, one epoch per stage, loss on response tokens only. Stage 1 starts from the converted base
+model, stage 2 from stage 1, math SFT from stage 2 (weights only: fresh optimizer and schedule each stage).
+Parallel layouts assume 8xH100 (80 GB) nodes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from acemath_mcore.models.builder import ModelOptions
+from acemath_mcore.recipes.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
+from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.training.engine import OptimConfig
+
+STAGES = ("sft_stage1", "sft_stage2", "math_sft")
+_PREVIOUS_STAGE = {"sft_stage2": "sft_stage1", "math_sft": "sft_stage2"}
+_STAGE_LR = {"sft_stage1": 5e-6, "sft_stage2": 5e-6, "math_sft": 3e-6}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    parallel: ParallelConfig
+    recompute: str | None = None
+    global_batch_size: int = 128
+    micro_batch_size: int = 1
+
+
+# Chosen so the model, fp32 main params and Adam state fit 80 GB with the distributed optimizer at 1 node (8 GPUs)
+# for <= 8B and 4 nodes (32 GPUs) for 72B; see launch/plan.py for the memory model.
+_LAYOUTS = {
+    "qwen2.5-math-1.5b": _Layout(ParallelConfig(), micro_batch_size=2),
+    "qwen2.5-math-7b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
+    "qwen2.5-math-72b": _Layout(ParallelConfig(tensor_parallel=8, pipeline_parallel=4, virtual_pipeline_parallel=5,
+                                               sequence_parallel=True), recompute="full", global_batch_size=256),
+    "llama3.1-8b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
+}
+
+
+def _sft(stage: str, model: str) -> TrainConfig:
+    layout = _LAYOUTS[model]
+    name = f"{model}-{stage}"
+    previous = _PREVIOUS_STAGE.get(stage)
+    return TrainConfig(
+        name=name,
+        model=model,
+        parallel=dataclasses.replace(layout.parallel),
+        model_options=ModelOptions(spec="auto", bf16=True, recompute=layout.recompute),
+        optim=OptimConfig(lr=_STAGE_LR[stage], min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
+                          clip_grad=1.0, warmup_steps=0, decay_style="cosine", use_distributed_optimizer=True,
+                          overlap_grad_reduce=True),
+        data=DataConfig(seq_length=4096, packed=True),
+        checkpoint=CheckpointConfig(
+            save_dir=f"checkpoints/{name}",
+            save_interval=500,
+            init_from=f"checkpoints/{model}-{previous}" if previous else f"checkpoints/{model}-base",
+        ),
+        logging=LoggingConfig(wandb_project="acemath-mcore", wandb_run=name),
+        global_batch_size=layout.global_batch_size,
+        micro_batch_size=layout.micro_batch_size,
+        epochs=1.0,
+    )
+
+
+def qwen25_math_1p5b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-math-1.5b")
+
+
+def qwen25_math_1p5b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-math-1.5b")
+
+
+def qwen25_math_1p5b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-math-1.5b")
+
+
+def qwen25_math_7b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-math-7b")
+
+
+def qwen25_math_7b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-math-7b")
+
+
+def qwen25_math_7b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-math-7b")
+
+
+def qwen25_math_72b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-math-72b")
+
+
+def qwen25_math_72b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-math-72b")
+
+
+def qwen25_math_72b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-math-72b")
+
+
+def llama31_8b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "llama3.1-8b")
+
+
+def llama31_8b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "llama3.1-8b")
+
+
+def llama31_8b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "llama3.1-8b")
+
+
+def tiny_sft() -> TrainConfig:
+    """CPU-sized: the tiny preset, fp32, short packed rows, a high learning rate so a few steps visibly learn."""
+    return TrainConfig(
+        name="tiny-sft",
+        model="tiny",
+        model_options=ModelOptions(spec="auto", bf16=False),
+        optim=OptimConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.0, clip_grad=1.0, warmup_steps=2,
+                          decay_style="cosine"),
+        data=DataConfig(seq_length=512, packed=True, num_workers=0),
+        checkpoint=CheckpointConfig(save_dir="checkpoints/tiny-sft", save_interval=0, init_from=None),
+        logging=LoggingConfig(wandb_project=None, wandb_run="tiny-sft"),
+        global_batch_size=8,
+        micro_batch_size=2,
+        epochs=1.0,
+    )

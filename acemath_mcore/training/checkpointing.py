@@ -1,0 +1,177 @@
+"""Distributed checkpoints (megatron ``dist_checkpointing``, torch_dist format) with crash-safe publication.
+
+Layout of a save directory::
+
+    save_dir/
+      latest                 text: the name of the newest *complete* checkpoint, written last (atomic replace)
+      iter_0000500/          one dist checkpoint: model chunks, optimizer, scheduler, RNG, data position
+      iter_0001000.partial/  a save in progress (or one that crashed): never read
+
+Every rank writes its shards into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N`` and only
+then rewrites ``latest``. A crash at any point leaves ``latest`` naming the previous complete checkpoint.
+dist_checkpointing stores global tensors, so a checkpoint loads into any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+from acemath_mcore.runtime import device as device_lib
+
+logger = logging.getLogger("acemath_mcore")
+
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+# Optimizer state stored per model parameter, so it reshards like the weights (any TP/PP/DP on load).
+_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+
+
+def iteration_dir(save_dir: str | Path, step: int) -> Path:
+    return Path(save_dir) / f"iter_{step:07d}"
+
+
+def find_latest(save_dir: str | Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names, if it is complete; unfinished saves are reported and ignored."""
+    save_dir = Path(save_dir)
+    for partial in sorted(save_dir.glob(f"iter_*{PARTIAL_SUFFIX}")):
+        logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", partial)
+    marker = save_dir / LATEST
+    if not marker.is_file():
+        if any(save_dir.glob("iter_*")):
+            logger.warning("%s has checkpoint directories but no '%s' marker: not resuming from them", save_dir,
+                           LATEST)
+        return None
+    target = save_dir / marker.read_text().strip()
+    if not (target / "metadata.json").is_file():
+        logger.warning("'%s' names %s, which is not a complete checkpoint: ignoring it", marker, target)
+        return None
+    return target
+
+
+def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict(metadata=_SHARDING_METADATA)}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=_SHARDING_METADATA) for i, chunk in enumerate(model_chunks)}
+
+
+def _rng_sharded_object() -> ShardedObject:
+    """Per (PP, TP) rank RNG state, replicated over DP; restored only when the layout is unchanged."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if device_lib.cuda_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", state, (pp_size, tp_size), (pp, tp),
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and device_lib.cuda_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> Dict[str, int]:
+    return {
+        "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "data_parallel": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler,
+                    train_state: Dict[str, Any], keep_last: int = 2) -> Path:
+    """Save everything needed to resume at ``step``; returns the published directory."""
+    final = iteration_dir(save_dir, step)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    torch.distributed.barrier()
+    state = model_sharded_state_dict(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_SHARDING_METADATA)
+    state["scheduler"] = scheduler.state_dict()
+    state["train_state"] = dict(train_state, step=step, layout=_layout())
+    state["rng_state"] = _rng_sharded_object()
+    dist_checkpointing.save(state, str(partial))
+    torch.distributed.barrier()
+    if rank == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        marker_tmp = Path(save_dir) / (LATEST + ".tmp")
+        marker_tmp.write_text(final.name + "\n")
+        os.replace(marker_tmp, Path(save_dir) / LATEST)
+        _remove_old(Path(save_dir), keep_last)
+    torch.distributed.barrier()
+    return final
+
+
+def _remove_old(save_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
+    """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
+    state = model_sharded_state_dict(model_chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_SHARDING_METADATA)
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    same_layout = common["train_state"]["layout"] == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(state, str(checkpoint), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    _load_model_chunks(model_chunks, loaded)
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    else:
+        logger.info("resuming %s at a different layout (%s -> %s): RNG streams restart", checkpoint,
+                    common["train_state"]["layout"], _layout())
+    return loaded["train_state"]
+
+
+def load_weights(checkpoint: str | Path, model_chunks) -> None:
+    """Weights only (stage initialisation): the optimizer and schedule start fresh. Tensors the model does not
+    have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error."""
+    path = Path(checkpoint)
+    if not (path / "metadata.json").is_file():
+        latest = find_latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint at {path} (neither a dist checkpoint nor a save dir with 'latest')")
+        path = latest
+    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path),
+                                     strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    _load_model_chunks(model_chunks, loaded)
+
+
+def _load_model_chunks(model_chunks, loaded: Dict[str, Any]) -> None:
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])

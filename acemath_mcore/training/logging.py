@@ -1,0 +1,71 @@
+"""Training logs: one console line per logged step, wandb (offline unless told otherwise), a final JSON summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+logger = logging.getLogger("acemath_mcore")
+
+
+def setup_console_logging(rank: int) -> None:
+    """Rank 0 logs INFO; other ranks only warnings, so an N-GPU job prints one copy of each line."""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+
+
+class MetricsLogger:
+    """Formats step metrics for the console and forwards them to wandb when a project is configured."""
+
+    def __init__(self, run_name: str, output_dir: str, config: dict, total_steps: int, rank: int,
+                 wandb_project: Optional[str] = None, wandb_mode: str = "offline"):
+        self.rank, self.total_steps = rank, total_steps
+        self.run_dir = Path(output_dir) / run_name
+        self.history = []
+        self.wandb = None
+        if rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if wandb_project:
+            os.environ.setdefault("WANDB_MODE", wandb_mode)
+            try:
+                import wandb
+            except ImportError:
+                logger.warning("wandb is not installed: logging to the console and %s only", self.run_dir)
+            else:
+                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.run_dir))
+
+    def log_step(self, step: int, metrics: Dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        self.history.append({"step": step, **metrics})
+        parts = [f"step {step:>6}/{self.total_steps}"]
+        for key, fmt in (("lm_loss", "loss {:.4f}"), ("rm_loss", "loss {:.4f}"), ("pairwise_accuracy", "acc {:.3f}"),
+                         ("lr", "lr {:.3g}"), ("grad_norm", "grad-norm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
+                         ("mfu", "MFU {:.1%}"), ("step_s", "{:.2f} s/step"), ("memory_gib", "mem {:.1f} GiB")):
+            value = metrics.get(key)
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                parts.append(fmt.format(value))
+        if metrics.get("skipped"):
+            parts.append("(optimizer step skipped)")
+        logger.info(" | ".join(parts))
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self, summary: Dict) -> Optional[Path]:
+        if self.rank != 0:
+            return None
+        path = self.run_dir / "summary.json"
+        path.write_text(json.dumps({**summary, "history": self.history}, indent=2, default=str))
+        if self.wandb is not None:
+            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+        logger.info("summary written to %s", path)
+        return path

@@ -1,0 +1,179 @@
+"""The training loop shared by the SFT and reward-model trainers.
+
+The trainers differ only in the :class:`TrainingData` they pass (dataset, loader, what counts as a unit of
+work) and the :class:`~acemath_mcore.training.engine.Task` (forward + loss). Everything else lives here once:
+distributed set-up, resume or weights-only initialisation, the step loop, logging, checkpoints, preemption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from acemath_mcore.models import get_preset
+from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.recipes.config import TrainConfig
+from acemath_mcore.runtime import init_distributed
+from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.training import checkpointing
+from acemath_mcore.training.engine import Batch, Engine, Task
+from acemath_mcore.training.flops import training_flops
+from acemath_mcore.training.logging import MetricsLogger, setup_console_logging
+
+logger = logging.getLogger("acemath_mcore")
+
+# Exit status after a preemption signal was handled (checkpoint saved): "temporary failure, run me again".
+EXIT_PREEMPTED = 75
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What a trainer feeds the loop: how many samples one epoch has and a loader that resumes mid-stream."""
+
+    num_samples: int
+    # (consumed_samples, dp_rank, dp_size) -> endless iterator of this rank's micro-batches
+    make_loader: Callable[[int, int, int], Iterator[Batch]]
+    # micro-batch -> lengths of the sequences attention runs over (for the FLOPs model)
+    sequence_lengths: Callable[[Batch], List[int]]
+    description: str = ""
+
+
+class _PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning before time-out or preemption) request a checkpoint and a clean exit."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("received signal %d: will checkpoint after this step and exit", signum)
+        self.requested = True
+
+    def any_rank_requested(self) -> bool:
+        flag = torch.tensor([1 if self.requested else 0], device=device_lib.current_device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def total_steps(config: TrainConfig, num_samples: int) -> int:
+    if config.train_steps > 0:
+        return config.train_steps
+    steps_per_epoch = num_samples // config.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
+                         f"({config.global_batch_size}); lower global_batch_size or add data")
+    return max(1, int(config.epochs * steps_per_epoch))
+
+
+def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per step on each rank; a batch that does not divide is an error with the numbers."""
+    per_step = config.micro_batch_size * dp_size
+    if config.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by micro_batch_size "
+                         f"{config.micro_batch_size} x data-parallel size {dp_size} = {per_step}")
+    return config.global_batch_size // per_step
+
+
+def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None) -> Dict:
+    """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``)."""
+    launch = init_distributed(config.parallel, seed=config.seed)
+    setup_console_logging(launch.rank)
+    arch = arch or get_preset(config.model)
+    dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    micro_batches_per_step = check_batch_arithmetic(config, dp_size)
+    steps = total_steps(config, data.num_samples)
+    logger.info("%s: %s, %d samples/epoch, %d steps of %d samples (%d micro-batches of %d per rank, DP=%d)",
+                config.name, data.description, data.num_samples, steps, config.global_batch_size,
+                micro_batches_per_step, config.micro_batch_size, dp_size)
+
+    engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps)
+    start_step, consumed_samples = _initialise(config, engine)
+    loader = data.make_loader(consumed_samples, dp_rank, dp_size)
+    metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps, launch.rank,
+                                   config.logging.wandb_project, config.logging.wandb_mode)
+    preemption = _PreemptionFlag()
+    peak = device_lib.bf16_peak_flops()
+    step, exit_code, metrics = start_step, 0, {}
+    first_loss = None
+    started = time.perf_counter()
+    try:
+        while step < steps:
+            step_start = time.perf_counter()
+            micro_batches = [next(loader) for _ in range(micro_batches_per_step)]
+            data_seconds = time.perf_counter() - step_start
+            metrics = engine.train_step(task, micro_batches, nan_policy=config.nan_policy)
+            device_lib.synchronize()
+            seconds = time.perf_counter() - step_start
+            step += 1
+            consumed_samples += config.global_batch_size
+            lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
+            flops = training_flops(arch, lengths) * dp_size
+            metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=sum(lengths) * dp_size / seconds,
+                           memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
+            if peak:
+                metrics["mfu"] = flops / seconds / (peak * torch.distributed.get_world_size())
+            first_loss = metrics.get(task.loss_name) if first_loss is None else first_loss
+            if step % config.logging.log_interval == 0 or step == steps:
+                metrics_logger.log_step(step, metrics)
+            preempted = preemption.any_rank_requested()
+            interval = config.checkpoint.save_interval
+            if config.checkpoint.save_dir and (preempted or (interval and step % interval == 0 and step < steps)):
+                _save(config, engine, step, consumed_samples)
+            if preempted:
+                exit_code = EXIT_PREEMPTED
+                break
+        if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
+            _save(config, engine, step, consumed_samples)
+    finally:
+        preemption.restore()
+    summary = {
+        "name": config.name, "model": config.model, "steps": step, "total_steps": steps,
+        "consumed_samples": consumed_samples, "first_loss": first_loss, "final_loss": metrics.get(task.loss_name),
+        "wall_s": time.perf_counter() - started, "preempted": exit_code == EXIT_PREEMPTED,
+        "checkpoint": str(checkpointing.iteration_dir(config.checkpoint.save_dir, step))
+        if config.checkpoint.save_dir and step > start_step else None,
+        "final_metrics": metrics,
+    }
+    metrics_logger.finish(summary)
+    summary["exit_code"] = exit_code
+    return summary
+
+
+def _initialise(config: TrainConfig, engine: Engine) -> tuple:
+    """Resume this stage from its latest checkpoint, else start from ``init_from`` weights, else from scratch."""
+    latest = checkpointing.find_latest(config.checkpoint.save_dir) if (
+        config.checkpoint.save_dir and config.checkpoint.resume) else None
+    if latest is not None:
+        state = checkpointing.load_checkpoint(latest, engine.model, engine.optimizer, engine.scheduler)
+        engine.step = state["step"]
+        logger.info("resumed from %s at step %d (%d samples consumed)", latest, state["step"],
+                    state["consumed_samples"])
+        return state["step"], state["consumed_samples"]
+    if config.checkpoint.init_from:
+        checkpointing.load_weights(config.checkpoint.init_from, engine.model)
+        engine.optimizer.reload_model_params()
+        logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
+    else:
+        logger.info("no checkpoint to resume or initialise from: training from random initialisation")
+    return 0, 0
+
+
+def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int) -> None:
+    start = time.perf_counter()
+    path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
+                                         engine.scheduler, {"consumed_samples": consumed_samples},
+                                         keep_last=config.checkpoint.keep_last)
+    logger.info("saved %s in %.1f s", path, time.perf_counter() - start)
+
