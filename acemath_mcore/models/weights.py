@@ -25,7 +25,7 @@ _LAYER_PARAM = re.compile(r"^(?:module\.)*decoder\.layers\.(\d+)\.(.+)$")
 
 def canonical_parameters(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn.Parameter]]:
     """(canonical name, local parameter) for every parameter of a model chunk; TE's extra state is skipped."""
-    layers = _unwrap(model).decoder.layers if hasattr(_unwrap(model), "decoder") else []
+    layers = unwrap_model(model).decoder.layers if hasattr(unwrap_model(model), "decoder") else []
     global_index = {local: layer.layer_number - 1 for local, layer in enumerate(layers)}
     for name, param in model.named_parameters():
         name = re.sub(r"^(module\.)+", "", name)
@@ -37,7 +37,8 @@ def canonical_parameters(model: torch.nn.Module) -> Iterator[Tuple[str, torch.nn
         yield name, param
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT model inside megatron's DDP / Float16Module wrappers (which share its parameters)."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model

@@ -27,6 +27,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from acemath_mcore.models.weights import unwrap_model
 from acemath_mcore.runtime import device as device_lib
 
 logger = logging.getLogger("acemath_mcore")
@@ -60,9 +61,12 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
 
 
 def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict(metadata=_SHARDING_METADATA)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=_SHARDING_METADATA) for i, chunk in enumerate(model_chunks)}
+    """Keys ``model`` (or ``model0``, ``model1``, ... per virtual stage) over the unwrapped GPT models, so a
+    checkpoint does not depend on the DDP / Float16 wrappers used while training."""
+    chunks = [unwrap_model(chunk) for chunk in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(metadata=_SHARDING_METADATA)}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=_SHARDING_METADATA) for i, chunk in enumerate(chunks)}
 
 
 def _rng_sharded_object() -> ShardedObject:
@@ -157,21 +161,42 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
 
 def load_weights(checkpoint: str | Path, model_chunks) -> None:
     """Weights only (stage initialisation): the optimizer and schedule start fresh. Tensors the model does not
-    have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error."""
+    have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error, except those
+    a model lists in ``optional_weight_keys`` (a reward head started from an SFT checkpoint), which keep their
+    initial values."""
     path = Path(checkpoint)
     if not (path / "metadata.json").is_file():
         latest = find_latest(path)
         if latest is None:
             raise FileNotFoundError(f"no checkpoint at {path} (neither a dist checkpoint nor a save dir with 'latest')")
         path = latest
-    loaded = dist_checkpointing.load(model_sharded_state_dict(model_chunks), str(path),
-                                     strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    state = model_sharded_state_dict(model_chunks)
+    kept = _set_aside_absent_optional_tensors(state, model_chunks, path)
+    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    for chunk_key, tensors in kept.items():
+        loaded[chunk_key].update(tensors)
     _load_model_chunks(model_chunks, loaded)
 
 
+def _set_aside_absent_optional_tensors(state: Dict[str, Any], model_chunks, path: Path) -> Dict[str, Dict]:
+    """Remove from ``state`` the optional tensors that ``path`` does not store; returns their current values."""
+    optional = [set(getattr(unwrap_model(chunk), "optional_weight_keys", ())) for chunk in model_chunks]
+    if not any(optional):
+        return {}
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    kept: Dict[str, Dict] = {}
+    for (chunk_key, chunk_state), keys in zip(state.items(), optional):
+        for name, tensor in list(chunk_state.items()):
+            if getattr(tensor, "key", None) in keys and tensor.key not in stored:
+                kept.setdefault(chunk_key, {})[name] = chunk_state.pop(name).data
+                logger.info("%s has no %s: keeping its initial value", path, tensor.key)
+    return kept
+
+
 def _load_model_chunks(model_chunks, loaded: Dict[str, Any]) -> None:
-    if len(model_chunks) == 1:
-        model_chunks[0].load_state_dict(loaded["model"])
+    chunks = [unwrap_model(chunk) for chunk in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"])
     else:
-        for i, chunk in enumerate(model_chunks):
+        for i, chunk in enumerate(chunks):
             chunk.load_state_dict(loaded[f"model{i}"])

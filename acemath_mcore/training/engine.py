@@ -149,25 +149,7 @@ class Engine:
     def forward_backward(self, task: Task, micro_batches: Sequence[Batch], forward_only: bool = False) -> List[Dict]:
         """Run megatron's schedule over this rank's micro-batches; returns per-micro-batch loss reports
         (non-empty on the last pipeline stage only)."""
-
-        def forward_step(data_iterator: Iterable[Batch], model: torch.nn.Module):
-            batch = dict(next(data_iterator))
-            batch["packed_seq_params"] = packed_seq_params(batch, self.packed_qkv_format)
-            output = task.forward(model, batch)
-            return output, lambda out: task.loss(batch, out)
-
-        first = micro_batches[0]
-        seq_length, micro_batch_size = _activation_shape(first)
-        iterators = [iter(micro_batches) for _ in self.model]
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(self.model) > 1 else iterators[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
-            num_microbatches=len(micro_batches),
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+        return run_schedule(self.model, task, micro_batches, self.packed_qkv_format, forward_only)
 
     def train_step(self, task: Task, micro_batches: Sequence[Batch], nan_policy: str = "stop") -> Dict[str, float]:
         """Forward/backward over this rank's share of the global batch, then one optimizer + LR step.
@@ -193,6 +175,30 @@ class Engine:
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
                        lr=self.optimizer.param_groups[0]["lr"], skipped=float(not success))
         return metrics
+
+
+def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Sequence[Batch],
+                 packed_qkv_format: str, forward_only: bool = False) -> List[Dict]:
+    """megatron's forward(/backward) schedule (no pipelining, 1F1B or interleaved) over model chunks; shared by
+    training and by inference that needs no optimizer (reward scoring). Returns the last stage's loss reports."""
+
+    def forward_step(data_iterator: Iterable[Batch], chunk: torch.nn.Module):
+        batch = dict(next(data_iterator))
+        batch["packed_seq_params"] = packed_seq_params(batch, packed_qkv_format)
+        output = task.forward(chunk, batch)
+        return output, lambda out: task.loss(batch, out)
+
+    seq_length, micro_batch_size = _activation_shape(micro_batches[0])
+    iterators = [iter(micro_batches) for _ in model]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=list(model) if len(model) > 1 else model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
 
 
 def _activation_shape(batch: Batch) -> tuple:

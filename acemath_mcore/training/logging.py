@@ -14,10 +14,16 @@ logger = logging.getLogger("acemath_mcore")
 
 
 def setup_console_logging(rank: int) -> None:
-    """Rank 0 logs INFO; other ranks only warnings, so an N-GPU job prints one copy of each line."""
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
-                        force=True)
+    """Our progress at INFO on rank 0 only (an N-GPU job prints one copy of each line); megatron-core's own
+    INFO chatter (parameter lists, optimizer config dumps) is kept to warnings."""
+    if not any(getattr(h, "_acemath", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+        handler._acemath = True
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
 class MetricsLogger:

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from acemath_mcore.models import get_preset
 from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.builder import build_model_chunk
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import init_distributed
 from acemath_mcore.runtime import device as device_lib
@@ -86,8 +87,10 @@ def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
     return config.global_batch_size // per_step
 
 
-def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None) -> Dict:
-    """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``)."""
+def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None,
+        model_chunk_builder: Callable = build_model_chunk) -> Dict:
+    """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
+    ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass)."""
     launch = init_distributed(config.parallel, seed=config.seed)
     setup_console_logging(launch.rank)
     arch = arch or get_preset(config.model)
@@ -98,7 +101,8 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
 
-    engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps)
+    engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
+                    model_chunk_builder=model_chunk_builder)
     start_step, consumed_samples = _initialise(config, engine)
     loader = data.make_loader(consumed_samples, dp_rank, dp_size)
     metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps, launch.rank,
@@ -147,7 +151,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         "final_metrics": metrics,
     }
     metrics_logger.finish(summary)
-    summary["exit_code"] = exit_code
+    summary.update(exit_code=exit_code, history=metrics_logger.history)
     return summary
 
 
