@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Optional
+from typing import List, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     spec = resolve_spec_name(options.spec)
     if options.fp8 and spec != "te":
         raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
+    if spec == "native" and parallel.sequence_parallel and parallel.tensor_parallel > 1:
+        raise ValueError("sequence parallelism needs the TE spec (megatron's torch norms refuse it); "
+                         "set parallel.sequence_parallel=false for the native spec")
     dtype = torch.bfloat16 if options.bf16 else torch.float32
     recompute = {}
     if options.recompute == "full":
@@ -82,13 +85,15 @@ def build_model_chunk(
     vp_stage: Optional[int] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
+    model_class: Type[GPTModel] = GPTModel,
 ) -> GPTModel:
-    """One GPT model chunk for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    """One GPT model chunk for this rank's pipeline stage (and virtual stage ``vp_stage``); ``model_class``
+    swaps in a GPTModel subclass (the reward model) built with the same arguments."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    model = GPTModel(
+    model = model_class(
         config=config,
         transformer_layer_spec=layer_spec(spec),
         vocab_size=arch.padded_vocab_size,
@@ -106,11 +111,12 @@ def build_model_chunk(
     return model.to(device_lib.current_device())
 
 
-def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> List[GPTModel]:
+def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
+                model_class: Type[GPTModel] = GPTModel) -> List[GPTModel]:
     """All model chunks of this rank: one, or one per virtual pipeline stage."""
     config = transformer_config(arch, parallel, options)
     stages = parallel.virtual_pipeline_parallel or 1
     return [
-        build_model_chunk(arch, config, options.spec, vp_stage=stage if stages > 1 else None)
+        build_model_chunk(arch, config, options.spec, vp_stage=stage if stages > 1 else None, model_class=model_class)
         for stage in range(stages)
     ]

@@ -9,14 +9,31 @@ The builder uses the config half, the checkpoint converters use both. Megatron n
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Mapping, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from acemath_mcore.models.arch import ModelArch
 
+# HF name of a reward model's scalar head (``*ForSequenceClassification`` with num_labels=1).
+HF_REWARD_HEAD = "score.weight"
 # Megatron's llama3 rope scaling constants (megatron.core RotaryEmbedding._apply_scaling defaults).
 _LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One megatron tensor: the HF tensors it is built from and how to fuse / split them.
+
+    ``layer`` is the global decoder-layer index (None for embeddings, final norm and heads), so converters can
+    stream a checkpoint one layer at a time.
+    """
+
+    megatron_name: str
+    hf_names: Tuple[str, ...]
+    to_megatron: Callable[[ModelArch, List[torch.Tensor]], torch.Tensor]
+    to_hf: Callable[[ModelArch, torch.Tensor], List[torch.Tensor]]
+    layer: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +70,9 @@ class Family:
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         )
 
-    def hf_config_from_arch(self, arch: ModelArch, torch_dtype: str = "bfloat16") -> Dict:
-        """A config.json that transformers (4.x legacy keys and 5.x rope_parameters) reads back to ``arch``."""
+    def hf_config_from_arch(self, arch: ModelArch, torch_dtype: str = "bfloat16", reward_model: bool = False) -> Dict:
+        """A config.json that transformers (4.x legacy keys and 5.x rope_parameters) reads back to ``arch``;
+        a reward model is a ``*ForSequenceClassification`` with one label (its scalar score)."""
         rope_parameters = {"rope_type": "default", "rope_theta": arch.rope_theta}
         legacy_scaling = None
         if arch.rope_scaling_factor is not None:
@@ -83,35 +101,48 @@ class Family:
         }
         if self.hf_model_type == "llama":
             config.update(attention_bias=arch.qkv_bias, mlp_bias=False)
+        if reward_model:
+            config.update(architectures=[self.hf_reward_architecture], id2label={"0": "LABEL_0"},
+                          label2id={"LABEL_0": 0})
         return config
 
+    @property
+    def hf_reward_architecture(self) -> str:
+        return next(a for a in self.hf_architectures if a.endswith("ForSequenceClassification"))
+
     # ---- weights -------------------------------------------------------------------------------------------
-    def hf_to_megatron(self, arch: ModelArch, hf: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Full (unsharded) megatron tensors from HF tensors; the vocabulary is padded with zero rows."""
-        out = {"embedding.word_embeddings.weight": _pad_vocab(hf["model.embed_tokens.weight"], arch)}
+    def tensor_rules(self, arch: ModelArch, reward_head: Optional[str] = None) -> List[TensorRule]:
+        """Every megatron tensor of ``arch`` in checkpoint order (embedding, layers, final norm, head).
+
+        With ``reward_head`` (the megatron name of a reward model's scalar head) the head is HF's
+        ``score.weight`` of a ``*ForSequenceClassification`` model instead of the LM head.
+        """
+        rules = [TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _pad_vocab,
+                            _unpad_vocab)]
         for i in range(arch.num_layers):
             hf_prefix, mc_prefix = f"model.layers.{i}.", f"decoder.layers.{i}."
-            for mc_name, hf_names, fuse, _ in _layer_rules(arch):
-                tensors = [hf[hf_prefix + name] for name in hf_names]
-                out[mc_prefix + mc_name] = fuse(arch, tensors)
-        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-        if not arch.tie_embeddings:
-            out["output_layer.weight"] = _pad_vocab(hf["lm_head.weight"], arch)
-        return out
+            for mc_name, hf_names, fuse, split in _layer_rules(arch):
+                rules.append(TensorRule(mc_prefix + mc_name, tuple(hf_prefix + name for name in hf_names), fuse,
+                                        split, layer=i))
+        rules.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), _identity, _identity))
+        if reward_head is not None:
+            rules.append(TensorRule(reward_head, (HF_REWARD_HEAD,), _identity, _identity))
+        elif not arch.tie_embeddings:
+            rules.append(TensorRule("output_layer.weight", ("lm_head.weight",), _pad_vocab, _unpad_vocab))
+        return rules
+
+    def hf_to_megatron(self, arch: ModelArch, hf: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Full (unsharded) megatron tensors from HF tensors; the vocabulary is padded with zero rows."""
+        return {rule.megatron_name: rule.to_megatron(arch, [hf[name] for name in rule.hf_names])
+                for rule in self.tensor_rules(arch)}
 
     def megatron_to_hf(self, arch: ModelArch, mc: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Inverse of :meth:`hf_to_megatron`: splits fused tensors and drops the vocabulary padding."""
-        out = {"model.embed_tokens.weight": mc["embedding.word_embeddings.weight"][: arch.vocab_size]}
-        for i in range(arch.num_layers):
-            hf_prefix, mc_prefix = f"model.layers.{i}.", f"decoder.layers.{i}."
-            for mc_name, hf_names, _, split in _layer_rules(arch):
-                for name, tensor in zip(hf_names, split(arch, mc[mc_prefix + mc_name])):
-                    out[hf_prefix + name] = tensor
-        out["model.norm.weight"] = mc["decoder.final_layernorm.weight"]
+        out = {}
+        for rule in self.tensor_rules(arch):
+            out.update(zip(rule.hf_names, rule.to_hf(arch, mc[rule.megatron_name]), strict=True))
         if arch.tie_embeddings:
             out["lm_head.weight"] = out["model.embed_tokens.weight"]
-        else:
-            out["lm_head.weight"] = mc["output_layer.weight"][: arch.vocab_size]
         return out
 
 
@@ -138,11 +169,16 @@ def _read_rope(cfg: Mapping, family: str) -> Dict:
     return {"theta": float(theta), "factor": float(scaling["factor"])}
 
 
-def _pad_vocab(weight: torch.Tensor, arch: ModelArch) -> torch.Tensor:
+def _pad_vocab(arch: ModelArch, tensors: List[torch.Tensor]) -> torch.Tensor:
+    weight = tensors[0]
     if weight.shape[0] != arch.vocab_size:
         raise ValueError(f"embedding has {weight.shape[0]} rows but the config says vocab_size={arch.vocab_size}")
     pad = arch.padded_vocab_size - arch.vocab_size
     return torch.cat([weight, weight.new_zeros(pad, weight.shape[1])]) if pad else weight
+
+
+def _unpad_vocab(arch: ModelArch, weight: torch.Tensor) -> List[torch.Tensor]:
+    return [weight[: arch.vocab_size]]
 
 
 def _fuse_qkv(arch: ModelArch, qkv: List[torch.Tensor]) -> torch.Tensor:

@@ -115,6 +115,22 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer_state)
 
 
+class _CpuStream:
+    """Enough of torch.cuda.Stream for code that synchronises or waits on streams."""
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
     cuda.current_device = lambda: 0
@@ -126,6 +142,9 @@ def _patch_torch_cuda() -> None:
     cuda.memory_reserved = lambda device=None: 0
     cuda.reset_peak_memory_stats = lambda device=None: None
     cuda.empty_cache = lambda: None
+    # Streams: CPU work is synchronous, so the default stream is a no-op stand-in (megatron >= 0.19 waits on it).
+    cuda.current_stream = lambda device=None: _CpuStream()
+    cuda.default_stream = cuda.current_stream
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     cuda.random.get_rng_state = cuda.get_rng_state

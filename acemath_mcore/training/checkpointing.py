@@ -34,8 +34,14 @@ logger = logging.getLogger("acemath_mcore")
 
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
-# Optimizer state stored per model parameter, so it reshards like the weights (any TP/PP/DP on load).
-_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# Distributed-optimizer state in the format that reloads at any TP/PP/DP (supported by megatron-core 0.16-0.19;
+# 'fully_sharded_model_space' fails to save on 0.16 with "flattened_range is not supported").
+_DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
+
+
+def _sharding_metadata() -> Dict[str, Any]:
+    """A fresh dict per call: megatron caches process groups inside it, which would go stale across layouts."""
+    return {"distrib_optim_sharding_type": _DISTRIBUTED_OPTIMIZER_FORMAT}
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
@@ -65,8 +71,8 @@ def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, A
     checkpoint does not depend on the DDP / Float16 wrappers used while training."""
     chunks = [unwrap_model(chunk) for chunk in model_chunks]
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=_SHARDING_METADATA)}
-    return {f"model{i}": chunk.sharded_state_dict(metadata=_SHARDING_METADATA) for i, chunk in enumerate(chunks)}
+        return {"model": chunks[0].sharded_state_dict(metadata=_sharding_metadata())}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=_sharding_metadata()) for i, chunk in enumerate(chunks)}
 
 
 def _rng_sharded_object() -> ShardedObject:
@@ -113,7 +119,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
         partial.mkdir(parents=True)
     torch.distributed.barrier()
     state = model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_SHARDING_METADATA)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata())
     state["scheduler"] = scheduler.state_dict()
     state["train_state"] = dict(train_state, step=step, layout=_layout())
     state["rng_state"] = _rng_sharded_object()
@@ -142,7 +148,7 @@ def _remove_old(save_dir: Path, keep_last: int) -> None:
 def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
     state = model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_SHARDING_METADATA)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     same_layout = common["train_state"]["layout"] == _layout()
     if same_layout:
