@@ -148,6 +148,7 @@ def _remove_old(save_dir: Path, keep_last: int) -> None:
 def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
     state = model_sharded_state_dict(model_chunks)
+    _check_distributed_optimizer_reload(optimizer)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     same_layout = common["train_state"]["layout"] == _layout()
@@ -163,6 +164,21 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
         logger.info("resuming %s at a different layout (%s -> %s): RNG streams restart", checkpoint,
                     common["train_state"]["layout"], _layout())
     return loaded["train_state"]
+
+
+def _check_distributed_optimizer_reload(optimizer) -> None:
+    """megatron-core reloads distributed-optimizer state only with apex's or TE's fused Adam: its torch-Adam
+    fallback keeps a per-parameter 'step' the checkpoint format lacks (measured on 0.16.1: KeyError 'step' /
+    an assert on empty state). Say so instead of failing deep inside megatron."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    if any(isinstance(p, distrib_optimizer.DistributedOptimizer) for p in parts) and not getattr(
+            distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        raise NotImplementedError(
+            "resuming a distributed-optimizer checkpoint needs Transformer Engine or apex (megatron's torch-Adam "
+            "fallback cannot reload its state); resume with optim.use_distributed_optimizer=false, or load weights "
+            "only with checkpoint.init_from")
 
 
 def load_weights(checkpoint: str | Path, model_chunks) -> None:
