@@ -1,0 +1,82 @@
+"""Run one function in N local CPU processes forming a gloo group, and collect what each returns.
+
+Used where megatron-core must decide which slice of every tensor a rank holds without a GPU job: checkpoint
+conversion (one process per TP x PP rank; memory-bound work that runs on login or CPU nodes) and the test
+suite. Each worker is a fresh interpreter, so the CPU shim and megatron's global state never leak into the
+caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import traceback
+import warnings
+from typing import Callable, List
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker_entry(rank: int, world_size: int, port: int, target: Callable, args: tuple, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACEMATH_FORCE_CPU="1")
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # megatron warns about missing TE/apex once per process; on CPU that is expected.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    try:
+        # Pickled bytes, not tensors: torch's queue shares tensors through handles that die with the worker.
+        results.put((rank, "ok", pickle.dumps(target(rank, world_size, *args))))
+    except BaseException:  # noqa: B902 - every failure, assertions included, must reach the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run_local_workers(target: Callable, world_size: int, *args, timeout: float | None = None) -> List:
+    """``target(rank, world_size, *args)`` in ``world_size`` spawned processes; the results in rank order.
+
+    A worker's exception is re-raised here with its traceback; a worker that dies without reporting (killed
+    for memory, segfault) is reported with its exit code instead of hanging the caller.
+    """
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_worker_entry, args=(rank, world_size, port, target, args, results))
+                 for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    collected, waited = {}, 0.0
+    try:
+        while len(collected) < world_size:
+            try:
+                rank, status, value = results.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                dead = [(r, p.exitcode) for r, p in enumerate(processes) if r not in collected and p.exitcode]
+                if dead:
+                    raise RuntimeError(f"worker rank {dead[0][0]} died with exit code {dead[0][1]} "
+                                       "(a negative code is a signal: -9 usually means out of memory)") from None
+                if timeout is not None and waited > timeout:
+                    raise TimeoutError(f"workers did not finish within {timeout:.0f} s "
+                                       f"(done: {sorted(collected)})") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"worker rank {rank} failed:\n{value}")
+            collected[rank] = pickle.loads(value)
+    finally:
+        # After a failure the other ranks may wait forever in a collective: do not wait long for them.
+        grace = 30.0 if len(collected) == world_size else 1.0
+        for process in processes:
+            process.join(timeout=grace)
+            if process.is_alive():
+                process.kill()
+                process.join()
+    return [collected[rank] for rank in range(world_size)]
