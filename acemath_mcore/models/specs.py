@@ -7,6 +7,13 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from acemath_mcore.models.attention import NativeCoreAttention
 from acemath_mcore.runtime import transformer_engine_available
@@ -38,7 +45,15 @@ def packed_qkv_format(spec: str) -> str:
     return "thd" if resolve_spec_name(spec) == "te" else "sbhd"
 
 
-def layer_spec(spec: str) -> ModuleSpec:
+def native_block_spec(config: TransformerConfig, vp_stage=None) -> ModuleSpec:
+    """This stage's layers plus a torch final norm: megatron's default final norm is TE's whenever TE is
+    installed, which would make the 'native' path depend on TE (and refuse fp64)."""
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[native_layer_spec()] * layers, layer_norm=WrappedTorchNorm))
+
+
+def layer_spec(spec: str, config: TransformerConfig, vp_stage=None) -> ModuleSpec:
     if resolve_spec_name(spec) == "te":
         return get_gpt_layer_with_transformer_engine_spec()
-    return native_layer_spec()
+    return native_block_spec(config, vp_stage)
