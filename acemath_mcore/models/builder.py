@@ -33,6 +33,7 @@ class ModelOptions:
 def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> TransformerConfig:
     arch.check_tensor_parallel(parallel.tensor_parallel)
     spec = resolve_spec_name(options.spec)
+    device_lib.apex_available()  # says once which fallback megatron uses without apex
     if options.fp8 and spec != "te":
         raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
     if spec == "native" and parallel.sequence_parallel and parallel.tensor_parallel > 1:

@@ -35,8 +35,16 @@ class MetricsLogger:
         self.run_dir = Path(output_dir) / run_name
         self.history = []
         self.wandb = None
+        self.progress = None
         if rank != 0:
             return
+        if sys.stdout.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.progress = tqdm(total=total_steps, desc=run_name, unit="step", dynamic_ncols=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if wandb_project:
@@ -62,12 +70,16 @@ class MetricsLogger:
         if metrics.get("skipped"):
             parts.append("(optimizer step skipped)")
         logger.info(" | ".join(parts))
+        if self.progress is not None:
+            self.progress.update(step - self.progress.n)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
     def finish(self, summary: Dict) -> Optional[Path]:
         if self.rank != 0:
             return None
+        if self.progress is not None:
+            self.progress.close()
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps({**summary, "history": self.history}, indent=2, default=str))
         if self.wandb is not None:
