@@ -106,6 +106,7 @@ def layout_results():
     arch = get_preset("tiny")
     arch = dataclasses.replace(arch, vocab_size=256)  # keeps the test fast; shapes otherwise the tiny preset's
     layouts = [Layout(), Layout(tp=2), Layout(pp=2), Layout(tp=2, pp=2), Layout(pp=2, vpp=2),
+               Layout(pp=2, vpp=2, micro_batch=1),  # 4 micro-batches: interleaved steady state (batched P2P bug)
                Layout(tp=2, pp=2, micro_batch=1), Layout(micro_batch=1), Layout(tp=2, distributed_optimizer=True),
                Layout(distributed_optimizer=True)]
     return run_workers(_run_layouts, WORLD_SIZE, layouts, arch)[0], layouts

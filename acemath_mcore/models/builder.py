@@ -70,6 +70,9 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
         context_parallel_size=parallel.context_parallel,
         sequence_parallel=parallel.sequence_parallel and parallel.tensor_parallel > 1,
+        # Interleaved schedules exchange activations and gradients with the same peer in one step; megatron's
+        # batched P2P then pairs them wrongly when PP=2 (prev == next stage). Megatron-LM also disables it with VPP.
+        batch_p2p_comm=parallel.virtual_pipeline_parallel is None,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=options.bf16,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from acemath_mcore.recipes import sft
+from acemath_mcore.recipes import rm, sft
 from acemath_mcore.recipes.config import TrainConfig, apply_overrides
 
 RECIPES: Dict[str, Callable[[], TrainConfig]] = {
     name: function
-    for module in (sft,)
+    for module in (sft, rm)
     for name, function in vars(module).items()
     if callable(function) and not name.startswith("_") and getattr(function, "__module__", "") == module.__name__
     and function.__annotations__.get("return") in (TrainConfig, "TrainConfig")

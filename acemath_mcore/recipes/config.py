@@ -49,6 +49,13 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class RewardConfig:
+    """Reward-model training only (launch/train_rm.py); ignored by SFT."""
+
+    loss: str = "listwise_bt"  # listwise_bt | pairwise_bt | bce | mse (the paper's Table 8 ablations)
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """Everything one training stage needs."""
 
@@ -60,6 +67,7 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: float = 1.0

@@ -182,8 +182,12 @@ def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Se
     """megatron's forward(/backward) schedule (no pipelining, 1F1B or interleaved) over model chunks; shared by
     training and by inference that needs no optimizer (reward scoring). Returns the last stage's loss reports."""
 
+    device = device_lib.current_device()
+
     def forward_step(data_iterator: Iterable[Batch], chunk: torch.nn.Module):
-        batch = dict(next(data_iterator))
+        # Loaders yield host tensors; move them (cu_seqlens included) to this rank's device here, once.
+        batch = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                 for key, value in next(data_iterator).items()}
         batch["packed_seq_params"] = packed_seq_params(batch, packed_qkv_format)
         output = task.forward(chunk, batch)
         return output, lambda out: task.loss(batch, out)

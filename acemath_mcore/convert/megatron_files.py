@@ -1,0 +1,136 @@
+"""Megatron ``torch_dist`` checkpoints as the converters see them: where they are, what model they hold, and
+their tensors one decoder layer at a time.
+
+dist_checkpointing stores *global* tensors under the canonical names without a layer index: the decoder layers
+are stacked along a leading axis (``decoder.layers.mlp.linear_fc1.weight`` has shape ``[num_layers, ...]``),
+each layer of each TP rank saved as its own chunk. Asking for the slice ``[i]`` of every stacked tensor therefore
+reads exactly layer ``i`` from disk, whatever TP/PP/VPP layout wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from acemath_mcore.models.arch import ModelArch
+
+ARCH_FILE = "model_arch.json"
+HF_CONFIG_FILE = "hf_config.json"
+ASSETS_DIR = "hf_assets"
+_LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A dist checkpoint directory itself, or the one a trainer save dir's ``latest`` marker names."""
+    from acemath_mcore.training.checkpointing import find_latest
+
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    latest = find_latest(path) if path.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"no megatron checkpoint at {path} (neither a dist checkpoint directory with "
+                                "metadata.json nor a save dir with a 'latest' marker)")
+    return latest
+
+
+def write_model_description(directory: Path, arch: ModelArch, hf_config: Dict) -> None:
+    """Record the architecture beside the weights, so export needs no other input."""
+    (directory / ARCH_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=2) + "\n")
+    (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+
+
+def find_model_description(checkpoint: Path) -> Tuple[Optional[ModelArch], Optional[Dict], Optional[Path]]:
+    """(arch, original HF config, HF assets dir) recorded by the converter, looked up in the checkpoint and in
+    its parent (a save dir holding ``iter_*`` directories); None where absent."""
+    for directory in (checkpoint, checkpoint.parent):
+        if (directory / ARCH_FILE).is_file():
+            arch = ModelArch(**json.loads((directory / ARCH_FILE).read_text()))
+            hf_config_path = directory / HF_CONFIG_FILE
+            hf_config = json.loads(hf_config_path.read_text()) if hf_config_path.is_file() else None
+            assets = directory / ASSETS_DIR
+            return arch, hf_config, assets if assets.is_dir() else None
+    return None, None, None
+
+
+@contextlib.contextmanager
+def reading_process_group():
+    """megatron's ``dist_checkpointing.load`` needs a process group even in one process: provide a private
+    one-rank gloo group when the caller has none (and remove it afterwards)."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        store = torch.distributed.FileStore(os.path.join(tmp, "store"), 1)
+        torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            torch.distributed.destroy_process_group()
+
+
+def split_layer_name(name: str) -> Tuple[str, Optional[int]]:
+    """Canonical name -> (dist-checkpoint key, layer index or None), e.g. ``decoder.layers.3.x`` ->
+    (``decoder.layers.x``, 3)."""
+    match = _LAYER_NAME.match(name)
+    return (f"decoder.layers.{match.group(2)}", int(match.group(1))) if match else (name, None)
+
+
+class DistCheckpointReader:
+    """Loads canonical tensors (global layer index in the name) from a torch_dist checkpoint in its stored dtype.
+
+    Use inside :func:`reading_process_group` (or any initialised process group).
+    """
+
+    def __init__(self, checkpoint: Path):
+        from megatron.core import dist_checkpointing
+
+        self.path = Path(checkpoint)
+        self._metadata = dist_checkpointing.load_tensors_metadata(str(self.path))
+
+    def keys(self) -> List[str]:
+        return list(self._metadata)
+
+    def global_shape(self, name: str) -> Optional[tuple]:
+        """Shape of a canonical tensor as stored (a layer's own shape for layer tensors); None if absent."""
+        key, layer = split_layer_name(name)
+        if key not in self._metadata:
+            return None
+        shape = tuple(self._metadata[key].global_shape)
+        return shape if layer is None else shape[1:]
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self._metadata[split_layer_name(name)[0]].dtype
+
+    def num_stacked_layers(self) -> Optional[int]:
+        shapes = {tuple(t.global_shape)[0] for k, t in self._metadata.items() if k.startswith("decoder.layers.")}
+        return shapes.pop() if len(shapes) == 1 else None
+
+    def load(self, names: List[str]) -> Dict[str, torch.Tensor]:
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        request = {}
+        for name in names:
+            key, layer = split_layer_name(name)
+            stored = self._metadata[key]
+            shape = tuple(stored.global_shape)
+            if layer is None:
+                request[name] = ShardedTensor.from_rank_offsets(key, torch.empty(shape, dtype=stored.dtype),
+                                                                replica_id=0)
+            else:  # a [1, ...] slab at offset `layer` of the stacked axis (no prepended axis: any world size)
+                request[name] = ShardedTensor.from_rank_offsets(
+                    key, torch.empty((1, *shape[1:]), dtype=stored.dtype), (0, layer, shape[0]), replica_id=0)
+        # One layer is deliberately a partial read of each stacked tensor: skip the whole-tensor coverage check.
+        loaded = dist_checkpointing.load(request, str(self.path), validate_access_integrity=False,
+                                         strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        return {name: tensor if split_layer_name(name)[1] is None else tensor[0] for name, tensor in loaded.items()}

@@ -1,0 +1,268 @@
+"""The reward-model trainer and scorer.
+
+Training plugs :class:`RewardTask` and group-aware batches (``acemath_mcore.data.rm_data``: a problem's responses
+never straddle micro-batches or data-parallel ranks) into the shared loop of :mod:`trainer`, with the
+:class:`~acemath_mcore.models.reward.RewardGPTModel` chunk builder. ``global_batch_size`` counts samples of the RM
+dataset: problem groups with padded rows, bins of whole groups with packed rows. Scoring (:class:`RewardScorer`,
+``launch/score.py``) runs the same model and the engine's schedule, without DDP or an optimizer, on any layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core import parallel_state
+
+from acemath_mcore.data.chat_templates import ConversationEncoder
+from acemath_mcore.data.jsonl import DataError, Reason, parse_json_line, validate_messages
+from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataloader, collate_rm_packed,
+                                        encode_rm_group)
+from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.builder import ModelOptions, build_model
+from acemath_mcore.models.reward import RewardGPTModel, build_reward_model_chunk, response_scores
+from acemath_mcore.models.specs import packed_qkv_format
+from acemath_mcore.recipes.config import TrainConfig
+from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.training import checkpointing
+from acemath_mcore.training.engine import Batch, run_schedule
+from acemath_mcore.training.rm_losses import RM_LOSSES, rm_loss
+from acemath_mcore.training.sft import sequence_lengths
+from acemath_mcore.training.trainer import TrainingData, run
+
+logger = logging.getLogger("acemath_mcore")
+
+
+class RewardTask:
+    """Scores every response of a micro-batch at its last token and applies a group loss (see rm_losses)."""
+
+    loss_name = "rm_loss"
+
+    def __init__(self, loss: str = "listwise_bt", seed: int = 1234):
+        if loss not in RM_LOSSES:
+            raise ValueError(f"unknown reward-model loss {loss!r}; choose one of {RM_LOSSES}")
+        self.loss_kind, self.seed = loss, seed
+
+    def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        # Per-token scores [b, s] on the last pipeline stage, hidden states elsewhere.
+        device = device_lib.current_device()
+        return model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
+                     packed_seq_params=batch.get("packed_seq_params"))
+
+    def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
+        scores = response_scores(output, batch["score_index"], packed="cu_seqlens" in batch)
+        pairs = sampled_pairs(batch, self.seed) if self.loss_kind == "pairwise_bt" else None
+        return rm_loss(self.loss_kind, scores, batch["labels"], batch["group_sizes"], pairs)
+
+
+def sampled_pairs(batch: Batch, seed: int) -> torch.Tensor:
+    """One positive-negative pair per group (``[R, R]`` bool), drawn from a generator seeded by ``seed`` and the
+    group's tokens: the same pair in every epoch, at any layout or micro-batch size, and after a resume."""
+    tokens = batch["tokens"].cpu().numpy()
+    ends = batch["score_index"].cpu().numpy() + 1
+    num_responses = len(ends)
+    if "cu_seqlens" in batch:  # responses are the row's first documents
+        rows, starts = np.zeros(num_responses, dtype=np.int64), batch["cu_seqlens"].cpu().numpy()[:num_responses]
+    else:
+        rows, starts = np.arange(num_responses), np.zeros(num_responses, dtype=np.int64)
+    positive = batch["labels"].cpu().numpy() > 0.5
+    pairs = np.zeros((num_responses, num_responses), dtype=bool)
+    offset = 0
+    for size in batch["group_sizes"].tolist():
+        members = np.arange(offset, offset + size)
+        offset += size
+        digest = zlib.crc32(b"".join(tokens[rows[i], starts[i]:ends[i]].tobytes() for i in members))
+        rng = np.random.default_rng([seed, digest])
+        winners, losers = members[positive[members]], members[~positive[members]]
+        if len(winners) and len(losers):
+            pairs[rng.choice(winners), rng.choice(losers)] = True
+    return torch.from_numpy(pairs)
+
+
+def rm_training_data(config: TrainConfig) -> TrainingData:
+    """Packed (``data.packed``: samples are bins of whole groups under ``data.seq_length`` tokens) or padded
+    (samples are single groups, one response per row of ``data.seq_length``) RM batches of one prefix."""
+    if len(config.data.prefixes) != 1 or config.data.weights:
+        raise ValueError(f"recipe {config.name!r} needs exactly one RM prefix and no blend weights: pass "
+                         f"data.prefixes=[PREFIX] (output of launch/preprocess.py rm), got {config.data.prefixes}")
+    prefix, length = config.data.prefixes[0], config.data.seq_length
+    layout = {"packed_tokens": length} if config.data.packed else {"seq_length": length}
+
+    def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
+        return iter(build_rm_dataloader(prefix, pad_id=0, global_batch_size=config.global_batch_size,
+                                        micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                        seed=config.seed, consumed_samples=consumed_samples,
+                                        num_workers=config.data.num_workers, **layout))
+
+    dataset = build_rm_dataloader(prefix, pad_id=0, global_batch_size=config.global_batch_size,
+                                  micro_batch_size=config.micro_batch_size, seed=config.seed, **layout).dataset
+    groups = dataset.groups if config.data.packed else dataset
+    description = f"{len(groups)} problem groups ({len(groups.data.labels)} responses)"
+    if config.data.packed:
+        description += f" in {len(dataset)} bins of up to {length} tokens"
+    else:
+        description += f", one response per row of {length} tokens"
+    return TrainingData(num_samples=len(dataset), make_loader=make_loader, sequence_lengths=sequence_lengths,
+                        description=description)
+
+
+def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
+    """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
+    task = RewardTask(config.reward.loss, seed=config.seed)
+    return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ScoringTask(RewardTask):
+    """Forward only: the 'report' of each micro-batch carries its response scores."""
+
+    def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
+        scores = response_scores(output, batch["score_index"], packed="cu_seqlens" in batch)
+        return output.sum() * 0.0, torch.ones((), dtype=torch.int), {"scores": scores.detach().float().cpu()}
+
+
+class RewardScorer:
+    """A trained reward model on this rank's part of any TP/PP/DP layout, scoring token sequences in packed rows
+    of ``tokens_per_row`` tokens; ``rows_per_call`` rows go through megatron's schedule at a time (the pipeline's
+    micro-batches). Needs ``init_distributed(parallel)`` first; builds no DDP wrapper and no optimizer."""
+
+    def __init__(self, arch: ModelArch, checkpoint: str | Path, parallel: ParallelConfig, options: ModelOptions,
+                 tokens_per_row: int = 8192, rows_per_call: Optional[int] = None):
+        tp = parallel.tensor_parallel
+        if parallel.sequence_parallel and tp > 1 and tokens_per_row % tp:
+            raise ValueError(f"tokens_per_row {tokens_per_row} must be a multiple of tensor_parallel {tp} "
+                             "with sequence parallelism")
+        self.chunks = build_model(arch, parallel, options, model_class=RewardGPTModel)
+        checkpointing.load_weights(checkpoint, self.chunks)
+        for chunk in self.chunks:
+            chunk.eval()
+        self.qkv_format = packed_qkv_format(options.spec)
+        self.tokens_per_row = tokens_per_row
+        self.rows_per_call = rows_per_call or 2 * parallel.pipeline_parallel * (parallel.virtual_pipeline_parallel or 1)
+
+    def _rows(self, sequences: Sequence[np.ndarray], indices: Sequence[int]) -> List[List[int]]:
+        """Next-fit packing in input order."""
+        rows, current, used = [], [], 0
+        for index in indices:
+            length = len(sequences[index])
+            if length > self.tokens_per_row:
+                raise ValueError(f"sequence {index} has {length} tokens, more than tokens_per_row "
+                                 f"{self.tokens_per_row}; raise it")
+            if used + length > self.tokens_per_row:
+                rows.append(current)
+                current, used = [], 0
+            current.append(index)
+            used += length
+        return rows + [current] if current else rows
+
+    def _row_batch(self, sequences: Sequence[np.ndarray], row: List[int]) -> Batch:
+        """One packed row; a filler row (no sequences) holds a one-token dummy whose score is dropped."""
+        documents = [sequences[i] for i in row] or [np.zeros(1, dtype=np.int64)]
+        groups = [RMGroupSample([document], np.zeros(1, dtype=np.float32)) for document in documents]
+        return collate_rm_packed([groups], pad_id=0, total_length=self.tokens_per_row)
+
+    @torch.no_grad()
+    def score(self, sequences: Sequence[np.ndarray], show_progress: bool = True) -> List[float]:
+        """One score per sequence, returned on every rank; data-parallel ranks split the sequences."""
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        mine = np.array_split(np.arange(len(sequences)), dp_size)[dp_rank].tolist()
+        rows = self._rows(sequences, mine)
+        rows += [[] for _ in range(-len(rows) % self.rows_per_call)]  # whole calls (interleaved schedules need them)
+        task = ScoringTask()
+        progress = _Progress(len(mine), enabled=show_progress and torch.distributed.get_rank() == 0)
+        results: Dict[int, float] = {}
+        for start in range(0, len(rows), self.rows_per_call):
+            call = rows[start:start + self.rows_per_call]
+            reports = run_schedule(self.chunks, task, [self._row_batch(sequences, row) for row in call],
+                                   self.qkv_format, forward_only=True)
+            for row, report in zip(call, reports):  # reports exist on the last pipeline stage only
+                results.update(zip(row, report["scores"][:len(row)].tolist()))
+            progress.update(sum(len(row) for row in call))
+        progress.close()
+        keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0)
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, results if keep else {})
+        merged = {index: score for part in gathered for index, score in part.items()}
+        return [merged[index] for index in range(len(sequences))]
+
+
+class _Progress:
+    """tqdm over scored sequences when importable, else a log line every ``interval`` seconds."""
+
+    def __init__(self, total: int, enabled: bool, interval: float = 10.0):
+        self.total, self.done, self.enabled, self.interval = total, 0, enabled, interval
+        self.last_line = time.monotonic()
+        self._bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="seq", desc="score", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self._bar is not None:
+            self._bar.update(count)
+        elif self.enabled and time.monotonic() - self.last_line >= self.interval:
+            self.last_line = time.monotonic()
+            logger.info("scored %d/%d sequences", self.done, self.total)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def candidate_group(record: dict, where: str) -> RMGroup:
+    """A problem and its candidate responses: ``{"question", "code": [...]}`` (Qwen2.5-Math evaluation output) or
+    ``{"prompt", "responses": [...]}``, each with an optional ``system``, rendered as RM preprocessing does."""
+    prompt = record.get("question", record.get("prompt"))
+    responses = record.get("code", record.get("responses"))
+    if not isinstance(prompt, str) or not isinstance(responses, list) or not responses:
+        raise DataError(where, Reason.UNRECOGNIZED_SCHEMA,
+                        "expected a 'question' (or 'prompt') string and a non-empty 'code' (or 'responses') list")
+    messages = [{"role": "user", "content": prompt}]
+    if record.get("system") is not None:
+        messages.insert(0, {"role": "system", "content": record["system"]})
+    for response in responses:
+        validate_messages(messages + [{"role": "assistant", "content": response}], where)
+    return RMGroup(where, messages, list(responses), [0] * len(responses))
+
+
+def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardScorer, encoder: ConversationEncoder,
+                field: str = "pred_score", show_progress: bool = True) -> List[List[float]]:
+    """Write every input record with ``field`` set to its responses' reward scores (one float each, in response
+    order; an existing field of that name is replaced). Returns the scores; rank 0 writes the file."""
+    with Path(input_path).open("rb") as handle:
+        located = [(f"{input_path}:{number}", raw) for number, raw in enumerate(handle, start=1) if raw.strip()]
+    records = [parse_json_line(raw, where) for where, raw in located]
+    groups = [candidate_group(record, where) for record, (where, _) in zip(records, located)]
+    sequences = [sequence for group in groups for sequence in encode_rm_group(encoder, group)]
+    flat = scorer.score(sequences, show_progress=show_progress)
+    bounds = np.cumsum([0] + [len(group.responses) for group in groups])
+    scores = [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
+    if torch.distributed.get_rank() == 0:
+        output_path = Path(output_path)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = output_path.with_name(output_path.name + ".partial")
+        with partial.open("w", encoding="utf-8") as handle:
+            for record, record_scores in zip(records, scores):
+                handle.write(json.dumps({**record, field: record_scores}, ensure_ascii=False) + "\n")
+        os.replace(partial, output_path)
+        logger.info("wrote %d records (%d responses) with '%s' to %s", len(records), len(flat), field, output_path)
+    return scores

@@ -1,0 +1,90 @@
+"""Score candidate responses with a trained reward model (input for launch/bestofn.py).
+
+    python launch/score.py --checkpoint checkpoints/qwen2.5-math-7b-rm --model qwen2.5-math-7b \\
+        --tokenizer ../shared/tokenizers/qwen2 --template chatml --system-prompt math \\
+        --input candidates.jsonl --output scored.jsonl [--bf16] [--tokens-per-row 16384]
+    torchrun --nproc-per-node 8 launch/score.py ... --tensor-parallel 2   # data parallel over the other ranks
+
+Input: JSONL with ``question`` + ``code`` (Qwen2.5-Math evaluation output) or ``prompt`` + ``responses``, and an
+optional ``system``. Output: the same records with ``--field`` (default ``pred_score``) set to one float per
+response. Render with the template and system prompt used by ``launch/preprocess.py rm`` for training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, TEMPLATE_NAMES  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="RM dist checkpoint, or a save dir with 'latest'")
+    parser.add_argument("--model", required=True,
+                        help="the RM's shapes: a preset name (e.g. qwen2.5-math-7b) or a Hugging Face config.json")
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system turn for records without one; 'math' = the AceMath CoT prompt")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--field", default="pred_score", help="output field holding one score per response")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--pipeline-parallel", type=int, default=1)
+    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--spec", choices=("auto", "te", "native"), default="auto")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--tokens-per-row", type=int, default=8192, help="packed row length (longest response fits)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _arch(model: str):
+    """A preset by name, else the shapes in a Hugging Face config.json (e.g. of a converted base model)."""
+    from acemath_mcore.models import PRESETS, family_for_hf_config
+
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json")
+    hf_config = json.loads(path.read_text())
+    return family_for_hf_config(hf_config).arch_from_hf(hf_config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.tokenizers import check_vocab_fits, load_tokenizer
+    from acemath_mcore.models import ModelOptions
+    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+    from acemath_mcore.training.logging import setup_console_logging
+    from acemath_mcore.training.reward import RewardScorer, score_jsonl
+
+    parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
+                              sequence_parallel=args.sequence_parallel)
+    launch = init_distributed(parallel)
+    setup_console_logging(launch.rank)
+    try:
+        arch = _arch(args.model)
+        tokenizer = load_tokenizer(args.tokenizer)
+        check_vocab_fits(tokenizer, arch.padded_vocab_size)
+        system_prompt = MATH_SYSTEM_PROMPT if args.system_prompt == "math" else args.system_prompt
+        encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer, system_prompt))
+        scorer = RewardScorer(arch, args.checkpoint, parallel, ModelOptions(spec=args.spec, bf16=args.bf16),
+                              tokens_per_row=args.tokens_per_row)
+        score_jsonl(args.input, args.output, scorer, encoder, field=args.field, show_progress=not args.no_progress)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Reward-model recipes (the paper's numbers), config overrides and the launch/train_rm.py entry point."""
+
+import json
+
+import pytest
+
+from acemath_mcore.launch_common import main_for
+from acemath_mcore.recipes import apply_overrides, get_recipe
+from acemath_mcore.training.reward import rm_training_data, train_reward_model
+
+
+@pytest.mark.parametrize("name, model, lr", [("qwen25_math_7b_rm", "qwen2.5-math-7b", 5e-6),
+                                             ("qwen25_math_72b_rm", "qwen2.5-math-72b", 2e-6)])
+def test_paper_recipes(name, model, lr):
+    config = get_recipe(name)
+    assert (config.model, config.optim.lr, config.optim.decay_style, config.epochs) == (model, lr, "cosine", 2.0)
+    assert config.reward.loss == "listwise_bt"
+    # Padded rows: a sample is one problem group, so a step is exactly 256 problems.
+    assert config.global_batch_size == 256 and not config.data.packed
+    assert config.checkpoint.init_from == f"checkpoints/{model}-math_sft"
+
+
+def test_dry_run_prints_the_resolved_rm_config(capsys):
+    assert main_for("rm", "", ["--recipe", "tiny_rm", "--dry-run", "reward.loss=pairwise_bt"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["reward"]["loss"] == "pairwise_bt" and printed["model"] == "tiny"
+
+
+def test_bad_settings_fail_before_any_process_group_exists():
+    with pytest.raises(ValueError, match="unknown reward-model loss"):
+        train_reward_model(apply_overrides(get_recipe("tiny_rm"), ["reward.loss=hinge"]))
+    with pytest.raises(ValueError, match="exactly one RM prefix"):
+        rm_training_data(apply_overrides(get_recipe("tiny_rm"), ["data.prefixes=[a,b]"]))
