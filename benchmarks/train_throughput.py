@@ -35,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--task", default="sft", choices=["sft", "rm"],
+                        help="rm: reward model, one problem group of --responses responses per micro-batch")
+    parser.add_argument("--responses", type=int, default=6)
     parser.add_argument("--profile", action="store_true", help="print a torch-profiler kernel table of one step")
     parser.add_argument("--json", default=None, help="append one JSON line per implementation here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -52,7 +55,30 @@ def document_lengths(seq_length: int, mean: int, generator: torch.Generator) -> 
     return lengths
 
 
+def make_rm_micro_batch(args, vocab: int, generator: torch.Generator, device) -> dict:
+    """One problem group: --responses responses of 70-100% of --seq-length tokens, k in 1..n-1 correct; padded
+    rows ``[n, seq]`` or one packed row of the responses back to back."""
+    n, seq = args.responses, args.seq_length
+    lengths = torch.randint(int(0.7 * seq), seq + 1, (n,), generator=generator).tolist()
+    labels = torch.zeros(n)
+    labels[torch.randperm(n, generator=generator)[:int(torch.randint(1, n, (1,), generator=generator))]] = 1.0
+    batch = {"labels": labels, "group_sizes": torch.tensor([n]), "doc_lengths": lengths}
+    if args.packed:
+        total = sum(lengths)
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        batch.update(tokens=torch.randint(0, vocab, (1, total), generator=generator), cu_seqlens=cu,
+                     max_seqlen=max(lengths), score_index=(cu[1:] - 1).long(),
+                     position_ids=torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0))
+    else:
+        batch.update(tokens=torch.randint(0, vocab, (n, seq), generator=generator),
+                     score_index=torch.tensor(lengths) - 1, position_ids=torch.arange(seq).expand(n, -1))
+        batch["doc_lengths"] = [seq] * n  # padded rows are computed in full
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def make_micro_batch(args, vocab: int, generator: torch.Generator, device) -> dict:
+    if args.task == "rm":
+        return make_rm_micro_batch(args, vocab, generator, device)
     rows = args.micro_batch
     tokens = torch.randint(0, vocab, (rows, args.seq_length + 1), generator=generator)
     batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(rows, args.seq_length)}
@@ -97,8 +123,15 @@ def run_mcore(args, impl: str) -> dict:
     arch = get_preset(args.model)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
                            fp8="hybrid" if impl == "te-fp8" else None)
-    engine = Engine(arch, ParallelConfig(), options, OptimConfig(lr=1e-5), train_steps=args.steps + args.warmup)
-    task = SFTTask()
+    if args.task == "rm":
+        from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
+
+        engine = Engine(arch, ParallelConfig(), options, OptimConfig(lr=1e-5), train_steps=args.steps + args.warmup,
+                        model_chunk_builder=build_reward_model_chunk)
+        task = RewardTask()
+    else:
+        engine = Engine(arch, ParallelConfig(), options, OptimConfig(lr=1e-5), train_steps=args.steps + args.warmup)
+        task = SFTTask()
 
     def step(micro_batches):
         engine.train_step(task, [{k: v for k, v in mb.items() if k != "doc_lengths"} for mb in micro_batches])
@@ -112,6 +145,8 @@ def run_hf(args) -> dict:
     from acemath_mcore.models import FAMILIES, get_preset
 
     arch = get_preset(args.model)
+    if args.task == "rm":
+        raise SystemExit("the HF baseline covers SFT only")
     if args.packed:
         raise SystemExit("the HF baseline runs unpacked rows (its SDPA path cannot separate packed documents)")
     config_dict = FAMILIES[arch.family].hf_config_from_arch(arch, torch_dtype="float32")
@@ -213,7 +248,7 @@ def main(argv=None) -> None:
         if result["status"] == "ok":
             achieved = result["flops_per_step"] / result["step_s"]
             result.update(mfu_datasheet=achieved / H100_BF16_PEAK_FLOPS, mfu_measured_peak=achieved / peak)
-        result.update(impl=impl, model=args.model, seq_length=args.seq_length, packed=args.packed,
+        result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
                       micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
@@ -221,7 +256,7 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
-    print(f"\n{args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
+    print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
           f"mbs {args.micro_batch} x {args.micro_batches}  (measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:
