@@ -15,11 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from acemath_mcore.runtime.local_workers import run_local_workers
 from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.runtime.local_workers import run_local_workers
+from test_families import tiny_hf_model
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
 TOKENS = torch.randint(0, 300, (2, 37), generator=torch.Generator().manual_seed(3))
 TP1, TP2 = ParallelConfig(), ParallelConfig(tensor_parallel=2)
 PP2, PP2_VPP2 = ParallelConfig(pipeline_parallel=2), ParallelConfig(pipeline_parallel=2, virtual_pipeline_parallel=2)
@@ -37,27 +36,10 @@ CONVERSIONS = {
 
 
 def save_tiny_hf_model(kind: str, num_layers: int, directory: Path, max_shard_size: str = "50GB"):
-    """A tiny random HF model with perturbed norms and biases (so every mapped tensor matters), saved as
-    safetensors; returns the model."""
-    import transformers
-
-    torch.manual_seed(num_layers)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    if kind == "llama3":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE,
-                                                                       **common))
-    else:
-        config = transformers.Qwen2Config(tie_word_embeddings=kind == "qwen2-tied", rope_theta=10000.0, **common)
-        model = transformers.Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(0.1 * torch.randn_like(param))
-            elif "bias" in name:
-                param.normal_(0, 0.1)
+    """The tiny random HF model of test_families, saved as safetensors; returns the model."""
+    model, _ = tiny_hf_model(kind, num_layers)
     model.save_pretrained(directory, max_shard_size=max_shard_size)
-    return model.eval()
+    return model
 
 
 def read_hf_tensors(directory: Path) -> dict:

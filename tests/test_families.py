@@ -12,13 +12,13 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 8192}
 
 
-def tiny_hf_model(kind: str):
+def tiny_hf_model(kind: str, num_layers: int = 2):
     """A tiny random HF model whose norms and biases are perturbed too, so every mapped tensor matters."""
     import transformers
 
-    torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(num_layers)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     if kind == "llama3":
         config = transformers.LlamaConfig(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, **common)
         model = transformers.LlamaForCausalLM(config)
