@@ -228,7 +228,7 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     peak = measured_matmul_peak()
-    from acemath_mcore.training.flops import H100_BF16_PEAK_FLOPS
+    from acemath_mcore.runtime.device import BF16_PEAK_FLOPS
 
     rows = []
     for impl in args.impls.split(","):
@@ -247,7 +247,7 @@ def main(argv=None) -> None:
             result = json.loads(lines[-1][len("RESULT "):])
         if result["status"] == "ok":
             achieved = result["flops_per_step"] / result["step_s"]
-            result.update(mfu_datasheet=achieved / H100_BF16_PEAK_FLOPS, mfu_measured_peak=achieved / peak)
+            result.update(mfu_datasheet=achieved / BF16_PEAK_FLOPS["H100"], mfu_measured_peak=achieved / peak)
         result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
                       micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),

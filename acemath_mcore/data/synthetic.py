@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -47,7 +47,3 @@ def write_jsonl(path: str | Path, records) -> Path:
             handle.write(json.dumps(record) + "\n")
     return path
 
-
-def problems(count: int, seed: int, steps: int = 2) -> List[Dict[str, str]]:
-    rng = random.Random(seed)
-    return [arithmetic_problem(rng, steps) for _ in range(count)]

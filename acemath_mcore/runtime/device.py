@@ -113,7 +113,7 @@ def _has_fused_weight_gradient() -> bool:
 
 
 # Dense bf16 tensor-core peaks (datasheets) by device-name fragment; used for MFU in training logs.
-_BF16_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "B200": 2250e12}
+BF16_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "B200": 2250e12}
 
 
 def bf16_peak_flops() -> float | None:
@@ -121,4 +121,4 @@ def bf16_peak_flops() -> float | None:
     if not cuda_available():
         return None
     name = torch.cuda.get_device_name()
-    return next((peak for key, peak in _BF16_PEAK_FLOPS.items() if key in name), None)
+    return next((peak for key, peak in BF16_PEAK_FLOPS.items() if key in name), None)

@@ -29,7 +29,6 @@ from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime.distributed import ParallelConfig
 
 Batch = Dict[str, torch.Tensor]
-LossFn = Callable[[torch.Tensor], tuple]
 
 
 class Task(Protocol):

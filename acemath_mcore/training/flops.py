@@ -15,9 +15,6 @@ from typing import Iterable
 
 from acemath_mcore.models.arch import ModelArch
 
-# Dense bf16 tensor-core peak from NVIDIA's H100 SXM datasheet; benchmarks also report against a measured peak.
-H100_BF16_PEAK_FLOPS = 989.4e12
-
 
 def matmul_parameters(arch: ModelArch) -> int:
     """Weights that take part in a matrix product per token: all linear layers and the LM head."""
