@@ -13,7 +13,6 @@ response. Render with the template and system prompt used by ``launch/preprocess
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,26 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _arch(model: str):
-    """A preset by name, else the shapes in a Hugging Face config.json (e.g. of a converted base model)."""
-    from acemath_mcore.models import PRESETS, family_for_hf_config
-
-    if model in PRESETS:
-        return PRESETS[model]
-    path = Path(model)
-    if path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"--model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json")
-    hf_config = json.loads(path.read_text())
-    return family_for_hf_config(hf_config).arch_from_hf(hf_config)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
     from acemath_mcore.data.tokenizers import check_vocab_fits, load_tokenizer
-    from acemath_mcore.models import ModelOptions
+    from acemath_mcore.models import ModelOptions, resolve_arch
     from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
     from acemath_mcore.training.logging import setup_console_logging
     from acemath_mcore.training.reward import RewardScorer, score_jsonl
@@ -73,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)
     try:
-        arch = _arch(args.model)
+        arch = resolve_arch(args.model)
         tokenizer = load_tokenizer(args.tokenizer)
         check_vocab_fits(tokenizer, arch.padded_vocab_size)
         system_prompt = MATH_SYSTEM_PROMPT if args.system_prompt == "math" else args.system_prompt

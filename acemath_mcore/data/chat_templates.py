@@ -50,6 +50,11 @@ class ChatTemplate(ABC):
     def special_tokens(self) -> tuple[str, ...]:
         """Special-token strings the template emits; the tokenizer must have each one."""
 
+    @property
+    @abstractmethod
+    def end_of_turn(self) -> str:
+        """The special token that closes an assistant turn: where generation stops."""
+
     @abstractmethod
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Piece]:
         """Pieces of a validated conversation; ``add_generation_prompt`` appends an open assistant header."""
@@ -68,6 +73,10 @@ class ChatMLTemplate(ChatTemplate):
     @property
     def special_tokens(self) -> tuple[str, ...]:
         return (QWEN_IM_START, QWEN_IM_END)
+
+    @property
+    def end_of_turn(self) -> str:
+        return QWEN_IM_END
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Piece]:
         system, turns = self._split_system(messages)
@@ -98,6 +107,10 @@ class Llama3Template(ChatTemplate):
     @property
     def special_tokens(self) -> tuple[str, ...]:
         return (self.BEGIN, self.START_HEADER, self.END_HEADER, self.END_OF_TURN)
+
+    @property
+    def end_of_turn(self) -> str:
+        return self.END_OF_TURN
 
     def _header(self, role: str) -> list[Piece]:
         return [Piece(self.START_HEADER, special=True), Piece(role), Piece(self.END_HEADER, special=True), Piece("\n\n")]
@@ -134,6 +147,10 @@ class PlainTemplate(ChatTemplate):
     @property
     def special_tokens(self) -> tuple[str, ...]:
         return (self.eos,) if self.bos is None else (self.bos, self.eos)
+
+    @property
+    def end_of_turn(self) -> str:
+        return self.eos
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Piece]:
         system, turns = self._split_system(messages)
@@ -190,6 +207,14 @@ class ConversationEncoder:
                     if token in content:
                         return token
         return None
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end a generated response: the template's end of turn and the tokenizer's eos."""
+        ids = {self._special_ids[self.template.end_of_turn]}
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        return sorted(ids)
 
     def render_text(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
         return rendered_text(self.template.render(messages, add_generation_prompt))

@@ -45,3 +45,22 @@ def get_preset(name: str) -> ModelArch:
         return PRESETS[name]
     except KeyError:
         raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def resolve_arch(model: str) -> ModelArch:
+    """A preset by name, else the shapes in a Hugging Face ``config.json`` (or a directory holding one), e.g. of
+    a converted base model."""
+    import json
+    from pathlib import Path
+
+    from acemath_mcore.models.families import family_for_hf_config
+
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json")
+    hf_config = json.loads(path.read_text())
+    return family_for_hf_config(hf_config).arch_from_hf(hf_config)

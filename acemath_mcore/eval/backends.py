@@ -1,0 +1,134 @@
+"""Generation backends for the evaluation harness: our Megatron checkpoints (the default, any TP, data parallel
+over the remaining ranks), Hugging Face transformers for exported checkpoints, and vLLM when it is installed.
+
+All three take the same token-id prompts (rendered by our chat templates), so a model scores the same prompts
+whichever backend runs it, and return :class:`~acemath_mcore.eval.generation.Generation` lists.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from acemath_mcore.eval.generation import Generation, MegatronGenerator, SamplingParams
+from acemath_mcore.models.arch import ModelArch
+
+# Seeds of different data-parallel ranks (and of the HF backend's batches) are this far apart, so no two ranks
+# ever draw from the same generator state.
+_SEED_STRIDE = 1_000_003
+
+
+def _truncate_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int], budget: int) -> Generation:
+    """A backend's raw continuation cut at its first stop token (dropped) and at the token budget."""
+    for position, token in enumerate(token_ids[:budget]):
+        if token in stop_ids:
+            return Generation(list(token_ids[:position]), "stop")
+    return Generation(list(token_ids[:budget]), "length")
+
+
+class MegatronBackend:
+    """A trainer or converter checkpoint loaded at the current TP size; prompts are split over data-parallel
+    ranks and the results gathered on every rank. Must run inside an initialised parallel state."""
+
+    def __init__(self, checkpoint: str, arch: ModelArch, stop_ids: Sequence[int], bf16: bool = False,
+                 max_batch_size: int = 32, max_sequence_length: Optional[int] = None):
+        from megatron.core import parallel_state
+
+        from acemath_mcore.convert.megatron_model import load_for_inference
+
+        self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
+        model = load_for_inference(checkpoint, arch, bf16=bf16)
+        self.generator = MegatronGenerator(model, arch, stop_ids, max_batch_size, self.max_sequence_length)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self._dp_group = parallel_state.get_data_parallel_group()
+        self.is_writer = torch.distributed.get_rank() == 0
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
+                 progress: Callable[[int, int], None]) -> List[Generation]:
+        mine = list(range(self.dp_rank, len(prompts), self.dp_size))
+        generations = self.generator.generate(
+            [prompts[i] for i in mine], params, seed=seed + _SEED_STRIDE * self.dp_rank,
+            progress=lambda done, total: progress(min(len(prompts), done * self.dp_size), len(prompts)))
+        if self.dp_size == 1:
+            return generations
+        gathered: list = [None] * self.dp_size
+        torch.distributed.all_gather_object(gathered, (mine, generations), group=self._dp_group)
+        results: List[Optional[Generation]] = [None] * len(prompts)
+        for indices, rank_generations in gathered:
+            for index, generation in zip(indices, rank_generations):
+                results[index] = generation
+        return results  # type: ignore[return-value]
+
+
+class HFBackend:
+    """transformers ``generate`` on an exported checkpoint (``checkpoints_tools/convert_to_hf.py``), batched with
+    left padding. Weights load through safetensors; remote code is never trusted."""
+
+    is_writer = True
+
+    def __init__(self, hf_dir: str, stop_ids: Sequence[int], pad_id: int, dtype: str = "bfloat16",
+                 device: Optional[str] = None, max_batch_size: int = 32, max_sequence_length: Optional[int] = None):
+        import transformers
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True).to(self.device).eval()
+        self.stop_ids, self.pad_id, self.max_batch_size = list(stop_ids), pad_id, max_batch_size
+        self.max_sequence_length = max_sequence_length or self.model.config.max_position_embeddings
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
+                 progress: Callable[[int, int], None]) -> List[Generation]:
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: List[Optional[Generation]] = [None] * len(prompts)
+        for batch_number, start in enumerate(range(0, len(order), self.max_batch_size)):
+            rows = order[start:start + self.max_batch_size]
+            width = max(len(prompts[i]) for i in rows)
+            budget = min(params.max_new_tokens, self.max_sequence_length - width)
+            input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for slot, row in enumerate(rows):
+                input_ids[slot, width - len(prompts[row]):] = torch.tensor(prompts[row])
+                attention_mask[slot, width - len(prompts[row]):] = 1
+            torch.manual_seed(seed + _SEED_STRIDE * batch_number)
+            sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p,
+                                                 "top_k": params.top_k or None}
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                do_sample=not params.greedy, max_new_tokens=budget, eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id, **sampling)
+            for slot, row in enumerate(rows):
+                results[row] = _truncate_at_stop(output[slot, width:].tolist(), self.stop_ids, budget)
+            progress(min(start + self.max_batch_size, len(order)), len(order))
+        return results  # type: ignore[return-value]
+
+
+class VLLMBackend:
+    """vLLM on an exported checkpoint, when ``vllm`` is importable (it is not a dependency of this package)."""
+
+    is_writer = True
+
+    def __init__(self, hf_dir: str, stop_ids: Sequence[int], dtype: str = "bfloat16", tensor_parallel: int = 1,
+                 max_sequence_length: Optional[int] = None, seed: int = 0):
+        try:
+            import vllm
+        except ImportError:
+            raise SystemExit("--backend vllm needs the vllm package; use --backend hf or megatron") from None
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=hf_dir, dtype=dtype, tensor_parallel_size=tensor_parallel,
+                            max_model_len=max_sequence_length, trust_remote_code=False, seed=seed)
+        self.stop_ids = list(stop_ids)
+        self.max_sequence_length = max_sequence_length or self.llm.llm_engine.model_config.max_model_len
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
+                 progress: Callable[[int, int], None]) -> List[Generation]:
+        # No per-request seed: the n copies of a prompt must draw different samples (the engine is seeded).
+        sampling = self._vllm.SamplingParams(
+            temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1,
+            max_tokens=params.max_new_tokens, stop_token_ids=self.stop_ids)
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], sampling)
+        progress(len(prompts), len(prompts))
+        return [_truncate_at_stop(list(o.outputs[0].token_ids), self.stop_ids, params.max_new_tokens)
+                for o in outputs]

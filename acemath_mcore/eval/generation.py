@@ -1,0 +1,181 @@
+"""Batched, KV-cached text generation with the Megatron model itself (greedy or sampled), tensor-parallel aware.
+
+The key/value cache is megatron-core's ``StaticInferenceContext``: every attention layer appends its keys and
+values to a preallocated buffer and attends over all of it, so a step costs one token per row instead of a
+re-run of the sequence. Rows of a batch share positions (the classic Megatron loop): the batch is prefilled up
+to its shortest prompt, then advances one position at a time; a row still inside its prompt keeps its prompt
+token, a row past it takes the sampled one. Prompts are sorted by length so a batch wastes few of those steps,
+and finished rows are compacted out of the batch (and out of the cache) so long generations do not carry them.
+
+Every tensor-parallel rank computes the same full-vocabulary logits; the sampled tokens are broadcast from the
+first TP rank so all ranks keep feeding identical inputs. Pipeline parallelism is not supported here (use TP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from acemath_mcore.models.arch import ModelArch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """``temperature=0`` is greedy decoding (pass@1 in the paper); otherwise softmax sampling after the optional
+    top-k and nucleus (top-p) cuts."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """The new tokens of one row, without the stop token that ended it (``finish_reason`` says which ended it:
+    ``stop`` for a stop token, ``length`` for the token budget or the context limit)."""
+
+    token_ids: List[int]
+    finish_reason: str
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token per row from fp32 logits ``[rows, vocab]``."""
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth_largest = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (the top one always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class MegatronGenerator:
+    """Generates with one evaluation-mode GPT model chunk (PP=1, any TP) inside an initialised parallel state."""
+
+    def __init__(self, model: torch.nn.Module, arch: ModelArch, stop_ids: Sequence[int], max_batch_size: int = 32,
+                 max_sequence_length: Optional[int] = None):
+        from megatron.core import parallel_state
+
+        if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError("generation runs without pipeline parallelism (PP=1); split the model with TP instead")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model, self.arch = model.eval(), arch
+        self.stop_ids = sorted(set(stop_ids))
+        self.max_batch_size = max_batch_size
+        self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
+        self._tp_group = parallel_state.get_tensor_model_parallel_group()
+        self._tp_source = parallel_state.get_tensor_model_parallel_src_rank()
+        self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int = 0,
+                 progress: Optional[Callable[[int, int], None]] = None) -> List[Generation]:
+        """One generation per prompt, in prompt order. Batches are formed from length-sorted prompts, and batch
+        ``i`` samples from a generator seeded with ``seed + i``, so a run is reproducible for the same inputs.
+        ``progress(done, total)`` is called after each batch."""
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {index} is empty")
+            if len(prompt) >= self.max_sequence_length:
+                raise ValueError(f"prompt {index} has {len(prompt)} tokens; the context holds "
+                                 f"{self.max_sequence_length}, leaving no room to generate")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: List[Optional[Generation]] = [None] * len(prompts)
+        for batch_number, start in enumerate(range(0, len(order), self.max_batch_size)):
+            rows = order[start:start + self.max_batch_size]
+            for row, generation in zip(rows, self._generate_batch([prompts[i] for i in rows], params,
+                                                                  seed + batch_number)):
+                results[row] = generation
+            if progress is not None:
+                progress(min(start + self.max_batch_size, len(order)), len(order))
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                        seed: int) -> List[Generation]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        device = next(self.model.parameters()).device
+        prompt_lengths = torch.tensor([len(p) for p in prompts])
+        limits = torch.clamp(prompt_lengths + params.max_new_tokens, max=self.max_sequence_length)
+        total_length = int(limits.max())
+        tokens = torch.zeros(len(prompts), total_length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.tensor(prompt)
+        tokens, prompt_lengths, limits = tokens.to(device), prompt_lengths.to(device), limits.to(device)
+        slots = torch.arange(len(prompts), device=device)  # the prompt each batch slot holds
+        stop_ids = torch.tensor(self.stop_ids, dtype=torch.long, device=device)
+        generator = None if params.greedy else torch.Generator(device=device).manual_seed(seed)
+        results: List[Optional[Generation]] = [None] * len(prompts)
+
+        context = StaticInferenceContext(len(prompts), total_length)
+        previous = 0
+        for current in range(int(prompt_lengths.min()), total_length):
+            if current >= int(prompt_lengths.max()):
+                context.enable_decode_mode()
+            next_tokens = self._next_tokens(tokens[:, previous:current], context, params, generator)
+            context.sequence_len_offset += current - previous
+            previous = current
+            generating = current >= prompt_lengths
+            tokens[:, current] = torch.where(generating, next_tokens, tokens[:, current])
+            hit_stop = generating & torch.isin(next_tokens, stop_ids)
+            finished = hit_stop | (generating & (current + 1 >= limits))
+            if not bool(finished.any()):
+                continue
+            for slot in finished.nonzero().squeeze(-1).tolist():
+                stop = bool(hit_stop[slot])
+                new_tokens = tokens[slot, int(prompt_lengths[slot]):current + (0 if stop else 1)]
+                results[int(slots[slot])] = Generation(new_tokens.tolist(), "stop" if stop else "length")
+            if bool(finished.all()):
+                break
+            keep = (~finished).nonzero().squeeze(-1)
+            _keep_cache_rows(context, keep)
+            tokens, prompt_lengths, limits, slots = tokens[keep], prompt_lengths[keep], limits[keep], slots[keep]
+        return results  # type: ignore[return-value]
+
+    def _next_tokens(self, tokens: torch.Tensor, context, params: SamplingParams,
+                     generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Feed ``tokens`` (the positions after the cached ones) and pick each row's next token, identically on
+        every TP rank."""
+        start = context.sequence_len_offset
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        # Static inference materialises only the last position's logits, gathered over TP: [rows, 1, vocab].
+        logits = self.model(tokens, positions, None, inference_context=context, runtime_gather_output=True)
+        logits = logits[:, -1, : self.arch.vocab_size].float()
+        next_tokens = sample_next(logits, params, generator)
+        if self._tp_size > 1:
+            torch.distributed.broadcast(next_tokens, self._tp_source, group=self._tp_group)
+        return next_tokens
+
+
+def _keep_cache_rows(context, keep: torch.Tensor) -> None:
+    """Move the cached keys/values of the batch slots ``keep`` to the front (attention reads the first
+    ``batch`` slots of the buffers), dropping finished rows from later steps."""
+    for key_memory, value_memory in context.key_value_memory_dict.values():
+        key_memory[:, : len(keep)] = key_memory[:, keep]
+        value_memory[:, : len(keep)] = value_memory[:, keep]
+

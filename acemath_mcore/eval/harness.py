@@ -1,0 +1,214 @@
+"""The evaluation run behind ``launch/evaluate.py``: prompts -> generation backend -> grading -> files -> table.
+
+One JSON-lines file per benchmark, in the Qwen2.5-Math toolkit's shape so ``launch/score.py`` (RM scores) and
+``launch/bestofn.py`` read it directly: ``idx``, ``question``, ``gt``, ``code`` (the n responses), ``pred``
+(their extracted answers), ``score`` (their correctness), plus ``finish_reason`` and ``num_tokens`` per response.
+A ``<benchmark>.meta.json`` beside it records the settings, so a rerun (e.g. a requeued Slurm array task) skips
+benchmarks already done with the same settings. ``summary.json`` / ``summary.md`` hold the table: greedy pass@1
+per benchmark and the average (the paper's Table 3), and with n samples also the mean accuracy over samples,
+maj@n and pass@n.
+
+Prompts that leave no room to generate within the context are not sent to the model: they are kept with empty
+responses scored wrong (the denominator stays the benchmark's size) and counted in the log and summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable, List, Optional, Protocol, Sequence
+
+from acemath_mcore.data.chat_templates import ConversationEncoder
+from acemath_mcore.eval.benchmarks import DEFAULT_INSTRUCTION, build_messages, load_benchmark
+from acemath_mcore.eval.generation import Generation, SamplingParams
+
+log = logging.getLogger(__name__)
+
+# The paper's Table 3 columns, in its order; AIME24/AMC23 are reported separately there (Table 4).
+TABLE3_BENCHMARKS = ("gsm8k", "math", "minerva_math", "gaokao2023en", "olympiadbench", "college_math", "mmlu_stem")
+PROMPT_TOO_LONG = "prompt_too_long"
+
+
+class GenerationBackend(Protocol):
+    """Something that continues token-id prompts; every process of a distributed backend calls ``generate`` with
+    the same arguments and gets the full result list back."""
+
+    max_sequence_length: int
+    is_writer: bool  # the one process that grades and writes files
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
+                 progress: Callable[[int, int], None]) -> List[Generation]: ...
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    benchmarks: List[str]
+    data_dir: str
+    output_dir: str
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    num_samples: int = 1
+    seed: int = 0
+    limit: Optional[int] = None  # first N problems per benchmark (smoke tests)
+    instruction: str = DEFAULT_INSTRUCTION
+    instruction_role: str = "user"  # user: AceMath's template; system: Qwen2.5-Math-Instruct's
+    overwrite: bool = False
+
+    def fingerprint(self, benchmark: str, model: str) -> dict:
+        """What decides a benchmark's outputs; a stored file with another fingerprint is regenerated."""
+        return {"benchmark": benchmark, "model": model, "sampling": dataclasses.asdict(self.sampling),
+                "num_samples": self.num_samples, "seed": self.seed, "limit": self.limit,
+                "instruction": self.instruction, "instruction_role": self.instruction_role}
+
+
+def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
+                   model_name: str) -> Optional[dict]:
+    """Evaluate every benchmark in ``settings``; the writer process returns the summary, the others None."""
+    if settings.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
+    if settings.num_samples > 1 and settings.sampling.greedy:
+        raise ValueError("num_samples > 1 with temperature 0 would repeat one greedy answer; set a temperature")
+    output_dir = Path(settings.output_dir)
+    if backend.is_writer:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    for benchmark in settings.benchmarks:
+        _evaluate_benchmark(backend, encoder, settings, benchmark, model_name, output_dir)
+    if not backend.is_writer:
+        return None
+    summary = summarize(output_dir, settings.benchmarks)
+    write_summary(summary, output_dir)
+    return summary
+
+
+def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
+                        benchmark: str, model_name: str, output_dir: Path) -> None:
+    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
+    fingerprint = settings.fingerprint(benchmark, model_name)
+    if (not settings.overwrite and results_path.is_file() and meta_path.is_file()
+            and json.loads(meta_path.read_text()).get("settings") == fingerprint):
+        if backend.is_writer:
+            log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
+                     benchmark, results_path)
+        return
+    problems, gold_issues = load_benchmark(benchmark, settings.data_dir)
+    if settings.limit is not None:
+        problems = problems[: settings.limit]
+    prompts = [encoded.input_ids.tolist() for encoded in encoder.encode_batch(
+        [build_messages(problem, settings.instruction, settings.instruction_role) for problem in problems],
+        add_generation_prompt=True)]
+    fits = [len(prompt) < backend.max_sequence_length for prompt in prompts]
+    too_long = fits.count(False)
+    n = settings.num_samples
+    rows = [prompt for prompt, ok in zip(prompts, fits) if ok for _ in range(n)]
+    if backend.is_writer:
+        log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong, "
+                 "%d golds flagged)", benchmark, len(problems), n, too_long, backend.max_sequence_length,
+                 len([issue for issue in gold_issues if settings.limit is None or issue.idx < settings.limit]))
+    started = time.perf_counter()
+    progress = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
+    generations = backend.generate(rows, settings.sampling, settings.seed, progress)
+    if not backend.is_writer:
+        return
+    generated_tokens = sum(len(g.token_ids) for g in generations)
+    seconds = time.perf_counter() - started
+    records = _grade(problems, fits, generations, encoder, n, benchmark)
+    with results_path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    meta_path.write_text(json.dumps({
+        "settings": fingerprint, "prompts_too_long": too_long, "generated_tokens": generated_tokens,
+        "generation_seconds": round(seconds, 2), "tokens_per_second": round(generated_tokens / max(seconds, 1e-9), 1),
+    }, indent=2) + "\n")
+    accuracy = 100.0 * sum(sum(r["score"]) for r in records) / max(1, n * len(records))
+    log.info("%s: accuracy %.2f%% over %d responses, %d tokens in %.1f s -> %s", benchmark, accuracy,
+             n * len(records), generated_tokens, seconds, results_path)
+
+
+def _progress_logger(benchmark: str, started: float) -> Callable[[int, int], None]:
+    state = {"next_report": 0.0}
+
+    def report(done: int, total: int) -> None:
+        now = time.perf_counter() - started
+        if done == total or now >= state["next_report"]:
+            log.info("%s: generated %d/%d responses (%.0f s)", benchmark, done, total, now)
+            state["next_report"] = now + 30.0
+
+    return report
+
+
+def _grade(problems, fits: Sequence[bool], generations: Sequence[Generation], encoder: ConversationEncoder,
+           n: int, benchmark: str) -> List[dict]:
+    from acemath_mcore.eval.grader import extract_answer, is_equal
+
+    stop_ids = set(encoder.stop_ids)
+    records, cursor = [], 0
+    for problem, fit in zip(problems, fits):
+        if fit:
+            mine, cursor = generations[cursor:cursor + n], cursor + n
+            texts = [encoder.tokenizer.decode([t for t in g.token_ids if t not in stop_ids]) for g in mine]
+            reasons = [g.finish_reason for g in mine]
+            lengths = [len(g.token_ids) for g in mine]
+        else:
+            texts, reasons, lengths = [""] * n, [PROMPT_TOO_LONG] * n, [0] * n
+        answers = [extract_answer(text, benchmark) if fit else "" for text in texts]
+        records.append({
+            "idx": problem.idx, "question": problem.question, "gt": problem.gold, "code": texts, "pred": answers,
+            "score": [bool(fit) and is_equal(answer, problem.gold) for answer in answers],
+            "finish_reason": reasons, "num_tokens": lengths,
+        })
+    return records
+
+
+def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None) -> dict:
+    """Metrics of every ``<benchmark>.jsonl`` in ``output_dir`` (or the named ones): ``pass@1`` is the mean
+    accuracy over all responses (greedy pass@1 when there is one per problem); with n > 1 also ``maj@n`` and
+    ``pass@n``. ``average`` is the plain mean of pass@1 over the benchmarks present."""
+    from acemath_mcore.eval.bestofn import metrics_at_k, read_records
+
+    output_dir = Path(output_dir)
+    names = list(benchmarks) if benchmarks else sorted(p.stem for p in output_dir.glob("*.jsonl"))
+    rows = {}
+    for name in names:
+        path = output_dir / f"{name}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results for benchmark {name!r}: {path} is missing")
+        records = read_records(path)
+        n = records[0].n
+        row = {"problems": len(records), "samples": n,
+               "pass@1": 100.0 * sum(sum(r.correct) for r in records) / sum(r.n for r in records)}
+        if n > 1:
+            row.update(metrics_at_k(records, n))
+        meta = output_dir / f"{name}.meta.json"
+        if meta.is_file():
+            row["prompts_too_long"] = json.loads(meta.read_text()).get("prompts_too_long", 0)
+        rows[name] = row
+    average = sum(row["pass@1"] for row in rows.values()) / max(1, len(rows))
+    return {"benchmarks": rows, "average": average}
+
+
+def format_summary(summary: dict) -> str:
+    """Markdown table: one row per benchmark (Table 3 order first) and the average."""
+    rows = summary["benchmarks"]
+    order = [name for name in TABLE3_BENCHMARKS if name in rows] + [n for n in rows if n not in TABLE3_BENCHMARKS]
+    extra = sorted({key for row in rows.values() for key in row if "@" in key and key != "pass@1"})
+    header = ["benchmark", "problems", "samples", "pass@1", *extra]
+    lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|" + "---:|" * len(extra)]
+    for name in order:
+        row = rows[name]
+        cells = [f"{row[key]:.2f}" if key in row else "" for key in extra]
+        lines.append(f"| {name} | {row['problems']} | {row['samples']} | {row['pass@1']:.2f} |"
+                     + "".join(f" {cell} |" for cell in cells))
+    lines.append(f"| **average** | | | **{summary['average']:.2f}** |" + " |" * len(extra))
+    too_long = {name: row["prompts_too_long"] for name, row in rows.items() if row.get("prompts_too_long")}
+    if too_long:
+        lines.append("\nPrompts over the context, scored wrong: "
+                     + ", ".join(f"{name} {count}" for name, count in too_long.items()))
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict, output_dir: str | Path) -> None:
+    output_dir = Path(output_dir)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / "summary.md").write_text(format_summary(summary) + "\n")

@@ -1,0 +1,160 @@
+"""Generate answers on the AceMath benchmarks, grade them, and print the paper's Table 3 (docs/eval.md).
+
+    # greedy pass@1 with our own checkpoint (trainer save dir or converted), 8 GPUs = TP 2 x DP 4
+    torchrun --nproc-per-node 8 launch/evaluate.py --checkpoint checkpoints/qwen2.5-math-7b-math_sft \\
+        --model qwen2.5-math-7b --tokenizer ../shared/tokenizers/qwen2 --tensor-parallel 2 --bf16 \\
+        --benchmarks table3 --output-dir eval/math_sft
+    # 8 sampled candidates per problem (input for launch/score.py and launch/bestofn.py)
+    python launch/evaluate.py ... --num-samples 8 --temperature 0.7 --top-p 0.95 --benchmarks math
+    # an exported HF checkpoint with transformers (or vLLM when installed)
+    python launch/evaluate.py --backend hf --checkpoint exports/acemath-7b --benchmarks gsm8k --limit 50 ...
+    # merge the per-benchmark outputs of a Slurm array into one table
+    python launch/evaluate.py --summarize-only --output-dir eval/math_sft
+
+Outputs in --output-dir: <benchmark>.jsonl (responses, extracted answers, correctness), <benchmark>.meta.json,
+summary.json, summary.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from acemath_mcore.data.chat_templates import TEMPLATE_NAMES  # noqa: E402
+from acemath_mcore.eval.benchmarks import BENCHMARKS  # noqa: E402
+from acemath_mcore.eval.harness import TABLE3_BENCHMARKS  # noqa: E402
+
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+BENCHMARK_GROUPS = {"table3": TABLE3_BENCHMARKS, "all": TABLE3_BENCHMARKS + ("aime24", "amc23")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=("megatron", "hf", "vllm"), default="megatron")
+    parser.add_argument("--checkpoint", help="megatron: dist checkpoint or save dir with 'latest'; hf/vllm: HF dir")
+    parser.add_argument("--model", help="megatron: a preset name or config.json (default: the converter's record "
+                                        "in the checkpoint)")
+    parser.add_argument("--tokenizer", help="tokenizer path (default: the HF dir, or the converter's assets)")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
+    parser.add_argument("--instruction-role", choices=("user", "system"), default="user",
+                        help="where the CoT instruction goes: user turn (AceMath) or system turn (Qwen2.5-Math)")
+    parser.add_argument("--benchmarks", default="table3",
+                        help=f"comma list of {', '.join(BENCHMARKS)}; or 'table3' / 'all'")
+    parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--num-samples", type=int, default=1, help="responses per problem (needs a temperature)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=2048)
+    parser.add_argument("--max-sequence-length", type=int,
+                        help="context limit for prompt + response (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke tests)")
+    parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together per process")
+    parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true", help="megatron: bf16 weights (hf/vllm: see --dtype)")
+    parser.add_argument("--dtype", default="bfloat16", help="hf/vllm weight dtype")
+    parser.add_argument("--overwrite", action="store_true", help="regenerate benchmarks that already have results")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="only (re)build the table from the .jsonl files in --output-dir")
+    return parser
+
+
+def _benchmarks(spec: str) -> list[str]:
+    names = []
+    for item in spec.split(","):
+        item = item.strip()
+        names.extend(BENCHMARK_GROUPS.get(item, (item,)))
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}, table3, all")
+    return list(dict.fromkeys(names))
+
+
+def _megatron_arch_and_tokenizer(args):
+    from acemath_mcore.convert.megatron_files import find_model_description, resolve_checkpoint_dir
+    from acemath_mcore.models import resolve_arch
+
+    recorded_arch, _, assets = find_model_description(resolve_checkpoint_dir(args.checkpoint))
+    try:
+        arch = resolve_arch(args.model) if args.model else recorded_arch
+    except ValueError as error:
+        raise SystemExit(f"--model: {error}") from None
+    if arch is None:
+        raise SystemExit(f"{args.checkpoint} records no model shapes (trainer checkpoints do not); pass --model")
+    tokenizer = args.tokenizer or (str(assets) if assets else None)
+    if tokenizer is None:
+        raise SystemExit("--tokenizer is required: the checkpoint carries no tokenizer assets")
+    return arch, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from acemath_mcore.eval.harness import EvalSettings, format_summary, run_evaluation, summarize, write_summary
+    from acemath_mcore.training.logging import setup_console_logging
+
+    benchmarks = _benchmarks(args.benchmarks)
+    if args.summarize_only:
+        summary = summarize(args.output_dir)
+        write_summary(summary, args.output_dir)
+        print(format_summary(summary))
+        return 0
+    if not args.checkpoint:
+        raise SystemExit("--checkpoint is required")
+    missing = [name for name in benchmarks if not (Path(args.data_dir) / name / "test.jsonl").is_file()]
+    if missing:
+        raise SystemExit(f"no test.jsonl under {args.data_dir} for: {', '.join(missing)}")
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.tokenizers import check_vocab_fits, load_tokenizer
+    from acemath_mcore.eval.generation import SamplingParams
+
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k)
+    settings = EvalSettings(benchmarks=benchmarks, data_dir=args.data_dir, output_dir=args.output_dir,
+                            sampling=sampling, num_samples=args.num_samples, seed=args.seed, limit=args.limit,
+                            instruction_role=args.instruction_role, overwrite=args.overwrite)
+    if args.backend == "megatron":
+        from acemath_mcore.eval.backends import MegatronBackend
+        from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+
+        arch, tokenizer_path = _megatron_arch_and_tokenizer(args)
+        launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel), seed=args.seed)
+        setup_console_logging(launch.rank)
+        try:
+            tokenizer = load_tokenizer(tokenizer_path)
+            check_vocab_fits(tokenizer, arch.padded_vocab_size)
+            encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
+            backend = MegatronBackend(args.checkpoint, arch, encoder.stop_ids, bf16=args.bf16,
+                                      max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
+            summary = run_evaluation(backend, encoder, settings, model_name=str(args.checkpoint))
+        finally:
+            destroy_distributed()
+    else:
+        setup_console_logging(0)
+        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
+        if args.backend == "hf":
+            from acemath_mcore.eval.backends import HFBackend
+
+            backend = HFBackend(args.checkpoint, encoder.stop_ids, tokenizer.pad_or_eos_id, dtype=args.dtype,
+                                max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
+        else:
+            from acemath_mcore.eval.backends import VLLMBackend
+
+            backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=args.dtype,
+                                  tensor_parallel=args.tensor_parallel,
+                                  max_sequence_length=args.max_sequence_length, seed=args.seed)
+        summary = run_evaluation(backend, encoder, settings, model_name=str(args.checkpoint))
+    if summary is not None:
+        print(format_summary(summary))
+        print(json.dumps({"output_dir": args.output_dir, "average": round(summary["average"], 2)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

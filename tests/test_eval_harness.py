@@ -1,0 +1,121 @@
+"""The evaluation harness with a scripted backend: prompts, grading, files, skips on rerun, and the table.
+
+The backend answers from the prompt itself (it decodes the question and looks up the gold), so every number in
+the output is known in advance: right answers on even-indexed problems and wrong ones on odd, or a mix over
+samples for maj@n / pass@n.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+from acemath_mcore.data.tokenizers import load_tokenizer
+from acemath_mcore.eval.benchmarks import load_benchmark
+from acemath_mcore.eval.generation import Generation, SamplingParams
+from acemath_mcore.eval.harness import EvalSettings, format_summary, run_evaluation, summarize
+from shared_data import shared_path
+
+LIMIT = 6
+
+
+class ScriptedBackend:
+    """Answers problem i with its gold when ``right(i, sample)``, else with a wrong number."""
+
+    is_writer = True
+
+    def __init__(self, encoder, problems, right, max_sequence_length=4096):
+        self.encoder, self.right = encoder, right
+        self.index_of = {problem.question: number for number, problem in enumerate(problems)}
+        self.golds = [problem.gold for problem in problems]
+        self.max_sequence_length = max_sequence_length
+        self.calls = 0
+
+    def generate(self, prompts, params, seed, progress):
+        self.calls += 1
+        seen: dict[int, int] = {}
+        generations = []
+        for prompt in prompts:
+            text = self.encoder.tokenizer.decode(prompt)
+            number = next(i for question, i in self.index_of.items() if question in text)
+            sample = seen[number] = seen.get(number, -1) + 1
+            answer = self.golds[number] if self.right(number, sample) else "123456789"
+            response = f"Some reasoning.\nThe final answer is $\\boxed{{{answer}}}$."
+            ids = self.encoder.tokenizer.encode(response) + [self.encoder.stop_ids[0]]
+            generations.append(Generation(ids[:-1], "stop"))
+        progress(len(prompts), len(prompts))
+        return generations
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    tokenizer = load_tokenizer(shared_path("tokenizers/qwen2"))
+    return ConversationEncoder(tokenizer, build_template("chatml", tokenizer))
+
+
+@pytest.fixture(scope="module")
+def gsm8k():
+    return load_benchmark("gsm8k", shared_path("data/eval"))[0][:LIMIT]
+
+
+def _settings(tmp_path, **overrides):
+    values = {"benchmarks": ["gsm8k"], "data_dir": str(shared_path("data/eval")), "output_dir": str(tmp_path),
+              "sampling": SamplingParams(max_new_tokens=64), "limit": LIMIT}
+    values.update(overrides)
+    return EvalSettings(**values)
+
+
+def test_greedy_run_grades_writes_and_skips_a_finished_benchmark(tmp_path, encoder, gsm8k):
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: number % 2 == 0)
+    summary = run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    assert summary["benchmarks"]["gsm8k"]["pass@1"] == pytest.approx(50.0)
+    assert summary["average"] == pytest.approx(50.0)
+    rows = [json.loads(line) for line in (tmp_path / "gsm8k.jsonl").open()]
+    assert [row["idx"] for row in rows] == list(range(LIMIT))
+    assert [row["score"] for row in rows] == [[number % 2 == 0] for number in range(LIMIT)]
+    assert [row["pred"][0] for row in rows[::2]] == [problem.gold for problem in gsm8k[::2]]
+    assert rows[1]["pred"] == ["123456789"] and rows[1]["finish_reason"] == ["stop"]
+    assert "\\boxed{" in rows[0]["code"][0] and "<|im_end|>" not in rows[0]["code"][0]
+    table = (tmp_path / "summary.md").read_text()
+    assert "| gsm8k | 6 | 1 | 50.00 |" in table and "**50.00**" in table
+
+    # Same settings: nothing is generated again. Another seed: it is.
+    run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    assert backend.calls == 1
+    run_evaluation(backend, encoder, _settings(tmp_path, seed=1), model_name="scripted")
+    assert backend.calls == 2
+
+
+def test_samples_give_majority_and_oracle_metrics(tmp_path, encoder, gsm8k):
+    # Problem 0: 3 of 3 right; 1: 1 of 3 (majority wrong); 2-5: 2 of 3 (majority right).
+    def right(number, sample):
+        return {0: True, 1: sample == 0}.get(number, sample < 2)
+
+    backend = ScriptedBackend(encoder, gsm8k, right)
+    settings = _settings(tmp_path, num_samples=3, sampling=SamplingParams(max_new_tokens=64, temperature=0.7))
+    row = run_evaluation(backend, encoder, settings, model_name="scripted")["benchmarks"]["gsm8k"]
+    assert row["pass@1"] == pytest.approx(100 * (3 + 1 + 4 * 2) / 18)
+    assert row["maj@3"] == pytest.approx(100 * 5 / 6)
+    assert row["pass@3"] == pytest.approx(100.0)
+    assert "maj@3" in format_summary(summarize(tmp_path))
+
+
+def test_prompts_over_the_context_are_scored_wrong_and_reported(tmp_path, encoder, gsm8k):
+    lengths = [len(encoder.encode([{"role": "user", "content": p.question}], True).input_ids) for p in gsm8k]
+    limit = sorted(lengths)[LIMIT // 2] + 20  # roughly half the prompts (with the instruction) do not fit
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True, max_sequence_length=limit)
+    summary = run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    rows = [json.loads(line) for line in (tmp_path / "gsm8k.jsonl").open()]
+    too_long = [row["finish_reason"] == ["prompt_too_long"] for row in rows]
+    assert 0 < sum(too_long) < LIMIT
+    assert [row["score"] == [True] for row in rows] == [not flag for flag in too_long]
+    assert summary["benchmarks"]["gsm8k"]["prompts_too_long"] == sum(too_long)
+    assert f"gsm8k {sum(too_long)}" in format_summary(summary)
+
+
+def test_greedy_with_several_samples_is_refused(tmp_path, encoder, gsm8k):
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
+    with pytest.raises(ValueError, match="set a temperature"):
+        run_evaluation(backend, encoder, _settings(tmp_path, num_samples=4), model_name="scripted")
