@@ -1,0 +1,376 @@
+# shellcheck shell=bash
+# What the sbatch templates (job side) and submit.sh / pipeline.sh (submit side) share. Sourced, never run.
+# Every knob is an environment variable; the table is in docs/slurm.md.
+
+# The eval array's benchmarks, in the paper's order (Table 3, then Table 4); BENCHMARKS overrides.
+ACEMATH_BENCHMARKS="gsm8k math minerva_math gaokao2023en olympiadbench college_math mmlu_stem aime24 amc23"
+# 72B jobs: the node count of
+#   python launch/plan.py --model qwen2.5-72b --gpus 256 --seq-length 4096 --global-batch 256 --format nodes
+# (#SBATCH headers are static, so rm_72b.sh repeats it; submit.sh / pipeline.sh pass it to the SFT templates).
+ACEMATH_NODES_72B=32
+# acemath_mcore.training.trainer.EXIT_PREEMPTED: checkpoint written after SIGUSR1/SIGTERM, "run me again".
+ACEMATH_EXIT_PREEMPTED=75
+
+acemath_log() { echo "acemath-slurm: $*" >&2; }
+# Exit status 2 for every configuration error, never 75: a job that cannot start must not requeue itself.
+acemath_die() { echo "acemath-slurm: error: $*" >&2; exit 2; }
+
+acemath_init() {
+  [[ -n ${REPO_DIR:-} ]] || acemath_die "REPO_DIR is not set (the acemath-mcore checkout)"
+  [[ -f $REPO_DIR/launch/train_sft.py && -f $REPO_DIR/slurm/common.sh ]] ||
+    acemath_die "REPO_DIR=$REPO_DIR is not an acemath-mcore checkout (no launch/train_sft.py)"
+  REPO_DIR=$(cd "$REPO_DIR" && pwd)
+  export REPO_DIR
+  PYTHON=${PYTHON:-python}
+  # Relative DATA / CKPT_DIR / INIT_FROM / CKPT paths mean: relative to where you submitted from.
+  ACEMATH_BASE_DIR=${SLURM_SUBMIT_DIR:-$PWD}
+  export PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}"  # launch/*.py import the checkout, installed or not
+}
+
+acemath_abspath() {
+  case $1 in
+    /*) realpath -m -- "$1" ;;
+    *) realpath -m -- "$ACEMATH_BASE_DIR/$1" ;;
+  esac
+}
+
+acemath_size() {  # 1.5b|1p5b|7b|72b -> 1p5b|7b|72b (the recipe-name spelling)
+  case ${1,,} in
+    1.5b | 1p5b) echo 1p5b ;;
+    7b | 72b) echo "${1,,}" ;;
+    *) acemath_die "SIZE=$1: expected 1.5b, 7b or 72b" ;;
+  esac
+}
+
+acemath_model_for_size() { # the preset name the recipes use
+  case $1 in 1p5b) echo qwen2.5-math-1.5b ;; *) echo "qwen2.5-math-$1" ;; esac
+}
+
+# acemath_stage_config STAGE [key=value ...]: STAGE is sft_stage1 | sft_stage2 | math_sft | rm; SIZE picks the
+# backbone. Sets ACEMATH_KIND (sft|rm), ACEMATH_SIZE, ACEMATH_RECIPE, ACEMATH_ENTRY and ACEMATH_ARGS, the overrides
+# in the order they apply: DATA, CKPT_DIR, INIT_FROM, OVERRIDES, then the arguments (later ones win).
+acemath_stage_config() {
+  local stage=$1
+  shift
+  ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
+  case $stage in
+    sft_stage1 | sft_stage2 | math_sft) ACEMATH_KIND=sft ACEMATH_ENTRY=launch/train_sft.py ;;
+    rm) ACEMATH_KIND=rm ACEMATH_ENTRY=launch/train_rm.py ;;
+    *) acemath_die "unknown stage $stage" ;;
+  esac
+  if [[ $stage == rm && $ACEMATH_SIZE == 1p5b && -z ${RECIPE:-} ]]; then
+    acemath_die "AceMath has reward models for 7B and 72B only (SIZE=$SIZE); set RECIPE to train another"
+  fi
+  ACEMATH_RECIPE=${RECIPE:-qwen25_math_${ACEMATH_SIZE}_${stage}}
+  ACEMATH_ARGS=()
+  if [[ -n ${DATA:-} ]]; then
+    local -a prefixes
+    local prefix joined=""
+    IFS=, read -r -a prefixes <<<"$DATA"
+    for prefix in "${prefixes[@]}"; do
+      prefix=${prefix// /}
+      if [[ -n $prefix ]]; then joined+="${joined:+,}$(acemath_abspath "$prefix")"; fi
+    done
+    ACEMATH_ARGS+=("data.prefixes=[$joined]")
+  fi
+  if [[ -n ${CKPT_DIR:-} ]]; then ACEMATH_ARGS+=("checkpoint.save_dir=$(acemath_abspath "$CKPT_DIR")"); fi
+  if [[ ${INIT_FROM:-} == none ]]; then
+    ACEMATH_ARGS+=("checkpoint.init_from=none")
+  elif [[ -n ${INIT_FROM:-} ]]; then
+    ACEMATH_ARGS+=("checkpoint.init_from=$(acemath_abspath "$INIT_FROM")")
+  fi
+  local -a extra=()
+  read -r -a extra <<<"${OVERRIDES:-}"
+  ACEMATH_ARGS+=("${extra[@]}" "$@")
+}
+
+# Container (pyxis/enroot) options for srun when CONTAINER_IMAGE is set. The checkout is mounted at the same path
+# unless CONTAINER_MOUNTS already mounts it; data and checkpoint paths must be mounted at the same paths too.
+acemath_container_args() {
+  ACEMATH_CONTAINER=()
+  [[ -n ${CONTAINER_IMAGE:-} ]] || return 0
+  local mounts=${CONTAINER_MOUNTS:-}
+  if [[ ",$mounts" != *",$REPO_DIR:"* ]]; then mounts="$REPO_DIR:$REPO_DIR${mounts:+,$mounts}"; fi
+  # One named container per job: the preflight step and the training step share one image import.
+  ACEMATH_CONTAINER=(--container-image="$CONTAINER_IMAGE" --container-mounts="$mounts"
+    --container-workdir="$REPO_DIR" --container-name="acemath-${SLURM_JOB_ID:-0}")
+}
+
+# "$PYTHON" ARGS on this host; inside a job with a container, as a one-task step in the container (the batch
+# host may have no python environment of its own).
+acemath_python() {
+  if [[ ${ACEMATH_IN_JOB:-0} == 1 && -n ${CONTAINER_IMAGE:-} ]]; then
+    srun --nodes=1 --ntasks=1 "${ACEMATH_CONTAINER[@]}" "$PYTHON" "$@"
+  else
+    "$PYTHON" "$@"
+  fi
+}
+
+# acemath_preflight [--planner-args] [--stage KIND:RECIPE[:upstream] key=value ...]...: slurm/preflight.py resolves
+# each recipe with its overrides as the launcher will and checks the paths it reads; exit 2 with its messages on
+# failure. Where that python cannot import acemath_mcore (e.g. a login node of a container-only cluster) only the
+# explicit data.prefixes / init_from paths are checked here; the job checks everything again when it starts.
+# PREFLIGHT=0 skips the submit-side check (e.g. paths that exist only inside the container), never the job's.
+acemath_preflight() {
+  if [[ ${PREFLIGHT:-1} == 0 && ${ACEMATH_IN_JOB:-0} != 1 ]]; then
+    acemath_log "PREFLIGHT=0: paths are checked when the job starts"
+    return 0
+  fi
+  local rc=0
+  acemath_python "$REPO_DIR/slurm/preflight.py" "$@" || rc=$?
+  case $rc in
+    0) return 0 ;;
+    2) acemath_die "preflight failed (see above); nothing was started" ;;
+    3 | 126 | 127)
+      acemath_log "$PYTHON cannot run acemath_mcore here: checking the explicit DATA / INIT_FROM paths only"
+      acemath_check_spec_paths "$@" ;;
+    *) acemath_die "slurm/preflight.py failed with status $rc" ;;
+  esac
+}
+
+acemath_check_spec_paths() {  # the preflight arguments, without python: the explicit paths of each --stage group
+  local arg data="" init="" upstream=0 prefix suffix
+  local -a prefixes
+  for arg in "$@" --stage; do  # the trailing --stage checks the last group
+    case $arg in
+      --stage)
+        IFS=, read -r -a prefixes <<<"${data//[\[\]]/}"
+        for prefix in "${prefixes[@]}"; do
+          for suffix in .bin .idx; do
+            [[ -f $prefix$suffix ]] || acemath_die "DATA: $prefix$suffix does not exist (from launch/preprocess.py)"
+          done
+        done
+        if [[ -n $init && $init != none && $upstream == 0 && ! -e $init ]]; then
+          acemath_die "INIT_FROM: checkpoint.init_from=$init does not exist"
+        fi
+        data="" init="" upstream=0 ;;
+      data.prefixes=*) data=${arg#data.prefixes=} ;;
+      checkpoint.init_from=*) init=${arg#checkpoint.init_from=} ;;
+      *:upstream) upstream=1 ;;
+    esac
+  done
+}
+
+acemath_banner() {
+  acemath_log "job ${SLURM_JOB_ID} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}," \
+    "${SLURM_JOB_NUM_NODES:-1} node(s) [${SLURM_JOB_NODELIST:-}], ${SLURM_NTASKS:-1} task(s), $(date -Is)"
+}
+
+# One task per GPU: every task runs the same python command and reads its rank, world size and local rank from
+# SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (acemath_mcore.runtime.distributed.read_launch_env). Tasks see all
+# of the node's GPUs and pick theirs by local rank, so no --gpus-per-task binding.
+acemath_rendezvous() {
+  local -a hosts
+  mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+  export MASTER_ADDR=${hosts[0]}
+  # Derived from the job id: two jobs sharing a node do not collide, and a requeued job gets the same port.
+  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # Torch's thread pools default to every core of the node; one task gets only its share.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+}
+
+acemath_srun() {
+  local -a args=()
+  # Slurm 22.05-23.02 srun does not inherit the job's --cpus-per-task.
+  if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+  args+=("${ACEMATH_CONTAINER[@]}")
+  acemath_log "srun ${args[*]} $(printf '%q ' "$@")"
+  srun "${args[@]}" "$@"
+}
+
+# Layout overrides from launch/plan.py for this job's GPU count: with USE_PLANNER=1, and by default (USE_PLANNER=auto)
+# for the 72B recipes. They go before the user's overrides, so OVERRIDES still win.
+acemath_use_planner() {
+  case ${USE_PLANNER:-auto} in
+    1) [[ -f $REPO_DIR/launch/plan.py ]] || acemath_die "USE_PLANNER=1 but $REPO_DIR/launch/plan.py does not exist" ;;
+    0) return 1 ;;
+    auto) [[ $ACEMATH_SIZE == 72b && -z ${RECIPE:-} && -f $REPO_DIR/launch/plan.py ]] || return 1 ;;
+    *) acemath_die "USE_PLANNER=$USE_PLANNER: expected 1, 0 or auto" ;;
+  esac
+}
+
+acemath_planner() {  # SHAPE: "--model M --task T --seq-length S --global-batch G --micro-batch B" (preflight.py)
+  local -a shape planned per_node=()
+  read -r -a shape <<<"$1"
+  ((${#shape[@]})) || acemath_die "cannot resolve the recipe for the planner"
+  if [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[0-9]+$ ]]; then per_node=(--gpus-per-node "$SLURM_NTASKS_PER_NODE"); fi
+  local layout
+  layout=$(acemath_python "$REPO_DIR/launch/plan.py" "${shape[@]}" --gpus "${SLURM_NTASKS:?}" "${per_node[@]}" \
+    --format overrides) || acemath_die "launch/plan.py ${shape[*]} --gpus $SLURM_NTASKS failed"
+  read -r -a planned <<<"$layout"
+  [[ ${#planned[@]} -gt 0 && ${planned[*]} == *=* ]] || acemath_die "launch/plan.py printed no overrides: '$layout'"
+  acemath_log "planner layout for $SLURM_NTASKS GPUs: ${planned[*]}"
+  ACEMATH_ARGS=("${planned[@]}" "${ACEMATH_ARGS[@]}")
+}
+
+acemath_require_job() {
+  [[ -n ${SLURM_JOB_ID:-} ]] ||
+    acemath_die "not inside a Slurm job: submit with 'sbatch slurm/$1.sh' or 'slurm/submit.sh $1'"
+  ACEMATH_IN_JOB=1
+}
+
+# The body of sft_stage1.sh, sft_stage2.sh, math_sft.sh, rm_7b.sh and rm_72b.sh.
+acemath_train_job() {  # STAGE [key=value ...]
+  local stage=$1
+  shift
+  acemath_require_job "$stage"
+  acemath_init
+  cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
+  acemath_stage_config "$stage" "$@"
+  acemath_container_args
+  acemath_banner
+  if acemath_use_planner; then
+    local shape
+    shape=$(acemath_preflight --planner-args --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}")
+    acemath_planner "$shape"
+  else
+    acemath_preflight --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}"
+  fi
+  acemath_rendezvous
+  local rc=0
+  acemath_srun "$PYTHON" "$ACEMATH_ENTRY" --recipe "$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}" || rc=$?
+  acemath_after_training "$rc"
+}
+
+# SIGUSR1 (--signal=USR1@300 before the time limit, or scancel --signal=USR1) reaches every srun task; the trainer
+# checkpoints and all ranks exit 75. Then this job puts itself back in the queue: the next run resumes from
+# CKPT_DIR/latest (checkpoint.resume defaults to true). Slurm holds a requeued job for its credential lifetime
+# (AuthInfo cred_expire, default 120 s) before it can start again.
+acemath_after_training() {
+  local rc=$1 restarts=${SLURM_RESTART_COUNT:-0}
+  if [[ $rc == "$ACEMATH_EXIT_PREEMPTED" ]]; then
+    if ((restarts >= ${MAX_RESTARTS:-50})); then
+      acemath_log "checkpointed and stopped, but restarted $restarts times already (MAX_RESTARTS): not requeueing"
+    elif scontrol requeue "$SLURM_JOB_ID"; then
+      acemath_log "checkpointed and stopped (exit $rc): job $SLURM_JOB_ID requeued (restart $((restarts + 1))) to" \
+        "resume from the latest checkpoint"
+    else
+      acemath_log "checkpointed and stopped, but 'scontrol requeue' failed: resubmit; it resumes from latest"
+    fi
+    exit "$rc"  # never 0: an afterok dependency must not fire on a stopped run
+  fi
+  acemath_log "training finished with status $rc at $(date -Is)"
+  exit "$rc"
+}
+
+# Evaluation (eval.sh) --------------------------------------------------------------------------------------
+
+# Sets ACEMATH_BENCH (array), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (everything but --benchmarks).
+acemath_eval_config() {
+  ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
+  local benchmarks=${BENCHMARKS:-$ACEMATH_BENCHMARKS}
+  read -r -a ACEMATH_BENCH <<<"${benchmarks//,/ }"  # commas or spaces
+  local model=${MODEL:-$(acemath_model_for_size "$ACEMATH_SIZE")}
+  local ckpt=${CKPT:-${CKPT_DIR:-$REPO_DIR/checkpoints/$model-math_sft}}  # math SFT's recipe save_dir
+  ACEMATH_CKPT=$(acemath_abspath "$ckpt")
+  ACEMATH_EVAL_OUT=$(acemath_abspath "${EVAL_OUTPUT_DIR:-$REPO_DIR/eval/$(basename "$ACEMATH_CKPT")}")
+  ACEMATH_EVAL_DATA=$(acemath_abspath "${EVAL_DATA_DIR:-$REPO_DIR/../shared/data/eval}")
+  ACEMATH_TOKENIZER=$(acemath_abspath "${TOKENIZER:-$REPO_DIR/../shared/tokenizers/qwen2}")
+  local tp_default=2
+  case $ACEMATH_SIZE in 1p5b) tp_default=1 ;; 72b) tp_default=8 ;; esac
+  local -a extra=()
+  read -r -a extra <<<"${EVAL_ARGS---bf16}"
+  ACEMATH_EVAL_ARGS=(--backend megatron --checkpoint "$ACEMATH_CKPT" --model "$model"
+    --tokenizer "$ACEMATH_TOKENIZER" --template "${TEMPLATE:-chatml}" --data-dir "$ACEMATH_EVAL_DATA"
+    --output-dir "$ACEMATH_EVAL_OUT" --num-samples "${NUM_SAMPLES:-1}" --temperature "${TEMPERATURE:-0}"
+    --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --tensor-parallel "${TP:-$tp_default}" "${extra[@]}")
+}
+
+acemath_check_eval() {  # now | upstream (the checkpoint is written by an earlier job)
+  [[ -f $REPO_DIR/launch/evaluate.py ]] || acemath_die "$REPO_DIR/launch/evaluate.py does not exist"
+  if [[ $1 != upstream && ! -f $ACEMATH_CKPT/latest && ! -f $ACEMATH_CKPT/metadata.json ]]; then
+    acemath_die "CKPT: $ACEMATH_CKPT is neither a checkpoint nor a save dir with 'latest' (set CKPT or CKPT_DIR)"
+  fi
+  [[ -e $ACEMATH_TOKENIZER ]] || acemath_die "TOKENIZER: $ACEMATH_TOKENIZER does not exist"
+  local bench
+  for bench in "${ACEMATH_BENCH[@]}"; do
+    [[ -f $ACEMATH_EVAL_DATA/$bench/test.jsonl ]] ||
+      acemath_die "EVAL_DATA_DIR: $ACEMATH_EVAL_DATA/$bench/test.jsonl does not exist (benchmark $bench)"
+  done
+}
+
+# The body of eval.sh: array task i evaluates the i-th benchmark; the task that completes the set writes the table.
+acemath_eval_job() {
+  acemath_require_job eval
+  acemath_init
+  cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
+  acemath_eval_config
+  acemath_container_args
+  acemath_banner
+  local index=${SLURM_ARRAY_TASK_ID:-0}
+  local count=${#ACEMATH_BENCH[@]}
+  ((index < count)) || acemath_die "array index $index, but BENCHMARKS has $count entries (--array=0-$((count - 1)))"
+  local bench=${ACEMATH_BENCH[index]}
+  acemath_check_eval now
+  acemath_rendezvous
+  acemath_log "benchmark $bench -> $ACEMATH_EVAL_OUT"
+  local rc=0
+  acemath_srun "$PYTHON" launch/evaluate.py "${ACEMATH_EVAL_ARGS[@]}" --benchmarks "$bench" || rc=$?
+  ((rc == 0)) || acemath_die "launch/evaluate.py failed on $bench with status $rc"
+  local done_count=0 name
+  for name in "${ACEMATH_BENCH[@]}"; do
+    if [[ -f $ACEMATH_EVAL_OUT/$name.meta.json ]]; then done_count=$((done_count + 1)); fi
+  done
+  if ((done_count == ${#ACEMATH_BENCH[@]})); then
+    local list
+    list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
+    acemath_python launch/evaluate.py --summarize-only --benchmarks "$list" --output-dir "$ACEMATH_EVAL_OUT"
+  fi
+}
+
+# Submit side -----------------------------------------------------------------------------------------------
+
+# acemath_sbatch SCRIPT [sbatch args...]: sbatch --parsable with logs under LOG_DIR; prints the job id (or, with
+# DRY_RUN=1, the command). REPO_DIR is exported, so the job does not have to look for the checkout.
+acemath_sbatch() {
+  local script=$1
+  shift
+  local log_dir
+  log_dir=$(acemath_abspath "${LOG_DIR:-$REPO_DIR/logs/slurm}")
+  local pattern="%x-%j.out"
+  if [[ $script == eval.sh ]]; then pattern="%x-%A_%a.out"; fi  # one log per array task
+  local -a cmd=(sbatch --parsable --export=ALL --output="$log_dir/$pattern")
+  if [[ ${ACEMATH_SIZE:-} == 72b && $script != rm_72b.sh && $script != eval.sh ]]; then
+    cmd+=(--nodes="${NODES:-$ACEMATH_NODES_72B}")
+  elif [[ -n ${NODES:-} ]]; then
+    cmd+=(--nodes="$NODES")
+  fi
+  cmd+=("$@" "$REPO_DIR/slurm/$script")
+  if [[ ${DRY_RUN:-0} == 1 ]]; then
+    local var assignments=""
+    for var in REPO_DIR SIZE RECIPE DATA CKPT_DIR INIT_FROM OVERRIDES CKPT BENCHMARKS CONTAINER_IMAGE; do
+      if [[ -n ${!var:-} ]]; then assignments+="$var=$(printf '%q' "${!var}") "; fi
+    done
+    echo "${assignments}$(printf '%q ' "${cmd[@]}")" >&2
+    echo "DRYRUN_${script%.sh}"
+    return 0
+  fi
+  mkdir -p "$log_dir"
+  local id
+  id=$("${cmd[@]}") || acemath_die "sbatch failed: ${cmd[*]}"
+  echo "${id%%;*}"
+}
+
+acemath_upstream_in() {  # sbatch args...: true when they carry a dependency (its job may write INIT_FROM / CKPT)
+  local arg
+  for arg in "$@"; do
+    case $arg in --dependency* | -d*) return 0 ;; esac
+  done
+  return 1
+}
+
+# acemath_training_spec TEMPLATE UPSTREAM: preflight arguments for one training template with the current
+# environment (also sets ACEMATH_SIZE etc. for acemath_sbatch).
+acemath_training_spec() {
+  local template=$1 upstream=$2 stage
+  case $template in
+    rm_7b) SIZE=7b acemath_stage_config rm ;;
+    rm_72b) SIZE=72b acemath_stage_config rm ;;
+    sft_stage1 | sft_stage2 | math_sft) acemath_stage_config "$template" ;;
+    *) acemath_die "unknown training template $template" ;;
+  esac
+  stage="$ACEMATH_KIND:$ACEMATH_RECIPE"
+  if [[ $upstream == 1 ]]; then stage+=":upstream"; fi
+  # shellcheck disable=SC2034  # read by submit.sh and pipeline.sh
+  ACEMATH_SPEC=(--stage "$stage" "${ACEMATH_ARGS[@]}")
+}

@@ -1,0 +1,138 @@
+"""Check training stages before they cost GPU time: resolve each recipe + overrides exactly as launch/train_*.py
+does, then make sure the paths it will read exist. Called by slurm/common.sh on the submit host (submit.sh,
+pipeline.sh) and again at job start; errors name the environment variable that sets the path.
+
+    python slurm/preflight.py --stage sft:qwen25_math_7b_sft_stage1 data.prefixes=[/d/s1] checkpoint.save_dir=/c/s1 \
+                              --stage rm:qwen25_math_7b_rm:upstream data.prefixes=[/d/rm] ...
+    python slurm/preflight.py --planner-args --stage rm:qwen25_math_72b_rm ...   # also prints "--model M --task rm ..."
+
+``KIND:RECIPE[:upstream]``: kind is sft or rm; ``upstream`` means init_from is written by an earlier job of the
+same pipeline, so it need not exist yet. Exit status: 0 all good, 2 a check failed (messages on stderr),
+3 acemath_mcore does not import with this python (the caller falls back to checking the env paths only).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
+
+# Which environment variable of slurm/common.sh sets each checked key (the message tells the user what to change).
+ENV_FOR = {"data.prefixes": "DATA", "checkpoint.init_from": "INIT_FROM", "checkpoint.save_dir": "CKPT_DIR"}
+
+
+def parse(argv):
+    planner, stages = False, []
+    for arg in argv:
+        if arg == "--planner-args":
+            planner = True
+        elif arg == "--stage":
+            stages.append(None)
+        elif stages and stages[-1] is None:
+            kind, recipe, *flags = arg.split(":")
+            if kind not in ("sft", "rm") or flags not in ([], ["upstream"]):
+                raise SystemExit(f"preflight: bad stage spec {arg!r} (KIND:RECIPE[:upstream], KIND sft|rm)")
+            stages[-1] = {"kind": kind, "recipe": recipe, "upstream": bool(flags), "overrides": []}
+        elif stages:
+            stages[-1]["overrides"].append(arg)
+        else:
+            raise SystemExit(f"preflight: {arg!r} before the first --stage")
+    if not stages or None in stages:
+        raise SystemExit("preflight: give at least one --stage KIND:RECIPE [key=value ...]")
+    return planner, stages
+
+
+def check_stage(stage) -> tuple[list[str], str, object]:
+    """(errors, one-line description, resolved config)."""
+    from acemath_mcore.data.indexed import LOSS_MASK_SUFFIX, RM_LABELS_SUFFIX
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.recipes.config import OverrideError
+    from acemath_mcore.training.checkpointing import find_latest
+
+    name = f"{stage['recipe']} ({stage['kind']})"
+    try:
+        config = apply_overrides(get_recipe(stage["recipe"]), stage["overrides"])
+    except KeyError as error:
+        return [f"{name}: RECIPE: {error.args[0]}"], name, None
+    except OverrideError as error:
+        return [f"{name}: OVERRIDES: {error}"], name, None
+    errors = []
+    if not config.data.prefixes:
+        errors.append(f"{name}: DATA is not set: a comma-separated list of prefixes from launch/preprocess.py "
+                      f"{stage['kind']}")
+    suffixes = [".bin", ".idx"] + ([f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"]
+                                   if stage["kind"] == "sft" else [RM_LABELS_SUFFIX])
+    for prefix in config.data.prefixes:
+        missing = [prefix + s for s in suffixes if not Path(prefix + s).is_file()]
+        if missing:
+            errors.append(f"{name}: DATA: prefix {prefix} is missing {', '.join(missing)} "
+                          f"(write it with launch/preprocess.py {stage['kind']} --output {prefix})")
+    save_dir = config.checkpoint.save_dir
+    latest = find_latest(save_dir) if save_dir and config.checkpoint.resume else None
+    if save_dir:
+        parent = next((p for p in [Path(save_dir), *Path(save_dir).absolute().parents] if p.exists()), None)
+        if parent is None or not parent.is_dir() or not _writable(parent):
+            errors.append(f"{name}: CKPT_DIR: cannot create {save_dir} ({parent} is not a writable directory)")
+    init = config.checkpoint.init_from
+    if latest is not None:
+        start = f"resumes from {latest}"
+    elif init and stage["upstream"]:
+        start = f"starts from {init} (written by the previous job)"
+    elif init:
+        start = f"starts from {init}"
+        if not (Path(init) / "metadata.json").is_file() and find_latest(init) is None:
+            what = ("is neither a checkpoint nor a save dir with 'latest'" if Path(init).exists()
+                    else "does not exist")
+            errors.append(f"{name}: INIT_FROM: checkpoint.init_from={init} {what} (set INIT_FROM to the previous "
+                          f"stage's CKPT_DIR or a converted base model; INIT_FROM=none trains from scratch)")
+    else:
+        start = "starts from random weights"
+    description = (f"{name}: model {config.model}, {len(config.data.prefixes)} data prefix(es), {start}, "
+                   f"saves to {save_dir}")
+    return errors, description, config
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def main(argv=None) -> int:
+    planner, stages = parse(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron's TE/apex notices are noise here
+        try:
+            import acemath_mcore.recipes  # noqa: F401
+        except ImportError as error:
+            print(f"preflight: cannot import acemath_mcore with {sys.executable}: {error}", file=sys.stderr)
+            return 3
+        import logging
+
+        package_logger = logging.getLogger("acemath_mcore")
+        level = package_logger.level
+        package_logger.setLevel(logging.ERROR)  # find_latest's notes about partial saves
+        try:
+            return _check(planner, stages)
+        finally:
+            package_logger.setLevel(level)
+
+
+def _check(planner, stages) -> int:
+    all_errors = []
+    for stage in stages:
+        errors, description, config = check_stage(stage)
+        all_errors += errors
+        if not errors:
+            print(f"preflight ok: {description}", file=sys.stderr)
+        if planner and config is not None:  # the shape launch/plan.py needs, on stdout for the caller
+            print(f"--model {config.model} --task {stage['kind']} --seq-length {config.data.seq_length} "
+                  f"--global-batch {config.global_batch_size} --micro-batch {config.micro_batch_size}")
+    for error in all_errors:
+        print(f"preflight: error: {error}", file=sys.stderr)
+    return 2 if all_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

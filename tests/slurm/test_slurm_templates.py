@@ -1,0 +1,114 @@
+"""Static checks of slurm/ (no Slurm needed; .ci/slurm_test.sh runs the templates on a real one) and of
+slurm/preflight.py, the path check that runs before sbatch and again at job start."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM = REPO / "slurm"
+TRAINING = ["sft_stage1.sh", "sft_stage2.sh", "math_sft.sh", "rm_7b.sh", "rm_72b.sh"]
+SCRIPTS = TRAINING + ["eval.sh", "submit.sh", "pipeline.sh", "common.sh"]
+
+
+def _sbatch(name: str) -> dict:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", (SLURM / name).read_text(), re.M))
+
+
+def _common_value(name: str) -> str:
+    return re.search(rf"^{name}=\"?([^\"\n]*)", (SLURM / "common.sh").read_text(), re.M).group(1)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_scripts_parse(name):
+    subprocess.run(["bash", "-n", str(SLURM / name)], check=True)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_clean():
+    # from the checkout's root: the templates' "shellcheck source=slurm/common.sh" directives are relative to it
+    result = subprocess.run(["shellcheck", "-x", *(f"slurm/{name}" for name in SCRIPTS), ".ci/slurm_test.sh"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_templates_checkpoint_and_requeue(name):
+    header = _sbatch(name)
+    assert header["signal"] == "USR1@300", "USR1 to every step's tasks (not B:) 300 s before the limit"
+    assert "requeue" in header and header["open-mode"] == "append"
+    assert header["ntasks-per-node"] == header["gpus-per-node"] == "8", "one task per GPU"
+    assert "acemath_train_job" in (SLURM / name).read_text()
+
+
+def test_exit_code_matches_the_trainer():
+    from acemath_mcore.training.trainer import EXIT_PREEMPTED
+
+    assert int(_common_value("ACEMATH_EXIT_PREEMPTED")) == EXIT_PREEMPTED
+
+
+def test_eval_array_covers_the_benchmarks():
+    header = _sbatch("eval.sh")
+    benchmarks = _common_value("ACEMATH_BENCHMARKS").split()
+    assert header["array"] == f"0-{len(benchmarks) - 1}"
+    assert "signal" not in header, "evaluation does not checkpoint: USR1 would only kill it"
+    for name in benchmarks:
+        assert (REPO.parent / "shared" / "data" / "eval" / name / "test.jsonl").is_file()
+
+
+def test_72b_node_count_is_the_planners():
+    nodes = _sbatch("rm_72b.sh")["nodes"]
+    assert nodes == _common_value("ACEMATH_NODES_72B")
+    if not (REPO / "launch" / "plan.py").is_file():
+        pytest.skip("launch/plan.py not present")
+    command = re.search(r"#\s+(python launch/plan.py .*--format nodes)", (SLURM / "rm_72b.sh").read_text()).group(1)
+    planned = subprocess.run([sys.executable, *command.split()[1:]], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert planned == [nodes], f"{command} prints {planned}; update rm_72b.sh and ACEMATH_NODES_72B"
+
+
+@pytest.fixture(scope="module")
+def preflight():
+    spec = importlib.util.spec_from_file_location("slurm_preflight", SLURM / "preflight.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_preflight_names_the_variable(preflight, tmp_path, capsys):
+    stage = ["--stage", "sft:tiny_sft", f"data.prefixes=[{tmp_path}/nope]", f"checkpoint.save_dir={tmp_path}/c",
+             f"checkpoint.init_from={tmp_path}/base"]
+    assert preflight.main(stage) == 2
+    errors = capsys.readouterr().err
+    assert f"DATA: prefix {tmp_path}/nope is missing {tmp_path}/nope.bin" in errors
+    assert f"INIT_FROM: checkpoint.init_from={tmp_path}/base does not exist" in errors
+    assert preflight.main(["--stage", "rm:no_such_recipe"]) == 2
+    assert "RECIPE: unknown recipe 'no_such_recipe'" in capsys.readouterr().err
+    assert preflight.main(["--stage", "sft:tiny_sft", "optim.lrr=1"]) == 2
+    assert "OVERRIDES: unknown config key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_preflight_accepts_upstream_and_resume(preflight, tmp_path, capsys):
+    prefix = tmp_path / "data"
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        (tmp_path / f"data{suffix}").write_bytes(b"")
+    common = [f"data.prefixes=[{prefix}]", f"checkpoint.init_from={tmp_path}/previous-stage"]
+    # written by the previous job of the pipeline: need not exist yet
+    assert preflight.main(["--stage", "sft:tiny_sft:upstream", f"checkpoint.save_dir={tmp_path}/c", *common]) == 0
+    # resuming from save_dir/latest: init_from is not read at all
+    (tmp_path / "c" / "iter_0000005").mkdir(parents=True)
+    (tmp_path / "c" / "iter_0000005" / "metadata.json").write_text("{}")
+    (tmp_path / "c" / "latest").write_text("iter_0000005")
+    assert preflight.main(["--planner-args", "--stage", "sft:tiny_sft", f"checkpoint.save_dir={tmp_path}/c",
+                           *common]) == 0
+    captured = capsys.readouterr()
+    assert f"resumes from {tmp_path}/c/iter_0000005" in captured.err
+    assert captured.out.split() == ["--model", "tiny", "--task", "sft", "--seq-length", "512", "--global-batch", "8",
+                                    "--micro-batch", "2"]
