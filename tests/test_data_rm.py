@@ -114,8 +114,8 @@ def test_score_sorted_selection_on_real_groups(real_groups):
         positives, negatives = sum(group.labels), len(group.labels) - sum(group.labels)
         assert sum(chosen.labels) == min(positives, max(3, 6 - negatives)) and len(chosen.labels) == 6
         for label, take_highest in ((1, True), (0, False)):
-            pool = sorted((s for s, l in zip(group.scores, group.labels) if l == label), reverse=take_highest)
-            picked = sorted((s for s, l in zip(chosen.scores, chosen.labels) if l == label), reverse=take_highest)
+            pool = sorted((s for s, lab in zip(group.scores, group.labels) if lab == label), reverse=take_highest)
+            picked = sorted((s for s, lab in zip(chosen.scores, chosen.labels) if lab == label), reverse=take_highest)
             assert picked == pool[:len(picked)]
 
 

@@ -42,10 +42,12 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return latest
 
 
-def write_model_description(directory: Path, arch: ModelArch, hf_config: Dict) -> None:
-    """Record the architecture beside the weights, so export needs no other input."""
+def write_model_description(directory: Path, arch: ModelArch, hf_config: Optional[Dict] = None) -> None:
+    """Record the architecture (and the source HF config, when converting) beside the weights, so export and
+    evaluation need no other input."""
     (directory / ARCH_FILE).write_text(json.dumps(dataclasses.asdict(arch), indent=2) + "\n")
-    (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+    if hf_config is not None:
+        (directory / HF_CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
 
 
 def find_model_description(checkpoint: Path) -> Tuple[Optional[ModelArch], Optional[Dict], Optional[Path]]:

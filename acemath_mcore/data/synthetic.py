@@ -1,7 +1,8 @@
-"""Synthetic math problems with verifiable answers: the toy stand-in for AceMath's data in demos and tests.
+"""Synthetic data with verifiable answers: the toy stand-in for AceMath's data in demos and tests.
 
-Multi-step integer arithmetic. Responses are chain-of-thought in the AceMath style and end with ``\\boxed{}``,
-so the real grader checks them and best-of-n has something to pick from.
+Math: multi-step integer arithmetic, chain-of-thought responses in the AceMath style ending with ``\\boxed{}``,
+so the real grader checks them and best-of-n has something to pick from. General: short instruction-following
+tasks (repeat, reverse, count on, one arithmetic fact), single- and two-turn, for the two general SFT stages.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Dict, Iterator
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def arithmetic_problem(rng: random.Random, steps: int = 2) -> Dict[str, str]:
+def arithmetic_problem(rng: random.Random, steps: int = 2, max_start: int = 60,
+                       max_operand: int = 40) -> Dict[str, str]:
     """``{"question", "solution", "answer"}`` for a random chain of + and - on small integers."""
-    value = rng.randint(2, 60)
+    value = rng.randint(2, max_start)
     question, lines = str(value), []
     for _ in range(steps):
-        operand = rng.randint(2, 40)
+        operand = rng.randint(2, max_operand)
         op = rng.choice("+-")
         result = value + operand if op == "+" else value - operand
         question += f" {op} {operand}"
@@ -29,14 +31,49 @@ def arithmetic_problem(rng: random.Random, steps: int = 2) -> Dict[str, str]:
     return {"question": f"What is {question}?", "solution": solution, "answer": str(value)}
 
 
-def sft_records(count: int, seed: int, steps: int = 2) -> Iterator[Dict]:
-    """AceMath-Instruct-style records: ``messages`` (user + assistant) plus the gold ``answer``."""
+def sft_records(count: int, seed: int, steps: int = 2, max_start: int = 60, max_operand: int = 40,
+                instruction: str = MATH_INSTRUCTION) -> Iterator[Dict]:
+    """AceMath-Instruct-style records: ``messages`` (user: question, newline, instruction; assistant: worked
+    solution) plus the gold ``answer``."""
     rng = random.Random(seed)
     for _ in range(count):
-        problem = arithmetic_problem(rng, steps)
-        yield {"messages": [{"role": "user", "content": f"{problem['question']}\n{MATH_INSTRUCTION}"},
+        problem = arithmetic_problem(rng, steps, max_start, max_operand)
+        yield {"messages": [{"role": "user", "content": f"{problem['question']}\n{instruction}"},
                             {"role": "assistant", "content": problem["solution"]}],
                "answer": problem["answer"]}
+
+
+_WORDS = ("cat", "dog", "sun", "tree", "ball", "bird", "fish", "cake", "red", "blue", "big", "small", "happy",
+          "park", "boat", "star", "moon", "milk", "frog", "hat")
+
+
+def _general_exchange(rng: random.Random) -> tuple[str, str]:
+    """One (instruction, response) pair of a randomly chosen general task."""
+    words = rng.sample(_WORDS, rng.randint(2, 4))
+    task = rng.randrange(4)
+    if task == 0:
+        return f"Repeat these words: {' '.join(words)}", " ".join(words)
+    if task == 1:
+        return f"Say these words in reverse order: {' '.join(words)}", " ".join(reversed(words))
+    if task == 2:
+        start = rng.randint(1, 90)
+        return f"Count from {start} to {start + 3}.", ", ".join(str(start + i) for i in range(4))
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if rng.random() < 0.5:
+        return f"What is {a} + {b}?", f"{a} + {b} = {a + b}."
+    return f"What is {a + b} - {b}?", f"{a + b} - {b} = {a}."
+
+
+def general_records(count: int, seed: int, two_turn_fraction: float = 0.0) -> Iterator[Dict]:
+    """General-SFT conversations; ``two_turn_fraction`` of them hold two user/assistant exchanges (the loss
+    covers both answers)."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        messages = []
+        for _ in range(2 if rng.random() < two_turn_fraction else 1):
+            instruction, response = _general_exchange(rng)
+            messages += [{"role": "user", "content": instruction}, {"role": "assistant", "content": response}]
+        yield {"messages": messages}
 
 
 def write_jsonl(path: str | Path, records) -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Protocol, Sequence
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
-from acemath_mcore.eval.benchmarks import DEFAULT_INSTRUCTION, build_messages, load_benchmark
+from acemath_mcore.eval.benchmarks import DEFAULT_INSTRUCTION, Problem, build_messages, load_benchmark
 from acemath_mcore.eval.generation import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,19 @@ def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder
     problems, gold_issues = load_benchmark(benchmark, settings.data_dir)
     if settings.limit is not None:
         problems = problems[: settings.limit]
+        gold_issues = [issue for issue in gold_issues if issue.idx < settings.limit]
+    if backend.is_writer and gold_issues:
+        log.info("%s: %d gold answers flagged (kept, see load_benchmark): %s", benchmark, len(gold_issues),
+                 "; ".join(f"idx {issue.idx}: {issue.reason}" for issue in gold_issues[:3]))
+    evaluate_problems(backend, encoder, settings, benchmark, problems, results_path,
+                      extra_meta={"settings": fingerprint})
+
+
+def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
+                      benchmark: str, problems: Sequence[Problem], results_path: Path,
+                      extra_meta: Optional[dict] = None) -> Optional[List[dict]]:
+    """Generate ``settings.num_samples`` responses per problem, grade them with ``benchmark``'s extraction rules
+    and write ``results_path`` (+ ``.meta.json``); the writer process returns the records."""
     prompts = [encoded.input_ids.tolist() for encoded in encoder.encode_batch(
         [build_messages(problem, settings.instruction, settings.instruction_role) for problem in problems],
         add_generation_prompt=True)]
@@ -103,27 +116,28 @@ def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder
     n = settings.num_samples
     rows = [prompt for prompt, ok in zip(prompts, fits) if ok for _ in range(n)]
     if backend.is_writer:
-        log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong, "
-                 "%d golds flagged)", benchmark, len(problems), n, too_long, backend.max_sequence_length,
-                 len([issue for issue in gold_issues if settings.limit is None or issue.idx < settings.limit]))
+        log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong)",
+                 benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
     progress = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
     generations = backend.generate(rows, settings.sampling, settings.seed, progress)
     if not backend.is_writer:
-        return
+        return None
     generated_tokens = sum(len(g.token_ids) for g in generations)
     seconds = time.perf_counter() - started
     records = _grade(problems, fits, generations, encoder, n, benchmark)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
     with results_path.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    meta_path.write_text(json.dumps({
-        "settings": fingerprint, "prompts_too_long": too_long, "generated_tokens": generated_tokens,
+    results_path.with_suffix(".meta.json").write_text(json.dumps({
+        **(extra_meta or {}), "prompts_too_long": too_long, "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 2), "tokens_per_second": round(generated_tokens / max(seconds, 1e-9), 1),
     }, indent=2) + "\n")
     accuracy = 100.0 * sum(sum(r["score"]) for r in records) / max(1, n * len(records))
     log.info("%s: accuracy %.2f%% over %d responses, %d tokens in %.1f s -> %s", benchmark, accuracy,
              n * len(records), generated_tokens, seconds, results_path)
+    return records
 
 
 def _progress_logger(benchmark: str, started: float) -> Callable[[int, int], None]:

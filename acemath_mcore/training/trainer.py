@@ -11,12 +11,14 @@ import dataclasses
 import logging
 import signal
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from megatron.core import parallel_state
 
-from acemath_mcore.models import get_preset
+from acemath_mcore.convert.megatron_files import write_model_description
+from acemath_mcore.models import resolve_arch
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import build_model_chunk
 from acemath_mcore.recipes.config import TrainConfig
@@ -93,7 +95,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass)."""
     launch = init_distributed(config.parallel, seed=config.seed)
     setup_console_logging(launch.rank)
-    arch = arch or get_preset(config.model)
+    arch = arch or resolve_arch(config.model)
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     micro_batches_per_step = check_batch_arithmetic(config, dp_size)
     steps = total_steps(config, data.num_samples)
@@ -101,13 +103,18 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
 
-    engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
-                    model_chunk_builder=model_chunk_builder)
-    start_step, consumed_samples = _initialise(config, engine)
-    loader = data.make_loader(consumed_samples, dp_rank, dp_size)
-    metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps, launch.rank,
-                                   config.logging.wandb_project, config.logging.wandb_mode)
+    # Installed before the slow set-up: a USR1 that arrives while the model builds still gets its checkpoint.
     preemption = _PreemptionFlag()
+    try:
+        engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
+                        model_chunk_builder=model_chunk_builder)
+        start_step, consumed_samples = _initialise(config, engine)
+        loader = data.make_loader(consumed_samples, dp_rank, dp_size)
+        metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
+                                       launch.rank, config.logging.wandb_project, config.logging.wandb_mode)
+    except BaseException:
+        preemption.restore()
+        raise
     peak = device_lib.bf16_peak_flops()
     step, exit_code, metrics = start_step, 0, {}
     first_loss = None
@@ -179,5 +186,7 @@ def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int)
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
                                          engine.scheduler, {"consumed_samples": consumed_samples},
                                          keep_last=config.checkpoint.keep_last)
+    if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
+        write_model_description(Path(config.checkpoint.save_dir), engine.arch)
     logger.info("saved %s in %.1f s", path, time.perf_counter() - start)
 
