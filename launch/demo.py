@@ -1,59 +1,55 @@
-"""The tiny embedded AceMath run on CPU: synthetic math data -> preprocess -> SFT with megatron-core.
+"""The tiny embedded AceMath run on CPU: the whole pipeline at toy scale, no downloads (docs/demo.md).
 
-No downloads: the data is generated (multi-step arithmetic with verifiable answers) and tokenized with the real
-512-piece SentencePiece tokenizer of stories260K in ../shared. Everything lands under --workdir.
+    synthetic math data -> preprocess -> SFT stage 1 -> stage 2 -> math SFT -> sample candidates, grade them
+    -> reward model (listwise Bradley-Terry) -> held-out greedy pass@1, rm@k / maj@k / pass@k + plot -> HF export
 
-    python launch/demo.py                 # about a minute on 2 CPU cores
-    python launch/demo.py --steps 60      # longer training
+    python launch/demo.py                       # about 10 minutes on 2 CPU cores
+    python launch/demo.py --workdir /tmp/demo stage_steps=[60,60,400] rm_steps=200   # any field, key=value
+
+Everything lands under --workdir: data/, checkpoints/, runs/ (per-stage logs), eval/ (JSONL, best-of-n table and
+plot), hf/ (exported models), results.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "models" / "stories260K_hf" / "tokenizer.model"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
+
+from acemath_mcore.toy_pipeline import ToyPipelineConfig  # noqa: E402
 
 
-def parse_args(argv=None):
+def parse_args(argv=None) -> ToyPipelineConfig:
+    fields = ", ".join(field.name for field in dataclasses.fields(ToyPipelineConfig))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="outputs/demo")
-    parser.add_argument("--tokenizer", default=str(DEFAULT_TOKENIZER))
-    parser.add_argument("--train-problems", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--workdir", default=ToyPipelineConfig.workdir)
+    parser.add_argument("overrides", nargs="*", help=f"key=value settings; keys: {fields}")
+    args = parser.parse_args(argv)
+    from acemath_mcore.recipes.config import OverrideError, apply_overrides
+
+    config = ToyPipelineConfig(workdir=args.workdir)
+    try:
+        return apply_overrides(config, args.overrides)
+    except OverrideError as error:
+        parser.error(str(error))
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from acemath_mcore.data.preprocess import PreprocessConfig, preprocess_sft
-    from acemath_mcore.data.synthetic import sft_records, write_jsonl
-    from acemath_mcore.recipes import apply_overrides, get_recipe
-    from acemath_mcore.training.sft import train_sft
+    config = parse_args(argv)
+    from acemath_mcore.runtime import destroy_distributed
+    from acemath_mcore.toy_pipeline import format_report, run_toy_pipeline
+    from acemath_mcore.training.logging import setup_console_logging
 
-    if not Path(args.tokenizer).is_file():
-        raise SystemExit(f"tokenizer not found: {args.tokenizer} (expected the read-only ../shared beside the repo)")
-    work = Path(args.workdir)
-    print(f"[1/2] synthetic math SFT data: {args.train_problems} problems -> {work / 'data'}", flush=True)
-    jsonl = write_jsonl(work / "data" / "sft.jsonl", sft_records(args.train_problems, seed=args.seed))
-    prefix = str(work / "data" / "sft")
-    stats = preprocess_sft(PreprocessConfig(inputs=[str(jsonl)], output_prefix=prefix, tokenizer=args.tokenizer,
-                                            template="plain", max_length=512, workers=2, progress=False))
-    print(f"      {stats['samples']} samples, {stats['tokens']} tokens, {stats['loss_tokens']} loss tokens, "
-          f"{stats['dropped_total']} dropped", flush=True)
-
-    print(f"[2/2] SFT of the tiny preset with megatron-core on CPU for {args.steps} steps", flush=True)
-    config = apply_overrides(get_recipe("tiny_sft"), [
-        f"data.prefixes=[{prefix}]", f"train_steps={args.steps}", f"checkpoint.save_dir={work / 'checkpoints' / 'sft'}",
-        f"logging.output_dir={work / 'runs'}", f"seed={args.seed}", "checkpoint.resume=false",
-    ])
-    summary = train_sft(config)
-    print(json.dumps({k: summary[k] for k in ("first_loss", "final_loss", "steps", "checkpoint", "wall_s")}, indent=2))
-    return summary["exit_code"]
+    setup_console_logging(0)
+    try:
+        results = run_toy_pipeline(config)
+    finally:
+        destroy_distributed()
+    print(format_report(results))
+    return 0
 
 
 if __name__ == "__main__":

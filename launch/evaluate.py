@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=("megatron", "hf", "vllm"), default="megatron")
     parser.add_argument("--checkpoint", help="megatron: dist checkpoint or save dir with 'latest'; hf/vllm: HF dir")
-    parser.add_argument("--model", help="megatron: a preset name or config.json (default: the converter's record "
-                                        "in the checkpoint)")
+    parser.add_argument("--model", help="megatron: a preset name or config.json (default: model_arch.json, written "
+                                        "by the converter and the trainer)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: the HF dir, or the converter's assets)")
     parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
     parser.add_argument("--instruction-role", choices=("user", "system"), default="user",
@@ -86,7 +86,7 @@ def _megatron_arch_and_tokenizer(args):
     except ValueError as error:
         raise SystemExit(f"--model: {error}") from None
     if arch is None:
-        raise SystemExit(f"{args.checkpoint} records no model shapes (trainer checkpoints do not); pass --model")
+        raise SystemExit(f"{args.checkpoint} records no model shapes (model_arch.json); pass --model")
     tokenizer = args.tokenizer or (str(assets) if assets else None)
     if tokenizer is None:
         raise SystemExit("--tokenizer is required: the checkpoint carries no tokenizer assets")

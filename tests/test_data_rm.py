@@ -179,3 +179,16 @@ def test_preprocess_rm_max_length_drops_whole_groups(tmp_path, qwen):
                                              tokenizer=QWEN, max_length=600), qwen)
     assert stats["dropped"]["too_long"] + stats["groups"] == 10
     assert stats["dropped"]["too_long"] > 0
+
+
+def test_scoring_keeps_empty_candidates_and_rejects_non_text():
+    from acemath_mcore.data.rm_data import encode_rm_group
+    from acemath_mcore.training.reward import candidate_group
+
+    group = candidate_group({"question": "What is 2 + 2?", "code": ["4", ""]}, "cands.jsonl:3")
+    tokenizer = load_tokenizer(shared_path("tokenizers/qwen2"))
+    encoder = ConversationEncoder(tokenizer, build_template("chatml", tokenizer))
+    with_answer, empty = encode_rm_group(encoder, group)
+    assert empty[-1] == tokenizer.im_end_id and len(empty) == len(with_answer) - 1  # scored at its end of turn
+    with pytest.raises(DataError, match="cands.jsonl:3.*response 1 is not a string"):
+        candidate_group({"question": "What is 2 + 2?", "code": ["4", None]}, "cands.jsonl:3")

@@ -29,6 +29,18 @@ def test_slurm_environment():
     assert launch.master_port == 20000 + 123456 % 20000
 
 
+def test_lone_process_takes_a_free_port_unless_told():
+    import socket
+
+    from acemath_mcore.runtime import read_launch_env
+
+    launch = read_launch_env({})
+    assert (launch.rank, launch.world_size) == (0, 1)
+    with socket.socket() as probe:  # the port it chose can be bound: a second lone run does not collide
+        probe.bind(("127.0.0.1", launch.master_port))
+    assert read_launch_env({"MASTER_PORT": "6123"}).master_port == 6123
+
+
 @pytest.mark.parametrize("nodelist,first", [
     ("node001", "node001"), ("a1,b2", "a1"), ("gpu[3-5]", "gpu3"), ("gpu[010,012-014]", "gpu010"),
 ])

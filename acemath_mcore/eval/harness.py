@@ -52,7 +52,7 @@ class EvalSettings:
     num_samples: int = 1
     seed: int = 0
     limit: Optional[int] = None  # first N problems per benchmark (smoke tests)
-    instruction: str = DEFAULT_INSTRUCTION
+    instruction: Optional[str] = DEFAULT_INSTRUCTION  # None: the problems' text is the whole user prompt
     instruction_role: str = "user"  # user: AceMath's template; system: Qwen2.5-Math-Instruct's
     overwrite: bool = False
 

@@ -7,6 +7,7 @@ import datetime
 import os
 import random
 import re
+import socket
 from typing import Mapping, Optional
 
 import numpy as np
@@ -81,8 +82,16 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             # A job-specific port lets several jobs share a node without colliding.
             master_port=int(environ.get("MASTER_PORT", str(20000 + job_id % 20000))),
         )
-    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1",
-                     master_port=int(environ.get("MASTER_PORT", "29500")))
+    # A lone process: any free port, so two single-process runs on one machine never collide.
+    port = int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else free_port()
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port)
+
+
+def free_port() -> int:
+    """A TCP port the OS reports free on this machine now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def init_distributed(

@@ -11,18 +11,13 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import traceback
 import warnings
 from typing import Callable, List
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from acemath_mcore.runtime.distributed import free_port
 
 
 def _worker_entry(rank: int, world_size: int, port: int, target: Callable, args: tuple, results) -> None:

@@ -239,8 +239,12 @@ def candidate_group(record: dict, where: str) -> RMGroup:
     messages = [{"role": "user", "content": prompt}]
     if record.get("system") is not None:
         messages.insert(0, {"role": "system", "content": record["system"]})
-    for response in responses:
-        validate_messages(messages + [{"role": "assistant", "content": response}], where)
+    validate_messages(messages + [{"role": "assistant", "content": "placeholder"}], where)  # the prompt's shape
+    not_text = next((index for index, response in enumerate(responses) if not isinstance(response, str)), None)
+    if not_text is not None:
+        raise DataError(where, Reason.BAD_MESSAGE, f"response {not_text} is not a string")
+    # An empty response (a model that ended its turn at once) is still a candidate: it is scored at its end-of-turn
+    # token like any other, so best-of-n can rank it.
     return RMGroup(where, messages, list(responses), [0] * len(responses))
 
 
