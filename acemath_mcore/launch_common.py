@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe
 from acemath_mcore.recipes.config import OverrideError
@@ -23,12 +23,19 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(config.to_json())
         return 0
-    if kind == "sft":
-        from acemath_mcore.training.sft import train_sft as train
-    else:
-        from acemath_mcore.training.reward import train_reward_model as train
-    summary = train(config)
+    summary = trainer_for(kind)(config)
     return summary["exit_code"]
+
+
+def trainer_for(kind: str) -> Callable:
+    """The training function of a stage kind: ``sft`` or ``rm``."""
+    if kind == "sft":
+        from acemath_mcore.training.sft import train_sft
+
+        return train_sft
+    from acemath_mcore.training.reward import train_reward_model
+
+    return train_reward_model
 
 
 if __name__ == "__main__":

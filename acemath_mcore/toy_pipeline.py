@@ -103,14 +103,11 @@ def _synthetic_data(config: ToyPipelineConfig, data_dir: Path) -> Dict[str, obje
 
 
 def _train(kind: str, recipe: str, overrides: List[str]) -> dict:
+    from acemath_mcore.launch_common import trainer_for
     from acemath_mcore.recipes import apply_overrides, get_recipe
 
     config = apply_overrides(get_recipe(recipe), overrides)
-    if kind == "sft":
-        from acemath_mcore.training.sft import train_sft as train
-    else:
-        from acemath_mcore.training.reward import train_reward_model as train
-    summary = train(config)
+    summary = trainer_for(kind)(config)
     if summary["exit_code"] != 0:
         raise RuntimeError(f"{config.name} stopped with exit code {summary['exit_code']}")
     return {key: summary[key] for key in ("first_loss", "final_loss", "steps", "wall_s")}
@@ -254,7 +251,8 @@ def _score(rm_checkpoint: Path, encoder, input_path: Path, output_path: Path, to
 
 
 def _best_of_n(greedy_records: Sequence[dict], scored_path: Path, k_max: int, eval_dir: Path) -> dict:
-    from acemath_mcore.eval.bestofn import evaluate, format_table, k_ladder, read_records, save_plot
+    from acemath_mcore.eval.bestofn import (evaluate, format_table, k_ladder, mean_accuracy_percent, read_records,
+                                            save_plot)
 
     records = read_records(scored_path)
     metrics = evaluate(records, k_max)
@@ -263,7 +261,7 @@ def _best_of_n(greedy_records: Sequence[dict], scored_path: Path, k_max: int, ev
     (eval_dir / "bestofn.md").write_text(table + "\n")
     save_plot(metrics, ks, eval_dir / "bestofn.png", title="toy AceMath: best-of-n on held-out problems")
     greedy = 100.0 * sum(record["score"][0] for record in greedy_records) / len(greedy_records)
-    mean_accuracy = 100.0 * sum(sum(r.correct) for r in records) / sum(r.n for r in records)
+    mean_accuracy = mean_accuracy_percent(records)
     # Within a problem, how often the RM scores a right candidate above a wrong one (0.5 = chance).
     pairs = [(right > wrong) + 0.5 * (right == wrong) for r in records
              for right, ok_right in zip(r.rm_scores, r.correct) if ok_right

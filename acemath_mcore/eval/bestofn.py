@@ -181,6 +181,11 @@ def metrics_at_k(records: Sequence[Record], k: int, seeds: int = 100) -> dict[st
     return {f"{metric}@{k}": 100.0 * hits[metric] / total for metric in METRICS if metric in available}
 
 
+def mean_accuracy_percent(records: Sequence[Record]) -> float:
+    """Accuracy over every candidate of every record: the expected pass@1 of one random sample."""
+    return 100.0 * sum(sum(record.correct) for record in records) / sum(record.n for record in records)
+
+
 def k_ladder(k_max: int) -> list[int]:
     """1, 2, 4, ... up to `k_max`, and `k_max` itself: the rows of the paper's best-of-n table."""
     ladder = [1]

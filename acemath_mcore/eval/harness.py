@@ -179,7 +179,7 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
     """Metrics of every ``<benchmark>.jsonl`` in ``output_dir`` (or the named ones): ``pass@1`` is the mean
     accuracy over all responses (greedy pass@1 when there is one per problem); with n > 1 also ``maj@n`` and
     ``pass@n``. ``average`` is the plain mean of pass@1 over the benchmarks present."""
-    from acemath_mcore.eval.bestofn import metrics_at_k, read_records
+    from acemath_mcore.eval.bestofn import mean_accuracy_percent, metrics_at_k, read_records
 
     output_dir = Path(output_dir)
     names = list(benchmarks) if benchmarks else sorted(p.stem for p in output_dir.glob("*.jsonl"))
@@ -191,7 +191,7 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
         records = read_records(path)
         n = records[0].n
         row = {"problems": len(records), "samples": n,
-               "pass@1": 100.0 * sum(sum(r.correct) for r in records) / sum(r.n for r in records)}
+               "pass@1": mean_accuracy_percent(records)}
         if n > 1:
             row.update(metrics_at_k(records, n))
         meta = output_dir / f"{name}.meta.json"
