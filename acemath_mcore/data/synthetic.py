@@ -10,19 +10,22 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def arithmetic_problem(rng: random.Random, steps: int = 2, max_start: int = 60,
-                       max_operand: int = 40) -> Dict[str, str]:
-    """``{"question", "solution", "answer"}`` for a random chain of + and - on small integers."""
+def arithmetic_problem(rng: random.Random, steps: int = 2, max_start: int = 60, max_operand: int = 40,
+                       max_total: Optional[int] = None) -> Dict[str, str]:
+    """``{"question", "solution", "answer"}`` for a random chain of + and - on integers from 2 up. With
+    ``max_total``, each step is drawn among those keeping the running total within 0..max_total (every step then
+    a single-digit fact when max_total is 9)."""
     value = rng.randint(2, max_start)
     question, lines = str(value), []
     for _ in range(steps):
-        operand = rng.randint(2, max_operand)
-        op = rng.choice("+-")
+        choices = [(op, operand) for op in "+-" for operand in range(2, max_operand + 1)
+                   if max_total is None or 0 <= (value + operand if op == "+" else value - operand) <= max_total]
+        op, operand = rng.choice(choices)
         result = value + operand if op == "+" else value - operand
         question += f" {op} {operand}"
         lines.append(f"{value} {op} {operand} = {result}.")
@@ -32,14 +35,19 @@ def arithmetic_problem(rng: random.Random, steps: int = 2, max_start: int = 60,
 
 
 def sft_records(count: int, seed: int, steps: int = 2, max_start: int = 60, max_operand: int = 40,
-                instruction: str = MATH_INSTRUCTION) -> Iterator[Dict]:
+                instruction: str = MATH_INSTRUCTION, max_total: Optional[int] = None,
+                bare_answer_fraction: float = 0.0) -> Iterator[Dict]:
     """AceMath-Instruct-style records: ``messages`` (user: question, newline, instruction; assistant: worked
-    solution) plus the gold ``answer``."""
+    solution) plus the gold ``answer``. ``bare_answer_fraction`` of the responses state only the final answer, with
+    no working, as answers scraped without their solutions do in real SFT mixtures."""
     rng = random.Random(seed)
     for _ in range(count):
-        problem = arithmetic_problem(rng, steps, max_start, max_operand)
+        problem = arithmetic_problem(rng, steps, max_start, max_operand, max_total)
+        response = problem["solution"]
+        if bare_answer_fraction and rng.random() < bare_answer_fraction:
+            response = response[response.index("The answer is"):]
         yield {"messages": [{"role": "user", "content": f"{problem['question']}\n{instruction}"},
-                            {"role": "assistant", "content": problem["solution"]}],
+                            {"role": "assistant", "content": response}],
                "answer": problem["answer"]}
 
 
