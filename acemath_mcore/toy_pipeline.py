@@ -1,15 +1,16 @@
 """The whole AceMath pipeline at toy scale, on CPU, with no downloads (what ``launch/demo.py`` runs).
 
-    synthetic data -> preprocess -> general SFT stage 1 -> stage 2 -> math SFT
+    synthetic data -> preprocess -> base model (HF -> Megatron) -> general SFT stage 1 -> stage 2 -> math SFT
     -> sample candidates for training problems, label them with the grader -> reward model (listwise BT)
     -> held-out problems: greedy pass@1, n samples scored by the RM: rm@k / maj@k / pass@k table and plot
     -> export the math-SFT model and the RM to Hugging Face format
 
-Every stage uses the production code path (preprocessing to .bin/.idx, the shared trainer, the Megatron
-generation loop, the grader, RM scoring, best-of-n, the HF exporter); only the sizes are toy: the ``tiny`` preset
-(4 layers, hidden 128) and the real 512-piece SentencePiece tokenizer of stories260K from ../shared. The data is
-two-step integer arithmetic with chain-of-thought answers, which a model this small learns only partly in a few
-minutes: that leaves wrong candidates for the reward model to learn from and rank.
+Every stage uses the production code path (HF conversion, preprocessing to .bin/.idx, the shared trainer, the
+Megatron generation loop, the grader, RM scoring, best-of-n, the HF exporter); only the sizes are toy: the real
+pretrained stories260K Llama from ../shared (5 layers, hidden 64) and its 512-piece SentencePiece tokenizer. The
+math data is three-step single-digit arithmetic; like real SFT mixtures it holds some answers without their
+working, so the policy sometimes answers bare, and a bare answer is usually wrong. docs/demo.md says what the
+reward model learns from that, and what a model this small does not learn (checking the arithmetic).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Dict, List, Optional, Sequence
 log = logging.getLogger("acemath_mcore.toy_pipeline")
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TOKENIZER = REPO.parent / "shared" / "models" / "stories260K_hf" / "tokenizer.model"
+DEFAULT_BASE_MODEL = REPO.parent / "shared" / "models" / "stories260K_hf"
+DEFAULT_TOKENIZER = DEFAULT_BASE_MODEL / "tokenizer.model"
 STAGES = ("sft_stage1", "sft_stage2", "math_sft")
 
 
@@ -33,21 +35,27 @@ STAGES = ("sft_stage1", "sft_stage2", "math_sft")
 class ToyPipelineConfig:
     workdir: str = "outputs/demo"
     tokenizer: str = str(DEFAULT_TOKENIZER)
+    # A Hugging Face model directory to start from (converted to a Megatron checkpoint first), or "tiny": the
+    # tiny preset from random initialisation.
+    base_model: str = str(DEFAULT_BASE_MODEL)
     general_problems: int = 3000
     math_problems: int = 6000
     rm_problems: int = 1500  # problems sampled for reward-model data (may overlap the SFT questions)
     heldout_problems: int = 200
     candidates: int = 8  # samples per problem, for the RM data and for best-of-n
-    max_operand: int = 9  # arithmetic on 2..max_operand
+    steps: int = 3  # operations per problem
+    max_operand: int = 9  # operands 2..max_operand
+    max_total: Optional[int] = 9  # every running total stays within 0..max_total (None: no bound)
+    bare_answer_fraction: float = 0.3  # math-SFT responses that state only the answer, without the working
     # A short instruction keeps rows short on CPU (AceMath's own is 45 tokens with this tokenizer).
     instruction: str = "Solve step by step."
-    stage_steps: List[int] = dataclasses.field(default_factory=lambda: [30, 30, 400])  # stage 1, 2, math SFT
-    rm_steps: int = 110  # about two epochs of the RM data, as in the paper
+    stage_steps: List[int] = dataclasses.field(default_factory=lambda: [30, 30, 250])  # stage 1, 2, math SFT
+    rm_steps: int = 0  # 0: the recipe's two epochs of the RM data, as in the paper
     global_batch_size: int = 8
     micro_batch_size: int = 8
     sequence_length: int = 512
     temperature: float = 1.0
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     seed: int = 0
     export: bool = True
 
@@ -66,7 +74,7 @@ def _synthetic_data(config: ToyPipelineConfig, data_dir: Path) -> Dict[str, obje
     rng, drawn = random.Random(config.seed + 3), {}  # RM-training problems first, then the held-out ones
     wanted = config.rm_problems + config.heldout_problems
     for _ in range(100 * wanted):
-        problem = arithmetic_problem(rng, 2, config.max_operand, config.max_operand)
+        problem = arithmetic_problem(rng, config.steps, config.max_operand, config.max_operand, config.max_total)
         drawn.setdefault(problem["question"], problem)
         if len(drawn) == wanted:
             break
@@ -89,8 +97,9 @@ def _synthetic_data(config: ToyPipelineConfig, data_dir: Path) -> Dict[str, obje
                 yield record
 
     math_records = itertools.islice(decontaminated(sft_records(
-        10**9, config.seed + 2, max_start=config.max_operand, max_operand=config.max_operand,
-        instruction=config.instruction)), config.math_problems)
+        10**9, config.seed + 2, steps=config.steps, max_start=config.max_operand, max_operand=config.max_operand,
+        instruction=config.instruction, max_total=config.max_total,
+        bare_answer_fraction=config.bare_answer_fraction)), config.math_problems)
     files = {
         "sft_stage1": write_jsonl(data_dir / "general_stage1.jsonl", general_records(config.general_problems,
                                                                                     config.seed)),
@@ -120,10 +129,14 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
     from acemath_mcore.data.rm_data import RMPreprocessConfig, preprocess_rm
     from acemath_mcore.data.tokenizers import load_tokenizer
     from acemath_mcore.eval.generation import SamplingParams
+    from acemath_mcore.models.presets import resolve_arch
 
     if not Path(config.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer not found: {config.tokenizer} (expected the read-only ../shared "
                                 "beside the repository)")
+    if config.base_model != "tiny" and not (Path(config.base_model) / "config.json").is_file():
+        raise FileNotFoundError(f"base_model: no config.json in {config.base_model} (a Hugging Face model directory, "
+                                "or 'tiny' for the tiny preset from random initialisation)")
     if len(config.stage_steps) != len(STAGES):
         raise ValueError(f"stage_steps needs {len(STAGES)} numbers ({', '.join(STAGES)}), got {config.stage_steps}")
     work = Path(config.workdir)
@@ -156,10 +169,17 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
               f"data.seq_length={config.sequence_length}", f"logging.output_dir={work / 'runs'}",
               f"seed={config.seed}", "checkpoint.resume=false", "logging.log_interval=10"]
     previous = None
+    if config.base_model != "tiny":
+        from acemath_mcore.convert import convert_hf_to_megatron
+
+        log.info("[base] converting %s to a Megatron checkpoint", config.base_model)
+        previous = convert_hf_to_megatron(config.base_model, checkpoints / "base", overwrite=True)
+        now = stage_done("base", now)
+    common.append(f"model={config.base_model}")
     for stage, steps in zip(STAGES, config.stage_steps):
-        log.info("[%s] SFT of the tiny preset for %d steps%s", stage, steps,
+        log.info("[%s] SFT for %d steps%s", stage, steps,
                  f", starting from {previous}" if previous else " from random initialisation")
-        overrides = [*common, f"name=tiny-{stage}", f"data.prefixes=[{prefixes[stage]}]", f"train_steps={steps}",
+        overrides = [*common, f"name=toy-{stage}", f"data.prefixes=[{prefixes[stage]}]", f"train_steps={steps}",
                      f"checkpoint.save_dir={checkpoints / stage}",
                      f"checkpoint.init_from={previous}" if previous else "checkpoint.init_from=none"]
         results[stage] = _train("sft", "tiny_sft", overrides)
@@ -174,7 +194,8 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
 
     log.info("[candidates] %d samples for each of %d training problems from the math-SFT model",
              config.candidates, config.rm_problems)
-    backend = _megatron_backend(checkpoints / "math_sft", encoder)
+    arch = resolve_arch(config.base_model)
+    backend = _megatron_backend(checkpoints / "math_sft", arch, encoder)
     candidates = _evaluate(backend, encoder, data["rm_problems"], eval_dir / "rm_candidates.jsonl", sampled,
                            config.candidates, config.seed)
     results["rm_candidates"] = _accuracy_counts(candidates)
@@ -186,7 +207,7 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
                                                 template="plain", max_length=config.sequence_length))
     results["rm_data"] = {key: rm_stats[key] for key in ("groups_read", "groups", "responses", "dropped")}
     results["rm"] = _train("rm", "tiny_rm", [
-        *common, "name=tiny-rm", f"data.prefixes=[{work / 'data' / 'rm'}]", f"train_steps={config.rm_steps}",
+        *common, "name=toy-rm", f"data.prefixes=[{work / 'data' / 'rm'}]", f"train_steps={config.rm_steps}",
         "micro_batch_size=1", f"data.seq_length={4 * config.sequence_length}",
         f"checkpoint.save_dir={checkpoints / 'rm'}", f"checkpoint.init_from={checkpoints / 'math_sft'}"])
     now = stage_done("rm", now)
@@ -198,7 +219,7 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
     sampled_path = eval_dir / "heldout_samples.jsonl"
     _evaluate(backend, encoder, data["heldout"], sampled_path, sampled, config.candidates, config.seed + 1)
     scored_path = eval_dir / "heldout_scored.jsonl"
-    _score(checkpoints / "rm", encoder, sampled_path, scored_path, config.sequence_length)
+    _score(checkpoints / "rm", arch, encoder, sampled_path, scored_path, config.sequence_length)
     results["heldout"] = _best_of_n(greedy_records, scored_path, config.candidates, eval_dir)
     now = stage_done("eval", now)
 
@@ -218,11 +239,10 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
     return results
 
 
-def _megatron_backend(checkpoint: Path, encoder):
+def _megatron_backend(checkpoint: Path, arch, encoder):
     from acemath_mcore.eval.backends import MegatronBackend
-    from acemath_mcore.models import get_preset
 
-    return MegatronBackend(str(checkpoint), get_preset("tiny"), encoder.stop_ids, max_batch_size=128)
+    return MegatronBackend(str(checkpoint), arch, encoder.stop_ids, max_batch_size=128)
 
 
 def _evaluate(backend, encoder, problems, path: Path, sampling, samples: int, seed: int) -> List[dict]:
@@ -240,12 +260,12 @@ def _accuracy_counts(records: Sequence[dict]) -> dict:
             "problems_with_right_and_wrong": mixed}
 
 
-def _score(rm_checkpoint: Path, encoder, input_path: Path, output_path: Path, tokens_per_row: int) -> None:
-    from acemath_mcore.models import ModelOptions, get_preset
+def _score(rm_checkpoint: Path, arch, encoder, input_path: Path, output_path: Path, tokens_per_row: int) -> None:
+    from acemath_mcore.models import ModelOptions
     from acemath_mcore.runtime import ParallelConfig
     from acemath_mcore.training.reward import RewardScorer, score_jsonl
 
-    scorer = RewardScorer(get_preset("tiny"), rm_checkpoint, ParallelConfig(), ModelOptions(spec="native"),
+    scorer = RewardScorer(arch, rm_checkpoint, ParallelConfig(), ModelOptions(spec="native"),
                           tokens_per_row=4 * tokens_per_row)
     score_jsonl(input_path, output_path, scorer, encoder, show_progress=False)
 
@@ -267,8 +287,22 @@ def _best_of_n(greedy_records: Sequence[dict], scored_path: Path, k_max: int, ev
              for right, ok_right in zip(r.rm_scores, r.correct) if ok_right
              for wrong, ok_wrong in zip(r.rm_scores, r.correct) if not ok_wrong]
     return {"greedy_pass@1": greedy, "mean_sample_accuracy": mean_accuracy,
+            f"rm@{k_max}_random_scores": random_scorer_pick_accuracy(scored_path),
             "rm_pairwise_accuracy": sum(pairs) / max(1, len(pairs)), "rm_pairs": len(pairs), **metrics, "table": table,
             "plot": str(eval_dir / "bestofn.png")}
+
+
+def random_scorer_pick_accuracy(scored_path: Path) -> float:
+    """Expected accuracy (%) of picking the top-scored of all n candidates when the scorer is noise: a scorer gives
+    equal texts equal scores, so its pick is uniform over the *distinct* responses. Right answers are often
+    repeated and wrong ones varied, which puts this chance level below the mean sample accuracy: a reward model
+    has to rank by correctness to pick better than a single sample."""
+    per_problem = []
+    for line in Path(scored_path).read_text().splitlines():
+        row = json.loads(line)
+        distinct = dict(zip(row["code"], row["score"]))
+        per_problem.append(sum(map(bool, distinct.values())) / len(distinct))
+    return 100.0 * sum(per_problem) / max(1, len(per_problem))
 
 
 def format_report(results: dict) -> str:
@@ -285,9 +319,12 @@ def format_report(results: dict) -> str:
                      f"{c['problems_with_right_and_wrong']} problems with both right and wrong ones")
     if "heldout" in results:
         h = results["heldout"]
+        n = results["config"]["candidates"]
         lines += [f"held-out: greedy pass@1 {h['greedy_pass@1']:.1f}%, mean sample accuracy "
                   f"{h['mean_sample_accuracy']:.1f}%, RM ranks a right candidate above a wrong one in "
-                  f"{100 * h['rm_pairwise_accuracy']:.1f}% of {h['rm_pairs']} pairs", h["table"], f"plot: {h['plot']}"]
+                  f"{100 * h['rm_pairwise_accuracy']:.1f}% of {h['rm_pairs']} pairs; rm@{n} {h[f'rm@{n}']:.1f}% "
+                  f"(a scorer giving random scores: {h[f'rm@{n}_random_scores']:.1f}%)", h["table"],
+                  f"plot: {h['plot']}"]
     for name, path in results.get("exports", {}).items():
         lines.append(f"HF export ({name}): {path}")
     lines.append(f"total {results.get('wall_s', 0):.0f} s; stage times {results.get('timings_s')}")
