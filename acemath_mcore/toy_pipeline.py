@@ -35,8 +35,8 @@ STAGES = ("sft_stage1", "sft_stage2", "math_sft")
 class ToyPipelineConfig:
     workdir: str = "outputs/demo"
     tokenizer: str = str(DEFAULT_TOKENIZER)
-    # A Hugging Face model directory to start from (converted to a Megatron checkpoint first), or "tiny": the
-    # tiny preset from random initialisation.
+    # A Hugging Face model directory to start from (converted to a Megatron checkpoint first), or a preset name
+    # such as "tiny", trained from random initialisation.
     base_model: str = str(DEFAULT_BASE_MODEL)
     general_problems: int = 3000
     math_problems: int = 6000
@@ -129,14 +129,16 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
     from acemath_mcore.data.rm_data import RMPreprocessConfig, preprocess_rm
     from acemath_mcore.data.tokenizers import load_tokenizer
     from acemath_mcore.eval.generation import SamplingParams
-    from acemath_mcore.models.presets import resolve_arch
+    from acemath_mcore.models.presets import PRESETS, resolve_arch
 
     if not Path(config.tokenizer).is_file():
         raise FileNotFoundError(f"tokenizer not found: {config.tokenizer} (expected the read-only ../shared "
                                 "beside the repository)")
-    if config.base_model != "tiny" and not (Path(config.base_model) / "config.json").is_file():
-        raise FileNotFoundError(f"base_model: no config.json in {config.base_model} (a Hugging Face model directory, "
-                                "or 'tiny' for the tiny preset from random initialisation)")
+    try:
+        arch = resolve_arch(config.base_model)
+    except ValueError as error:
+        raise ValueError(f"base_model: {error}") from None
+    starts_from_pretrained = config.base_model not in PRESETS
     if len(config.stage_steps) != len(STAGES):
         raise ValueError(f"stage_steps needs {len(STAGES)} numbers ({', '.join(STAGES)}), got {config.stage_steps}")
     work = Path(config.workdir)
@@ -169,7 +171,7 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
               f"data.seq_length={config.sequence_length}", f"logging.output_dir={work / 'runs'}",
               f"seed={config.seed}", "checkpoint.resume=false", "logging.log_interval=10"]
     previous = None
-    if config.base_model != "tiny":
+    if starts_from_pretrained:
         from acemath_mcore.convert import convert_hf_to_megatron
 
         log.info("[base] converting %s to a Megatron checkpoint", config.base_model)
@@ -194,7 +196,6 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
 
     log.info("[candidates] %d samples for each of %d training problems from the math-SFT model",
              config.candidates, config.rm_problems)
-    arch = resolve_arch(config.base_model)
     backend = _megatron_backend(checkpoints / "math_sft", arch, encoder)
     candidates = _evaluate(backend, encoder, data["rm_problems"], eval_dir / "rm_candidates.jsonl", sampled,
                            config.candidates, config.seed)
