@@ -107,3 +107,33 @@ def test_transformer_engine_spec_trains_a_step(single_rank):
              "max_seqlen": max(DOC_LENGTHS)}
     losses = [engine.train_step(SFTTask(), [batch])["lm_loss"] for _ in range(3)]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("spec", ["native", "te"])
+def test_fused_weight_gradients_match_unfused_on_cuda(single_rank, spec):
+    """bf16 into fp32 main_grad: the fused path (runtime/wgrad_fusion's addmm for megatron's layers, TE's own
+    kernels for TE's) against a .grad plus an add per layer; two micro-batches, tied embeddings."""
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.runtime import ParallelConfig, transformer_engine_available
+    from acemath_mcore.training.engine import Engine, OptimConfig
+    from acemath_mcore.training.sft import SFTTask
+
+    if spec == "te" and not transformer_engine_available():
+        pytest.skip("Transformer Engine is not installed on this GPU machine")  # GPU-only, TE-only
+    arch = dataclasses.replace(get_preset("qwen2.5-0.5b"), num_layers=2)
+    full = random_full_weights(arch, seed=0)
+    tokens = torch.randint(0, arch.vocab_size, (2, 2, 1025), generator=torch.Generator().manual_seed(0)).cuda()
+    micro_batches = [{"tokens": t[:, :-1], "labels": t[:, 1:], "loss_mask": torch.ones(2, 1024, device="cuda"),
+                      "position_ids": torch.arange(1024, device="cuda").expand(2, -1)} for t in tokens]
+    grads = {}
+    for fused in (False, True):
+        engine = Engine(arch, ParallelConfig(), ModelOptions(spec=spec, bf16=True, gradient_accumulation_fusion=fused),
+                        OptimConfig(), train_steps=1)
+        engine.load_full_weights(full)
+        engine.forward_backward(SFTTask(), micro_batches)
+        grads[fused] = {name: param.main_grad.float().cpu() for name, param in canonical_parameters(engine.model[0])}
+        del engine
+    for name, unfused in grads[False].items():
+        assert unfused.abs().max() > 0, f"{name} has an all-zero gradient"
+        assert relative_error(grads[True][name], unfused) < 1e-2, name

@@ -25,9 +25,11 @@ class Layout:
     vpp: int | None = None
     micro_batch: int = 2
     distributed_optimizer: bool = False
+    wgrad_fusion: bool = True  # gradient-accumulation fusion (runtime/wgrad_fusion on CPU)
 
     def __str__(self):
-        return f"tp{self.tp}-pp{self.pp}-vpp{self.vpp}-mbs{self.micro_batch}-distopt{int(self.distributed_optimizer)}"
+        return (f"tp{self.tp}-pp{self.pp}-vpp{self.vpp}-mbs{self.micro_batch}-distopt{int(self.distributed_optimizer)}"
+                f"-wgradfusion{int(self.wgrad_fusion)}")
 
 
 def make_global_batch(vocab: int, seed: int = 0):
@@ -64,7 +66,7 @@ def _run_layouts(rank, world_size, layouts, arch):
         init_distributed(parallel, seed=1)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        engine = Engine(arch, parallel, ModelOptions(spec="native"),
+        engine = Engine(arch, parallel, ModelOptions(spec="native", gradient_accumulation_fusion=layout.wgrad_fusion),
                         OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.01,
                                     use_distributed_optimizer=layout.distributed_optimizer),
                         train_steps=STEPS)
@@ -108,7 +110,8 @@ def layout_results():
     layouts = [Layout(), Layout(tp=2), Layout(pp=2), Layout(tp=2, pp=2), Layout(pp=2, vpp=2),
                Layout(pp=2, vpp=2, micro_batch=1),  # 4 micro-batches: interleaved steady state (batched P2P bug)
                Layout(tp=2, pp=2, micro_batch=1), Layout(micro_batch=1), Layout(tp=2, distributed_optimizer=True),
-               Layout(distributed_optimizer=True)]
+               Layout(distributed_optimizer=True),
+               Layout(wgrad_fusion=False), Layout(tp=2, pp=2, micro_batch=1, wgrad_fusion=False)]
     return run_workers(_run_layouts, WORLD_SIZE, layouts, arch)[0], layouts
 
 

@@ -96,6 +96,21 @@ def _shim_worker(rank, world_size):
     results["bf16_type_name"] = torch.ones(2, dtype=torch.bfloat16).type()
     torch.cuda.synchronize()
 
+    class AllocatesInBackward(torch.autograd.Function):
+        """Like megatron's linear layers, which allocate on torch.cuda.current_device() in backward."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * 2 + torch.ones(grad.shape, device=torch.cuda.current_device())
+
+    leaf = torch.ones(3, requires_grad=True)
+    AllocatesInBackward.apply(leaf).sum().backward()
+    results["grad_from_custom_backward"] = leaf.grad.tolist()
+
     # The tracker's named stream is independent of the default one and advances across forks.
     torch.cuda.manual_seed(11)
     tracker = get_cuda_rng_tracker()
@@ -120,6 +135,7 @@ def test_cpu_shim_redirects_cuda_calls_and_backs_the_rng_tracker():
         assert results[key] == "cpu", key
     assert results["type_name"] == "torch.cuda.FloatTensor"
     assert results["bf16_type_name"] == "torch.cuda.BFloat16Tensor"
+    assert results["grad_from_custom_backward"] == [3.0, 3.0, 3.0]
     assert results["default_state_restored"]
     assert results["fork_streams_advance"]
     assert results["fork_uses_named_seed"]

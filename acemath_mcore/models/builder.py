@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.specs import layer_spec, resolve_spec_name
 from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime import wgrad_fusion
 from acemath_mcore.runtime.distributed import ParallelConfig
 
 
@@ -28,6 +29,9 @@ class ModelOptions:
     fp8: Optional[str] = None  # None | "hybrid" | "e4m3" (TE only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (TE only)
     init_method_std: float = 0.02
+    # Accumulate weight gradients into the fp32 main_grad inside the wgrad GEMM (TE's layers, and
+    # runtime/wgrad_fusion for megatron's own when apex is absent) instead of a .grad plus an add per layer.
+    gradient_accumulation_fusion: bool = True
 
 
 def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> TransformerConfig:
@@ -49,6 +53,8 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     elif options.recompute is not None:
         raise ValueError(f"recompute must be None, 'selective' or 'full', got {options.recompute!r}")
     fp8 = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe) if options.fp8 else {}
+    if options.gradient_accumulation_fusion:
+        wgrad_fusion.install()
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -76,6 +82,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=options.bf16,
+        gradient_accumulation_fusion=options.gradient_accumulation_fusion,
         **device_lib.fusion_options(spec == "te"),
         **recompute,
         **fp8,
@@ -117,7 +124,10 @@ def build_model_chunk(
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
                 model_class: Type[GPTModel] = GPTModel) -> List[GPTModel]:
-    """All model chunks of this rank: one, or one per virtual pipeline stage."""
+    """All model chunks of this rank: one, or one per virtual pipeline stage. They are not wrapped in megatron's
+    DDP (the Engine does that), so they have no ``main_grad`` buffers and gradient-accumulation fusion is off:
+    a backward pass through them fills ``.grad`` as in plain torch."""
+    options = dataclasses.replace(options, gradient_accumulation_fusion=False)
     config = transformer_config(arch, parallel, options)
     stages = parallel.virtual_pipeline_parallel or 1
     return [

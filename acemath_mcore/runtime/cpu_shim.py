@@ -8,7 +8,9 @@ calls at run time:
 * a ``TorchFunctionMode`` rewrites every CUDA device argument to the CPU, turns ``Tensor.cuda()`` into a
   no-op and makes ``Tensor.type()`` report the CUDA type name the optimizer expects;
 * ``torch.cuda.current_device`` / ``synchronize`` / ``current_stream`` / memory queries get CPU stand-ins;
-* the CUDA RNG functions and megatron's RNG-state tracker are backed by the CPU generator.
+* the CUDA RNG functions and megatron's RNG-state tracker are backed by the CPU generator;
+* custom autograd Functions' ``backward`` runs under the same mode: torch does not carry function modes into
+  backward, and megatron allocates there too (e.g. the dummy weight gradient of gradient-accumulation fusion).
 
 The shim is only ever installed when CUDA is absent (see :func:`acemath_mcore.runtime.device.use_cpu_shim`),
 and installing it twice is a no-op.
@@ -173,6 +175,27 @@ def _patch_megatron_rng() -> None:
     mcore_random.initialize_rng_tracker = initialize_rng_tracker
 
 
+def _run_custom_backward_under(mode: CudaToCpuMode) -> None:
+    """Wrap the user ``backward`` that torch's autograd node for custom Functions looks up on every call."""
+    from torch.autograd.function import BackwardCFunction
+
+    if not hasattr(BackwardCFunction, "_get_user_fn"):
+        raise RuntimeError(f"torch {torch.__version__}: BackwardCFunction._get_user_fn is gone; the CPU shim "
+                           "needs a new way to run custom backward functions under its TorchFunctionMode")
+    find_user_fn = BackwardCFunction._get_user_fn
+
+    def user_fn_under_mode(node):
+        user_fn = find_user_fn(node)
+
+        def backward(*args):
+            with mode:
+                return user_fn(*args)
+
+        return backward
+
+    BackwardCFunction._get_user_fn = user_fn_under_mode
+
+
 def install() -> CudaToCpuMode:
     """Install the shim process-wide (idempotent). Returns the active mode."""
     global _installed_mode
@@ -182,6 +205,7 @@ def install() -> CudaToCpuMode:
             _patch_megatron_rng()
             mode = CudaToCpuMode()
             mode.__enter__()
+            _run_custom_backward_under(mode)
             _installed_mode = mode
         return _installed_mode
 

@@ -93,23 +93,14 @@ def fusion_options(use_transformer_engine: bool) -> dict:
     On CPU every fusion is off (they are CUDA kernels). On CUDA the native spec gets the fusions
     megatron-core implements itself (SwiGLU, bias-dropout-add, fused vocab-parallel cross entropy); RoPE and
     persistent-norm fusion come from Transformer Engine, so only the TE spec enables them. Gradient-accumulation
-    fusion also needs apex's ``fused_weight_gradient_mlp_cuda`` for the (non-TE) output layer.
+    fusion is not a kernel choice: it works everywhere (see :mod:`acemath_mcore.runtime.wgrad_fusion`).
     """
     if not cuda_available():
         return dict(bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                    persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-                    cross_entropy_loss_fusion=False)
+                    persist_layer_norm=False, apply_rope_fusion=False, cross_entropy_loss_fusion=False)
     return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
                 persist_layer_norm=use_transformer_engine, apply_rope_fusion=use_transformer_engine,
-                gradient_accumulation_fusion=use_transformer_engine and _has_fused_weight_gradient(),
                 cross_entropy_loss_fusion=True)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_fused_weight_gradient() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 # Dense bf16 tensor-core peaks (datasheets) by device-name fragment; used for MFU in training logs.
