@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 OPENINGS = ["Once upon a time", "Lily had a big red ball", "The dog ran to the", "Tom and Sue went to the park and",
             "One day, a little bird", "The sun was hot, so"]
 

@@ -17,8 +17,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 IMPLS = ("te", "te-fp8", "native", "hf")
 
@@ -33,6 +36,9 @@ def parse_args(argv=None):
     parser.add_argument("--packed", action="store_true", help="pack variable-length documents (THD) into each row")
     parser.add_argument("--mean-doc-length", type=int, default=700)
     parser.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
+    parser.add_argument("--no-wgrad-fusion", action="store_true",
+                        help="turn gradient-accumulation fusion off (a .grad plus an add per linear layer)")
+    parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--task", default="sft", choices=["sft", "rm"],
@@ -122,7 +128,8 @@ def run_mcore(args, impl: str) -> dict:
     init_distributed(ParallelConfig())
     arch = get_preset(args.model)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
-                           fp8="hybrid" if impl == "te-fp8" else None)
+                           fp8="hybrid" if impl == "te-fp8" else None, fp8_recipe=args.fp8_recipe,
+                           gradient_accumulation_fusion=not args.no_wgrad_fusion)
     if args.task == "rm":
         from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
 
@@ -250,6 +257,8 @@ def main(argv=None) -> None:
             result.update(mfu_datasheet=achieved / BF16_PEAK_FLOPS["H100"], mfu_measured_peak=achieved / peak)
         result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
                       micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
+                      wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
+                      fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
         rows.append(result)
@@ -257,7 +266,8 @@ def main(argv=None) -> None:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
-          f"mbs {args.micro_batch} x {args.micro_batches}  (measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
+          f"mbs {args.micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'}  "
+          f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:
         if r["status"] == "ok":

@@ -5,6 +5,9 @@ See docs/checkpoints.md."""
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from acemath_mcore.convert import convert_hf_to_megatron
 from acemath_mcore.convert.from_hf import PARAM_DTYPES

@@ -5,6 +5,9 @@ docs/checkpoints.md."""
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from acemath_mcore.convert import export_megatron_to_hf
 from acemath_mcore.convert.to_hf import DEFAULT_MAX_SHARD_BYTES, OUTPUT_DTYPES

@@ -5,6 +5,9 @@
 import argparse
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from acemath_mcore.convert.verify import (
     DEFAULT_PROMPTS,

@@ -14,9 +14,12 @@ import dataclasses
 import json
 import sys
 import warnings
+from pathlib import Path
 
 # megatron-core (imported with the model presets) warns about missing TE/apex; irrelevant to a planner.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from acemath_mcore import plan as planner  # noqa: E402
 

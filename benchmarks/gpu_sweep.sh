@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 9's GPU measurements in named groups, each sized to fit one 10-minute device call:
+#
+#   bash benchmarks/gpu_sweep.sh tests wgrad        # after staging TE + megatron-core (../shared/gpu/README.md)
+#
+# Groups:
+#   tests  the gpu-marked tests (native vs CPU reference, packing, TE step, fused vs unfused weight gradients)
+#   wgrad  qwen2.5-1.5b packed, mbs 2 x 2, TE and native specs, gradient-accumulation fusion on, then off
+#   mbs    micro-batch 3 and 4, and mbs 2 x 8 micro-batches (64k tokens: one of 8 GPUs' share of 128 x 4096)
+#   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2, and delayed at mbs 4
+#   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses, padded and packed
+#   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
+# One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+out=${OUT:-.}
+mkdir -p "$out"
+failed=0
+
+bench() {
+    python3 benchmarks/train_throughput.py --model qwen2.5-1.5b --steps 8 --warmup 3 --json "$out/throughput.jsonl" \
+        "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
+}
+
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests wgrad mbs fp8 rm hf)" >&2; exit 2; }
+for group in "$@"; do
+    echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
+    case $group in
+        tests) python3 -m pytest -m gpu tests/test_gpu.py -q 2>&1 | tee -a "$out/sweep.log" || failed=1 ;;
+        wgrad)
+            bench --impls te,native --packed --micro-batch 2 --micro-batches 2
+            bench --impls te,native --packed --micro-batch 2 --micro-batches 2 --no-wgrad-fusion ;;
+        mbs)
+            bench --impls te,native --packed --micro-batch 3 --micro-batches 2
+            bench --impls te,native --packed --micro-batch 4 --micro-batches 1
+            bench --impls te --packed --micro-batch 2 --micro-batches 8 ;;
+        fp8)
+            bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2
+            bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2 --fp8-recipe tensorwise
+            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 1 ;;
+        rm)
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
+        hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
+        *) echo "unknown group '$group'; choose from: tests wgrad mbs fp8 rm hf" >&2; exit 2 ;;
+    esac
+done
+exit $failed
