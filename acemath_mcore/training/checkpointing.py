@@ -14,6 +14,8 @@ dist_checkpointing stores global tensors, so a checkpoint loads into any TP/PP l
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import random
@@ -148,15 +150,15 @@ def _remove_old(save_dir: Path, keep_last: int) -> None:
 def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
     state = model_sharded_state_dict(model_chunks)
-    _check_distributed_optimizer_reload(optimizer)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
-    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-    same_layout = common["train_state"]["layout"] == _layout()
-    if same_layout:
-        state["rng_state"] = _rng_sharded_object()
-    loaded = dist_checkpointing.load(state, str(checkpoint), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
-    _load_model_chunks(model_chunks, loaded)
-    optimizer.load_state_dict(loaded["optimizer"])
+    with _reloadable_torch_adam_state(optimizer):
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
+        common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+        same_layout = common["train_state"]["layout"] == _layout()
+        if same_layout:
+            state["rng_state"] = _rng_sharded_object()
+        loaded = dist_checkpointing.load(state, str(checkpoint), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        _load_model_chunks(model_chunks, loaded)
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
@@ -166,19 +168,55 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
     return loaded["train_state"]
 
 
-def _check_distributed_optimizer_reload(optimizer) -> None:
-    """megatron-core reloads distributed-optimizer state only with apex's or TE's fused Adam: its torch-Adam
-    fallback keeps a per-parameter 'step' the checkpoint format lacks (measured on 0.16.1: KeyError 'step' /
-    an assert on empty state). Say so instead of failing deep inside megatron."""
+def _torch_adam_distributed_optimizers(optimizer) -> List[Any]:
+    """The distributed optimizers inside ``optimizer`` that run megatron's torch-Adam fallback (no TE or apex)."""
     from megatron.core.optimizer import distrib_optimizer
 
-    parts = getattr(optimizer, "chained_optimizers", [optimizer])
-    if any(isinstance(p, distrib_optimizer.DistributedOptimizer) for p in parts) and not getattr(
-            distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        raise NotImplementedError(
-            "resuming a distributed-optimizer checkpoint needs Transformer Engine or apex (megatron's torch-Adam "
-            "fallback cannot reload its state); resume with optim.use_distributed_optimizer=false, or load weights "
-            "only with checkpoint.init_from")
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return []
+    return [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(part, distrib_optimizer.DistributedOptimizer)]
+
+
+@contextlib.contextmanager
+def _reloadable_torch_adam_state(optimizer):
+    """Work around three bugs that stop megatron's distributed optimizer, with its torch-Adam fallback (CPU, or a
+    GPU without TE/apex), from reloading its own checkpoint (read in megatron-core 0.16.1 and 0.19.2):
+
+    1. ``state_dict()`` reads every parameter's Adam 'step' before torch has created any state (AssertionError):
+       create the state, zeroed; the checkpoint overwrites every value.
+    2. ``load_parameter_state_from_fully_reshardable`` copies a 'step' the checkpoint's tensors lack (KeyError):
+       hide 'step' from it (``load_state_dict`` has already set it from the saved parameter groups).
+    3. ``load_state_dict`` hands every parameter one shared 'step' tensor, which torch's Adam then increments once
+       per parameter at each update (wrong bias correction from the first resumed step): give each its own copy.
+    """
+    parts = _torch_adam_distributed_optimizers(optimizer)
+    for part in parts:
+        inner = part.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+        part.load_parameter_state_from_fully_reshardable = functools.partial(_load_without_step, part)
+    try:
+        yield
+    finally:
+        for part in parts:
+            del part.load_parameter_state_from_fully_reshardable  # the class's method again
+            for state in part.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def _load_without_step(part, param_state: Dict) -> None:
+    states = part.optimizer.state
+    steps = {param: state.pop("step") for param, state in states.items() if "step" in state}
+    try:
+        type(part).load_parameter_state_from_fully_reshardable(part, param_state)
+    finally:
+        for param, step in steps.items():
+            states[param]["step"] = step
 
 
 def load_weights(checkpoint: str | Path, model_chunks) -> None:
