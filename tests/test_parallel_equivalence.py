@@ -26,10 +26,11 @@ class Layout:
     micro_batch: int = 2
     distributed_optimizer: bool = False
     wgrad_fusion: bool = True  # gradient-accumulation fusion (runtime/wgrad_fusion on CPU)
+    overlap: bool = False  # overlap_grad_reduce, and overlap_param_gather with the distributed optimizer
 
     def __str__(self):
         return (f"tp{self.tp}-pp{self.pp}-vpp{self.vpp}-mbs{self.micro_batch}-distopt{int(self.distributed_optimizer)}"
-                f"-wgradfusion{int(self.wgrad_fusion)}")
+                f"-wgradfusion{int(self.wgrad_fusion)}-overlap{int(self.overlap)}")
 
 
 def make_global_batch(vocab: int, seed: int = 0):
@@ -68,7 +69,9 @@ def _run_layouts(rank, world_size, layouts, arch):
         dp_size = parallel_state.get_data_parallel_world_size()
         engine = Engine(arch, parallel, ModelOptions(spec="native", gradient_accumulation_fusion=layout.wgrad_fusion),
                         OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.01,
-                                    use_distributed_optimizer=layout.distributed_optimizer),
+                                    use_distributed_optimizer=layout.distributed_optimizer,
+                                    overlap_grad_reduce=layout.overlap,
+                                    overlap_param_gather=layout.overlap and layout.distributed_optimizer),
                         train_steps=STEPS)
         engine.load_full_weights(full)
         task = SFTTask()
@@ -111,7 +114,9 @@ def layout_results():
                Layout(pp=2, vpp=2, micro_batch=1),  # 4 micro-batches: interleaved steady state (batched P2P bug)
                Layout(tp=2, pp=2, micro_batch=1), Layout(micro_batch=1), Layout(tp=2, distributed_optimizer=True),
                Layout(distributed_optimizer=True),
-               Layout(wgrad_fusion=False), Layout(tp=2, pp=2, micro_batch=1, wgrad_fusion=False)]
+               Layout(wgrad_fusion=False), Layout(tp=2, pp=2, micro_batch=1, wgrad_fusion=False),
+               Layout(overlap=True), Layout(distributed_optimizer=True, overlap=True),
+               Layout(pp=2, vpp=2, micro_batch=1, distributed_optimizer=True, overlap=True)]
     return run_workers(_run_layouts, WORLD_SIZE, layouts, arch)[0], layouts
 
 

@@ -39,7 +39,7 @@ def _rm(model: str) -> TrainConfig:
         model_options=ModelOptions(spec="auto", bf16=True, recompute="full"),
         optim=OptimConfig(lr=_LR[model], min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
                           clip_grad=1.0, warmup_steps=0, decay_style="cosine", use_distributed_optimizer=True,
-                          overlap_grad_reduce=True),
+                          overlap_grad_reduce=True, overlap_param_gather=True),
         data=DataConfig(seq_length=4096, packed=False),
         checkpoint=CheckpointConfig(save_dir=f"checkpoints/{name}", save_interval=200,
                                     init_from=f"checkpoints/{model}-math_sft"),

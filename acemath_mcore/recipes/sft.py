@@ -50,7 +50,7 @@ def _sft(stage: str, model: str) -> TrainConfig:
         model_options=ModelOptions(spec="auto", bf16=True, recompute=layout.recompute),
         optim=OptimConfig(lr=_STAGE_LR[stage], min_lr=0.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95,
                           clip_grad=1.0, warmup_steps=0, decay_style="cosine", use_distributed_optimizer=True,
-                          overlap_grad_reduce=True),
+                          overlap_grad_reduce=True, overlap_param_gather=True),
         data=DataConfig(seq_length=4096, packed=True),
         checkpoint=CheckpointConfig(
             save_dir=f"checkpoints/{name}",

@@ -54,6 +54,9 @@ class OptimConfig:
     decay_style: str = "cosine"  # cosine | linear | constant
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    # Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward pass
+    # instead of at the end of the optimizer step (needs overlap_grad_reduce too, as in Megatron-LM).
+    overlap_param_gather: bool = False
 
 
 def packed_seq_params(batch: Batch, qkv_format: str = "thd") -> Optional[PackedSeqParams]:
@@ -77,6 +80,9 @@ class Engine:
 
     def __init__(self, arch: ModelArch, parallel: ParallelConfig, model_options: ModelOptions, optim: OptimConfig,
                  train_steps: int, model_chunk_builder: Callable = build_model_chunk):
+        if optim.overlap_param_gather and not (optim.use_distributed_optimizer and optim.overlap_grad_reduce):
+            raise ValueError("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
+                             "optim.overlap_grad_reduce=true")
         self.arch, self.parallel, self.optim_config = arch, parallel, optim
         self.config = transformer_config(arch, parallel, model_options)
         self.config.calculate_per_token_loss = True
@@ -92,6 +98,7 @@ class Engine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=optim.overlap_grad_reduce,
+            overlap_param_gather=optim.overlap_param_gather,
             use_distributed_optimizer=optim.use_distributed_optimizer,
         )
         self.model: List[DistributedDataParallel] = [
