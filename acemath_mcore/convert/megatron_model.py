@@ -37,9 +37,7 @@ def build_weightless_model(arch: ModelArch, parallel: ParallelConfig, bf16: bool
     the split only decides which process writes which layers.
     """
     check_layout(arch, parallel)
-    # No DDP here, so no main_grad buffers for fused weight-gradient accumulation.
-    config = transformer_config(arch, parallel, ModelOptions(spec="native", bf16=bf16,
-                                                             gradient_accumulation_fusion=False))
+    config = transformer_config(arch, parallel, ModelOptions(spec="native", bf16=bf16))
     config.perform_initialization = False
     pp = parallel.pipeline_parallel
     if arch.num_layers % pp:

@@ -31,10 +31,14 @@ class ModelOptions:
     init_method_std: float = 0.02
     # Accumulate weight gradients into the fp32 main_grad inside the wgrad GEMM (TE's layers, and
     # runtime/wgrad_fusion for megatron's own when apex is absent) instead of a .grad plus an add per layer.
+    # Only models trained under megatron's DDP (the Engine) have main_grad buffers, so only they use it.
     gradient_accumulation_fusion: bool = True
 
 
-def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions) -> TransformerConfig:
+def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
+                       with_ddp: bool = False) -> TransformerConfig:
+    """megatron's TransformerConfig for these shapes, layout and options; ``with_ddp`` when the model will be
+    wrapped in megatron's DDP (its main_grad buffers are what gradient-accumulation fusion writes into)."""
     arch.check_tensor_parallel(parallel.tensor_parallel)
     spec = resolve_spec_name(options.spec)
     device_lib.apex_available()  # says once which fallback megatron uses without apex
@@ -53,7 +57,8 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     elif options.recompute is not None:
         raise ValueError(f"recompute must be None, 'selective' or 'full', got {options.recompute!r}")
     fp8 = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe) if options.fp8 else {}
-    if options.gradient_accumulation_fusion:
+    fuse_wgrad = options.gradient_accumulation_fusion and with_ddp
+    if fuse_wgrad:
         wgrad_fusion.install()
     return TransformerConfig(
         num_layers=arch.num_layers,
@@ -82,7 +87,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=options.bf16,
-        gradient_accumulation_fusion=options.gradient_accumulation_fusion,
+        gradient_accumulation_fusion=fuse_wgrad,
         **device_lib.fusion_options(spec == "te"),
         **recompute,
         **fp8,
@@ -125,9 +130,7 @@ def build_model_chunk(
 def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
                 model_class: Type[GPTModel] = GPTModel) -> List[GPTModel]:
     """All model chunks of this rank: one, or one per virtual pipeline stage. They are not wrapped in megatron's
-    DDP (the Engine does that), so they have no ``main_grad`` buffers and gradient-accumulation fusion is off:
-    a backward pass through them fills ``.grad`` as in plain torch."""
-    options = dataclasses.replace(options, gradient_accumulation_fusion=False)
+    DDP (the Engine does that), so a backward pass through them fills ``.grad`` as in plain torch."""
     config = transformer_config(arch, parallel, options)
     stages = parallel.virtual_pipeline_parallel or 1
     return [

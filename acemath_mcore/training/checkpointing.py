@@ -120,7 +120,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
-    finish_param_gather(model_chunks)
+    _finish_param_gather(model_chunks)
     state = model_sharded_state_dict(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata())
     state["scheduler"] = scheduler.state_dict()
@@ -140,13 +140,12 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     return final
 
 
-def finish_param_gather(model_chunks) -> None:
+def _finish_param_gather(model_chunks) -> None:
     """With ``overlap_param_gather`` the distributed optimizer leaves each rank holding only its own shard of the
     updated weights until the next forward pass gathers the rest; gather them now, before anything reads the
     full weights (a checkpoint's model tensors are what exports and ``init_from`` use)."""
     for chunk in model_chunks:
-        ddp_config = getattr(chunk, "ddp_config", None)
-        if ddp_config is not None and ddp_config.use_distributed_optimizer and ddp_config.overlap_param_gather:
+        if getattr(getattr(chunk, "ddp_config", None), "overlap_param_gather", False):
             chunk.start_param_sync(force_sync=True)
 
 

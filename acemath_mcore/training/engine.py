@@ -84,7 +84,7 @@ class Engine:
             raise ValueError("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
                              "optim.overlap_grad_reduce=true")
         self.arch, self.parallel, self.optim_config = arch, parallel, optim
-        self.config = transformer_config(arch, parallel, model_options)
+        self.config = transformer_config(arch, parallel, model_options, with_ddp=True)
         self.config.calculate_per_token_loss = True
         self.packed_qkv_format = packed_qkv_format(model_options.spec)
         stages = parallel.virtual_pipeline_parallel or 1
