@@ -196,7 +196,7 @@ def time_steps(args, step, vocab: int) -> dict:
             times.append(time.perf_counter() - start)
             data_wait.append(start - data_start)
             lengths = [n for mb in micro_batches for n in mb["doc_lengths"]]
-            flops.append(training_flops(get_preset(args.model), lengths))
+            flops.append(training_flops(get_preset(args.model), lengths, head_outputs=1 if args.task == "rm" else None))
             tokens.append(sum(lengths))
     if args.profile:
         profile_step(args, step, vocab, generator)

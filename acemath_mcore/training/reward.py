@@ -46,6 +46,7 @@ class RewardTask:
     """Scores every response of a micro-batch at its last token and applies a group loss (see rm_losses)."""
 
     loss_name = "rm_loss"
+    head_outputs = 1  # the scalar head, for the FLOPs count
 
     def __init__(self, loss: str = "listwise_bt", seed: int = 1234):
         if loss not in RM_LOSSES:

@@ -16,6 +16,7 @@ class SFTTask:
     """Feeds padded ``[b, s]`` or packed ``[1, t]`` micro-batches to a GPT model and scores loss tokens only."""
 
     loss_name = "lm_loss"
+    head_outputs = None  # the LM head: one column per (padded) vocabulary entry, for the FLOPs count
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         # Per-token cross entropy on the last pipeline stage (megatron's vocab-parallel CE), hidden states elsewhere.

@@ -130,7 +130,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             step += 1
             consumed_samples += config.global_batch_size
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
-            flops = training_flops(arch, lengths) * dp_size
+            flops = training_flops(arch, lengths, task.head_outputs) * dp_size
             metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=sum(lengths) * dp_size / seconds,
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
