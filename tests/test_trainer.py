@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -73,7 +74,9 @@ def _trainer_runs(rank, world_size, prefix, root):
     from acemath_mcore.training.sft import SFTTask, train_sft
 
     results = {}
-    results["uninterrupted"] = _losses(train_sft(_config(prefix, f"{root}/a", f"{root}/runs", STEPS)))
+    uninterrupted = train_sft(_config(prefix, f"{root}/a", f"{root}/runs", STEPS))
+    results["uninterrupted"] = _losses(uninterrupted)
+    results["uninterrupted_lr"] = {row["step"]: row["lr"] for row in uninterrupted["history"]}
     parallel_state.destroy_model_parallel()
     with preempted_after(3, rank):
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
@@ -83,7 +86,19 @@ def _trainer_runs(rank, world_size, prefix, root):
     if rank == 0:
         shutil.copytree(f"{root}/b", f"{root}/d")
     torch.distributed.barrier()
-    results["resumed"] = _losses(train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS)))
+    resumed = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
+    results["resumed"] = _losses(resumed)
+    results["resumed_losses"] = (resumed["first_loss"], resumed["final_loss"])
+    parallel_state.destroy_model_parallel()
+    # Two more steps at another peak lr: the configured schedule applies from the checkpoint's step count.
+    extended = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 2, extra=["optim.lr=1e-3"]))
+    results["extended_lr"] = {row["step"]: row["lr"] for row in extended["history"]}
+    parallel_state.destroy_model_parallel()
+    try:
+        train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 4, extra=["global_batch_size=4"]))
+        results["batch_change_error"] = None
+    except ValueError as error:
+        results["batch_change_error"] = str(error)
     parallel_state.destroy_model_parallel()
 
     class NaNAtStepTwo(SFTTask):
@@ -106,6 +121,29 @@ def _trainer_runs(rank, world_size, prefix, root):
         results["nan_error"] = None
     except FloatingPointError as error:
         results["nan_error"] = str(error)
+    parallel_state.destroy_model_parallel()
+
+    class InfiniteGradientAtStepTwo(SFTTask):
+        """A finite loss whose gradient is infinite (d sqrt(x)/dx at 0): bf16 training has no loss scaler to see it."""
+
+        calls = 0
+
+        def loss(self, batch, output):
+            loss_sum, count, report = super().loss(batch, output)
+            InfiniteGradientAtStepTwo.calls += 1
+            if InfiniteGradientAtStepTwo.calls in (3, 4):  # step 2 (two micro-batches per rank and step)
+                loss_sum = loss_sum + torch.sqrt(loss_sum - loss_sum.detach())
+            return loss_sum, count, report
+
+    for policy in ("stop", "skip"):
+        InfiniteGradientAtStepTwo.calls = 0
+        config = _config(prefix, None, f"{root}/runs", 3, extra=[f"nan_policy={policy}"])
+        try:
+            summary = run(config, InfiniteGradientAtStepTwo(), sft_training_data(config))
+            results[f"inf_grad_{policy}"] = summary["history"]
+        except FloatingPointError as error:
+            results[f"inf_grad_{policy}"] = str(error)
+        parallel_state.destroy_model_parallel()
     return results
 
 
@@ -212,6 +250,72 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_layout(sft_prefix,
 def test_non_finite_loss_stops_before_the_update_naming_the_step(trainer_results):
     assert trainer_results["nan_error"] is not None
     assert "lm_loss is not finite at step 2" in trainer_results["nan_error"]
+
+
+def test_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(trainer_results):
+    assert "grad_norm is not finite at step 2" in trainer_results["inf_grad_stop"]
+    history = trainer_results["inf_grad_skip"]
+    assert [row["skipped"] for row in history] == [0.0, 1.0, 0.0]
+    assert not math.isfinite(history[1]["grad_norm"])
+    # The skipped step left the weights alone: step 3 trains from finite weights.
+    assert math.isfinite(history[2]["lm_loss"]) and math.isfinite(history[2]["grad_norm"])
+
+
+def _megatron_lr(step, peak, minimum, warmup, decay_steps):
+    """The lr a 1-based step applies: megatron's schedule at num_steps = step - 1 (linear warmup from 0, cosine)."""
+    n = step - 1
+    if n <= warmup:
+        return peak * n / warmup
+    ratio = (n - warmup) / (decay_steps - warmup)
+    return minimum + 0.5 * (math.cos(math.pi * ratio) + 1) * (peak - minimum)
+
+
+def test_logged_lr_is_the_rate_each_step_applied(trainer_results):
+    logged = trainer_results["uninterrupted_lr"]
+    assert logged[1] == 0.0  # the first warmup step: tiny_sft warms up from 0 over 2 steps
+    for step, lr in logged.items():
+        assert lr == pytest.approx(_megatron_lr(step, 2e-3, 2e-4, 2, STEPS), rel=1e-9, abs=1e-12), step
+
+
+def test_resume_applies_the_configured_schedule(trainer_results):
+    extended = trainer_results["extended_lr"]
+    assert sorted(extended) == [STEPS + 1, STEPS + 2]
+    for step, lr in extended.items():
+        assert lr == pytest.approx(_megatron_lr(step, 1e-3, 2e-4, 2, STEPS + 2), rel=1e-9), step
+
+
+def test_resume_reports_the_stage_first_loss_and_refuses_another_batch_size(trainer_results):
+    first, final = trainer_results["resumed_losses"]
+    assert first == trainer_results["uninterrupted"][1] and final == trainer_results["uninterrupted"][STEPS]
+    error = trainer_results["batch_change_error"]
+    assert error is not None and "global_batch_size=8, this run has 4" in error
+
+
+def test_retention_keeps_the_new_checkpoint_and_leaves_an_earlier_runs_later_ones(tmp_path, caplog):
+    from acemath_mcore.training.checkpointing import _remove_old
+
+    for step in (1, 2, 3, 4, 6):
+        (tmp_path / f"iter_{step:07d}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        _remove_old(tmp_path, keep_last=2, step=3)  # a fresh run (resume=false) just published step 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000003", "iter_0000004",
+                                                         "iter_0000006"]
+    assert "iter_0000004, iter_0000006" in caplog.text and "left in place" in caplog.text
+
+
+def test_config_errors_before_any_set_up():
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.training.trainer import check_batch_arithmetic, run
+
+    with pytest.raises(ValueError, match="nan_policy='skp': choose one of"):
+        run(apply_overrides(get_recipe("tiny_sft"), ["nan_policy=skp"]), task=None, data=None)
+    config = apply_overrides(get_recipe("tiny_sft"), ["parallel.pipeline_parallel=4",
+                                                      "parallel.virtual_pipeline_parallel=2",
+                                                      "global_batch_size=12", "micro_batch_size=1"])
+    with pytest.raises(ValueError, match=r"interleaved pipeline schedule needs .* = 6\) to be a multiple of "
+                                         r"pipeline_parallel 4"):
+        check_batch_arithmetic(config, dp_size=2)
+    assert check_batch_arithmetic(config, dp_size=3) == 4
 
 
 def test_unfinished_saves_are_ignored_with_a_warning(tmp_path, caplog):

@@ -45,6 +45,17 @@ class ModelArch:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
+    def check_matches(self, recorded: Optional["ModelArch"], where: str) -> None:
+        """Raise when ``recorded`` (the architecture a checkpoint was written with, if known) differs from this one:
+        a preset with the same shapes but another RoPE base or context length would load without an error and
+        compute something else."""
+        if recorded is None or recorded == self:
+            return
+        differences = "; ".join(f"{field.name} {getattr(recorded, field.name)!r} there, {getattr(self, field.name)!r} "
+                                "here" for field in dataclasses.fields(self)
+                                if getattr(recorded, field.name) != getattr(self, field.name))
+        raise ValueError(f"{where} records another architecture than the one asked for: {differences}")
+
     def check_tensor_parallel(self, tp: int) -> None:
         """Megatron splits heads, KV groups, FFN and vocabulary across TP ranks; say which one does not divide."""
         for name, value in (

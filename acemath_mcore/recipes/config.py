@@ -73,8 +73,7 @@ class TrainConfig:
     epochs: float = 1.0
     train_steps: int = 0  # > 0 overrides epochs
     seed: int = 1234
-    nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss does
-    tokenizer: Optional[str] = None  # for vocab checks and the summary
+    nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

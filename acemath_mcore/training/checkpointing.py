@@ -135,7 +135,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
         marker_tmp = Path(save_dir) / (LATEST + ".tmp")
         marker_tmp.write_text(final.name + "\n")
         os.replace(marker_tmp, Path(save_dir) / LATEST)
-        _remove_old(Path(save_dir), keep_last)
+        _remove_old(Path(save_dir), keep_last, step)
     torch.distributed.barrier()
     return final
 
@@ -149,17 +149,29 @@ def _finish_param_gather(model_chunks) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _remove_old(save_dir: Path, keep_last: int) -> None:
+def _remove_old(save_dir: Path, keep_last: int, step: int) -> None:
+    """Keep the ``keep_last`` newest checkpoints up to ``step`` (the one just published always survives).
+
+    Higher-numbered checkpoints left by an earlier run in the same directory (one started with ``resume=false``)
+    are not this run's to delete; they are reported instead, since ``latest`` no longer names them.
+    """
+    complete = sorted((int(p.name[len("iter_"):]), p) for p in save_dir.glob("iter_*")
+                      if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and p.name[len("iter_"):].isdigit())
+    newer = [p.name for number, p in complete if number > step]
+    if newer:
+        logger.warning("%s holds checkpoints from an earlier run beyond step %d (%s); 'latest' now names step %d "
+                       "and they are left in place", save_dir, step, ", ".join(newer), step)
     if keep_last <= 0:
         return
-    complete = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
-    for old in complete[:-keep_last]:
+    ours = [p for number, p in complete if number <= step]
+    for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
     """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
     state = model_sharded_state_dict(model_chunks)
+    configured_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     with _reloadable_torch_adam_state(optimizer):
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
         common = dist_checkpointing.load_common_state_dict(str(checkpoint))
@@ -169,6 +181,8 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
         loaded = dist_checkpointing.load(state, str(checkpoint), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
         _load_model_chunks(model_chunks, loaded)
         optimizer.load_state_dict(loaded["optimizer"])
+    _keep_configured_hyperparameters(checkpoint, optimizer, configured_groups, loaded["scheduler"],
+                                     scheduler.state_dict())
     scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
@@ -176,6 +190,26 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
         logger.info("resuming %s at a different layout (%s -> %s): RNG streams restart", checkpoint,
                     common["train_state"]["layout"], _layout())
     return loaded["train_state"]
+
+
+def _keep_configured_hyperparameters(checkpoint: Path, optimizer, configured_groups: List[Dict[str, Any]],
+                                     saved_schedule: Dict[str, Any], configured_schedule: Dict[str, Any]) -> None:
+    """On resume the configured optimizer settings and LR / weight-decay schedule apply, not the saved ones (the
+    checkpoint supplies the step count, moments and data position): loading the optimizer state brought back
+    each parameter group's saved peak lr, betas, eps, ...; put the configured values back and say what changed."""
+    changed = {f"{key} {saved_schedule[key]} -> {value}" for key, value in configured_schedule.items()
+               if key != "num_steps" and key in saved_schedule and saved_schedule[key] != value}
+    step_keys = {"step", "lr", "weight_decay"}  # set every step by the scheduler
+    for group, configured in zip(optimizer.param_groups, configured_groups):
+        for key, value in configured.items():
+            if key in step_keys:
+                continue
+            if key in group and group[key] != value:
+                changed.add(f"{key} {group[key]} -> {value}")
+            group[key] = value
+    if changed:
+        logger.warning("resuming %s with settings that differ from the saved ones (the configured ones apply from "
+                       "step %d): %s", checkpoint, saved_schedule.get("num_steps", 0), "; ".join(sorted(changed)))
 
 
 def _torch_adam_distributed_optimizers(optimizer) -> List[Any]:

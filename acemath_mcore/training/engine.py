@@ -8,6 +8,7 @@ are used as-is. A :class:`Task` supplies what differs: how a micro-batch is fed 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
@@ -133,6 +134,10 @@ class Engine:
             end_wd=optim.weight_decay,
             wd_incr_steps=max(train_steps, 1),
             wd_incr_style="constant",
+            # On resume the configured schedule wins (the checkpoint gives only the step count), so an lr or
+            # length override takes effect; checkpointing.load_checkpoint reports what changed.
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
@@ -160,27 +165,53 @@ class Engine:
     def train_step(self, task: Task, micro_batches: Sequence[Batch], nan_policy: str = "stop") -> Dict[str, float]:
         """Forward/backward over this rank's share of the global batch, then one optimizer + LR step.
 
-        A non-finite loss (known on every rank after the report reduction) raises before the optimizer touches
-        the weights (``nan_policy="stop"``) or skips this update (``"skip"``).
+        A non-finite loss, or a finite loss with a non-finite gradient norm (bf16 has no loss scaler to catch it,
+        and megatron's clipping lets NaN through), is known on every rank before the optimizer touches the weights:
+        it raises (``nan_policy="stop"``) or skips this update (``"skip"``).
         """
         for chunk in self.model:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         metrics = reduce_reports(self.forward_backward(task, micro_batches))
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after it)
         non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
+        grad_norm = None
+        if not non_finite:
+            grad_norm = self._gradient_norm()
+            if not math.isfinite(grad_norm):
+                non_finite.append("grad_norm")
+        if grad_norm is not None:  # not computed after a non-finite loss
+            metrics["grad_norm"] = grad_norm
         if non_finite and nan_policy == "stop":
             raise FloatingPointError(f"{', '.join(non_finite)} is not finite at step {self.step + 1}: {metrics}; "
                                      "stopping before the optimizer step (set nan_policy=skip to skip such steps)")
-        success, grad_norm = False, None
+        success = False
         if not non_finite:
-            success, grad_norm, _ = self.optimizer.step()
+            with _precomputed_grad_norm(self.optimizer, grad_norm):
+                success, _, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
         self.step += 1
-        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-                       lr=self.optimizer.param_groups[0]["lr"], skipped=float(not success))
+        metrics.update(lr=lr, skipped=float(not success))
         return metrics
+
+    def _gradient_norm(self) -> float:
+        """The global gradient norm, computed before the step: ``prepare_grads`` readies the main gradients (a
+        no-op copy when repeated by ``step``; bf16 has no loss scaler to unscale twice)."""
+        self.optimizer.prepare_grads()
+        return float(self.optimizer.get_grad_norm())
+
+
+@contextlib.contextmanager
+def _precomputed_grad_norm(optimizer, grad_norm: float):
+    """Let megatron's ChainedOptimizer.step (what ``get_megatron_optimizer`` returns in 0.16-0.19) clip with the
+    norm :meth:`Engine._gradient_norm` already reduced over all ranks, instead of computing it a second time."""
+    optimizer.get_grad_norm = lambda: grad_norm
+    try:
+        yield
+    finally:
+        del optimizer.get_grad_norm
 
 
 def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Sequence[Batch],
@@ -199,6 +230,12 @@ def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Se
         return output, lambda out: task.loss(batch, out)
 
     seq_length, micro_batch_size = _activation_shape(micro_batches[0])
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        shapes = sorted({_activation_shape(batch) for batch in micro_batches})
+        if len(shapes) > 1:
+            # megatron's schedules exchange activations of one (seq_length, micro_batch_size) shape per call.
+            raise ValueError(f"pipeline parallelism needs micro-batches of one shape, this step's have (tokens, rows) "
+                             f"{shapes}: pad them to a common shape (the padded reward-model loader does so)")
     iterators = [iter(micro_batches) for _ in model]
     return get_forward_backward_func()(
         forward_step_func=forward_step,

@@ -1,4 +1,6 @@
-"""Training logs: one console line per logged step, wandb (offline unless told otherwise), a final JSON summary."""
+"""Training logs: one console line per logged step, ``metrics.jsonl`` (appended, so it keeps a stage's whole history
+across resumes; a step re-run after a resume supersedes its earlier line), wandb (offline unless told otherwise),
+and a final JSON summary of this launch."""
 
 from __future__ import annotations
 
@@ -30,8 +32,9 @@ class MetricsLogger:
     """Formats step metrics for the console and forwards them to wandb when a project is configured."""
 
     def __init__(self, run_name: str, output_dir: str, config: dict, total_steps: int, rank: int,
-                 wandb_project: Optional[str] = None, wandb_mode: str = "offline"):
-        self.rank, self.total_steps = rank, total_steps
+                 wandb_project: Optional[str] = None, wandb_mode: str = "offline", wandb_run: Optional[str] = None,
+                 start_step: int = 0):
+        self.rank, self.total_steps, self.start_step = rank, total_steps, start_step
         self.run_dir = Path(output_dir) / run_name
         self.history = []
         self.wandb = None
@@ -44,7 +47,8 @@ class MetricsLogger:
             except ImportError:
                 pass
             else:
-                self.progress = tqdm(total=total_steps, desc=run_name, unit="step", dynamic_ncols=True)
+                self.progress = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step",
+                                     dynamic_ncols=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if wandb_project:
@@ -54,19 +58,23 @@ class MetricsLogger:
             except ImportError:
                 logger.warning("wandb is not installed: logging to the console and %s only", self.run_dir)
             else:
-                self.wandb = wandb.init(project=wandb_project, name=run_name, config=config, dir=str(self.run_dir))
+                self.wandb = wandb.init(project=wandb_project, name=wandb_run or run_name, config=config,
+                                        dir=str(self.run_dir))
 
     def log_step(self, step: int, metrics: Dict[str, float]) -> None:
         if self.rank != 0:
             return
         self.history.append({"step": step, **metrics})
+        with open(self.run_dir / "metrics.jsonl", "a") as stream:
+            stream.write(json.dumps({"step": step, **metrics}) + "\n")
         parts = [f"step {step:>6}/{self.total_steps}"]
         for key, fmt in (("lm_loss", "loss {:.4f}"), ("rm_loss", "loss {:.4f}"), ("pairwise_accuracy", "acc {:.3f}"),
                          ("lr", "lr {:.3g}"), ("grad_norm", "grad-norm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
                          ("mfu", "MFU {:.1%}"), ("step_s", "{:.2f} s/step"), ("memory_gib", "mem {:.1f} GiB")):
             value = metrics.get(key)
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                parts.append(fmt.format(value))
+            if value is None:
+                continue
+            parts.append(fmt.format(value) if math.isfinite(value) else f"{key} {value}")
         if metrics.get("skipped"):
             parts.append("(optimizer step skipped)")
         logger.info(" | ".join(parts))
@@ -81,7 +89,8 @@ class MetricsLogger:
         if self.progress is not None:
             self.progress.close()
         path = self.run_dir / "summary.json"
-        path.write_text(json.dumps({**summary, "history": self.history}, indent=2, default=str))
+        path.write_text(json.dumps({**summary, "start_step": self.start_step, "history": self.history}, indent=2,
+                                   default=str))
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()

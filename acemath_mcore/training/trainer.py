@@ -17,7 +17,11 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from megatron.core import parallel_state
 
-from acemath_mcore.convert.megatron_files import write_model_description
+from acemath_mcore.convert.megatron_files import (
+    find_model_description,
+    resolve_checkpoint_dir,
+    write_model_description,
+)
 from acemath_mcore.models import resolve_arch
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import build_model_chunk
@@ -86,13 +90,25 @@ def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
     if config.global_batch_size % per_step:
         raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by micro_batch_size "
                          f"{config.micro_batch_size} x data-parallel size {dp_size} = {per_step}")
-    return config.global_batch_size // per_step
+    micro_batches = config.global_batch_size // per_step
+    pp = config.parallel.pipeline_parallel
+    if config.parallel.virtual_pipeline_parallel and micro_batches % pp:
+        # megatron's interleaved schedule runs micro-batches in groups of PP per virtual stage.
+        raise ValueError(f"the interleaved pipeline schedule needs the micro-batches per rank and step "
+                         f"({config.global_batch_size} / ({config.micro_batch_size} x DP {dp_size}) = {micro_batches}) "
+                         f"to be a multiple of pipeline_parallel {pp}")
+    return micro_batches
+
+
+NAN_POLICIES = ("stop", "skip")
 
 
 def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None,
         model_chunk_builder: Callable = build_model_chunk) -> Dict:
     """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass)."""
+    if config.nan_policy not in NAN_POLICIES:
+        raise ValueError(f"nan_policy={config.nan_policy!r}: choose one of {NAN_POLICIES}")
     launch = init_distributed(config.parallel, seed=config.seed)
     setup_console_logging(launch.rank)
     arch = arch or resolve_arch(config.model)
@@ -108,16 +124,19 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     try:
         engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
                         model_chunk_builder=model_chunk_builder)
-        start_step, consumed_samples = _initialise(config, engine)
+        resumed = _initialise(config, engine)
+        start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
         loader = data.make_loader(consumed_samples, dp_rank, dp_size)
         metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
-                                       launch.rank, config.logging.wandb_project, config.logging.wandb_mode)
+                                       launch.rank, config.logging.wandb_project, config.logging.wandb_mode,
+                                       wandb_run=config.logging.wandb_run, start_step=start_step)
     except BaseException:
         preemption.restore()
         raise
     peak = device_lib.bf16_peak_flops()
     step, exit_code, metrics = start_step, 0, {}
-    first_loss = None
+    # The stage's losses, carried through checkpoints so a resumed (or re-run, finished) stage reports them too.
+    first_loss, final_loss = resumed.get("first_loss"), resumed.get("final_loss")
     started = time.perf_counter()
     try:
         while step < steps:
@@ -135,23 +154,24 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
                 metrics["mfu"] = flops / seconds / (peak * torch.distributed.get_world_size())
-            first_loss = metrics.get(task.loss_name) if first_loss is None else first_loss
+            final_loss = metrics.get(task.loss_name)
+            first_loss = final_loss if first_loss is None else first_loss
             if step % config.logging.log_interval == 0 or step == steps:
                 metrics_logger.log_step(step, metrics)
             preempted = preemption.any_rank_requested()
             interval = config.checkpoint.save_interval
             if config.checkpoint.save_dir and (preempted or (interval and step % interval == 0 and step < steps)):
-                _save(config, engine, step, consumed_samples)
+                _save(config, engine, step, consumed_samples, first_loss, final_loss)
             if preempted:
                 exit_code = EXIT_PREEMPTED
                 break
         if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
-            _save(config, engine, step, consumed_samples)
+            _save(config, engine, step, consumed_samples, first_loss, final_loss)
     finally:
         preemption.restore()
     summary = {
         "name": config.name, "model": config.model, "steps": step, "total_steps": steps,
-        "consumed_samples": consumed_samples, "first_loss": first_loss, "final_loss": metrics.get(task.loss_name),
+        "consumed_samples": consumed_samples, "first_loss": first_loss, "final_loss": final_loss,
         "wall_s": time.perf_counter() - started, "preempted": exit_code == EXIT_PREEMPTED,
         "checkpoint": str(checkpointing.iteration_dir(config.checkpoint.save_dir, step))
         if config.checkpoint.save_dir and step > start_step else None,
@@ -162,31 +182,44 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     return summary
 
 
-def _initialise(config: TrainConfig, engine: Engine) -> tuple:
-    """Resume this stage from its latest checkpoint, else start from ``init_from`` weights, else from scratch."""
+def _initialise(config: TrainConfig, engine: Engine) -> Dict:
+    """Resume this stage from its latest checkpoint (returns its train state), else start from ``init_from``
+    weights, else from scratch (step 0)."""
     latest = checkpointing.find_latest(config.checkpoint.save_dir) if (
         config.checkpoint.save_dir and config.checkpoint.resume) else None
     if latest is not None:
+        engine.arch.check_matches(find_model_description(latest)[0], str(latest))
         state = checkpointing.load_checkpoint(latest, engine.model, engine.optimizer, engine.scheduler)
+        saved_batch = state.get("global_batch_size", config.global_batch_size)
+        if saved_batch != config.global_batch_size:
+            raise ValueError(f"{latest} was trained with global_batch_size={saved_batch}, this run has "
+                             f"{config.global_batch_size}: the step count and data position would no longer match "
+                             f"the epoch. Resume with global_batch_size={saved_batch}, or start a new stage from "
+                             f"it with checkpoint.init_from={latest} and another checkpoint.save_dir")
         engine.step = state["step"]
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, state["step"],
                     state["consumed_samples"])
-        return state["step"], state["consumed_samples"]
+        return state
     if config.checkpoint.init_from:
+        recorded_arch, _, _ = find_model_description(resolve_checkpoint_dir(config.checkpoint.init_from))
+        engine.arch.check_matches(recorded_arch, f"checkpoint.init_from={config.checkpoint.init_from}")
         checkpointing.load_weights(config.checkpoint.init_from, engine.model)
         engine.optimizer.reload_model_params()
         logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
     else:
         logger.info("no checkpoint to resume or initialise from: training from random initialisation")
-    return 0, 0
+    if not config.checkpoint.save_dir:
+        logger.warning("no checkpoint.save_dir: nothing is saved, and a preemption loses the whole run")
+    return {"step": 0, "consumed_samples": 0}
 
 
-def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int) -> None:
+def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int, first_loss: Optional[float],
+          final_loss: Optional[float]) -> None:
     start = time.perf_counter()
+    train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
+                   "first_loss": first_loss, "final_loss": final_loss}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
-                                         engine.scheduler, {"consumed_samples": consumed_samples},
-                                         keep_last=config.checkpoint.keep_last)
+                                         engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
         write_model_description(Path(config.checkpoint.save_dir), engine.arch)
     logger.info("saved %s in %.1f s", path, time.perf_counter() - start)
-
