@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from shared_data import shared_path
 
@@ -15,6 +16,7 @@ from acemath_mcore.data.rm_data import (
     PackedRMDataset,
     RMGroup,
     RMGroupDataset,
+    RMGroupSample,
     RMPreprocessConfig,
     build_rm_dataloader,
     collate_rm_packed,
@@ -172,6 +174,29 @@ def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
         assert micro_batch["group_sizes"].tolist() == [4] * len(micro_batch["group_sizes"])
     with pytest.raises(ValueError, match="exactly one"):
         build_rm_dataloader(prefix, 0, 2, 1)
+
+
+def test_fixed_row_padded_batches_top_up_with_unscored_rows(rm_prefix, qwen):
+    """Under pipeline parallelism every padded micro-batch needs one shape: a two-response group gets two rows of
+    padding after its responses, which score_index and labels leave out."""
+    prefix, _ = rm_prefix
+    groups = RMGroupDataset(prefix)
+    assert groups.data.max_group_size == 4
+    full = groups.group(0)
+    short = RMGroupSample(full.responses[:2], full.labels[:2])
+    width = max(len(r) for r in full.responses)
+    batch = collate_rm_padded([[short]], pad_id=qwen.pad_or_eos_id, seq_length=width, num_rows=4)
+    alone = collate_rm_padded([[short]], pad_id=qwen.pad_or_eos_id, seq_length=width)
+    assert batch["tokens"].shape == (4, width) and alone["tokens"].shape == (2, width)
+    assert torch.equal(batch["tokens"][:2], alone["tokens"]) and (batch["tokens"][2:] == qwen.pad_or_eos_id).all()
+    for key in ("score_index", "labels", "group_sizes"):
+        assert torch.equal(batch[key], alone[key]), key
+    with pytest.raises(ValueError, match="4 responses do not fit a padded micro-batch of 3 rows"):
+        collate_rm_padded([[full]], pad_id=0, seq_length=width, num_rows=3)
+    seq_length = int(groups.data.tokens.sequence_lengths.max())
+    loader = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=4, micro_batch_size=2,
+                                 seq_length=seq_length, fixed_rows=True)
+    assert {tuple(mb["tokens"].shape) for mb in itertools.islice(loader, 4)} == {(8, seq_length)}
 
 
 def test_preprocess_rm_max_length_drops_whole_groups(tmp_path, qwen):

@@ -18,8 +18,9 @@ import torch
 from distributed_helpers import run_workers
 
 WORLD_SIZE = 2
-NUM_GROUPS = 4
-RESPONSES = 6
+# Responses per problem: AceMath samples 6, and a problem with fewer candidates keeps fewer, so the padded
+# micro-batches (one group each) differ in shape, which pipeline stages must exchange (engine.run_schedule).
+GROUP_SIZES = (6, 4, 6, 3)
 PADDED_LENGTH = 16
 PACKED_LENGTH = 160  # two groups of at most 6 x 12 tokens per packed micro-batch
 # (TP, PP, VPP), the rest of the 2 ranks data parallel; TP=2 runs first: its checkpoint is the scorers' reference.
@@ -28,25 +29,29 @@ STEPS = 2
 
 
 def make_groups(vocab: int, seed: int = 0):
-    """Problem groups of 6 random responses (4..12 tokens) with 1..5 positives."""
+    """Problem groups of GROUP_SIZES random responses (4..12 tokens) with at least one positive and one negative."""
     from acemath_mcore.data.rm_data import RMGroupSample
 
     rng = np.random.default_rng(seed)
     groups = []
-    for index in range(NUM_GROUPS):
-        labels = np.zeros(RESPONSES, dtype=np.float32)
-        labels[rng.permutation(RESPONSES)[:1 + index % (RESPONSES - 1)]] = 1.0
-        responses = [rng.integers(3, vocab, size=rng.integers(4, 13)) for _ in range(RESPONSES)]
+    for index, size in enumerate(GROUP_SIZES):
+        labels = np.zeros(size, dtype=np.float32)
+        labels[rng.permutation(size)[:1 + index % (size - 1)]] = 1.0
+        responses = [rng.integers(3, vocab, size=rng.integers(4, 13)) for _ in range(size)]
         groups.append(RMGroupSample(responses, labels))
     return groups
 
 
 def global_batches(groups):
-    """The same global batch as padded micro-batches (one group each) and packed ones (two groups each)."""
+    """The same global batch as padded micro-batches (one group each, topped up with unscored rows to the largest
+    group, as the loader does under pipeline parallelism), as ragged padded ones (each group's own rows) and as
+    packed ones (two groups each)."""
     from acemath_mcore.data.rm_data import collate_rm_packed, collate_rm_padded
 
     return {
-        "padded": [collate_rm_padded([[group]], pad_id=0, seq_length=PADDED_LENGTH) for group in groups],
+        "padded": [collate_rm_padded([[group]], pad_id=0, seq_length=PADDED_LENGTH, num_rows=max(GROUP_SIZES))
+                   for group in groups],
+        "ragged": [collate_rm_padded([[group]], pad_id=0, seq_length=PADDED_LENGTH) for group in groups],
         "packed": [collate_rm_packed([groups[i:i + 2]], pad_id=0, total_length=PACKED_LENGTH)
                    for i in range(0, len(groups), 2)],
     }
@@ -108,6 +113,12 @@ def _worker(rank, world_size, arch, tmp):
             dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
             per_rank = len(micro_batches) // dp_size
             mine = micro_batches[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+            if form == "ragged" and layout[1] > 1:
+                try:
+                    engine.train_step(RewardTask("listwise_bt"), mine)
+                except ValueError as error:
+                    results["ragged_pipeline_error"] = str(error)
+                continue
             results["losses"][(*layout, form)] = [engine.train_step(RewardTask("listwise_bt"), mine)
                                                  for _ in range(STEPS)]
         if layout == (1, 1, None):
@@ -173,6 +184,19 @@ def test_tensor_and_pipeline_parallel_losses_equal_single_rank(results, form):
 def test_padded_and_packed_global_batches_give_the_same_loss(results):
     padded, packed = (results[0]["losses"][(1, 1, None, form)][0]["rm_loss"] for form in ("padded", "packed"))
     assert packed == pytest.approx(padded, abs=1e-5, rel=0)
+
+
+def test_unscored_filler_rows_leave_the_loss_unchanged(results):
+    padded = [m["rm_loss"] for m in results[0]["losses"][(1, 1, None, "padded")]]
+    for layout in ((1, 1, None), (2, 1, None)):
+        ragged = [m["rm_loss"] for m in results[0]["losses"][(*layout, "ragged")]]
+        assert ragged == pytest.approx(padded, abs=1e-5, rel=0), layout
+
+
+def test_pipeline_refuses_micro_batches_of_several_shapes_by_name(results):
+    error = results[0]["ragged_pipeline_error"]
+    assert "pipeline parallelism needs micro-batches of one shape" in error
+    assert "(16, 6)" in error and "(16, 3)" in error
 
 
 def test_scores_do_not_depend_on_padding_or_packed_neighbours(results):

@@ -152,6 +152,11 @@ class RMIndexedDataset:
         return len(self.group_bounds) - 1
 
     @property
+    def max_group_size(self) -> int:
+        """Responses in the largest group: the row count a fixed-shape padded micro-batch needs per group."""
+        return int(np.diff(self.group_bounds).max()) if len(self) else 0
+
+    @property
     def group_token_counts(self) -> np.ndarray:
         """Tokens of every group (all its responses), what micro-batch packing budgets against."""
         cumulative = np.concatenate(([0], np.cumsum(self.tokens.sequence_lengths, dtype=np.int64)))

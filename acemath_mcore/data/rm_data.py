@@ -305,11 +305,21 @@ def collate_rm_packed(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, t
     }
 
 
-def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, seq_length: int) -> dict:
+def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, seq_length: int,
+                      num_rows: Optional[int] = None) -> dict:
     """``tokens/position_ids [R, S]`` (one response per row, right-padded), ``score_index`` int64 [R] (column of
-    each row's last real token), ``labels`` float32 [R], ``group_sizes`` int64 [G]."""
+    each row's last real token), ``labels`` float32 [R], ``group_sizes`` int64 [G].
+
+    ``num_rows`` appends rows of padding after the responses up to a fixed row count, so every micro-batch has
+    one shape (pipeline stages need that); they are computed but never scored (``score_index`` covers the real
+    rows only, which come first).
+    """
     responses, labels, group_sizes = _flatten(samples)
-    batch = collate_padded([[(r, np.zeros(len(r), dtype=np.uint8))] for r in responses], pad_id, seq_length)
+    if num_rows is not None and len(responses) > num_rows:
+        raise ValueError(f"{len(responses)} responses do not fit a padded micro-batch of {num_rows} rows")
+    fillers = [np.full(1, pad_id, dtype=np.int64)] * (0 if num_rows is None else num_rows - len(responses))
+    batch = collate_padded([[(r, np.zeros(len(r), dtype=np.uint8))] for r in responses + fillers], pad_id,
+                           seq_length)
     return {
         "tokens": batch["tokens"],
         "position_ids": batch["position_ids"],
@@ -322,9 +332,10 @@ def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, s
 def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
                         packed_tokens: Optional[int] = None, seq_length: Optional[int] = None, dp_rank: int = 0,
                         dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0,
-                        num_workers: int = 0) -> torch.utils.data.DataLoader:
+                        num_workers: int = 0, fixed_rows: bool = False) -> torch.utils.data.DataLoader:
     """Endless RM micro-batches. Packed (``packed_tokens``): a sample is a bin of whole groups, rows are
-    ``micro_batch_size * packed_tokens`` long. Padded (``seq_length``): a sample is one group."""
+    ``micro_batch_size * packed_tokens`` long. Padded (``seq_length``): a sample is one group; ``fixed_rows``
+    gives every micro-batch ``micro_batch_size`` x (largest group) rows (for pipeline parallelism)."""
     if (packed_tokens is None) == (seq_length is None):
         raise ValueError("give exactly one of packed_tokens (packed) or seq_length (padded)")
     groups = RMGroupDataset(prefix)
@@ -333,7 +344,8 @@ def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_
         collate = functools.partial(collate_rm_packed, pad_id=pad_id, total_length=micro_batch_size * packed_tokens)
     else:
         dataset = groups
-        collate = functools.partial(collate_rm_padded, pad_id=pad_id, seq_length=seq_length)
+        num_rows = micro_batch_size * groups.data.max_group_size if fixed_rows else None
+        collate = functools.partial(collate_rm_padded, pad_id=pad_id, seq_length=seq_length, num_rows=num_rows)
     sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                           seed, consumed_samples)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)

@@ -96,7 +96,10 @@ def rm_training_data(config: TrainConfig) -> TrainingData:
         raise ValueError(f"recipe {config.name!r} needs exactly one RM prefix and no blend weights: pass "
                          f"data.prefixes=[PREFIX] (output of launch/preprocess.py rm), got {config.data.prefixes}")
     prefix, length = config.data.prefixes[0], config.data.seq_length
-    layout = {"packed_tokens": length} if config.data.packed else {"seq_length": length}
+    # Pipeline stages exchange activations of one shape: padded micro-batches then all get the rows of the
+    # largest group (fewer-response groups are topped up with unscored padding rows).
+    fixed_rows = config.parallel.pipeline_parallel > 1
+    layout = {"packed_tokens": length} if config.data.packed else {"seq_length": length, "fixed_rows": fixed_rows}
 
     def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
         return iter(build_rm_dataloader(prefix, pad_id=0, global_batch_size=config.global_batch_size,
