@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
     parser.add_argument("--instruction-role", choices=("user", "system"), default="user",
                         help="where the CoT instruction goes: user turn (AceMath) or system turn (Qwen2.5-Math)")
-    parser.add_argument("--benchmarks", default="table3",
-                        help=f"comma list of {', '.join(BENCHMARKS)}; or 'table3' / 'all'")
+    parser.add_argument("--benchmarks",
+                        help=f"comma list of {', '.join(BENCHMARKS)}; or 'table3' / 'all' (default: table3; with "
+                             "--summarize-only, every result in --output-dir)")
     parser.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--num-samples", type=int, default=1, help="responses per problem (needs a temperature)")
@@ -83,8 +84,10 @@ def _megatron_arch_and_tokenizer(args):
     recorded_arch, _, assets = find_model_description(resolve_checkpoint_dir(args.checkpoint))
     try:
         arch = resolve_arch(args.model) if args.model else recorded_arch
+        if args.model:
+            arch.check_matches(recorded_arch, f"{args.checkpoint} (model_arch.json)")
     except ValueError as error:
-        raise SystemExit(f"--model: {error}") from None
+        raise SystemExit(f"--model: {error}; leave --model out to use the recorded one") from None
     if arch is None:
         raise SystemExit(f"{args.checkpoint} records no model shapes (model_arch.json); pass --model")
     tokenizer = args.tokenizer or (str(assets) if assets else None)
@@ -93,14 +96,20 @@ def _megatron_arch_and_tokenizer(args):
     return arch, tokenizer
 
 
+def _setup(args, tokenizer_path: str, precision: str, backend) -> dict:
+    """The generation choices outside the harness's own settings, for the results' fingerprint."""
+    return {"backend": args.backend, "template": args.template, "tokenizer": str(Path(tokenizer_path).resolve()),
+            "precision": precision, "max_sequence_length": backend.max_sequence_length}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from acemath_mcore.eval.harness import EvalSettings, format_summary, run_evaluation, summarize, write_summary
     from acemath_mcore.training.logging import setup_console_logging
 
-    benchmarks = _benchmarks(args.benchmarks)
+    benchmarks = _benchmarks(args.benchmarks or "table3")
     if args.summarize_only:
-        summary = summarize(args.output_dir)
+        summary = summarize(args.output_dir, benchmarks if args.benchmarks else None)
         write_summary(summary, args.output_dir)
         print(format_summary(summary))
         return 0
@@ -122,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         from acemath_mcore.eval.backends import MegatronBackend
         from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
 
+        from acemath_mcore.convert.megatron_files import resolve_checkpoint_dir
+
         arch, tokenizer_path = _megatron_arch_and_tokenizer(args)
+        model_name = str(resolve_checkpoint_dir(args.checkpoint).resolve())
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel), seed=args.seed)
         setup_console_logging(launch.rank)
         try:
@@ -131,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
             encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
             backend = MegatronBackend(args.checkpoint, arch, encoder.stop_ids, bf16=args.bf16,
                                       max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
-            summary = run_evaluation(backend, encoder, settings, model_name=str(args.checkpoint))
+            settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend)
+            summary = run_evaluation(backend, encoder, settings, model_name=model_name)
         finally:
             destroy_distributed()
     else:
         setup_console_logging(0)
-        tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        tokenizer_path = args.tokenizer or args.checkpoint
+        tokenizer = load_tokenizer(tokenizer_path)
         encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
         if args.backend == "hf":
             from acemath_mcore.eval.backends import HFBackend
@@ -149,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=args.dtype,
                                   tensor_parallel=args.tensor_parallel,
                                   max_sequence_length=args.max_sequence_length, seed=args.seed)
-        summary = run_evaluation(backend, encoder, settings, model_name=str(args.checkpoint))
+        settings.setup = _setup(args, tokenizer_path, args.dtype, backend)
+        summary = run_evaluation(backend, encoder, settings, model_name=str(Path(args.checkpoint).resolve()))
     if summary is not None:
         print(format_summary(summary))
         print(json.dumps({"output_dir": args.output_dir, "average": round(summary["average"], 2)}))

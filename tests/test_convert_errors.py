@@ -67,6 +67,19 @@ def test_missing_tensor(tiny_dirs, tmp_path):
         convert(hf_dir, tmp_path / "out")
 
 
+def test_a_layer_tensor_the_mapping_would_drop_is_an_error(tiny_dirs, tmp_path):
+    import torch
+
+    hf_dir = copy_of(tiny_dirs / "single", tmp_path / "hf")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # recomputed: may be left behind
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer tensor\(s\) model.layers.0.self_attn.o_proj.bias have no place in "
+                                         r"a llama model"):
+        convert(hf_dir, tmp_path / "out")
+
+
 def test_no_safetensors(tiny_dirs, tmp_path):
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
@@ -104,3 +117,20 @@ def test_fp16_weights_need_an_explicit_dtype_and_outputs_are_not_overwritten(tin
     with pytest.raises(FileExistsError, match="not empty"):
         convert(tiny_dirs / "single", tmp_path / "taken")
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
+
+
+def test_weight_lookups_read_each_hf_tensor_once(tiny_dirs):
+    """load_full_weights asks ``name in weights`` before reading each tensor: answering must not read the file."""
+    from acemath_mcore.convert.hf_files import HFCheckpoint
+
+    checkpoint = HFCheckpoint(tiny_dirs / "single")
+    reads = []
+    read = checkpoint.tensor
+    checkpoint.tensor = lambda name: reads.append(name) or read(name)
+    weights = checkpoint.megatron_weights()
+    names = list(weights)
+    assert all(name in weights for name in names) and "no.such.tensor" not in weights
+    assert reads == []
+    for name in names:
+        weights[name]
+    assert sorted(reads) == sorted(set(reads))  # no HF tensor read twice across all megatron tensors

@@ -16,6 +16,7 @@ from acemath_mcore.data.tokenizers import load_tokenizer
 from acemath_mcore.eval.benchmarks import load_benchmark
 from acemath_mcore.eval.generation import Generation, SamplingParams
 from acemath_mcore.eval.harness import EvalSettings, format_summary, run_evaluation, summarize
+from launch_scripts import launch_main
 from shared_data import shared_path
 
 LIMIT = 6
@@ -86,6 +87,24 @@ def test_greedy_run_grades_writes_and_skips_a_finished_benchmark(tmp_path, encod
     assert backend.calls == 1
     run_evaluation(backend, encoder, _settings(tmp_path, seed=1), model_name="scripted")
     assert backend.calls == 2
+    # Settings outside the harness (template, context, precision, ...) and newer weights also redo it.
+    run_evaluation(backend, encoder, _settings(tmp_path, seed=1, setup={"template": "plain"}), model_name="scripted")
+    assert backend.calls == 3
+    run_evaluation(backend, encoder, _settings(tmp_path, seed=1, setup={"template": "plain"}),
+                   model_name="scripted/iter_0000200")
+    assert backend.calls == 4
+
+
+def test_summarize_only_tables_just_the_named_benchmarks(tmp_path, encoder, gsm8k, capsys):
+    evaluate_main = launch_main("evaluate")
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
+    run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    (tmp_path / "math500.jsonl").write_text((tmp_path / "gsm8k.jsonl").read_text().replace('"score": [true]',
+                                                                                           '"score": [false]'))
+    assert evaluate_main(["--summarize-only", "--benchmarks", "gsm8k", "--output-dir", str(tmp_path)]) == 0
+    assert "math500" not in capsys.readouterr().out
+    assert evaluate_main(["--summarize-only", "--output-dir", str(tmp_path)]) == 0  # no list: every result
+    assert "math500" in capsys.readouterr().out
 
 
 def test_samples_give_majority_and_oracle_metrics(tmp_path, encoder, gsm8k):

@@ -118,6 +118,8 @@ def test_unsupported_inputs_give_clear_errors():
         LLAMA.arch_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         LLAMA.arch_from_hf({**base, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="attention_bias=true .* not supported"):  # o_proj would lose its bias
+        LLAMA.arch_from_hf({**base, "attention_bias": True})
     with pytest.raises(ValueError, match="tensor_parallel=4 does not divide num_query_groups=2"):
         get_preset("qwen2.5-1.5b").check_tensor_parallel(4)
     with pytest.raises(KeyError, match="unknown model preset 'qwen3'"):
@@ -136,3 +138,16 @@ def test_preset_parameter_counts_match_published_sizes(preset, expected_billions
     unpadded = arch.num_parameters() - (arch.padded_vocab_size - arch.vocab_size) * arch.hidden_size * (
         1 if arch.tie_embeddings else 2)
     assert unpadded / 1e9 == pytest.approx(expected_billions, rel=2e-3)
+
+
+def test_a_preset_that_differs_from_the_recorded_architecture_is_refused_by_name():
+    from acemath_mcore.models import get_preset
+
+    math_7b, base_7b = get_preset("qwen2.5-math-7b"), get_preset("qwen2.5-7b")
+    math_7b.check_matches(None, "unrecorded")  # nothing recorded: nothing to compare
+    math_7b.check_matches(get_preset("qwen2.5-math-7b"), "same")
+    # Same shapes, another RoPE base and context: weights would load and compute something else.
+    with pytest.raises(ValueError, match=r"ckpt records another architecture than the one asked for: rope_theta "
+                                         r"1000000.0 there, 10000.0 here; max_position_embeddings 131072 there, "
+                                         r"4096 here"):
+        math_7b.check_matches(base_7b, "ckpt")

@@ -4,11 +4,10 @@ recommends for the paper's models, its CLI, and its memory model against a train
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from launch_scripts import launch_main
 
 from acemath_mcore import plan as planner
 from acemath_mcore.models.arch import ModelArch
@@ -26,12 +25,7 @@ def hand_request(**changes) -> planner.PlanRequest:
 
 
 def load_cli():
-    """launch/ is a folder of scripts, not a package: load plan.py by path."""
-    path = Path(__file__).resolve().parents[1] / "launch" / "plan.py"
-    spec = importlib.util.spec_from_file_location("launch_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return launch_main("plan")
 
 
 # ---- (a) memory items equal hand-computed bytes ------------------------------------------------------------------

@@ -101,6 +101,13 @@ class HFCheckpoint:
             raise ValueError(f"{name} has shape {actual} in {self._file_of[name].name}, but config.json implies "
                              f"{tuple(shape)}")
         unused = sorted(set(self._file_of) - set(expected))
+        # A layer weight the mapping does not know would be dropped silently (e.g. a bias the config did not
+        # announce); RoPE inverse-frequency buffers some checkpoints store are recomputed, so they may go.
+        dropped = [name for name in unused if name.startswith("model.layers.") and not name.endswith("inv_freq")]
+        if dropped:
+            more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
+            raise ValueError(f"{self.path}: layer tensor(s) {', '.join(dropped[:3])}{more} have no place in a "
+                             f"{self.arch.family} model with this config.json; converting would drop them")
         if unused:
             logger.info("%s: %d tensor(s) not used by the conversion: %s", self.path, len(unused),
                         ", ".join(unused[:5]))
@@ -134,6 +141,9 @@ class LazyMegatronWeights(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         rule = self._rules[name]
         return rule.to_megatron(self._checkpoint.arch, [self._checkpoint.tensor(n) for n in rule.hf_names])
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._rules  # Mapping's default would build the tensor (read it from disk) to answer
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._rules)

@@ -81,6 +81,8 @@ def _describe(checkpoint: Path, hf_template, preset) -> Tuple[ModelArch, Optiona
     if template_config is not None:
         template_arch = family_for_hf_config(template_config).arch_from_hf(template_config)
     arch = get_preset(preset) if preset else recorded_arch or template_arch
+    if preset:
+        arch.check_matches(recorded_arch, f"{checkpoint} (model_arch.json)")
     if arch is None:
         raise ValueError(f"cannot tell which model {checkpoint} holds: it has no model_arch.json (written by "
                          "convert_from_hf); pass --hf-template with the original HF directory or --preset")

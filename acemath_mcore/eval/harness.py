@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
 from acemath_mcore.eval.benchmarks import DEFAULT_INSTRUCTION, Problem, build_messages, load_benchmark
@@ -55,12 +55,17 @@ class EvalSettings:
     instruction: Optional[str] = DEFAULT_INSTRUCTION  # None: the problems' text is the whole user prompt
     instruction_role: str = "user"  # user: AceMath's template; system: Qwen2.5-Math-Instruct's
     overwrite: bool = False
+    # Choices made outside the harness that change the outputs too (backend, chat template, tokenizer, weight
+    # precision, context limit): recorded in the fingerprint.
+    setup: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def fingerprint(self, benchmark: str, model: str) -> dict:
-        """What decides a benchmark's outputs; a stored file with another fingerprint is regenerated."""
+        """What decides a benchmark's outputs; a stored file with another fingerprint is regenerated. ``model``
+        names the weights themselves (a save dir's current ``iter_*`` checkpoint, not the save dir)."""
         return {"benchmark": benchmark, "model": model, "sampling": dataclasses.asdict(self.sampling),
                 "num_samples": self.num_samples, "seed": self.seed, "limit": self.limit,
-                "instruction": self.instruction, "instruction_role": self.instruction_role}
+                "instruction": self.instruction, "instruction_role": self.instruction_role,
+                "data_dir": str(Path(self.data_dir).resolve()), "setup": self.setup}
 
 
 def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
@@ -86,12 +91,17 @@ def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder
                         benchmark: str, model_name: str, output_dir: Path) -> None:
     results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
     fingerprint = settings.fingerprint(benchmark, model_name)
-    if (not settings.overwrite and results_path.is_file() and meta_path.is_file()
-            and json.loads(meta_path.read_text()).get("settings") == fingerprint):
+    if not settings.overwrite and results_path.is_file() and meta_path.is_file():
+        stored = json.loads(meta_path.read_text()).get("settings") or {}
+        if stored == fingerprint:
+            if backend.is_writer:
+                log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
+                         benchmark, results_path)
+            return
         if backend.is_writer:
-            log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
-                     benchmark, results_path)
-        return
+            changed = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
+            log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, results_path,
+                     ", ".join(changed))
     problems, gold_issues = load_benchmark(benchmark, settings.data_dir)
     if settings.limit is not None:
         problems = problems[: settings.limit]

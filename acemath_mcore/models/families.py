@@ -51,6 +51,9 @@ class Family:
             raise ValueError(f"{self.name}: hidden_act={cfg['hidden_act']!r} is not supported (SwiGLU/silu only)")
         if cfg.get("mlp_bias"):
             raise ValueError(f"{self.name}: mlp_bias=true is not supported")
+        if cfg.get("attention_bias") and not self.qkv_bias:
+            # HF's attention_bias also biases o_proj, which megatron's layers here (add_bias_linear=False) lack.
+            raise ValueError(f"{self.name}: attention_bias=true (biases on q/k/v and o_proj) is not supported")
         rope = _read_rope(cfg, self.name)
         return ModelArch(
             family=self.name,
@@ -62,7 +65,7 @@ class Family:
             vocab_size=cfg["vocab_size"],
             # Stored only when it differs from hidden/heads, so equal shapes compare equal.
             head_dim=_explicit_head_dim(cfg),
-            qkv_bias=self.qkv_bias or bool(cfg.get("attention_bias", False)),
+            qkv_bias=self.qkv_bias,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_theta=rope["theta"],
             rope_scaling_factor=rope["factor"],
