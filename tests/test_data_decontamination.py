@@ -54,24 +54,45 @@ def test_planted_math_test_prompt_is_found(math_decontaminator, math_problems):
     problem = math_problems[17]
     found = math_decontaminator.find(problem)
     assert found is not None and found.question.benchmark in ("math", "math500")
-    # Wrapped in an instruction and re-spaced, it is still the test question.
+    # Wrapped in an instruction and re-spaced, it is still the test question (found whole).
     wrapped = "Solve the following problem step by step.\n\n" + problem.replace(" ", "  ")
     found = math_decontaminator.find(wrapped)
+    assert found is not None and found.shared_ngram is None
+    # With one word changed it is no longer whole, but shares a 13-gram and most of its words.
+    words = words_of(wrapped)
+    words[-3] = "changed"
+    found = math_decontaminator.find(" ".join(words))
     assert found is not None and found.shared_ngram is not None and found.lcs_fraction > 0.6
-    detail = math_decontaminator.check(Conversation("train.jsonl:1", [{"role": "user", "content": wrapped},
+    detail = math_decontaminator.check(Conversation("train.jsonl:1", [{"role": "user", "content": " ".join(words)},
                                                                       {"role": "assistant", "content": "x"}]))
     assert "test.jsonl:" in detail and "13-gram" in detail
 
 
 def test_shared_ngram_alone_only_counts_outside_math_mode(math_decontaminator, math_problems):
     problem = next(p for p in math_problems if len(words_of(p)) >= 30)
-    # The question buried in a long unrelated prompt: shares 13-grams, LCS far below 60% of the prompt.
+    # Most of the question (all but its last word) in a long unrelated prompt: shares 13-grams, LCS far below 60%
+    # of the prompt.
     filler = " ".join(f"unrelated{i} context words about something else" for i in range(60))
-    prompt = filler + " " + problem
+    prompt = filler + " " + " ".join(words_of(problem)[:-1])
     assert math_decontaminator.find(prompt) is None
     general = Decontaminator(math_decontaminator.questions, math=False)
     found = general.find(prompt)
     assert found is not None and found.lcs_fraction < 0.6
+    # The whole question buried there is a copy in both modes.
+    found = math_decontaminator.find(filler + " " + problem)
+    assert found is not None and found.shared_ngram is None
+
+
+def test_questions_with_the_cot_instruction_appended_are_found(math_decontaminator):
+    """Training prompts often carry the CoT instruction after the question: short questions (no 13-gram) and
+    13-18-word ones (the instruction's 12 words pull the LCS under 60% of the prompt) were missed."""
+    from acemath_mcore.data.synthetic import MATH_INSTRUCTION
+
+    missed = [q for q in math_decontaminator.questions if len(q.words) >= 8
+              and math_decontaminator.find(" ".join(q.words) + "\n" + MATH_INSTRUCTION) is None]
+    assert missed == []
+    tiny = next(q for q in math_decontaminator.questions if len(q.words) < 8)
+    assert math_decontaminator.find(" ".join(tiny.words) + "\n" + MATH_INSTRUCTION) is None  # too short to tell
 
 
 def test_clean_prompts_pass_and_short_questions_match_whole(math_decontaminator):
@@ -82,11 +103,16 @@ def test_clean_prompts_pass_and_short_questions_match_whole(math_decontaminator)
     assert found is not None and found.shared_ngram is None
 
 
-def test_index_lookups_are_fast(math_decontaminator):
-    responses = [code for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()
-                 for code in json.loads(line)["code"]]
+def test_index_lookups_are_fast_and_flag_only_restated_questions(math_decontaminator):
+    """800 real solutions to MATH test problems: the few that restate their own question word for word are
+    flagged, naming exactly that question; no solution is flagged for another one."""
+    records = [json.loads(line) for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()]
     started = time.perf_counter()
-    flagged = sum(math_decontaminator.find(text) is not None for text in responses)
+    found = [(record, math_decontaminator.find(text)) for record in records for text in record["code"]]
     elapsed = time.perf_counter() - started
-    assert flagged == 0  # solutions do not restate the question verbatim
-    assert elapsed < 2.0, f"{len(responses)} long prompts took {elapsed:.2f}s"
+    flagged = [(record, hit) for record, hit in found if hit is not None]
+    assert 0 < len(flagged) < len(found) // 10
+    for record, hit in flagged:
+        assert hit.shared_ngram is None and hit.question.words == words_of(record["question"])
+        assert " ".join(hit.question.words) in " ".join(words_of(" ".join(record["code"])))
+    assert elapsed < 2.0, f"{len(found)} long prompts took {elapsed:.2f}s"

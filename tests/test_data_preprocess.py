@@ -1,14 +1,13 @@
 """Preprocessing JSONL → megatron IndexedDataset: round trip, bad-line accounting with file:line, strict mode,
 max-length policies, worker determinism, curation steps and the CLI."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from launch_scripts import launch_main
 from shared_data import shared_path
 
 from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, ConversationEncoder, build_template
@@ -20,12 +19,7 @@ QWEN = str(shared_path("tokenizers/qwen2"))
 
 
 def load_cli():
-    """launch/ is a folder of scripts, not a package: load preprocess.py by path."""
-    path = Path(__file__).resolve().parents[1] / "launch" / "preprocess.py"
-    spec = importlib.util.spec_from_file_location("launch_preprocess", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return launch_main("preprocess")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +76,24 @@ def test_round_trip_through_megatron_indexed_dataset(tmp_path, qwen, real_record
     assert stats["dropped_total"] == stats["truncated"] == 0
     assert json.loads(stats_path(prefix).read_text())["samples"] == len(real_records)
     assert SFTIndexedDataset(prefix)[0][0].tolist() == tokens[0].tolist()
+
+
+def test_acemath_instruct_rows_train_on_their_answer_field(tmp_path, qwen, run):
+    """nvidia/AceMath-Instruct-Training-Data keeps the prompt turns in 'messages' and the response in 'answer'."""
+    rows = [
+        {"messages": [{"role": "user", "content": "What is 1+1?"}], "answer": "1+1 = 2, so \\boxed{2}."},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                      {"role": "user", "content": "And 2+2?"}], "answer": "\\boxed{4}"},
+    ]
+    stats, prefix = run(tmp_path, [write_jsonl(tmp_path / "acemath.jsonl", rows)])
+    assert stats["samples"] == 2 and stats["dropped_total"] == 0
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    data = SFTIndexedDataset(prefix)
+    for index, row in enumerate(rows):
+        expected = encoder.encode(row["messages"] + [{"role": "assistant", "content": row["answer"]}])
+        tokens, mask = data[index]
+        assert np.array_equal(tokens, expected.input_ids) and np.array_equal(mask, expected.loss_mask)
+        assert qwen.decode(tokens[mask.astype(bool)].tolist()).endswith(row["answer"] + "<|im_end|>")
 
 
 BAD_LINES = [

@@ -2,8 +2,8 @@
 
 A prompt is contaminated when it shares a 13-word n-gram with a benchmark test question AND (math mode) the
 longest common subsequence of words covers more than 60% of the prompt; in general mode the shared 13-gram
-alone suffices. A prompt equal (as a word sequence) to a whole test question is contaminated in both modes —
-this catches questions shorter than 13 words, which have no 13-gram.
+alone suffices. A prompt that contains a whole test question of 8+ words as a contiguous run of words, or equals a
+shorter one, is contaminated in both modes: this catches questions shorter than 13 words, which have no 13-gram.
 
 Speed comes from an n-gram index over the test questions (dictionary lookups per prompt window, no pairwise
 comparison) and a bit-parallel LCS run only on the few candidate questions an n-gram hit names.
@@ -21,6 +21,9 @@ from acemath_mcore.data.jsonl import Conversation, read_jsonl
 
 NGRAM = 13
 LCS_FRACTION = 0.6
+# A test question this long found verbatim inside a prompt is a copy; a shorter one ("What is 2+3?") only when it
+# is the whole prompt, since short phrasings recur innocently.
+MIN_CONTAINED_WORDS = 8
 _WORD = re.compile(r"\w+")
 
 
@@ -58,7 +61,7 @@ class Contamination:
     lcs_fraction: float
 
     def describe(self) -> str:
-        evidence = "equals the whole question" if self.shared_ngram is None else f"shares {NGRAM}-gram {self.shared_ngram!r}"
+        evidence = "holds the whole question" if self.shared_ngram is None else f"shares {NGRAM}-gram {self.shared_ngram!r}"
         return f"{self.question.benchmark} ({self.question.where}): {evidence}, LCS {self.lcs_fraction:.0%} of the prompt"
 
 
@@ -88,8 +91,11 @@ class Decontaminator(CurationStep):
         self._question_ids = [[self._vocab.setdefault(w, len(self._vocab)) for w in q.words] for q in self.questions]
         ngram_owners: dict[int, list[int]] = {}
         self._whole: dict[int, int] = {}
+        self._by_opening: dict[int, list[int]] = {}  # first MIN_CONTAINED_WORDS words -> questions that long or more
         for index, ids in enumerate(self._question_ids):
             self._whole.setdefault(hash(tuple(ids)), index)
+            if len(ids) >= MIN_CONTAINED_WORDS:
+                self._by_opening.setdefault(hash(tuple(ids[:MIN_CONTAINED_WORDS])), []).append(index)
             for start in range(len(ids) - NGRAM + 1):
                 owners = ngram_owners.setdefault(hash(tuple(ids[start:start + NGRAM])), [])
                 if not owners or owners[-1] != index:
@@ -114,6 +120,12 @@ class Decontaminator(CurationStep):
             if word_id < 0:
                 known_from = end
                 continue
+            opening = end - MIN_CONTAINED_WORDS
+            if opening >= known_from:
+                for index in self._by_opening.get(hash(tuple(ids[opening:end])), ()):
+                    question = self._question_ids[index]
+                    if ids[opening:opening + len(question)] == question:
+                        return Contamination(self.questions[index], None, 1.0)
             start = end - NGRAM
             if start < known_from:
                 continue

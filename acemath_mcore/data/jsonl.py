@@ -69,6 +69,10 @@ def _messages_of(record: dict, where: str) -> list:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
             raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "'messages' must be a non-empty list")
+        last = messages[-1]
+        if isinstance(record.get("answer"), str) and isinstance(last, dict) and last.get("role") == "user":
+            # nvidia/AceMath-Instruct-Training-Data: 'messages' holds the prompt turns, 'answer' the response.
+            messages = messages + [{"role": "assistant", "content": record["answer"]}]
         return messages
     if "prompt" in record and "response" in record:
         messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
