@@ -171,6 +171,21 @@ def conversation(prompt, response):
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]}
 
 
+def test_repetition_catches_short_loops():
+    """Windows overlap, so a 20-word sequence can occur 3 times in as few as 22 words (one word repeated)."""
+    from acemath_mcore.data.curation import RepeatedText
+    from acemath_mcore.data.jsonl import Conversation
+
+    def check(response):
+        return RepeatedText(20, 3).check(Conversation("x:1", [{"role": "user", "content": "q"},
+                                                              {"role": "assistant", "content": response}]))
+
+    assert check(" ".join(["again"] * 22)) == "a 20-word sequence occurs 3 times"
+    assert check(" ".join(["again"] * 21)) is None
+    assert check(" ".join(["one two three four five"] * 6)) is not None  # 30 words: a 5-word loop
+    assert check(" ".join(f"w{i}" for i in range(80))) is None
+
+
 def test_curation_steps_report_their_counts(tmp_path, run):
     math_problem = json.loads(shared_path("data/eval/math/test.jsonl").read_text().splitlines()[17])["problem"]
     loop = " ".join(["we add one to both sides and simplify the result once more"] * 8)

@@ -174,6 +174,15 @@ def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
         assert micro_batch["group_sizes"].tolist() == [4] * len(micro_batch["group_sizes"])
     with pytest.raises(ValueError, match="exactly one"):
         build_rm_dataloader(prefix, 0, 2, 1)
+    # Groups or responses that cannot fit are refused when the loader is built, counted, with the fix.
+    longest = int(groups.data.tokens.sequence_lengths.max())
+    too_long = int((groups.data.tokens.sequence_lengths > longest - 1).sum())
+    with pytest.raises(ValueError, match=rf"{too_long} responses have more than {longest - 1} tokens \(longest "
+                                         rf"{longest}\); raise data.seq_length"):
+        build_rm_dataloader(prefix, 0, 2, 1, seq_length=longest - 1)
+    biggest = int(groups.data.group_token_counts.max())
+    with pytest.raises(ValueError, match=rf"1 groups hold more than {biggest - 1} tokens"):
+        build_rm_dataloader(prefix, 0, 2, 1, packed_tokens=biggest - 1)
 
 
 def test_fixed_row_padded_batches_top_up_with_unscored_rows(rm_prefix, qwen):

@@ -360,3 +360,14 @@ def test_batch_arithmetic_errors_name_the_numbers():
         total_steps(config, 5)
     config.epochs = 2.0
     assert total_steps(config, 60) == 10
+
+
+def test_samples_an_epoch_leaves_out_are_reported(caplog):
+    from acemath_mcore.recipes import get_recipe
+    from acemath_mcore.training.trainer import total_steps
+
+    config = get_recipe("tiny_sft")
+    config.global_batch_size = 12
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        assert total_steps(config, 65) == 5
+    assert "5 of the 65 samples do not fill a last global batch of 12" in caplog.text

@@ -62,7 +62,7 @@ class RepeatedText(CurationStep):
     def check(self, conversation: Conversation) -> Optional[str]:
         for response in conversation.responses:
             words = response.split()
-            if len(words) < self.ngram * self.max_count:
+            if len(words) < self.ngram + self.max_count - 1:  # too short for max_count (overlapping) windows
                 continue
             word_hashes = np.array([hash(w) for w in words], dtype=np.int64).view(np.uint64)
             windows = np.lib.stride_tricks.sliding_window_view(word_hashes, self.ngram)

@@ -329,6 +329,19 @@ def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, s
     }
 
 
+def _check_groups_fit(data: RMIndexedDataset, packed_tokens: Optional[int], seq_length: Optional[int]) -> None:
+    """Before training starts, not when a long group is first drawn hours in: a padded row holds one response of at
+    most ``seq_length`` tokens, a packed bin whole groups of at most ``packed_tokens``."""
+    if packed_tokens is not None:
+        sizes, limit, what = data.group_token_counts, packed_tokens, "groups hold"
+    else:
+        sizes, limit, what = data.tokens.sequence_lengths, seq_length, "responses have"
+    too_long = int((sizes > limit).sum())
+    if too_long:
+        raise ValueError(f"{data.prefix}: {too_long} {what} more than {limit} tokens (longest {int(sizes.max())}); "
+                         "raise data.seq_length, or preprocess with a lower --max-length (launch/preprocess.py rm)")
+
+
 def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
                         packed_tokens: Optional[int] = None, seq_length: Optional[int] = None, dp_rank: int = 0,
                         dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0,
@@ -339,6 +352,7 @@ def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_
     if (packed_tokens is None) == (seq_length is None):
         raise ValueError("give exactly one of packed_tokens (packed) or seq_length (padded)")
     groups = RMGroupDataset(prefix)
+    _check_groups_fit(groups.data, packed_tokens, seq_length)
     if packed_tokens is not None:
         dataset = PackedRMDataset(groups, packed_tokens)
         collate = functools.partial(collate_rm_packed, pad_id=pad_id, total_length=micro_batch_size * packed_tokens)

@@ -81,6 +81,10 @@ def total_steps(config: TrainConfig, num_samples: int) -> int:
     if steps_per_epoch == 0:
         raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
                          f"({config.global_batch_size}); lower global_batch_size or add data")
+    left_out = num_samples % config.global_batch_size
+    if left_out:
+        logger.warning("%d of the %d samples do not fill a last global batch of %d: every epoch leaves that many "
+                       "out (drawn anew each epoch by its shuffle)", left_out, num_samples, config.global_batch_size)
     return max(1, int(config.epochs * steps_per_epoch))
 
 
