@@ -4,6 +4,12 @@ Paper (arXiv 2412.15084): AdamW, lr 5e-6 for general SFT and 3e-6 for math SFT, 
 sequence length 4096, one epoch per stage, loss on response tokens only. Stage 1 starts from the converted base
 model, stage 2 from stage 1, math SFT from stage 2 (weights only: fresh optimizer and schedule each stage).
 Parallel layouts assume 8xH100 (80 GB) nodes.
+
+Batch semantics: with ``data.packed=true`` (the default here) ``global_batch_size`` counts packed rows of
+``seq_length`` tokens, each holding several conversations, and the loss is averaged over the step's response
+tokens; so a step sees more conversations than 128 and an epoch has fewer steps. The paper does not say whether
+it packed. ``data.packed=false`` makes a step exactly 128 (256) conversations, one per padded row, at the cost of
+the padding's compute (the startup log prints both counts: samples per epoch and steps).
 """
 
 from __future__ import annotations
