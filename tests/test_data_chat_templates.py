@@ -127,6 +127,24 @@ def test_plain_sentencepiece_loss_mask_hand_checked(llama2):
     assert np.flatnonzero(encoded.loss_mask).tolist() == [8, 9]
 
 
+@pytest.mark.parametrize("response", ["x \U00013000", "\U0001d538\U0001d539 done", "\u00e9\U0001f600"])
+def test_characters_split_into_byte_tokens_are_trained_whole(qwen, llama2, response):
+    """A character the tokenizer spells as several byte tokens: every one of them is a loss token, at the start
+    and at the end of a response, for HF offsets (Qwen2 without its exact tiktoken twin) and SentencePiece."""
+    from acemath_mcore.data.tokenizers import HFTokenizer
+
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": response}]
+    offsets_path = HFTokenizer.from_path(shared_path("tokenizers/qwen2"), use_tiktoken=False)
+    for tokenizer, template in ((offsets_path, "chatml"), (qwen, "chatml"), (llama2, "plain")):
+        encoded = ConversationEncoder(tokenizer, build_template(template, tokenizer)).encode(messages)
+        trained = tokenizer.decode(encoded.input_ids[encoded.loss_mask == 1].tolist())
+        assert trained.lstrip("\n").startswith(response), (tokenizer.name, trained)
+    reference = ConversationEncoder(qwen, build_template("chatml", qwen)).encode(messages)
+    offsets = ConversationEncoder(offsets_path, build_template("chatml", offsets_path)).encode(messages)
+    assert np.array_equal(offsets.input_ids, reference.input_ids)
+    assert np.array_equal(offsets.loss_mask, reference.loss_mask)
+
+
 def test_template_needs_its_special_tokens(llama2):
     with pytest.raises(ValueError, match="needs '<\\|im_start\\|>'"):
         ConversationEncoder(llama2, build_template("chatml", llama2))

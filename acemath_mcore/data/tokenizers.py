@@ -277,9 +277,31 @@ class HFTokenizer(Tokenizer):
             char_ends = np.maximum.accumulate(np.array([end for _, end in encoding.offsets], dtype=np.int64))
             char_ends[-1] = len(text)  # trailing characters a token's offsets leave out still belong to it
             byte_ends = np.concatenate(([0], np.cumsum(_utf8_lengths_of_chars(text))))[char_ends]
-            lengths.append(np.diff(byte_ends, prepend=0))
+            # Byte tokens of one character share its offsets: the first gets its bytes, those after it none.
+            lengths.append(_spread_character_bytes(np.diff(byte_ends, prepend=0), donor_before=True))
         flat, counts = _flatten_runs([encoding.ids for encoding in encodings])
         return flat, counts, np.concatenate(lengths + [np.zeros(0, dtype=np.int64)])
+
+
+def _spread_character_bytes(lengths: np.ndarray, donor_before: bool) -> np.ndarray:
+    """Give each zero-width token one byte of the multi-byte character it is part of, taken from the token that
+    holds the character's bytes (the nearest non-empty one before it, or after it). A token of width 0 overlaps no
+    loss span, so the byte tokens of a character at the edge of a response would otherwise go untrained; loss spans
+    start and end on character boundaries, so moving bytes within a character never moves a token across one."""
+    empty = np.flatnonzero(lengths == 0)
+    if not len(empty):
+        return lengths
+    lengths, was_empty = lengths.copy(), set(empty.tolist())
+    order = empty if donor_before else empty[::-1]
+    step = -1 if donor_before else 1
+    for index in order:
+        donor = index + step
+        while 0 <= donor < len(lengths) and donor in was_empty:
+            donor += step  # an earlier-fixed neighbour of the same character: look past it
+        if 0 <= donor < len(lengths) and lengths[donor] > 1:
+            lengths[donor] -= 1
+            lengths[index] = 1
+    return lengths
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -322,7 +344,8 @@ class SentencePieceTokenizer(Tokenizer):
             byte_ends = np.array([piece.end for piece in proto.pieces], dtype=np.int64)
             if len(byte_ends):
                 byte_ends[-1] = len(text.encode("utf-8"))
-            lengths.append(np.diff(byte_ends, prepend=0))
+            # Byte-fallback pieces of one character: the last ends at its end, those before it are empty.
+            lengths.append(_spread_character_bytes(np.diff(byte_ends, prepend=0), donor_before=False))
         flat, counts = _flatten_runs(runs)
         return flat, counts, np.concatenate(lengths + [np.zeros(0, dtype=np.int64)])
 
