@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, TEMPLATE_NAMES
 from acemath_mcore.data.jsonl import DataError  # noqa: E402
 from acemath_mcore.data.preprocess import OVERFLOW_POLICIES, PreprocessConfig, preprocess_sft  # noqa: E402
 from acemath_mcore.data.rm_data import RMPreprocessConfig, preprocess_rm  # noqa: E402
+from acemath_mcore.runtime.local_workers import usable_cpus  # noqa: E402
 
 
 def _system_prompt(value: str | None) -> str | None:
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     _common(sft)
     sft.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="truncate",
                      help="what to do with samples longer than --max-length (counted either way)")
-    sft.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    sft.add_argument("--workers", type=int, default=usable_cpus(),
+                     help="tokenizing processes (default: the CPUs this job may use)")
     sft.add_argument("--lines-per-chunk", type=int, default=256)
     sft.add_argument("--curate", action="append", default=[], metavar="STEP",
                      help="per-sample curation step, repeatable, applied in order: max-words=N, "

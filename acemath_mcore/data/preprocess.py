@@ -38,6 +38,7 @@ from acemath_mcore.data.curation import (
 from acemath_mcore.data.indexed import SFTIndexedWriter
 from acemath_mcore.data.jsonl import DataError, LineChunk, Reason, iter_line_chunks, parse_conversation
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
+from acemath_mcore.runtime.local_workers import usable_cpus
 
 OVERFLOW_POLICIES = ("truncate", "drop")
 TOO_LONG = "too_long"
@@ -55,7 +56,7 @@ class PreprocessConfig:
     max_length: Optional[int] = None
     overflow: str = "truncate"
     strict: bool = False
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=usable_cpus)
     lines_per_chunk: int = 256
     curate: list[str] = field(default_factory=list)  # per-sample step specs, applied in order
     benchmark_dir: Optional[str] = None  # <benchmark>/test.jsonl files for decontaminate=...

@@ -20,12 +20,20 @@ import torch.multiprocessing as mp
 from acemath_mcore.runtime.distributed import free_port
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: a Slurm job or container cgroup grants fewer than the machine has."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _worker_entry(rank: int, world_size: int, port: int, target: Callable, args: tuple, results) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), ACEMATH_FORCE_CPU="1")
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    torch.set_num_threads(max(1, usable_cpus() // world_size))
     # megatron warns about missing TE/apex once per process; on CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
     try:
