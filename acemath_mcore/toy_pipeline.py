@@ -230,7 +230,8 @@ def run_toy_pipeline(config: ToyPipelineConfig) -> dict:
         for name in ("math_sft", "rm"):
             out = work / "hf" / name
             export_megatron_to_hf(checkpoints / name, out, progress=False, overwrite=True)
-            shutil.copy(config.tokenizer, out / Path(config.tokenizer).name)
+            if not (out / Path(config.tokenizer).name).exists():  # a preset base model brings no tokenizer files
+                shutil.copy(config.tokenizer, out / Path(config.tokenizer).name)
             results.setdefault("exports", {})[name] = str(out)
         now = stage_done("export", now)
 

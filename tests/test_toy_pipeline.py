@@ -88,4 +88,9 @@ def test_exported_reward_model_scores_like_the_megatron_one(results):
             hf_score = model(torch.tensor([ids.tolist()])).logits[0, 0].item()
         assert hf_score == pytest.approx(megatron_score[0] if isinstance(megatron_score, list) else megatron_score,
                                          abs=1e-4)
-    assert (Path(results["exports"]["math_sft"]) / "config.json").is_file()
+    # Every stage's save dir inherited the base model's HF config and files: the exports carry them.
+    for name in ("math_sft", "rm"):
+        export = Path(results["exports"][name])
+        config = json.loads((export / "config.json").read_text())
+        assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2), name
+        assert (export / "generation_config.json").is_file() and (export / "tokenizer_config.json").is_file(), name

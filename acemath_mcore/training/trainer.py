@@ -17,7 +17,9 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 from megatron.core import parallel_state
 
+from acemath_mcore.convert.hf_files import copy_assets
 from acemath_mcore.convert.megatron_files import (
+    ASSETS_DIR,
     find_model_description,
     resolve_checkpoint_dir,
     write_model_description,
@@ -205,8 +207,10 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
                     state["consumed_samples"])
         return state
     if config.checkpoint.init_from:
-        recorded_arch, _, _ = find_model_description(resolve_checkpoint_dir(config.checkpoint.init_from))
+        recorded_arch, hf_config, assets = find_model_description(resolve_checkpoint_dir(config.checkpoint.init_from))
         engine.arch.check_matches(recorded_arch, f"checkpoint.init_from={config.checkpoint.init_from}")
+        if config.checkpoint.save_dir and torch.distributed.get_rank() == 0:
+            _inherit_description(Path(config.checkpoint.save_dir), engine.arch, hf_config, assets)
         checkpointing.load_weights(config.checkpoint.init_from, engine.model)
         engine.optimizer.reload_model_params()
         logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
@@ -215,6 +219,15 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
     if not config.checkpoint.save_dir:
         logger.warning("no checkpoint.save_dir: nothing is saved, and a preemption loses the whole run")
     return {"step": 0, "consumed_samples": 0}
+
+
+def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets: Optional[Path]) -> None:
+    """The stage's save dir takes over what its starting checkpoint records (the original HF config, tokenizer and
+    generation files), so exporting or evaluating any later stage needs no --hf-template or --tokenizer."""
+    save_dir.mkdir(parents=True, exist_ok=True)
+    write_model_description(save_dir, arch, hf_config)
+    if assets is not None and not (save_dir / ASSETS_DIR).is_dir():
+        copy_assets(assets, save_dir / ASSETS_DIR)
 
 
 def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int, first_loss: Optional[float],
