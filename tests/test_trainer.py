@@ -67,6 +67,15 @@ def preempted_after(step, rank):
         Engine.train_step = original_step
 
 
+class _WarningRecorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def _trainer_runs(rank, world_size, prefix, root):
     import torch
     from megatron.core import parallel_state
@@ -90,9 +99,14 @@ def _trainer_runs(rank, world_size, prefix, root):
     results["resumed"] = _losses(resumed)
     results["resumed_losses"] = (resumed["first_loss"], resumed["final_loss"])
     parallel_state.destroy_model_parallel()
-    # Two more steps at another peak lr: the configured schedule applies from the checkpoint's step count.
-    extended = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 2, extra=["optim.lr=1e-3"]))
+    # Two more steps at another peak lr (and data seed): the configured schedule applies from the checkpoint's step
+    # count, and both changes are reported.
+    warnings = _WarningRecorder()
+    logging.getLogger("acemath_mcore").addHandler(warnings)
+    extended = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 2, extra=["optim.lr=1e-3", "seed=99"]))
+    logging.getLogger("acemath_mcore").removeHandler(warnings)
     results["extended_lr"] = {row["step"]: row["lr"] for row in extended["history"]}
+    results["extended_warnings"] = warnings.messages
     parallel_state.destroy_model_parallel()
     try:
         train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 4, extra=["global_batch_size=4"]))
@@ -282,6 +296,9 @@ def test_resume_applies_the_configured_schedule(trainer_results):
     assert sorted(extended) == [STEPS + 1, STEPS + 2]
     for step, lr in extended.items():
         assert lr == pytest.approx(_megatron_lr(step, 1e-3, 2e-4, 2, STEPS + 2), rel=1e-9), step
+    warnings = "\n".join(trainer_results["extended_warnings"])
+    assert "max_lr 0.002 -> 0.001" in warnings and f"lr_decay_steps {STEPS} -> {STEPS + 2}" in warnings
+    assert "data settings that differ" in warnings and "seed 1234 -> 99" in warnings
 
 
 def test_resume_reports_the_stage_first_loss_and_refuses_another_batch_size(trainer_results):

@@ -202,6 +202,13 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
                              f"{config.global_batch_size}: the step count and data position would no longer match "
                              f"the epoch. Resume with global_batch_size={saved_batch}, or start a new stage from "
                              f"it with checkpoint.init_from={latest} and another checkpoint.save_dir")
+        saved_data = state.get("data", _data_order(config))
+        changed = {key: (saved_data.get(key), value) for key, value in _data_order(config).items()
+                   if saved_data.get(key) != value}
+        if changed:
+            logger.warning("resuming %s with data settings that differ from the saved run's (saved -> now: %s): the "
+                           "sample order from step %d on is not the one the run started with", latest,
+                           "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), state["step"])
         engine.step = state["step"]
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, state["step"],
                     state["consumed_samples"])
@@ -221,6 +228,13 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
     return {"step": 0, "consumed_samples": 0}
 
 
+def _data_order(config: TrainConfig) -> Dict:
+    """What the sample order is a function of; a resume with other values continues in another order."""
+    data = config.data
+    return {"prefixes": list(data.prefixes), "weights": list(data.weights), "seq_length": data.seq_length,
+            "packed": data.packed, "seed": config.seed}
+
+
 def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets: Optional[Path]) -> None:
     """The stage's save dir takes over what its starting checkpoint records (the original HF config, tokenizer and
     generation files), so exporting or evaluating any later stage needs no --hf-template or --tokenizer."""
@@ -234,7 +248,7 @@ def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int,
           final_loss: Optional[float]) -> None:
     start = time.perf_counter()
     train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
-                   "first_loss": first_loss, "final_loss": final_loss}
+                   "first_loss": first_loss, "final_loss": final_loss, "data": _data_order(config)}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
                                          engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
