@@ -101,10 +101,13 @@ def test_summarize_only_tables_just_the_named_benchmarks(tmp_path, encoder, gsm8
     run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
     (tmp_path / "math500.jsonl").write_text((tmp_path / "gsm8k.jsonl").read_text().replace('"score": [true]',
                                                                                            '"score": [false]'))
+    (tmp_path / "math500.meta.json").write_text("{}")
+    (tmp_path / "gsm8k.scored.jsonl").write_text((tmp_path / "gsm8k.jsonl").read_text())  # not a benchmark result
     assert evaluate_main(["--summarize-only", "--benchmarks", "gsm8k", "--output-dir", str(tmp_path)]) == 0
     assert "math500" not in capsys.readouterr().out
     assert evaluate_main(["--summarize-only", "--output-dir", str(tmp_path)]) == 0  # no list: every result
-    assert "math500" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "math500" in table and "scored" not in table
 
 
 def test_samples_give_majority_and_oracle_metrics(tmp_path, encoder, gsm8k):
@@ -138,3 +141,17 @@ def test_greedy_with_several_samples_is_refused(tmp_path, encoder, gsm8k):
     backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
     with pytest.raises(ValueError, match="set a temperature"):
         run_evaluation(backend, encoder, _settings(tmp_path, num_samples=4), model_name="scripted")
+
+
+def test_multiple_choice_records_keep_the_choices_a_reward_model_must_see(tmp_path, encoder):
+    """launch/score.py gives the RM each record's question as the user turn: without the choices it cannot judge
+    a response ending in \\boxed{C}."""
+    problems = load_benchmark("mmlu_stem", shared_path("data/eval"))[0][:3]
+    backend = ScriptedBackend(encoder, problems, right=lambda number, sample: True)
+    summary = run_evaluation(backend, encoder, _settings(tmp_path, benchmarks=["mmlu_stem"], limit=3),
+                             model_name="scripted")
+    assert summary["benchmarks"]["mmlu_stem"]["pass@1"] == pytest.approx(100.0)
+    rows = [json.loads(line) for line in (tmp_path / "mmlu_stem.jsonl").open()]
+    for row, problem in zip(rows, problems):
+        assert row["question"].startswith(problem.question)
+        assert all(f"({letter}) {choice}" in row["question"] for letter, choice in zip("ABCD", problem.choices))

@@ -107,6 +107,11 @@ def test_extract_choice_letters(text, expected):
         (r"\text{A,C,F}", "A, C, F"),
         (r"\emptyset", r"\{\}"),
         ("two", "2"),
+        (r"4.5\times10^{33}", "4.5e33"),  # Minerva's scientific-notation golds, written in LaTeX by the model
+        ("6.67e-11", r"6.67 \times 10^{-11}"),
+        (r"-\frac{1}{3}", "-1./3"),  # Minerva's trailing-dot golds
+        ("-0.333333", "-1./3"),
+        (r"2^{14}", "16384"),
     ],
 )
 def test_equivalent_answers(pred, gold):
@@ -118,6 +123,8 @@ def test_equivalent_answers(pred, gold):
     [
         ("0.5", "50"),  # no percent sign on either side: a hundredfold difference is a different answer
         ("9999", "10000"),  # an integer gold needs the exact integer, tolerance or not
+        (r"2^{14}", "16385"),  # ... also when the prediction is an expression (the symbolic path)
+        (r"10^{4}", "10001"),
         (r"\frac{69999}{7}", "10000"),
         ("0.333", r"\frac13"),
         (r"\frac{3}{8}", r"\frac{5}{16}"),

@@ -253,7 +253,7 @@ def normalize_answer(answer: str) -> str:
 # Numbers (decided in-process: no sympy, no timeout needed)
 # ----------------------------------------------------------------------------------------------------------------
 
-_PLAIN_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
+_PLAIN_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d*)?(?:[eE][-+]?\d+)?"  # "1." too (Minerva's -1./3)
 
 
 def _plain_number(text: str) -> float | None:
@@ -469,11 +469,15 @@ class _LatexParser:
         raise LatexParseError(f"unexpected {char!r} at {self.pos} in {self.text!r}")
 
     def _number(self) -> sympy.Basic:
-        match = re.match(r"\d*\.?\d+|\d+\.", self.text[self.pos :])
+        # An exponent right after the digits is scientific notation (Minerva's golds: 4.5e33), not a product with
+        # Euler's number.
+        match = re.match(r"(\d*\.?\d+|\d+\.)(?:[eE]([-+]?\d+))?", self.text[self.pos :])
         if not match:
             raise LatexParseError(f"bad number at {self.pos} in {self.text!r}")
         self.pos += match.end()
-        value = sympy.Rational(match.group(0))
+        value = sympy.Rational(match.group(1))
+        if match.group(2) is not None:
+            return value * sympy.Integer(10) ** int(match.group(2))
         mixed = re.match(r"\\frac\{(\d+)\}\{(\d+)\}", self.text[self.pos :])
         if mixed and "." not in match.group(0):  # 2\frac{1}{3} is the mixed number 7/3, as MATH writes it
             self.pos += mixed.end()
@@ -572,10 +576,11 @@ def _values_close(a: sympy.Basic, b: sympy.Basic) -> bool | None:
         return None
 
 
-def _expressions_equal(a: sympy.Basic, b: sympy.Basic) -> bool:
+def _expressions_equal(a: sympy.Basic, b: sympy.Basic, exact: bool = False) -> bool:
+    """``exact``: no numeric tolerance for constants (an integer gold needs the exact integer: 2^{14} is not 16385)."""
     if a == b:
         return True
-    if not (a.free_symbols or b.free_symbols):
+    if not (a.free_symbols or b.free_symbols) and not exact:
         verdict = _values_close(a, b)
         if verdict is not None:
             return verdict
@@ -601,7 +606,7 @@ def sympy_equal(pred: str, gold: str) -> bool:
             return _equations_equal(pred_expr, gold_expr)
         if pred_is_equation or gold_is_equation:
             return False
-        return _expressions_equal(pred_expr, gold_expr)
+        return _expressions_equal(pred_expr, gold_expr, exact=bool(gold_expr.is_Integer))
     except Exception:  # any sympy failure (ZeroDivision, RecursionError, TypeError ...) means "not shown equal"
         return False
 

@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
-from acemath_mcore.eval.benchmarks import DEFAULT_INSTRUCTION, Problem, build_messages, load_benchmark
+from acemath_mcore.eval.benchmarks import (
+    DEFAULT_INSTRUCTION,
+    Problem,
+    build_messages,
+    format_multiple_choice,
+    load_benchmark,
+)
 from acemath_mcore.eval.generation import Generation, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -177,8 +183,10 @@ def _grade(problems, fits: Sequence[bool], generations: Sequence[Generation], en
         else:
             texts, reasons, lengths = [""] * n, [PROMPT_TOO_LONG] * n, [0] * n
         answers = [extract_answer(text, benchmark) if fit else "" for text in texts]
+        # The question as a reward model must read it: a multiple-choice one with its choices.
+        question = format_multiple_choice(problem.question, problem.choices) if problem.choices else problem.question
         records.append({
-            "idx": problem.idx, "question": problem.question, "gt": problem.gold, "code": texts, "pred": answers,
+            "idx": problem.idx, "question": question, "gt": problem.gold, "code": texts, "pred": answers,
             "score": [bool(fit) and is_equal(answer, problem.gold) for answer in answers],
             "finish_reason": reasons, "num_tokens": lengths,
         })
@@ -192,7 +200,10 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
     from acemath_mcore.eval.bestofn import mean_accuracy_percent, metrics_at_k, read_records
 
     output_dir = Path(output_dir)
-    names = list(benchmarks) if benchmarks else sorted(p.stem for p in output_dir.glob("*.jsonl"))
+    # Without a list: every benchmark this harness wrote (its .meta.json beside it), not other JSONL files such as
+    # RM-scored copies (math.scored.jsonl) that best-of-n work leaves in the same directory.
+    names = list(benchmarks) if benchmarks else sorted(p.stem for p in output_dir.glob("*.jsonl")
+                                                       if (output_dir / f"{p.stem}.meta.json").is_file())
     rows = {}
     for name in names:
         path = output_dir / f"{name}.jsonl"
