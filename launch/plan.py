@@ -38,7 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--micro-batch", type=int, default=1)
     parser.add_argument("--recompute", default="auto", choices=("auto", *planner.RECOMPUTE_MODES),
                         help="activation recompute to consider; auto: none and full")
-    parser.add_argument("--context-parallel", default="1", help="comma-separated CP sizes to consider, e.g. 1,2")
+    parser.add_argument("--context-parallel", default="1",
+                        help="comma-separated CP sizes to consider, e.g. 1,2 (estimates only: the trainer refuses "
+                             "CP > 1 until its data path splits sequences across CP ranks)")
     parser.add_argument("--task", default="sft", choices=("sft", "rm"))
     parser.add_argument("--responses", type=int, default=6, help="rm: rows per problem")
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters and activations instead of bf16")

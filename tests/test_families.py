@@ -151,3 +151,12 @@ def test_a_preset_that_differs_from_the_recorded_architecture_is_refused_by_name
                                          r"1000000.0 there, 10000.0 here; max_position_embeddings 131072 there, "
                                          r"4096 here"):
         math_7b.check_matches(base_7b, "ckpt")
+
+
+def test_context_parallelism_is_refused_until_the_data_path_splits_sequences():
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.models.builder import transformer_config
+    from acemath_mcore.runtime import ParallelConfig
+
+    with pytest.raises(ValueError, match="context_parallel=2: context parallelism is not supported"):
+        transformer_config(get_preset("tiny"), ParallelConfig(context_parallel=2), ModelOptions(spec="native"))

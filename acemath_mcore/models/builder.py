@@ -44,6 +44,13 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     device_lib.apex_available()  # says once which fallback megatron uses without apex
     if options.fp8 and spec != "te":
         raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
+    if parallel.context_parallel > 1:
+        # megatron's RoPE and TE's ring attention expect each CP rank to hold its own slice of every sequence
+        # (get_batch_on_this_cp_rank, padded cu_seqlens for packed rows); our loaders give every rank whole rows,
+        # which would train silently on wrong positions and attention.
+        raise ValueError(f"context_parallel={parallel.context_parallel}: context parallelism is not supported (the "
+                         "data path does not split sequences across CP ranks); use parallel.context_parallel=1 and "
+                         "tensor parallelism with sequence parallelism or recompute for long sequences")
     if spec == "native" and parallel.sequence_parallel and parallel.tensor_parallel > 1:
         raise ValueError("sequence parallelism needs the TE spec (megatron's torch norms refuse it); "
                          "set parallel.sequence_parallel=false for the native spec")

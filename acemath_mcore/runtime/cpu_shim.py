@@ -12,7 +12,7 @@ calls at run time:
 * custom autograd Functions' ``backward`` runs under the same mode: torch does not carry function modes into
   backward, and megatron allocates there too (e.g. the dummy weight gradient of gradient-accumulation fusion).
 
-The shim is only ever installed when CUDA is absent (see :func:`acemath_mcore.runtime.device.use_cpu_shim`),
+The shim is only ever installed when CUDA is absent (see :func:`acemath_mcore.runtime.device.needs_cpu_shim`),
 and installing it twice is a no-op.
 """
 

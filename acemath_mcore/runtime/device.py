@@ -104,7 +104,9 @@ def fusion_options(use_transformer_engine: bool) -> dict:
 
 
 # Dense bf16 tensor-core peaks (datasheets) by device-name fragment; used for MFU in training logs.
-BF16_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12, "A100": 312e12, "B200": 2250e12}
+# The PCIe and NVL H100s come before the SXM part's plain "H100": the first fragment in the device name wins.
+BF16_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835.5e12, "H100": 989.4e12, "H200": 989.4e12, "H800": 989.4e12,
+                   "A100": 312e12, "B200": 2250e12}
 
 
 def bf16_peak_flops() -> float | None:
