@@ -144,3 +144,20 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
         assert [r["code"] for r in rows["megatron"]] == [r["code"] for r in rows["hf"]]
         assert all(len(r["code"][0]) > 0 and r["num_tokens"][0] > 0 for r in rows["megatron"])
     assert "| gsm8k | 3 | 1 |" in megatron.stdout and "**average**" in megatron.stdout
+
+
+def test_hf_backend_gives_each_row_its_own_context_budget():
+    """Left-padded batches: a short prompt beside a long one may still fill the context on its own, exactly as it
+    would alone (the batch's longest prompt used to cap every row's budget)."""
+    from acemath_mcore.eval.backends import HFBackend
+
+    backend = HFBackend(str(stories_dir()), stop_ids=[2], pad_id=0, dtype="float32", device="cpu",
+                        max_sequence_length=60)
+    short, long = [1, 365, 462, 471, 263], [1] + [365, 462, 471, 263, 217] * 9 + [365, 462, 471, 263]
+    params = SamplingParams(max_new_tokens=30)
+    together = backend.generate([short, long], params, seed=0, progress=lambda done, total: None)
+    backend.max_batch_size = 1
+    alone = backend.generate([short, long], params, seed=0, progress=lambda done, total: None)
+    assert together == alone
+    assert len(alone[1].token_ids) <= 60 - len(long)
+    assert len(alone[0].token_ids) == 30 or alone[0].finish_reason == "stop"

@@ -86,7 +86,9 @@ class HFBackend:
         for batch_number, start in enumerate(range(0, len(order), self.max_batch_size)):
             rows = order[start:start + self.max_batch_size]
             width = max(len(prompts[i]) for i in rows)
-            budget = min(params.max_new_tokens, self.max_sequence_length - width)
+            # Each row may fill the context on its own (left padding: positions follow the attention mask), so the
+            # batch runs for the shortest prompt's budget and every row is cut to its own below.
+            budget = min(params.max_new_tokens, self.max_sequence_length - min(len(prompts[i]) for i in rows))
             input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
             for slot, row in enumerate(rows):
@@ -100,7 +102,8 @@ class HFBackend:
                 do_sample=not params.greedy, max_new_tokens=budget, eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id, **sampling)
             for slot, row in enumerate(rows):
-                results[row] = _truncate_at_stop(output[slot, width:].tolist(), self.stop_ids, budget)
+                row_budget = min(params.max_new_tokens, self.max_sequence_length - len(prompts[row]))
+                results[row] = _truncate_at_stop(output[slot, width:].tolist(), self.stop_ids, row_budget)
             progress(min(start + self.max_batch_size, len(order)), len(order))
         return results  # type: ignore[return-value]
 
