@@ -112,6 +112,9 @@ def test_extract_choice_letters(text, expected):
         (r"-\frac{1}{3}", "-1./3"),  # Minerva's trailing-dot golds
         ("-0.333333", "-1./3"),
         (r"2^{14}", "16384"),
+        (r"1-\sqrt{19}, 1+\sqrt{19}", r"1 \pm \sqrt{19}"),  # a \pm gold is both values (43 golds in the sets)
+        (r"\{1+\sqrt5,1-\sqrt5,-2\}", r"\{1\pm\sqrt5,-2\}"),
+        ("3, -3", r"\pm 3"),
     ],
 )
 def test_equivalent_answers(pred, gold):
@@ -125,6 +128,7 @@ def test_equivalent_answers(pred, gold):
         ("9999", "10000"),  # an integer gold needs the exact integer, tolerance or not
         (r"2^{14}", "16385"),  # ... also when the prediction is an expression (the symbolic path)
         (r"10^{4}", "10001"),
+        (r"1+\sqrt{19}", r"1 \pm \sqrt{19}"),  # one of the two values is not the answer
         (r"\frac{69999}{7}", "10000"),
         ("0.333", r"\frac13"),
         (r"\frac{3}{8}", r"\frac{5}{16}"),

@@ -724,6 +724,26 @@ def _as_sequence(text: str) -> tuple[str, list[str]] | None:
     return brackets, items
 
 
+def _expand_plus_minus(text: str) -> str:
+    """``a \\pm b`` stands for the two values a+b and a-b: in a bare list or a set, an item with one top-level
+    ``\\pm`` becomes both, so an answer that writes out both roots matches (tuples and intervals keep their arity)."""
+    if "\\pm" not in text:
+        return text
+    brackets = _enclosing_brackets(text)
+    if brackets not in ("", "{}"):
+        return text
+    items = []
+    for item in split_top_level(text[1:-1] if brackets else text, ","):
+        halves = split_top_level(item, "\\pm")
+        if len(halves) != 2 or not halves[1]:
+            items.append(item)
+            continue
+        first, second = halves
+        items += [f"{first}+({second})" if first else second, f"{first}-({second})"]
+    joined = ",".join(items)
+    return "{" + joined + "}" if brackets else joined
+
+
 def _matrix_rows(text: str) -> list[list[str]] | None:
     match = re.fullmatch(r"\\begin\{pmatrix\}(.*)\\end\{pmatrix\}", text)
     if not match:
@@ -791,6 +811,7 @@ def _equal_normalized(pred: str, gold: str, deadline: float) -> bool:
     pred_number, gold_number = _as_number(pred), _as_number(gold)
     if pred_number is not None and gold_number is not None:
         return _numbers_match(pred_number, gold_number)
+    pred, gold = _expand_plus_minus(pred), _expand_plus_minus(gold)
     structure_verdict = _structures_equal(pred, gold, deadline)
     if structure_verdict is not None:
         return structure_verdict
