@@ -6,16 +6,20 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe
+from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
 from acemath_mcore.recipes.config import OverrideError
 
 
 def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(sorted(RECIPES))}")
+    mine = sorted(name for name in RECIPES if recipe_kind(name) == kind)
+    parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(mine)}")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-6")
     args = parser.parse_args(argv)
+    if args.recipe in RECIPES and recipe_kind(args.recipe) != kind:
+        other = "launch/train_rm.py" if kind == "sft" else "launch/train_sft.py"
+        parser.error(f"--recipe {args.recipe} is a {recipe_kind(args.recipe)} recipe: run it with {other}")
     try:
         config = apply_overrides(get_recipe(args.recipe), args.overrides)
     except (KeyError, OverrideError) as error:

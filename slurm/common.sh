@@ -53,6 +53,13 @@ acemath_stage_config() {
   local stage=$1
   shift
   ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
+  # A named recipe decides the size (node count, planner, defaults); SIZE may only agree with it.
+  local recipe_size=""
+  case ${RECIPE:-} in *_72b_*) recipe_size=72b ;; *_7b_*) recipe_size=7b ;; *_1p5b_*) recipe_size=1p5b ;; esac
+  if [[ -n $recipe_size && $recipe_size != "$ACEMATH_SIZE" ]]; then
+    [[ -z ${SIZE:-} ]] || acemath_die "RECIPE=$RECIPE is a $recipe_size recipe, but SIZE=$SIZE"
+    ACEMATH_SIZE=$recipe_size
+  fi
   case $stage in
     sft_stage1 | sft_stage2 | math_sft) ACEMATH_KIND=sft ACEMATH_ENTRY=launch/train_sft.py ;;
     rm) ACEMATH_KIND=rm ACEMATH_ENTRY=launch/train_rm.py ;;
@@ -117,7 +124,8 @@ acemath_preflight() {
     return 0
   fi
   local rc=0
-  acemath_python "$REPO_DIR/slurm/preflight.py" "$@" || rc=$?
+  # From the checkout, like the job: the recipes' default paths (checkpoints/..., data/...) are relative to it.
+  (cd "$REPO_DIR" && acemath_python "$REPO_DIR/slurm/preflight.py" "$@") || rc=$?
   case $rc in
     0) return 0 ;;
     2) acemath_die "preflight failed (see above); nothing was started" ;;

@@ -31,3 +31,13 @@ def test_bad_settings_fail_before_any_process_group_exists():
         train_reward_model(apply_overrides(get_recipe("tiny_rm"), ["reward.loss=hinge"]))
     with pytest.raises(ValueError, match="exactly one RM prefix"):
         rm_training_data(apply_overrides(get_recipe("tiny_rm"), ["data.prefixes=[a,b]"]))
+
+
+def test_each_entry_point_takes_only_its_own_recipes(capsys):
+    """train_rm.py on an SFT recipe would train a reward model into (and resume from) that stage's save dir."""
+    for kind, recipe, other in (("rm", "qwen25_math_7b_math_sft", "launch/train_sft.py"),
+                                ("sft", "qwen25_math_7b_rm", "launch/train_rm.py")):
+        with pytest.raises(SystemExit):
+            main_for(kind, "", ["--recipe", recipe, "--dry-run"])
+        assert f"--recipe {recipe} is a {'sft' if kind == 'rm' else 'rm'} recipe: run it with {other}" in \
+            capsys.readouterr().err

@@ -16,10 +16,15 @@ RECIPES: Dict[str, Callable[[], TrainConfig]] = {
 }
 
 
+def recipe_kind(name: str) -> str:
+    """``sft`` or ``rm``: which trainer a recipe is for (the module that declares it)."""
+    return "rm" if RECIPES[name].__module__ == rm.__name__ else "sft"
+
+
 def get_recipe(name: str) -> TrainConfig:
     if name not in RECIPES:
         raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]()
 
 
-__all__ = ["RECIPES", "TrainConfig", "apply_overrides", "get_recipe"]
+__all__ = ["RECIPES", "TrainConfig", "apply_overrides", "get_recipe", "recipe_kind"]

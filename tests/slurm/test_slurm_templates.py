@@ -111,3 +111,20 @@ def test_preflight_accepts_upstream_and_resume(preflight, tmp_path, capsys):
     assert f"resumes from {tmp_path}/c/iter_0000005" in captured.err
     assert captured.out.split() == ["--model", "tiny", "--task", "sft", "--seq-length", "512", "--global-batch", "8",
                                     "--micro-batch", "2"]
+
+
+def _submit_dry_run(tmp_path, stage, **env):
+    import os
+
+    environment = {**os.environ, "DRY_RUN": "1", "PREFLIGHT": "0", "DATA": str(tmp_path / "data"), **env}
+    return subprocess.run(["bash", str(SLURM / "submit.sh"), stage], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True)
+
+
+def test_a_72b_recipe_gets_the_72b_node_count_without_size(tmp_path):
+    done = _submit_dry_run(tmp_path, "sft_stage1", RECIPE="qwen25_math_72b_sft_stage1")
+    assert done.returncode == 0, done.stderr
+    assert f"--nodes={_common_value('ACEMATH_NODES_72B')}" in done.stderr
+    clash = _submit_dry_run(tmp_path, "sft_stage1", RECIPE="qwen25_math_72b_sft_stage1", SIZE="7b")
+    assert clash.returncode != 0
+    assert "RECIPE=qwen25_math_72b_sft_stage1 is a 72b recipe, but SIZE=7b" in clash.stderr
