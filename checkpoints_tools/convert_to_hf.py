@@ -35,4 +35,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from acemath_mcore.cli import exit_on_input_errors
+
+    sys.exit(exit_on_input_errors(main))

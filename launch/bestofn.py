@@ -11,4 +11,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from acemath_mcore.eval.bestofn import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from acemath_mcore.cli import exit_on_input_errors
+
+    sys.exit(exit_on_input_errors(main))

@@ -52,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     from acemath_mcore.training.logging import setup_console_logging
     from acemath_mcore.training.reward import RewardScorer, score_jsonl
 
+    from acemath_mcore.convert.megatron_files import find_model_description, resolve_checkpoint_dir
+
+    # Before any process group or model exists: a wrong path or preset fails in a second, not after the build.
+    checkpoint = resolve_checkpoint_dir(args.checkpoint)
+    arch = resolve_arch(args.model)
+    arch.check_matches(find_model_description(checkpoint)[0], f"{args.checkpoint} (model_arch.json)")
     parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
                               sequence_parallel=args.sequence_parallel)
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)
     try:
-        arch = resolve_arch(args.model)
         tokenizer = load_tokenizer(args.tokenizer)
         check_vocab_fits(tokenizer, arch.padded_vocab_size)
         system_prompt = MATH_SYSTEM_PROMPT if args.system_prompt == "math" else args.system_prompt
@@ -71,4 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from acemath_mcore.cli import exit_on_input_errors
+
+    sys.exit(exit_on_input_errors(main))

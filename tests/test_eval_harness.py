@@ -155,3 +155,16 @@ def test_multiple_choice_records_keep_the_choices_a_reward_model_must_see(tmp_pa
     for row, problem in zip(rows, problems):
         assert row["question"].startswith(problem.question)
         assert all(f"({letter}) {choice}" in row["question"] for letter, choice in zip("ABCD", problem.choices))
+
+
+def test_cli_input_errors_are_one_line_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from launch_scripts import LAUNCH
+
+    done = subprocess.run([sys.executable, str(LAUNCH / "evaluate.py"), "--summarize-only", "--output-dir",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert f"evaluate.py: error: no benchmark results (<benchmark>.jsonl with its .meta.json) in {tmp_path}" in \
+        done.stderr and "Traceback" not in done.stderr

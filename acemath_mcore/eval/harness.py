@@ -204,6 +204,8 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
     # RM-scored copies (math.scored.jsonl) that best-of-n work leaves in the same directory.
     names = list(benchmarks) if benchmarks else sorted(p.stem for p in output_dir.glob("*.jsonl")
                                                        if (output_dir / f"{p.stem}.meta.json").is_file())
+    if not names:
+        raise FileNotFoundError(f"no benchmark results (<benchmark>.jsonl with its .meta.json) in {output_dir}")
     rows = {}
     for name in names:
         path = output_dir / f"{name}.jsonl"
