@@ -115,45 +115,42 @@ def _trainer_runs(rank, world_size, prefix, root):
         results["batch_change_error"] = str(error)
     parallel_state.destroy_model_parallel()
 
-    class NaNAtStepTwo(SFTTask):
-        calls = 0
+    class CorruptedAtStepTwo(SFTTask):
+        """``corrupt(loss_sum, report)`` replaces the loss of step 2's micro-batches (calls 3 and 4: two per rank)."""
+
+        def __init__(self, corrupt):
+            self.corrupt, self.calls = corrupt, 0
 
         def loss(self, batch, output):
             loss_sum, count, report = super().loss(batch, output)
-            NaNAtStepTwo.calls += 1
-            if NaNAtStepTwo.calls > 2:  # two micro-batches per rank per step: step 2 starts at call 3
-                loss_sum = loss_sum * float("nan")
-                report["lm loss"][0] = float("nan")
+            self.calls += 1
+            if self.calls in (3, 4):
+                loss_sum = self.corrupt(loss_sum, report)
             return loss_sum, count, report
+
+    def nan_loss(loss_sum, report):
+        report["lm loss"][0] = float("nan")
+        return loss_sum * float("nan")
+
+    def infinite_gradient(loss_sum, report):
+        """A finite loss whose gradient is infinite (d sqrt(x)/dx at 0): bf16 has no loss scaler to see it."""
+        return loss_sum + torch.sqrt(loss_sum - loss_sum.detach())
 
     from acemath_mcore.training.sft import sft_training_data
     from acemath_mcore.training.trainer import run
 
     config = _config(prefix, None, f"{root}/runs", 4)
     try:
-        run(config, NaNAtStepTwo(), sft_training_data(config))
+        run(config, CorruptedAtStepTwo(nan_loss), sft_training_data(config))
         results["nan_error"] = None
     except FloatingPointError as error:
         results["nan_error"] = str(error)
     parallel_state.destroy_model_parallel()
 
-    class InfiniteGradientAtStepTwo(SFTTask):
-        """A finite loss whose gradient is infinite (d sqrt(x)/dx at 0): bf16 training has no loss scaler to see it."""
-
-        calls = 0
-
-        def loss(self, batch, output):
-            loss_sum, count, report = super().loss(batch, output)
-            InfiniteGradientAtStepTwo.calls += 1
-            if InfiniteGradientAtStepTwo.calls in (3, 4):  # step 2 (two micro-batches per rank and step)
-                loss_sum = loss_sum + torch.sqrt(loss_sum - loss_sum.detach())
-            return loss_sum, count, report
-
     for policy in ("stop", "skip"):
-        InfiniteGradientAtStepTwo.calls = 0
         config = _config(prefix, None, f"{root}/runs", 3, extra=[f"nan_policy={policy}"])
         try:
-            summary = run(config, InfiniteGradientAtStepTwo(), sft_training_data(config))
+            summary = run(config, CorruptedAtStepTwo(infinite_gradient), sft_training_data(config))
             results[f"inf_grad_{policy}"] = summary["history"]
         except FloatingPointError as error:
             results[f"inf_grad_{policy}"] = str(error)
