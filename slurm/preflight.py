@@ -65,7 +65,7 @@ def check_stage(stage) -> tuple[list[str], str, object]:
                       f"{stage['kind']}")
     suffixes = [".bin", ".idx"] + ([f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"]
                                    if stage["kind"] == "sft" else [RM_LABELS_SUFFIX])
-    for prefix in config.data.prefixes:
+    for prefix in [*config.data.prefixes, *config.data.valid_prefixes]:
         missing = [prefix + s for s in suffixes if not Path(prefix + s).is_file()]
         if missing:
             errors.append(f"{name}: DATA: prefix {prefix} is missing {', '.join(missing)} "

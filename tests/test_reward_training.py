@@ -67,6 +67,7 @@ def _train_and_score(rank, world_size, tmp, prefix, held_out):
         "model=stories260K", f"data.prefixes=[{prefix}]", "data.seq_length=480", f"checkpoint.init_from={tmp}/lm",
         f"checkpoint.save_dir={tmp}/rm", f"logging.output_dir={tmp}/runs", f"train_steps={TRAIN_STEPS}",
         "global_batch_size=2", "optim.lr=2e-3", "optim.min_lr=2e-4", "logging.log_interval=50",
+        f"data.valid_prefixes=[{prefix}_valid]",  # the held-out problems: their pairwise accuracy after the last step
     ])
     summary = train_reward_model(config, arch=arch)
 
@@ -95,6 +96,8 @@ def trained(tmp_path_factory):
     stats = preprocess_rm(RMPreprocessConfig(inputs=[str(tmp / "train.jsonl")], output_prefix=str(tmp / "rm"),
                                              tokenizer=TOKENIZER, template="plain"))
     assert stats["groups"] == TRAIN_PROBLEMS
+    preprocess_rm(RMPreprocessConfig(inputs=[str(tmp / "held_out.jsonl")], output_prefix=str(tmp / "rm_valid"),
+                                     tokenizer=TOKENIZER, template="plain"))
     summaries = run_workers(_train_and_score, 2, str(tmp), str(tmp / "rm"), str(tmp / "held_out.jsonl"))
     scored = [json.loads(line) for line in (tmp / "scored.jsonl").read_text().splitlines()]
     return summaries, scored
@@ -125,3 +128,6 @@ def test_held_out_pairwise_accuracy_at_least_90_percent(trained):
     print(f"held-out pairwise accuracy {accuracy:.3f} over {pairs} pairs; best-of-6 correct "
           f"{best_correct / len(scored):.3f}")
     assert accuracy >= 0.9
+    # The trainer's validation pass on the same problems (preprocessed as an RM prefix) agrees.
+    summary = trained[0][0][0]
+    assert summary["final_metrics"]["valid_pairwise_accuracy"] == pytest.approx(accuracy, abs=0.05)

@@ -385,3 +385,47 @@ def test_samples_an_epoch_leaves_out_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
         assert total_steps(config, 65) == 5
     assert "5 of the 65 samples do not fill a last global batch of 12" in caplog.text
+
+
+def _validation_runs(rank, world_size, prefix, root):
+    """DP=2, distributed optimizer with overlapped param gather: validation every 2 steps of 4, then the held-out
+    loss recomputed by hand from the saved weights (model forward, masked token sum, all-reduce)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from acemath_mcore.models import resolve_arch
+    from acemath_mcore.training import checkpointing
+    from acemath_mcore.training.engine import Engine, packed_seq_params
+    from acemath_mcore.training.sft import SFTTask, sft_training_data, train_sft
+
+    config = _config(prefix, f"{root}/v", f"{root}/runs", 4,
+                     extra=[*DISTRIBUTED_OPTIMIZER, f"data.valid_prefixes=[{prefix}]", "eval_interval=2"])
+    history = train_sft(config)["history"]
+    parallel_state.destroy_model_parallel()
+    plain = _losses(train_sft(_config(prefix, f"{root}/p", f"{root}/runs", 4, extra=DISTRIBUTED_OPTIMIZER)))
+    engine = Engine(resolve_arch(config.model), config.parallel, config.model_options, config.optim, train_steps=1)
+    checkpointing.load_weights(f"{root}/v", engine.model)
+    validation = sft_training_data(config, held_out=True)
+    loader = validation.make_loader(0, torch.distributed.get_rank(), world_size)
+    micro_batches = (config.global_batch_size // world_size // config.micro_batch_size
+                     * (validation.num_samples // config.global_batch_size))
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(micro_batches):
+            batch = next(loader)
+            batch["packed_seq_params"] = packed_seq_params(batch, engine.packed_qkv_format)
+            token_losses = SFTTask().forward(engine.model[0].eval(), batch).double()
+            mask = batch["loss_mask"].double()
+            total += torch.stack([(token_losses * mask).sum(), mask.sum()])
+    torch.distributed.all_reduce(total)
+    return {"history": history, "reference": (total[0] / total[1]).item(), "without_validation": plain}
+
+
+def test_validation_loss_is_the_held_out_token_mean_of_the_trained_weights(sft_prefix, tmp_path):
+    results = run_workers(_validation_runs, 2, sft_prefix, str(tmp_path))[0]
+    validated = {row["step"]: row["valid_lm_loss"] for row in results["history"] if "valid_lm_loss" in row}
+    assert sorted(validated) == [2, 4]
+    assert validated[4] < validated[2]
+    assert validated[4] == pytest.approx(results["reference"], rel=1e-6)
+    # Validating between steps changes nothing in training (with the param all-gather overlapped into forwards).
+    assert _losses({"history": results["history"]}) == results["without_validation"]

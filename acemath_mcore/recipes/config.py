@@ -27,6 +27,9 @@ class DataConfig:
     seq_length: int = 4096
     packed: bool = True
     num_workers: int = 2
+    # Held-out prefixes (same format, same packing); their loss is measured every ``eval_interval`` steps and at
+    # the end. Keep them small: each pass runs all of them.
+    valid_prefixes: List[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -72,6 +75,7 @@ class TrainConfig:
     micro_batch_size: int = 1
     epochs: float = 1.0
     train_steps: int = 0  # > 0 overrides epochs
+    eval_interval: int = 0  # steps between validation passes over data.valid_prefixes (0: only after the last step)
     seed: int = 1234
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
 

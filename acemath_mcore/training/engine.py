@@ -196,6 +196,17 @@ class Engine:
         metrics.update(lr=lr, skipped=float(not success))
         return metrics
 
+    @torch.no_grad()
+    def evaluate(self, task: Task, global_batches: Iterable[Sequence[Batch]]) -> Dict[str, float]:
+        """Forward passes only (no gradients, no update) over this rank's share of each global batch; the metrics
+        are means over all of them together, weighted like training's (per loss token, per problem group)."""
+        for chunk in self.model:  # with overlap_param_gather, forward pre-hooks still gather the updated weights
+            chunk.eval()
+        reports = []
+        for micro_batches in global_batches:
+            reports += self.forward_backward(task, micro_batches, forward_only=True)
+        return reduce_reports(reports)
+
     def _gradient_norm(self) -> float:
         """The global gradient norm, computed before the step: ``prepare_grads`` readies the main gradients (a
         no-op copy when repeated by ``step``; bf16 has no loss scaler to unscale twice)."""

@@ -69,6 +69,8 @@ class MetricsLogger:
             stream.write(json.dumps({"step": step, **metrics}) + "\n")
         parts = [f"step {step:>6}/{self.total_steps}"]
         for key, fmt in (("lm_loss", "loss {:.4f}"), ("rm_loss", "loss {:.4f}"), ("pairwise_accuracy", "acc {:.3f}"),
+                         ("valid_lm_loss", "valid loss {:.4f}"), ("valid_rm_loss", "valid loss {:.4f}"),
+                         ("valid_pairwise_accuracy", "valid acc {:.3f}"),
                          ("lr", "lr {:.3g}"), ("grad_norm", "grad-norm {:.3f}"), ("tokens_per_s", "tok/s {:,.0f}"),
                          ("mfu", "MFU {:.1%}"), ("step_s", "{:.2f} s/step"), ("memory_gib", "mem {:.1f} GiB")):
             value = metrics.get(key)

@@ -89,13 +89,17 @@ def sampled_pairs(batch: Batch, seed: int) -> torch.Tensor:
     return torch.from_numpy(pairs)
 
 
-def rm_training_data(config: TrainConfig) -> TrainingData:
+def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingData:
     """Packed (``data.packed``: samples are bins of whole groups under ``data.seq_length`` tokens) or padded
     (samples are single groups, one response per row of ``data.seq_length``) RM batches of one prefix."""
     if len(config.data.prefixes) != 1 or config.data.weights:
         raise ValueError(f"recipe {config.name!r} needs exactly one RM prefix and no blend weights: pass "
                          f"data.prefixes=[PREFIX] (output of launch/preprocess.py rm), got {config.data.prefixes}")
-    prefix, length = config.data.prefixes[0], config.data.seq_length
+    if held_out and len(config.data.valid_prefixes) != 1:
+        raise ValueError(f"data.valid_prefixes: a reward model validates on one RM prefix, got "
+                         f"{config.data.valid_prefixes}")
+    prefix = config.data.valid_prefixes[0] if held_out else config.data.prefixes[0]
+    length = config.data.seq_length
     # Pipeline stages exchange activations of one shape: padded micro-batches then all get the rows of the
     # largest group (fewer-response groups are topped up with unscored padding rows).
     fixed_rows = config.parallel.pipeline_parallel > 1
@@ -122,7 +126,9 @@ def rm_training_data(config: TrainConfig) -> TrainingData:
 def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
     """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
     task = RewardTask(config.reward.loss, seed=config.seed)
-    return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk)
+    validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
+    return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,
+               validation=validation)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -34,14 +34,16 @@ def sequence_lengths(batch: Batch) -> List[int]:
     return [batch["tokens"].shape[1]] * batch["tokens"].shape[0]
 
 
-def sft_training_data(config: TrainConfig) -> TrainingData:
+def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingData:
+    """The training blend of ``data.prefixes``, or (``held_out``) all of ``data.valid_prefixes``, unweighted."""
     from acemath_mcore.data.datasets import build_sft_dataloader, build_sft_dataset
 
     if not config.data.prefixes:
         raise ValueError(f"recipe {config.name!r} has no data: pass data.prefixes=[PREFIX,...] "
                          "(outputs of launch/preprocess.py)")
-    dataset = build_sft_dataset(config.data.prefixes, config.data.seq_length, packed=config.data.packed,
-                                weights=config.data.weights or None, seed=config.seed)
+    prefixes, weights = (config.data.valid_prefixes, None) if held_out else (config.data.prefixes, config.data.weights)
+    dataset = build_sft_dataset(prefixes, config.data.seq_length, packed=config.data.packed,
+                                weights=weights or None, seed=config.seed)
     fill = f", fill ratio {dataset.fill_ratio:.1%}" if hasattr(dataset, "fill_ratio") else ""
 
     def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
@@ -56,4 +58,5 @@ def sft_training_data(config: TrainConfig) -> TrainingData:
 
 
 def train_sft(config: TrainConfig) -> Dict:
-    return run(config, SFTTask(), sft_training_data(config))
+    validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
+    return run(config, SFTTask(), sft_training_data(config), validation=validation)

@@ -110,9 +110,10 @@ NAN_POLICIES = ("stop", "skip")
 
 
 def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None,
-        model_chunk_builder: Callable = build_model_chunk) -> Dict:
+        model_chunk_builder: Callable = build_model_chunk, validation: Optional[TrainingData] = None) -> Dict:
     """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
-    ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass)."""
+    ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass);
+    ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end."""
     if config.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={config.nan_policy!r}: choose one of {NAN_POLICIES}")
     launch = init_distributed(config.parallel, seed=config.seed)
@@ -121,6 +122,13 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     micro_batches_per_step = check_batch_arithmetic(config, dp_size)
     steps = total_steps(config, data.num_samples)
+    valid_batches = 0 if validation is None else validation.num_samples // config.global_batch_size
+    if validation is not None and valid_batches == 0:
+        raise ValueError(f"data.valid_prefixes hold {validation.num_samples} samples, fewer than one global batch "
+                         f"({config.global_batch_size}); add held-out data or leave data.valid_prefixes empty")
+    if validation is not None:
+        logger.info("validation: %s; %d global batches every %s", validation.description, valid_batches,
+                    f"{config.eval_interval} steps and at the end" if config.eval_interval else "run, at the end")
     logger.info("%s: %s, %d samples/epoch, %d steps of %d samples (%d micro-batches of %d per rank, DP=%d)",
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
@@ -162,7 +170,12 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 metrics["mfu"] = flops / seconds / (peak * torch.distributed.get_world_size())
             final_loss = metrics.get(task.loss_name)
             first_loss = final_loss if first_loss is None else first_loss
-            if step % config.logging.log_interval == 0 or step == steps:
+            validated = validation is not None and (
+                step == steps or (config.eval_interval and step % config.eval_interval == 0))
+            if validated:
+                metrics.update(_validate(engine, task, validation, valid_batches, micro_batches_per_step,
+                                         dp_rank, dp_size))
+            if validated or step % config.logging.log_interval == 0 or step == steps:
                 metrics_logger.log_step(step, metrics)
             preempted = preemption.any_rank_requested()
             interval = config.checkpoint.save_interval
@@ -226,6 +239,14 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
     if not config.checkpoint.save_dir:
         logger.warning("no checkpoint.save_dir: nothing is saved, and a preemption loses the whole run")
     return {"step": 0, "consumed_samples": 0}
+
+
+def _validate(engine: Engine, task: Task, validation: TrainingData, global_batches: int, micro_batches: int,
+              dp_rank: int, dp_size: int) -> Dict[str, float]:
+    """One pass over the first ``global_batches`` global batches of the held-out data (the same ones every time)."""
+    loader = validation.make_loader(0, dp_rank, dp_size)
+    batches = ([next(loader) for _ in range(micro_batches)] for _ in range(global_batches))
+    return {f"valid_{name}": value for name, value in engine.evaluate(task, batches).items()}
 
 
 def _data_order(config: TrainConfig) -> Dict:
