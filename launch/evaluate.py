@@ -134,17 +134,19 @@ def main(argv: list[str] | None = None) -> int:
         from acemath_mcore.convert.megatron_files import resolve_checkpoint_dir
 
         arch, tokenizer_path = _megatron_arch_and_tokenizer(args)
-        model_name = str(resolve_checkpoint_dir(args.checkpoint).resolve())
+        # One resolution of a save dir's 'latest' for the weights and the results' label (a trainer may publish
+        # a newer iteration meanwhile).
+        checkpoint = resolve_checkpoint_dir(args.checkpoint).resolve()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel), seed=args.seed)
         setup_console_logging(launch.rank)
         try:
             tokenizer = load_tokenizer(tokenizer_path)
             check_vocab_fits(tokenizer, arch.padded_vocab_size)
             encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
-            backend = MegatronBackend(args.checkpoint, arch, encoder.stop_ids, bf16=args.bf16,
+            backend = MegatronBackend(str(checkpoint), arch, encoder.stop_ids, bf16=args.bf16,
                                       max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
             settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend)
-            summary = run_evaluation(backend, encoder, settings, model_name=model_name)
+            summary = run_evaluation(backend, encoder, settings, model_name=str(checkpoint))
         finally:
             destroy_distributed()
     else:

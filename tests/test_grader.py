@@ -111,6 +111,7 @@ def test_extract_choice_letters(text, expected):
         ("6.67e-11", r"6.67 \times 10^{-11}"),
         (r"-\frac{1}{3}", "-1./3"),  # Minerva's trailing-dot golds
         ("-0.333333", "-1./3"),
+        ("-1/3", "-1./3"),  # through the LaTeX parser as well
         (r"2^{14}", "16384"),
         (r"1-\sqrt{19}, 1+\sqrt{19}", r"1 \pm \sqrt{19}"),  # a \pm gold is both values (43 golds in the sets)
         (r"\{1+\sqrt5,1-\sqrt5,-2\}", r"\{1\pm\sqrt5,-2\}"),
@@ -129,6 +130,8 @@ def test_equivalent_answers(pred, gold):
         (r"2^{14}", "16385"),  # ... also when the prediction is an expression (the symbolic path)
         (r"10^{4}", "10001"),
         (r"1+\sqrt{19}", r"1 \pm \sqrt{19}"),  # one of the two values is not the answer
+        (".e2", "100"),  # an exponent without a mantissa is not a number (and must not raise)
+        (r"3\pmod{7}", "3, -3"),  # \pmod is not \pm
         (r"\frac{69999}{7}", "10000"),
         ("0.333", r"\frac13"),
         (r"\frac{3}{8}", r"\frac{5}{16}"),

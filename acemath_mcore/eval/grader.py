@@ -257,7 +257,7 @@ _PLAIN_NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d*)?(?:[eE][-+]?\d+)?"  
 
 
 def _plain_number(text: str) -> float | None:
-    if not re.fullmatch(_PLAIN_NUMBER, text) or not re.search(r"\d", text):
+    if not re.fullmatch(_PLAIN_NUMBER, text) or not re.match(r"[-+]?\.?\d", text):  # a digit before any exponent
         return None
     return float(text.replace(",", ""))
 
@@ -471,7 +471,7 @@ class _LatexParser:
     def _number(self) -> sympy.Basic:
         # An exponent right after the digits is scientific notation (Minerva's golds: 4.5e33), not a product with
         # Euler's number.
-        match = re.match(r"(\d*\.?\d+|\d+\.)(?:[eE]([-+]?\d+))?", self.text[self.pos :])
+        match = re.match(r"(\d*\.\d+|\d+\.?)(?:[eE]([-+]?\d+))?", self.text[self.pos :])
         if not match:
             raise LatexParseError(f"bad number at {self.pos} in {self.text!r}")
         self.pos += match.end()
@@ -724,18 +724,27 @@ def _as_sequence(text: str) -> tuple[str, list[str]] | None:
     return brackets, items
 
 
+_PLUS_MINUS = re.compile(r"\\pm(?![A-Za-z])")  # not \pmod, \pmb
+
+
+def _at_top_level(text: str, prefix: str) -> bool:
+    """Whether the end of ``prefix`` (a start of ``text``) lies outside every bracket of ``text``."""
+    return prefix.count("(") + prefix.count("[") + prefix.count("{") == \
+        prefix.count(")") + prefix.count("]") + prefix.count("}")
+
+
 def _expand_plus_minus(text: str) -> str:
     """``a \\pm b`` stands for the two values a+b and a-b: in a bare list or a set, an item with one top-level
     ``\\pm`` becomes both, so an answer that writes out both roots matches (tuples and intervals keep their arity)."""
-    if "\\pm" not in text:
+    if not _PLUS_MINUS.search(text):
         return text
     brackets = _enclosing_brackets(text)
     if brackets not in ("", "{}"):
         return text
     items = []
     for item in split_top_level(text[1:-1] if brackets else text, ","):
-        halves = split_top_level(item, "\\pm")
-        if len(halves) != 2 or not halves[1]:
+        halves = _PLUS_MINUS.split(item) if len(_PLUS_MINUS.findall(item)) == 1 else [item]
+        if len(halves) != 2 or not halves[1] or not _at_top_level(item, halves[0]):
             items.append(item)
             continue
         first, second = halves

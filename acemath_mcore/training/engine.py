@@ -35,6 +35,9 @@ Batch = Dict[str, torch.Tensor]
 class Task(Protocol):
     """What a trainer plugs into the engine: a forward pass on one micro-batch and its loss."""
 
+    loss_name: str  # the report key the trainer logs as the stage's loss
+    head_outputs: Optional[int]  # output-head width for the FLOPs count (None: the LM head's padded vocabulary)
+
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple: ...

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from megatron.core import parallel_state
 from acemath_mcore.convert.hf_files import copy_assets
 from acemath_mcore.convert.megatron_files import (
     ASSETS_DIR,
+    HF_CONFIG_FILE,
     find_model_description,
     resolve_checkpoint_dir,
     write_model_description,
@@ -261,7 +263,10 @@ def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets
     generation files), so exporting or evaluating any later stage needs no --hf-template or --tokenizer."""
     save_dir.mkdir(parents=True, exist_ok=True)
     write_model_description(save_dir, arch, hf_config)
-    if assets is not None and not (save_dir / ASSETS_DIR).is_dir():
+    if hf_config is None:
+        (save_dir / HF_CONFIG_FILE).unlink(missing_ok=True)  # an earlier init_from's, not this one's
+    shutil.rmtree(save_dir / ASSETS_DIR, ignore_errors=True)
+    if assets is not None:
         copy_assets(assets, save_dir / ASSETS_DIR)
 
 
