@@ -50,6 +50,9 @@ def test_last_boxed_keeps_nested_braces():
         ("A is wrong because of X, so (B) is right", "B"),
         ("The answer is C.", "C"),
         ("I am not sure.", ""),
+        (r"\boxed{b}", "B"),  # a lone lower-case letter, upper-cased as the toolkit does
+        (r"\boxed{\text{(c)}}", "C"),
+        (r"\boxed{a car}", ""),  # a word is not a choice
     ],
 )
 def test_extract_choice_letters(text, expected):

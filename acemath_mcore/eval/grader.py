@@ -95,6 +95,9 @@ def extract_choice(text: str) -> str:
         letter = re.search(rf"(?<![A-Za-z])([{CHOICE_LETTERS}])(?![A-Za-z])", committed)
         if letter:
             return letter.group(1)
+        bare = re.sub(r"\\text|[^A-Za-z]", "", committed)
+        if len(bare) == 1 and bare.upper() in CHOICE_LETTERS:  # \boxed{b}: a lone lower-case letter, as the toolkit
+            return bare.upper()
     letter = f"([{CHOICE_LETTERS}])"
     written_as_choice = re.findall(rf"\({letter}\)|(?<![A-Za-z]){letter}[.):](?:\s|$)|(?i:answer):?\s*{letter}\b", text)
     if not written_as_choice:
