@@ -342,24 +342,38 @@ def _check_groups_fit(data: RMIndexedDataset, packed_tokens: Optional[int], seq_
                          "raise data.seq_length, or preprocess with a lower --max-length (launch/preprocess.py rm)")
 
 
-def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
-                        packed_tokens: Optional[int] = None, seq_length: Optional[int] = None, dp_rank: int = 0,
-                        dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0,
-                        num_workers: int = 0, fixed_rows: bool = False) -> torch.utils.data.DataLoader:
-    """Endless RM micro-batches. Packed (``packed_tokens``): a sample is a bin of whole groups, rows are
-    ``micro_batch_size * packed_tokens`` long. Padded (``seq_length``): a sample is one group; ``fixed_rows``
-    gives every micro-batch ``micro_batch_size`` x (largest group) rows (for pipeline parallelism)."""
+def build_rm_dataset(prefix: str, packed_tokens: Optional[int] = None,
+                     seq_length: Optional[int] = None) -> RMGroupDataset | PackedRMDataset:
+    """Packed (``packed_tokens``): samples are bins of whole groups. Padded (``seq_length``): samples are single
+    groups. Groups or responses that cannot fit are refused here, before any training starts."""
     if (packed_tokens is None) == (seq_length is None):
         raise ValueError("give exactly one of packed_tokens (packed) or seq_length (padded)")
     groups = RMGroupDataset(prefix)
     _check_groups_fit(groups.data, packed_tokens, seq_length)
-    if packed_tokens is not None:
-        dataset = PackedRMDataset(groups, packed_tokens)
-        collate = functools.partial(collate_rm_packed, pad_id=pad_id, total_length=micro_batch_size * packed_tokens)
+    return PackedRMDataset(groups, packed_tokens) if packed_tokens is not None else groups
+
+
+def rm_dataloader(dataset: RMGroupDataset | PackedRMDataset, pad_id: int, global_batch_size: int,
+                  micro_batch_size: int, seq_length: Optional[int] = None, dp_rank: int = 0, dp_size: int = 1,
+                  seed: int = 1234, consumed_samples: int = 0, num_workers: int = 0,
+                  fixed_rows: bool = False) -> torch.utils.data.DataLoader:
+    """Endless RM micro-batches of a :func:`build_rm_dataset`. Packed rows are ``micro_batch_size * packed_tokens``
+    long; padded rows ``seq_length``, and ``fixed_rows`` gives every padded micro-batch ``micro_batch_size`` x
+    (largest group) rows (for pipeline parallelism)."""
+    if isinstance(dataset, PackedRMDataset):
+        collate = functools.partial(collate_rm_packed, pad_id=pad_id,
+                                    total_length=micro_batch_size * dataset.max_tokens)
     else:
-        dataset = groups
-        num_rows = micro_batch_size * groups.data.max_group_size if fixed_rows else None
+        num_rows = micro_batch_size * dataset.data.max_group_size if fixed_rows else None
         collate = functools.partial(collate_rm_padded, pad_id=pad_id, seq_length=seq_length, num_rows=num_rows)
     sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                           seed, consumed_samples)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+
+
+def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
+                        packed_tokens: Optional[int] = None, seq_length: Optional[int] = None,
+                        **loader_options) -> torch.utils.data.DataLoader:
+    """:func:`rm_dataloader` over :func:`build_rm_dataset` of one prefix."""
+    return rm_dataloader(build_rm_dataset(prefix, packed_tokens, seq_length), pad_id, global_batch_size,
+                         micro_batch_size, seq_length, **loader_options)

@@ -730,12 +730,6 @@ def _as_sequence(text: str) -> tuple[str, list[str]] | None:
 _PLUS_MINUS = re.compile(r"\\pm(?![A-Za-z])")  # not \pmod, \pmb
 
 
-def _at_top_level(text: str, prefix: str) -> bool:
-    """Whether the end of ``prefix`` (a start of ``text``) lies outside every bracket of ``text``."""
-    return prefix.count("(") + prefix.count("[") + prefix.count("{") == \
-        prefix.count(")") + prefix.count("]") + prefix.count("}")
-
-
 def _expand_plus_minus(text: str) -> str:
     """``a \\pm b`` stands for the two values a+b and a-b: in a bare list or a set, an item with one top-level
     ``\\pm`` becomes both, so an answer that writes out both roots matches (tuples and intervals keep their arity)."""
@@ -746,8 +740,8 @@ def _expand_plus_minus(text: str) -> str:
         return text
     items = []
     for item in split_top_level(text[1:-1] if brackets else text, ","):
-        halves = _PLUS_MINUS.split(item) if len(_PLUS_MINUS.findall(item)) == 1 else [item]
-        if len(halves) != 2 or not halves[1] or not _at_top_level(item, halves[0]):
+        halves = split_top_level(item, "\\pm")
+        if len(halves) != 2 or not halves[1] or halves[1][0].isalpha():  # none, several, or \pmod / \pmb
             items.append(item)
             continue
         first, second = halves

@@ -64,9 +64,10 @@ class MetricsLogger:
     def log_step(self, step: int, metrics: Dict[str, float]) -> None:
         if self.rank != 0:
             return
-        self.history.append({"step": step, **metrics})
+        record = {"step": step, **metrics}
+        self.history.append(record)
         with open(self.run_dir / "metrics.jsonl", "a") as stream:
-            stream.write(json.dumps({"step": step, **metrics}) + "\n")
+            stream.write(json.dumps(record) + "\n")
         parts = [f"step {step:>6}/{self.total_steps}"]
         for key, fmt in (("lm_loss", "loss {:.4f}"), ("rm_loss", "loss {:.4f}"), ("pairwise_accuracy", "acc {:.3f}"),
                          ("valid_lm_loss", "valid loss {:.4f}"), ("valid_rm_loss", "valid loss {:.4f}"),

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
 from acemath_mcore.data.jsonl import DataError, Reason, parse_json_line, validate_messages
-from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataloader, collate_rm_packed,
+from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, rm_dataloader,
                                         encode_rm_group)
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
@@ -100,19 +100,18 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
                          f"{config.data.valid_prefixes}")
     prefix = config.data.valid_prefixes[0] if held_out else config.data.prefixes[0]
     length = config.data.seq_length
-    # Pipeline stages exchange activations of one shape: padded micro-batches then all get the rows of the
-    # largest group (fewer-response groups are topped up with unscored padding rows).
-    fixed_rows = config.parallel.pipeline_parallel > 1
-    layout = {"packed_tokens": length} if config.data.packed else {"seq_length": length, "fixed_rows": fixed_rows}
+    dataset = build_rm_dataset(prefix, packed_tokens=length if config.data.packed else None,
+                               seq_length=None if config.data.packed else length)
 
     def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
-        return iter(build_rm_dataloader(prefix, pad_id=0, global_batch_size=config.global_batch_size,
-                                        micro_batch_size=config.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
-                                        seed=config.seed, consumed_samples=consumed_samples,
-                                        num_workers=config.data.num_workers, **layout))
+        # Pipeline stages exchange activations of one shape: padded micro-batches then all get the rows of the
+        # largest group (fewer-response groups are topped up with unscored padding rows).
+        return iter(rm_dataloader(dataset, pad_id=0, global_batch_size=config.global_batch_size,
+                                  micro_batch_size=config.micro_batch_size, seq_length=length, dp_rank=dp_rank,
+                                  dp_size=dp_size, seed=config.seed, consumed_samples=consumed_samples,
+                                  num_workers=config.data.num_workers,
+                                  fixed_rows=config.parallel.pipeline_parallel > 1))
 
-    dataset = build_rm_dataloader(prefix, pad_id=0, global_batch_size=config.global_batch_size,
-                                  micro_batch_size=config.micro_batch_size, seed=config.seed, **layout).dataset
     groups = dataset.groups if config.data.packed else dataset
     description = f"{len(groups)} problem groups ({len(groups.data.labels)} responses)"
     if config.data.packed:

@@ -217,8 +217,9 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
                              f"{config.global_batch_size}: the step count and data position would no longer match "
                              f"the epoch. Resume with global_batch_size={saved_batch}, or start a new stage from "
                              f"it with checkpoint.init_from={latest} and another checkpoint.save_dir")
-        saved_data = state.get("data", _data_order(config))
-        changed = {key: (saved_data.get(key), value) for key, value in _data_order(config).items()
+        data_order = _data_order(config)
+        saved_data = state.get("data", data_order)
+        changed = {key: (saved_data.get(key), value) for key, value in data_order.items()
                    if saved_data.get(key) != value}
         if changed:
             logger.warning("resuming %s with data settings that differ from the saved run's (saved -> now: %s): the "
@@ -229,11 +230,13 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
                     state["consumed_samples"])
         return state
     if config.checkpoint.init_from:
-        recorded_arch, hf_config, assets = find_model_description(resolve_checkpoint_dir(config.checkpoint.init_from))
+        # Resolved once: the weights loaded are the ones whose description is checked and inherited.
+        init_dir = resolve_checkpoint_dir(config.checkpoint.init_from)
+        recorded_arch, hf_config, assets = find_model_description(init_dir)
         engine.arch.check_matches(recorded_arch, f"checkpoint.init_from={config.checkpoint.init_from}")
         if config.checkpoint.save_dir and torch.distributed.get_rank() == 0:
             _inherit_description(Path(config.checkpoint.save_dir), engine.arch, hf_config, assets)
-        checkpointing.load_weights(config.checkpoint.init_from, engine.model)
+        checkpointing.load_weights(init_dir, engine.model)
         engine.optimizer.reload_model_params()
         logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
     else:
