@@ -6,8 +6,10 @@
 # Groups:
 #   tests  the gpu-marked tests (native vs CPU reference, packing, TE step, fused vs unfused weight gradients)
 #   wgrad  qwen2.5-1.5b packed, mbs 2 x 2, TE and native specs, gradient-accumulation fusion on, then off
-#   mbs    micro-batch 3 and 4, and mbs 2 x 8 micro-batches (64k tokens: one of 8 GPUs' share of 128 x 4096)
-#   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2, and delayed at mbs 4
+#   accum  the training-shaped step: mbs 2 x 8 micro-batches (64k tokens, one of 8 GPUs' share of 128 x 4096),
+#          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
+#   mbs    micro-batch 3 and 4
+#   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2 x 2, and blockwise at mbs 2 x 8
 #   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses, padded and packed
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 # One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
@@ -22,7 +24,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests wgrad mbs fp8 rm hf)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests wgrad accum mbs fp8 rm hf)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
     case $group in
@@ -30,19 +32,19 @@ for group in "$@"; do
         wgrad)
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2 --no-wgrad-fusion ;;
+        accum) bench --impls te,te-fp8,native --packed --micro-batch 2 --micro-batches 8 --profile ;;
         mbs)
             bench --impls te,native --packed --micro-batch 3 --micro-batches 2
-            bench --impls te,native --packed --micro-batch 4 --micro-batches 1
-            bench --impls te --packed --micro-batch 2 --micro-batches 8 ;;
+            bench --impls te,native --packed --micro-batch 4 --micro-batches 1 ;;
         fp8)
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2 --fp8-recipe tensorwise
-            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 1 ;;
+            bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 8 --fp8-recipe blockwise ;;
         rm)
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
-        *) echo "unknown group '$group'; choose from: tests wgrad mbs fp8 rm hf" >&2; exit 2 ;;
+        *) echo "unknown group '$group'; choose from: tests wgrad accum mbs fp8 rm hf" >&2; exit 2 ;;
     esac
 done
 exit $failed

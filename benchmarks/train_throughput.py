@@ -207,17 +207,47 @@ def time_steps(args, step, vocab: int) -> dict:
             "host_batch_build_s": statistics.median(data_wait)}
 
 
+KERNEL_CLASSES = (  # first match wins; names as CUDA kernels appear in the torch profiler on Hopper
+    ("attention", ("flash", "fmha", "cudnn_generated", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
+    ("optimizer", ("multi_tensor", "adam", "l2norm")),
+    ("cross entropy", ("cross_entropy", "softmax", "logsumexp")),
+    ("copy/memset", ("memcpy", "memset", "copy_")),
+)
+
+
+def kernel_time_breakdown(kernel_times) -> dict:
+    """Device time per kernel class, from ``(kernel name, microseconds)`` pairs; unmatched ones are 'other'
+    (norms, activations, RoPE, casts, adds)."""
+    totals = dict.fromkeys([name for name, _ in KERNEL_CLASSES] + ["other"], 0.0)
+    for name, micros in kernel_times:
+        lowered = name.lower()
+        label = next((label for label, keys in KERNEL_CLASSES if any(key in lowered for key in keys)), "other")
+        totals[label] += micros
+    return totals
+
+
 def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
-    """One more step under the torch profiler; the top CUDA kernels and CPU ops go to stdout."""
+    """One more step under the torch profiler: the top CUDA kernels and CPU ops, then how much of the step's
+    wall time the GPU was busy and on what (a busy share well under 100% means the host is the bottleneck)."""
     from torch.profiler import ProfilerActivity, profile
 
     micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
         step(micro_batches)
         torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - start) * 1e6
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
+    kernels = [(event.key, event.self_device_time_total) for event in averages
+               if event.device_type == torch.autograd.DeviceType.CUDA]
+    breakdown = kernel_time_breakdown(kernels)
+    busy = sum(breakdown.values())
+    print(f"PROFILE step {wall_us / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({busy / wall_us:.0%}): "
+          + ", ".join(f"{label} {micros / 1e3:.1f} ms" for label, micros in breakdown.items()), flush=True)
 
 
 def worker(args) -> None:

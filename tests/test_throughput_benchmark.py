@@ -38,3 +38,22 @@ def test_worker_trains_and_reports_flops(extra, tmp_path):
         tokens = 2 * 6 * seq
         assert result["flops_per_step"] == training_flops(arch, [seq] * 12, head_outputs=1)
     assert result["tokens_per_s"] == pytest.approx(tokens / result["step_s"], rel=1e-9)
+
+
+def test_profile_breakdown_classifies_hopper_kernel_names():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kernels = [  # names as the torch profiler reported them on the lent H100 (cuDNN attention, cuBLAS, TE, torch)
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0", 5.0),
+        ("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", 7.0),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", 1.0),
+        ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", 2.0),
+        ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", 0.5),
+        ("void transformer_engine::rmsnorm_fwd_tuned_kernel<bf16>", 3.0),
+    ]
+    breakdown = module.kernel_time_breakdown(kernels)
+    assert breakdown == {"attention": 5.0, "matmul": 8.0, "optimizer": 2.0, "cross entropy": 0.0,
+                         "copy/memset": 0.5, "other": 3.0}
