@@ -21,7 +21,8 @@ setup(
         "psutil",  # dist-checkpoint saves hang without it
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout"],
+        # triton: tests run the language-model loss kernel in Triton's CPU interpreter (tests/test_cross_entropy.py)
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.6"],
         "hf": ["transformers>=4.45", "safetensors", "tokenizers", "tiktoken"],
         "eval": ["sympy", "matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],

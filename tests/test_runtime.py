@@ -64,6 +64,26 @@ def test_layout_that_does_not_divide_world_size_names_the_numbers():
         ParallelConfig(tensor_parallel=4).data_parallel_size(6)
 
 
+def test_language_model_loss_kernel_follows_the_machine(monkeypatch):
+    """Ours (Triton) wherever CUDA and Triton are there, megatron's otherwise; asking for ours without them, or for
+    an unknown kernel, is an error that says what to use instead."""
+    from acemath_mcore.models import ModelOptions, get_preset, transformer_config
+    from acemath_mcore.runtime import ParallelConfig, device
+
+    monkeypatch.setattr(device, "cuda_available", lambda: False)
+    assert device.lm_cross_entropy("auto") == "megatron"
+    assert device.lm_cross_entropy("megatron") == "megatron"
+    with pytest.raises(RuntimeError, match="needs a CUDA device and the triton package; use 'auto' or 'megatron'"):
+        device.lm_cross_entropy("triton")
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    assert device.lm_cross_entropy("auto") == "triton"  # the test extra installs triton
+    assert device.lm_cross_entropy("megatron") == "megatron"
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: None)
+    assert device.lm_cross_entropy("auto") == "megatron"
+    with pytest.raises(ValueError, match=r"model cross_entropy must be one of \('auto', 'triton', 'megatron'\)"):
+        transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(cross_entropy="fused"))
+
+
 def test_shim_is_never_selected_on_cuda(monkeypatch):
     """On a CUDA machine setup_device binds the GPU and leaves torch untouched."""
     from acemath_mcore.runtime import cpu_shim, device

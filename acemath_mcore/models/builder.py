@@ -33,6 +33,30 @@ class ModelOptions:
     # runtime/wgrad_fusion for megatron's own when apex is absent) instead of a .grad plus an add per layer.
     # Only models trained under megatron's DDP (the Engine) have main_grad buffers, so only they use it.
     gradient_accumulation_fusion: bool = True
+    # Language-model loss kernel: auto | triton | megatron (runtime/device.lm_cross_entropy says which runs where).
+    cross_entropy: str = "auto"
+
+
+@dataclasses.dataclass
+class AcemathTransformerConfig(TransformerConfig):
+    """megatron's TransformerConfig plus the choices it has no field for; read by :class:`CausalLM`."""
+
+    lm_cross_entropy: str = "megatron"  # "triton" | "megatron", resolved by transformer_config
+
+
+class CausalLM(GPTModel):
+    """megatron's GPTModel with the language-model loss from :mod:`acemath_mcore.models.cross_entropy` when the
+    config selects it (megatron's fused loss keeps an fp32 softmax of every token for the backward pass)."""
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if getattr(self.config, "lm_cross_entropy", "megatron") != "triton":
+            return super().compute_language_model_loss(labels, logits)
+        from acemath_mcore.models.cross_entropy import vocab_parallel_cross_entropy
+
+        # logits [s, b, vocab/tp], labels [b, s]; megatron's contract returns the loss as [b, s].
+        loss = vocab_parallel_cross_entropy(logits, labels.transpose(0, 1),
+                                            parallel_state.get_tensor_model_parallel_group())
+        return loss.transpose(0, 1).contiguous()
 
 
 def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
@@ -67,7 +91,8 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     fuse_wgrad = options.gradient_accumulation_fusion and with_ddp
     if fuse_wgrad:
         wgrad_fusion.install()
-    return TransformerConfig(
+    return AcemathTransformerConfig(
+        lm_cross_entropy=device_lib.lm_cross_entropy(options.cross_entropy),
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
@@ -108,7 +133,7 @@ def build_model_chunk(
     vp_stage: Optional[int] = None,
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
-    model_class: Type[GPTModel] = GPTModel,
+    model_class: Type[GPTModel] = CausalLM,
 ) -> GPTModel:
     """One GPT model chunk for this rank's pipeline stage (and virtual stage ``vp_stage``); ``model_class``
     swaps in a GPTModel subclass (the reward model) built with the same arguments."""
@@ -135,7 +160,7 @@ def build_model_chunk(
 
 
 def build_model(arch: ModelArch, parallel: ParallelConfig, options: ModelOptions,
-                model_class: Type[GPTModel] = GPTModel) -> List[GPTModel]:
+                model_class: Type[GPTModel] = CausalLM) -> List[GPTModel]:
     """All model chunks of this rank: one, or one per virtual pipeline stage. They are not wrapped in megatron's
     DDP (the Engine does that), so a backward pass through them fills ``.grad`` as in plain torch."""
     config = transformer_config(arch, parallel, options)

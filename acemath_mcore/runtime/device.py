@@ -7,6 +7,7 @@ CPU/GPU difference lives in a single place.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 
@@ -101,6 +102,24 @@ def fusion_options(use_transformer_engine: bool) -> dict:
     return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
                 persist_layer_norm=use_transformer_engine, apply_rope_fusion=use_transformer_engine,
                 cross_entropy_loss_fusion=True)
+
+
+LM_CROSS_ENTROPY_CHOICES = ("auto", "triton", "megatron")
+
+
+def lm_cross_entropy(requested: str = "auto") -> str:
+    """Which kernel computes the language-model loss: ``"triton"`` (:mod:`acemath_mcore.models.cross_entropy`, no
+    fp32 softmax copy) needs CUDA and Triton; ``"megatron"`` is megatron-core's (fused on CUDA, plain on CPU).
+    ``"auto"`` picks the Triton kernel wherever it can run."""
+    if requested not in LM_CROSS_ENTROPY_CHOICES:
+        raise ValueError(f"model cross_entropy must be one of {LM_CROSS_ENTROPY_CHOICES}, got {requested!r}")
+    if requested == "megatron":
+        return "megatron"
+    usable = cuda_available() and importlib.util.find_spec("triton") is not None
+    if requested == "triton" and not usable:
+        raise RuntimeError("cross_entropy='triton' needs a CUDA device and the triton package; use 'auto' or "
+                           "'megatron' here")
+    return "triton" if usable else "megatron"
 
 
 # Dense bf16 tensor-core peaks (datasheets) by device-name fragment; used for MFU in training logs.
