@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements in named groups, each sized to fit one 10-minute device call:
 #
-#   bash benchmarks/gpu_sweep.sh tests wgrad        # after staging TE + megatron-core (../shared/gpu/README.md)
+#   bash benchmarks/gpu_sweep.sh tests headline     # after staging TE + megatron-core (../shared/gpu/README.md)
 #
 # Groups:
-#   tests  the gpu-marked tests (native vs CPU reference, packing, TE step, fused vs unfused weight gradients)
+#   tests  the gpu-marked tests (native vs CPU reference, packing, TE step, fused vs unfused weight gradients,
+#          our cross-entropy kernel vs float64 and vs megatron's in a model)
+#   headline  issue 9's configuration: qwen2.5-1.5b packed, mbs 4 x 4 (64k tokens), TE bf16, TE FP8, native;
+#          then the loss kernels alone (benchmarks/cross_entropy_speed.py)
 #   wgrad  qwen2.5-1.5b packed, mbs 2 x 2, TE and native specs, gradient-accumulation fusion on, then off
 #   accum  the training-shaped step: mbs 2 x 8 micro-batches (64k tokens, one of 8 GPUs' share of 128 x 4096),
 #          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
@@ -24,11 +27,14 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests wgrad accum mbs fp8 rm hf)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 rm hf)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
     case $group in
         tests) python3 -m pytest -m gpu tests/test_gpu.py -q 2>&1 | tee -a "$out/sweep.log" || failed=1 ;;
+        headline)
+            bench --impls te,te-fp8,native --packed --micro-batch 4 --micro-batches 4
+            python3 benchmarks/cross_entropy_speed.py 2>&1 | tee -a "$out/sweep.log" || failed=1 ;;
         wgrad)
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2 --no-wgrad-fusion ;;
@@ -44,7 +50,7 @@ for group in "$@"; do
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
-        *) echo "unknown group '$group'; choose from: tests wgrad accum mbs fp8 rm hf" >&2; exit 2 ;;
+        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 rm hf" >&2; exit 2 ;;
     esac
 done
 exit $failed

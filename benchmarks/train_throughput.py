@@ -38,6 +38,8 @@ def parse_args(argv=None):
     parser.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
     parser.add_argument("--no-wgrad-fusion", action="store_true",
                         help="turn gradient-accumulation fusion off (a .grad plus an add per linear layer)")
+    parser.add_argument("--cross-entropy", default="auto", choices=["auto", "triton", "megatron"],
+                        help="language-model loss kernel (ModelOptions.cross_entropy)")
     parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -129,7 +131,7 @@ def run_mcore(args, impl: str) -> dict:
     arch = get_preset(args.model)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
                            fp8="hybrid" if impl == "te-fp8" else None, fp8_recipe=args.fp8_recipe,
-                           gradient_accumulation_fusion=not args.no_wgrad_fusion)
+                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy)
     if args.task == "rm":
         from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
 
@@ -211,7 +213,8 @@ KERNEL_CLASSES = (  # first match wins; names as CUDA kernels appear in the torc
     ("attention", ("flash", "fmha", "cudnn_generated", "attn")),
     ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "wgmma", "sm90_")),
     ("optimizer", ("multi_tensor", "adam", "l2norm")),
-    ("cross entropy", ("cross_entropy", "softmax", "logsumexp")),
+    # ours (models/cross_entropy.py), and the torch-compiled kernels of megatron's fused loss (exp_sub_sum ...)
+    ("cross entropy", ("row_statistics_kernel", "gradient_kernel", "exp_sub", "cross_entropy", "logsumexp")),
     ("copy/memset", ("memcpy", "memset", "copy_")),
 )
 
@@ -288,6 +291,7 @@ def main(argv=None) -> None:
         result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
                       micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
+                      cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
@@ -296,7 +300,8 @@ def main(argv=None) -> None:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
-          f"mbs {args.micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'}  "
+          f"mbs {args.micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
+          f"cross entropy {args.cross_entropy}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:

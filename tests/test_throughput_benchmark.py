@@ -53,7 +53,9 @@ def test_profile_breakdown_classifies_hopper_kernel_names():
         ("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>>", 2.0),
         ("void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda>", 0.5),
         ("void transformer_engine::rmsnorm_fwd_tuned_kernel<bf16>", 3.0),
+        ("triton_red_fused_copy__exp_sub_sum_unsqueeze_2", 4.0),  # megatron's fused loss, torch-compiled
+        ("_row_statistics_kernel", 0.25),  # ours
     ]
     breakdown = module.kernel_time_breakdown(kernels)
-    assert breakdown == {"attention": 5.0, "matmul": 8.0, "optimizer": 2.0, "cross entropy": 0.0,
+    assert breakdown == {"attention": 5.0, "matmul": 8.0, "optimizer": 2.0, "cross entropy": 4.25,
                          "copy/memset": 0.5, "other": 3.0}
