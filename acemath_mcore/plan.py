@@ -41,11 +41,13 @@ PP_TRANSFERS_PER_CHUNK = 2
 # Context parallelism moves every other rank's K and V once forward and K, V and their gradients backward.
 CP_KV_TRANSFERS_PER_LAYER = 3
 
-# Bytes per logit element on the last stage while cross entropy runs. bf16: the bf16 logits, the fp32 softmax that
-# megatron's cross entropy keeps for the backward pass, and one fp32 temporary of its fused kernel (with these
-# 10 bytes the planner reproduces the peaks measured for qwen2.5-1.5b on an H100, see docs/planner.md). fp32: the
-# softmax overwrites the logits in place.
-LOGIT_BYTES = {True: 10, False: 4}
+# Bytes per logit element on the last stage while cross entropy runs, by loss kernel (ModelOptions.cross_entropy)
+# and bf16. Ours (models/cross_entropy.py): the logits alone, their gradient overwrites them. megatron's, bf16: the
+# bf16 logits, the fp32 softmax it keeps for the backward pass and one fp32 temporary of its fused kernel (with
+# these 10 bytes the planner reproduced the peaks measured for qwen2.5-1.5b on an H100, and ours the 9.3 GiB less
+# measured at micro-batch 2; see docs/planner.md). fp32: the softmax overwrites the logits in place.
+LOGIT_BYTES = {("triton", True): 2, ("triton", False): 4, ("megatron", True): 10, ("megatron", False): 4}
+CROSS_ENTROPY_KERNELS = ("triton", "megatron")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,7 @@ class PlanRequest:
     gpus_per_node: int = 8
     gpu: GpuType = GPU_TYPES["h100-80gb"]
     task: str = "sft"  # sft (LM head + cross entropy) | rm (scalar head, no LM head, no context parallelism)
+    cross_entropy: str = "triton"  # the loss kernel: triton (ours, the default on CUDA) | megatron
     responses: int = 6  # rm: padded rows per problem
     bf16: bool = True
     distributed_optimizer: bool = True
@@ -103,6 +106,8 @@ class PlanRequest:
     def __post_init__(self):
         if self.task not in ("sft", "rm"):
             raise ValueError(f"task must be 'sft' or 'rm', got {self.task!r}")
+        if self.cross_entropy not in CROSS_ENTROPY_KERNELS:
+            raise ValueError(f"cross_entropy must be one of {CROSS_ENTROPY_KERNELS}, got {self.cross_entropy!r}")
         unknown = [mode for mode in self.recompute if mode not in RECOMPUTE_MODES]
         if unknown:
             raise ValueError(f"recompute modes must be among {RECOMPUTE_MODES}, got {unknown}")
@@ -268,7 +273,7 @@ def stage_memory(request: PlanRequest, layout: Layout, micro_batches: int, stage
         stored += 2 * arch.hidden_size
         if request.task == "sft":
             # The LM head gathers the sequence and splits the vocabulary over TP.
-            logits = rank_tokens * (arch.padded_vocab_size // tp) * LOGIT_BYTES[request.bf16]
+            logits = rank_tokens * (arch.padded_vocab_size // tp) * LOGIT_BYTES[request.cross_entropy, request.bf16]
     return MemoryBreakdown(
         stage="only" if pp == 1 else ("first" if first else "last"),
         parameters=parameters * (2 if request.bf16 else 4),

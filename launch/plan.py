@@ -42,6 +42,8 @@ def parse_args(argv=None):
                         help="comma-separated CP sizes to consider, e.g. 1,2 (estimates only: the trainer refuses "
                              "CP > 1 until its data path splits sequences across CP ranks)")
     parser.add_argument("--task", default="sft", choices=("sft", "rm"))
+    parser.add_argument("--cross-entropy", default="triton", choices=planner.CROSS_ENTROPY_KERNELS,
+                        help="the loss kernel the run uses (model_options.cross_entropy; auto means triton on CUDA)")
     parser.add_argument("--responses", type=int, default=6, help="rm: rows per problem")
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters and activations instead of bf16")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
@@ -59,7 +61,8 @@ def build_request(args) -> planner.PlanRequest:
     return planner.request_for(
         args.model, gpus=args.gpus or args.gpus_per_node, gpus_per_node=args.gpus_per_node,
         gpu=planner.get_gpu_type(args.gpu), seq_length=args.seq_length, global_batch=args.global_batch,
-        micro_batch=args.micro_batch, task=args.task, responses=args.responses, bf16=not args.fp32,
+        micro_batch=args.micro_batch, task=args.task, cross_entropy=args.cross_entropy, responses=args.responses,
+        bf16=not args.fp32,
         distributed_optimizer=not args.no_distributed_optimizer, recompute=recompute,
         context_parallel=tuple(int(cp) for cp in args.context_parallel.split(",")),
         overhead_bytes=int(args.overhead_gib * GIB), headroom=args.headroom, mfu=args.mfu)

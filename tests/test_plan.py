@@ -58,7 +58,8 @@ def test_memory_items_of_an_interleaved_layout_match_hand_arithmetic():
         overhead=4 * GIB,
     )
     # Last stage: (VPP - 1) PP + 1 = 3 chunks (6 layers), the final norm's and LM head's inputs (2 x 1024), and
-    # the logits: the LM head gathers all 2048 tokens and splits the vocabulary (32000 / 2), 10 bytes each.
+    # the logits: the LM head gathers all 2048 tokens and splits the vocabulary (32000 / 2), 2 bytes each (our
+    # loss kernel overwrites them with their gradient; megatron's keeps an fp32 softmax and a temporary: 10).
     last = planner.stage_memory(request, layout, micro_batches=16, stage=1)
     assert last == planner.MemoryBreakdown(
         stage="last",
@@ -66,10 +67,14 @@ def test_memory_items_of_an_interleaved_layout_match_hand_arithmetic():
         gradients=4 * last_params,
         optimizer=12 * last_params // 4,
         activations=(6 * per_layer + 2048) * tokens * 2,
-        logits=2048 * 16000 * 10,
+        logits=2048 * 16000 * 2,
         overhead=4 * GIB,
     )
     assert planner.peak_memory(request, layout, 16) == max(first, last, key=lambda m: m.total)
+    megatron_loss = dataclasses.replace(request, cross_entropy="megatron")
+    assert planner.stage_memory(megatron_loss, layout, micro_batches=16, stage=1).logits == 2048 * 16000 * 10
+    with pytest.raises(ValueError, match="cross_entropy must be one of"):
+        dataclasses.replace(request, cross_entropy="fused")
 
     # Full recompute keeps only each in-flight layer's input (h) plus one layer being recomputed.
     full = planner.stage_memory(request, dataclasses.replace(layout, recompute="full"), micro_batches=16, stage=0)

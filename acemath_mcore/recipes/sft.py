@@ -37,7 +37,8 @@ class _Layout:
 # Chosen so the model, fp32 main params and Adam state fit 80 GB with the distributed optimizer at 1 node (8 GPUs)
 # for <= 8B and 4 nodes (32 GPUs) for 72B; see launch/plan.py for the memory model.
 _LAYOUTS = {
-    "qwen2.5-math-1.5b": _Layout(ParallelConfig(), micro_batch_size=2),
+    # Micro-batch 4: measured fastest on an H100 (63.8% MFU; micro-batch 2 is host-bound), docs/benchmarks.md.
+    "qwen2.5-math-1.5b": _Layout(ParallelConfig(), micro_batch_size=4),
     "qwen2.5-math-7b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
     "qwen2.5-math-72b": _Layout(ParallelConfig(tensor_parallel=8, pipeline_parallel=4, virtual_pipeline_parallel=5,
                                                sequence_parallel=True), recompute="full", global_batch_size=256),
