@@ -29,6 +29,7 @@ from acemath_mcore.convert.megatron_files import (
 from acemath_mcore.models import resolve_arch
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import build_model_chunk
+from acemath_mcore.models.specs import resolve_spec_name
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import init_distributed
 from acemath_mcore.runtime import device as device_lib
@@ -140,6 +141,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     try:
         engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
                         model_chunk_builder=model_chunk_builder)
+        options = config.model_options
+        logger.info("model %s: %s layer spec, %s%s%s", config.model, resolve_spec_name(options.spec),
+                    "bf16" if options.bf16 else "fp32", f", FP8 {options.fp8_recipe}" if options.fp8 else "",
+                    f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
         resumed = _initialise(config, engine)
         start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
         loader = data.make_loader(consumed_samples, dp_rank, dp_size)
