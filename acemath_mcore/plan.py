@@ -484,7 +484,7 @@ def recipe_overrides(estimate: Estimate, request: PlanRequest) -> List[str]:
         f"parallel.sequence_parallel={'true' if layout.tensor_parallel > 1 else 'false'}",
         f"model_options.recompute={layout.recompute}",
         f"micro_batch_size={request.micro_batch}",
-    ]
+    ] + ([f"model_options.cross_entropy={request.cross_entropy}"] if request.cross_entropy != "triton" else [])
 
 
 def nodes(request: PlanRequest) -> int:

@@ -73,6 +73,10 @@ def test_memory_items_of_an_interleaved_layout_match_hand_arithmetic():
     assert planner.peak_memory(request, layout, 16) == max(first, last, key=lambda m: m.total)
     megatron_loss = dataclasses.replace(request, cross_entropy="megatron")
     assert planner.stage_memory(megatron_loss, layout, micro_batches=16, stage=1).logits == 2048 * 16000 * 10
+    # A plan for megatron's loss selects it in the recipe too (ours, "auto" on CUDA, needs no override).
+    estimate = planner.estimate(megatron_loss, layout)
+    assert planner.recipe_overrides(estimate, megatron_loss)[-1] == "model_options.cross_entropy=megatron"
+    assert not any("cross_entropy" in o for o in planner.recipe_overrides(planner.estimate(request, layout), request))
     with pytest.raises(ValueError, match="cross_entropy must be one of"):
         dataclasses.replace(request, cross_entropy="fused")
 

@@ -81,7 +81,7 @@ def test_language_model_loss_kernel_follows_the_machine(monkeypatch):
     monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: None)
     assert device.lm_cross_entropy("auto") == "megatron"
     with pytest.raises(ValueError, match=r"model cross_entropy must be one of \('auto', 'triton', 'megatron'\)"):
-        transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(cross_entropy="fused"))
+        transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native", cross_entropy="fused"))
 
 
 def test_shim_is_never_selected_on_cuda(monkeypatch):

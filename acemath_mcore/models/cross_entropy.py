@@ -1,8 +1,8 @@
 """Vocab-parallel cross entropy in two Triton passes over the bf16 logits (CUDA; CPU only in Triton's interpreter).
 
 megatron's fused cross entropy keeps an fp32 copy of the softmax for the backward pass: for 8,192 tokens of a
-151,936-entry vocabulary that is 5 GB written and read again, and on an H100 the loss took 12% of a qwen2.5-1.5b
-SFT step (docs/benchmarks.md). Here the forward pass reads the logits once (an online max and sum of exponentials
+151,936-entry vocabulary that is 5 GB written and read again, and on an H100 the loss took 12% of the GPU time of
+a qwen2.5-1.5b SFT step (docs/benchmarks.md). Here the forward pass reads the logits once (an online max and sum of exponentials
 per row, plus the target's logit) and keeps only the per-row log-sum-exp; the backward pass reads them once more
 and overwrites them with their gradient, so the loss adds no vocabulary-sized buffer at all.
 
