@@ -13,7 +13,8 @@
 #          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
 #   mbs    micro-batch 3 and 4
 #   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2 x 2, and blockwise at mbs 2 x 8
-#   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses, padded and packed
+#   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses per step: one group per micro-batch
+#          padded and packed, then 2 and 4 groups per micro-batch (padded)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 # One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
 set -uo pipefail
@@ -48,7 +49,9 @@ for group in "$@"; do
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 8 --fp8-recipe blockwise ;;
         rm)
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
-            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 2 --groups 2
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 1 --groups 4 ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
         *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 rm hf" >&2; exit 2 ;;
     esac

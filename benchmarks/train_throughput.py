@@ -44,8 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--task", default="sft", choices=["sft", "rm"],
-                        help="rm: reward model, one problem group of --responses responses per micro-batch")
+                        help="rm: reward model, --groups problem groups of --responses responses per micro-batch")
     parser.add_argument("--responses", type=int, default=6)
+    parser.add_argument("--groups", type=int, default=1, help="rm: problem groups per micro-batch")
     parser.add_argument("--profile", action="store_true", help="print a torch-profiler kernel table of one step")
     parser.add_argument("--json", default=None, help="append one JSON line per implementation here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -64,13 +65,14 @@ def document_lengths(seq_length: int, mean: int, generator: torch.Generator) -> 
 
 
 def make_rm_micro_batch(args, vocab: int, generator: torch.Generator, device) -> dict:
-    """One problem group: --responses responses of 70-100% of --seq-length tokens, k in 1..n-1 correct; padded
-    rows ``[n, seq]`` or one packed row of the responses back to back."""
+    """--groups problem groups, each of --responses responses of 70-100% of --seq-length tokens with k in 1..n-1
+    correct; padded rows ``[groups * n, seq]`` or one packed row of all responses back to back."""
     n, seq = args.responses, args.seq_length
-    lengths = torch.randint(int(0.7 * seq), seq + 1, (n,), generator=generator).tolist()
-    labels = torch.zeros(n)
-    labels[torch.randperm(n, generator=generator)[:int(torch.randint(1, n, (1,), generator=generator))]] = 1.0
-    batch = {"labels": labels, "group_sizes": torch.tensor([n]), "doc_lengths": lengths}
+    lengths = torch.randint(int(0.7 * seq), seq + 1, (args.groups * n,), generator=generator).tolist()
+    labels = torch.zeros(args.groups, n)
+    for group in labels:
+        group[torch.randperm(n, generator=generator)[:int(torch.randint(1, n, (1,), generator=generator))]] = 1.0
+    batch = {"labels": labels.flatten(), "group_sizes": torch.full((args.groups,), n), "doc_lengths": lengths}
     if args.packed:
         total = sum(lengths)
         cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
@@ -78,9 +80,9 @@ def make_rm_micro_batch(args, vocab: int, generator: torch.Generator, device) ->
                      max_seqlen=max(lengths), score_index=(cu[1:] - 1).long(),
                      position_ids=torch.cat([torch.arange(k) for k in lengths]).unsqueeze(0))
     else:
-        batch.update(tokens=torch.randint(0, vocab, (n, seq), generator=generator),
-                     score_index=torch.tensor(lengths) - 1, position_ids=torch.arange(seq).expand(n, -1))
-        batch["doc_lengths"] = [seq] * n  # padded rows are computed in full
+        batch.update(tokens=torch.randint(0, vocab, (len(lengths), seq), generator=generator),
+                     score_index=torch.tensor(lengths) - 1, position_ids=torch.arange(seq).expand(len(lengths), -1))
+        batch["doc_lengths"] = [seq] * len(lengths)  # padded rows are computed in full
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -289,7 +291,8 @@ def main(argv=None) -> None:
             achieved = result["flops_per_step"] / result["step_s"]
             result.update(mfu_datasheet=achieved / BF16_PEAK_FLOPS["H100"], mfu_measured_peak=achieved / peak)
         result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
-                      micro_batch=args.micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
+                      micro_batch=args.micro_batch if args.task == "sft" else args.groups,
+                      micro_batches=args.micro_batches, recompute=args.recompute,
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
                       cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
@@ -299,8 +302,9 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
+    micro_batch = args.micro_batch if args.task == "sft" else f"{args.groups} group(s)"
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
-          f"mbs {args.micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
+          f"mbs {micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
           f"cross entropy {args.cross_entropy}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")

@@ -13,7 +13,8 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
-@pytest.mark.parametrize("extra", [["--packed", "--mean-doc-length", "16"], ["--task", "rm", "--no-wgrad-fusion"]],
+@pytest.mark.parametrize("extra", [["--packed", "--mean-doc-length", "16"],
+                                   ["--task", "rm", "--no-wgrad-fusion", "--groups", "2"]],
                          ids=["sft-packed", "rm"])
 def test_worker_trains_and_reports_flops(extra, tmp_path):
     seq = 64
@@ -34,9 +35,9 @@ def test_worker_trains_and_reports_flops(extra, tmp_path):
         tokens = 2 * seq
         assert result["flops_per_step"] < training_flops(arch, [seq, seq])  # causal work per document, not per row
         assert result["flops_per_step"] > training_flops(arch, [1] * tokens)
-    else:  # one problem group of 6 padded responses per micro-batch, computed in full, through the scalar head
-        tokens = 2 * 6 * seq
-        assert result["flops_per_step"] == training_flops(arch, [seq] * 12, head_outputs=1)
+    else:  # two problem groups of 6 padded responses per micro-batch, computed in full, through the scalar head
+        tokens = 2 * 2 * 6 * seq
+        assert result["flops_per_step"] == training_flops(arch, [seq] * 24, head_outputs=1)
     assert result["tokens_per_s"] == pytest.approx(tokens / result["step_s"], rel=1e-9)
 
 
