@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.presets import get_preset
-from acemath_mcore.runtime.device import BF16_PEAK_FLOPS
+from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_KERNELS
 from acemath_mcore.training.flops import matmul_parameters, training_flops
 
 GIB = 2**30
@@ -47,7 +47,6 @@ CP_KV_TRANSFERS_PER_LAYER = 3
 # these 10 bytes the planner reproduced the peaks measured for qwen2.5-1.5b on an H100, and ours the 9.3 GiB less
 # measured at micro-batch 2; see docs/planner.md). fp32: the softmax overwrites the logits in place.
 LOGIT_BYTES = {("triton", True): 2, ("triton", False): 4, ("megatron", True): 10, ("megatron", False): 4}
-CROSS_ENTROPY_KERNELS = ("triton", "megatron")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +105,8 @@ class PlanRequest:
     def __post_init__(self):
         if self.task not in ("sft", "rm"):
             raise ValueError(f"task must be 'sft' or 'rm', got {self.task!r}")
-        if self.cross_entropy not in CROSS_ENTROPY_KERNELS:
-            raise ValueError(f"cross_entropy must be one of {CROSS_ENTROPY_KERNELS}, got {self.cross_entropy!r}")
+        if self.cross_entropy not in LM_CROSS_ENTROPY_KERNELS:
+            raise ValueError(f"cross_entropy must be one of {LM_CROSS_ENTROPY_KERNELS}, got {self.cross_entropy!r}")
         unknown = [mode for mode in self.recompute if mode not in RECOMPUTE_MODES]
         if unknown:
             raise ValueError(f"recompute modes must be among {RECOMPUTE_MODES}, got {unknown}")

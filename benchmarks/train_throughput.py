@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
+from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_CHOICES  # noqa: E402
+
 IMPLS = ("te", "te-fp8", "native", "hf")
 
 
@@ -38,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--recompute", default=None, choices=[None, "selective", "full"])
     parser.add_argument("--no-wgrad-fusion", action="store_true",
                         help="turn gradient-accumulation fusion off (a .grad plus an add per linear layer)")
-    parser.add_argument("--cross-entropy", default="auto", choices=["auto", "triton", "megatron"],
+    parser.add_argument("--cross-entropy", default="auto", choices=LM_CROSS_ENTROPY_CHOICES,
                         help="language-model loss kernel (ModelOptions.cross_entropy)")
     parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
     parser.add_argument("--steps", type=int, default=8)
@@ -270,9 +272,8 @@ def main(argv=None) -> None:
     if args.worker:
         return worker(args)
     peak = measured_matmul_peak()
-    from acemath_mcore.runtime.device import BF16_PEAK_FLOPS
-
     rows = []
+    micro_batch = args.micro_batch if args.task == "sft" else args.groups  # RM: problem groups per micro-batch
     for impl in args.impls.split(","):
         if impl not in IMPLS:
             raise SystemExit(f"unknown implementation {impl!r}; choose from {IMPLS}")
@@ -291,8 +292,7 @@ def main(argv=None) -> None:
             achieved = result["flops_per_step"] / result["step_s"]
             result.update(mfu_datasheet=achieved / BF16_PEAK_FLOPS["H100"], mfu_measured_peak=achieved / peak)
         result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
-                      micro_batch=args.micro_batch if args.task == "sft" else args.groups,
-                      micro_batches=args.micro_batches, recompute=args.recompute,
+                      micro_batch=micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
                       cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
@@ -302,9 +302,9 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "a") as handle:
                 handle.write(json.dumps(result) + "\n")
-    micro_batch = args.micro_batch if args.task == "sft" else f"{args.groups} group(s)"
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
-          f"mbs {micro_batch} x {args.micro_batches} wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
+          f"mbs {micro_batch}{'' if args.task == 'sft' else ' group(s)'} x {args.micro_batches} "
+          f"wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
           f"cross entropy {args.cross_entropy}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")

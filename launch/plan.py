@@ -42,7 +42,7 @@ def parse_args(argv=None):
                         help="comma-separated CP sizes to consider, e.g. 1,2 (estimates only: the trainer refuses "
                              "CP > 1 until its data path splits sequences across CP ranks)")
     parser.add_argument("--task", default="sft", choices=("sft", "rm"))
-    parser.add_argument("--cross-entropy", default="triton", choices=planner.CROSS_ENTROPY_KERNELS,
+    parser.add_argument("--cross-entropy", default="triton", choices=planner.LM_CROSS_ENTROPY_KERNELS,
                         help="the loss kernel the run uses (model_options.cross_entropy; auto means triton on CUDA)")
     parser.add_argument("--responses", type=int, default=6, help="rm: rows per problem")
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters and activations instead of bf16")

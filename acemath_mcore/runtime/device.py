@@ -104,7 +104,8 @@ def fusion_options(use_transformer_engine: bool) -> dict:
                 cross_entropy_loss_fusion=True)
 
 
-LM_CROSS_ENTROPY_CHOICES = ("auto", "triton", "megatron")
+LM_CROSS_ENTROPY_KERNELS = ("triton", "megatron")
+LM_CROSS_ENTROPY_CHOICES = ("auto", *LM_CROSS_ENTROPY_KERNELS)
 
 
 def lm_cross_entropy(requested: str = "auto") -> str:
