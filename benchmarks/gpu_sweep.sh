@@ -13,8 +13,12 @@
 #          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
 #   mbs    micro-batch 3 and 4
 #   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2 x 2, and blockwise at mbs 2 x 8
+#   fused  the headline's TE rows (bf16, FP8 delayed) without, then with TE's fused MLP (--te-fused-mlp), then
+#          FP8 with a profiled step
+#   fp8recipes  TE FP8 at mbs 4 x 4 with the fused MLP: tensorwise and blockwise scaling, and delayed with manual GC
 #   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses per step: one group per micro-batch
-#          padded and packed, then 2 and 4 groups per micro-batch (padded)
+#          padded and packed
+#   rmgroups  the reward model with 2 and 4 problem groups per micro-batch (padded; packed at 4)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 # One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
 set -uo pipefail
@@ -28,7 +32,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 rm hf)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 fused fp8recipes rm rmgroups hf)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
     case $group in
@@ -47,13 +51,27 @@ for group in "$@"; do
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2 --fp8-recipe tensorwise
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 8 --fp8-recipe blockwise ;;
+        fused)
+            bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2
+            bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp
+            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 3 --warmup 2 --profile ;;
+        fp8recipes)
+            for recipe in tensorwise blockwise; do
+                bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp \
+                    --fp8-recipe $recipe
+            done
+            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp \
+                --manual-gc ;;
         rm)
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
-            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
+        rmgroups)
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 2 --groups 2
-            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 1 --groups 4 ;;
+            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 1 --groups 4
+            bench --task rm --model qwen2.5-math-1.5b --impls te --seq-length 1024 --micro-batches 1 --groups 4 \
+                --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
-        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 rm hf" >&2; exit 2 ;;
+        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 fused fp8recipes rm rmgroups hf" >&2; exit 2 ;;
     esac
 done
 exit $failed

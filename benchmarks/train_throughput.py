@@ -11,6 +11,7 @@ a bf16 matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-1.5b")
     parser.add_argument("--impls", default="te,native,hf", help=f"comma-separated subset of {IMPLS}")
+    parser.add_argument("--num-layers", type=int, default=None,
+                        help="keep the preset's shapes but build this many layers (a large model's layers on one GPU)")
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--micro-batch", type=int, default=1, help="rows per micro-batch (packed rows when --packed)")
     parser.add_argument("--micro-batches", type=int, default=4, help="gradient-accumulation micro-batches per step")
@@ -42,6 +45,11 @@ def parse_args(argv=None):
                         help="turn gradient-accumulation fusion off (a .grad plus an add per linear layer)")
     parser.add_argument("--cross-entropy", default="auto", choices=LM_CROSS_ENTROPY_CHOICES,
                         help="language-model loss kernel (ModelOptions.cross_entropy)")
+    parser.add_argument("--te-fused-mlp", action="store_true",
+                        help="te, te-fp8: each MLP through TE's operation fuser (ModelOptions.te_fused_mlp)")
+    parser.add_argument("--manual-gc", action="store_true",
+                        help="Python's garbage collector off while timing (collected once before), as Megatron-LM's "
+                             "--manual-gc; shows how much of the step-time spread is GC pauses")
     parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -53,6 +61,15 @@ def parse_args(argv=None):
     parser.add_argument("--json", default=None, help="append one JSON line per implementation here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def benchmark_arch(args):
+    import dataclasses
+
+    from acemath_mcore.models import get_preset
+
+    arch = get_preset(args.model)
+    return dataclasses.replace(arch, num_layers=args.num_layers) if args.num_layers else arch
 
 
 def document_lengths(seq_length: int, mean: int, generator: torch.Generator) -> list:
@@ -125,17 +142,18 @@ def measured_matmul_peak() -> float:
 
 
 def run_mcore(args, impl: str) -> dict:
-    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.models import ModelOptions
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask
 
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     init_distributed(ParallelConfig())
-    arch = get_preset(args.model)
+    arch = benchmark_arch(args)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
                            fp8="hybrid" if impl == "te-fp8" else None, fp8_recipe=args.fp8_recipe,
-                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy)
+                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy,
+                           te_fused_mlp=args.te_fused_mlp and impl != "native")
     if args.task == "rm":
         from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
 
@@ -155,9 +173,9 @@ def run_mcore(args, impl: str) -> dict:
 def run_hf(args) -> dict:
     import transformers
 
-    from acemath_mcore.models import FAMILIES, get_preset
+    from acemath_mcore.models import FAMILIES
 
-    arch = get_preset(args.model)
+    arch = benchmark_arch(args)
     if args.task == "rm":
         raise SystemExit("the HF baseline covers SFT only")
     if args.packed:
@@ -186,10 +204,12 @@ def run_hf(args) -> dict:
 
 
 def time_steps(args, step, vocab: int) -> dict:
-    from acemath_mcore.models import get_preset
     from acemath_mcore.training.flops import training_flops
 
     generator = torch.Generator().manual_seed(0)
+    if args.manual_gc:
+        gc.collect()
+        gc.disable()
     times, flops, tokens, data_wait = [], [], [], []
     for index in range(args.warmup + args.steps):
         data_start = time.perf_counter()
@@ -202,7 +222,7 @@ def time_steps(args, step, vocab: int) -> dict:
             times.append(time.perf_counter() - start)
             data_wait.append(start - data_start)
             lengths = [n for mb in micro_batches for n in mb["doc_lengths"]]
-            flops.append(training_flops(get_preset(args.model), lengths, head_outputs=1 if args.task == "rm" else None))
+            flops.append(training_flops(benchmark_arch(args), lengths, head_outputs=1 if args.task == "rm" else None))
             tokens.append(sum(lengths))
     if args.profile:
         profile_step(args, step, vocab, generator)
@@ -291,11 +311,13 @@ def main(argv=None) -> None:
         if result["status"] == "ok":
             achieved = result["flops_per_step"] / result["step_s"]
             result.update(mfu_datasheet=achieved / BF16_PEAK_FLOPS["H100"], mfu_measured_peak=achieved / peak)
-        result.update(impl=impl, task=args.task, model=args.model, seq_length=args.seq_length, packed=args.packed,
+        result.update(impl=impl, task=args.task, model=args.model, num_layers=args.num_layers,
+                      seq_length=args.seq_length, packed=args.packed,
                       micro_batch=micro_batch, micro_batches=args.micro_batches, recompute=args.recompute,
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
                       cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
+                      te_fused_mlp=args.te_fused_mlp and impl in ("te", "te-fp8"), manual_gc=args.manual_gc,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
         rows.append(result)
@@ -305,7 +327,8 @@ def main(argv=None) -> None:
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
           f"mbs {micro_batch}{'' if args.task == 'sft' else ' group(s)'} x {args.micro_batches} "
           f"wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
-          f"cross entropy {args.cross_entropy}  "
+          f"cross entropy {args.cross_entropy}{' TE fused MLP' if args.te_fused_mlp else ''}"
+          f"{' manual GC' if args.manual_gc else ''}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:

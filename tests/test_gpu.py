@@ -189,3 +189,41 @@ def test_triton_and_megatron_language_model_losses_agree_on_cuda(single_rank):
     assert torch.allclose(losses["triton"].float(), losses["megatron"].float(), rtol=1e-3)
     for name, expected in grads["megatron"].items():
         assert relative_error(grads["triton"][name], expected) < 1e-2, name
+
+
+@pytest.mark.parametrize("fp8", [None, "hybrid"])
+def test_te_fused_mlp_matches_the_module_by_module_mlp(single_rank, fp8):
+    """model_options.te_fused_mlp: the MLP through TE's operation fuser gives the loss and every gradient of the
+    module-by-module TE MLP on the same weights and packed batch (bf16; FP8 delayed scaling within FP8 rounding),
+    and keeps the parameter names the checkpoints and the converter use."""
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.models.weights import canonical_parameters, random_full_weights, unwrap_model
+    from acemath_mcore.runtime import ParallelConfig, transformer_engine_available
+    from acemath_mcore.training.engine import Engine, OptimConfig
+    from acemath_mcore.training.sft import SFTTask
+
+    if not transformer_engine_available():
+        pytest.skip("Transformer Engine is not installed on this GPU machine")  # GPU-only, TE-only
+    arch = dataclasses.replace(get_preset("qwen2.5-0.5b"), num_layers=2)
+    full = random_full_weights(arch, seed=0)
+    tokens = torch.randint(0, arch.vocab_size, (1, 2049), generator=torch.Generator().manual_seed(0)).cuda()
+    lengths = [700, 1100, 248]
+    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, 2048, device="cuda"),
+             "position_ids": torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda(),
+             "cu_seqlens": torch.tensor([0, 700, 1800, 2048], dtype=torch.int32, device="cuda"), "max_seqlen": 1100}
+    losses, grads, names = {}, {}, {}
+    for fused in (False, True):
+        engine = Engine(arch, ParallelConfig(), ModelOptions(spec="te", bf16=True, fp8=fp8, te_fused_mlp=fused),
+                        OptimConfig(), train_steps=1)
+        mlp = unwrap_model(engine.model[0]).decoder.layers[0].mlp
+        assert (type(mlp).__name__ == "TEFusedMLP") == fused
+        engine.load_full_weights(full)
+        losses[fused] = engine.forward_backward(SFTTask(), [batch])[0]["lm loss"].float()
+        grads[fused] = {name: param.main_grad.float().cpu() for name, param in canonical_parameters(engine.model[0])}
+        names[fused] = sorted(unwrap_model(engine.model[0]).state_dict())
+        del engine
+    assert names[True] == names[False]
+    assert torch.allclose(losses[True], losses[False], rtol=1e-3 if fp8 is None else 2e-2)
+    for name, expected in grads[False].items():
+        assert expected.abs().max() > 0, f"{name} has an all-zero gradient"
+        assert relative_error(grads[True][name], expected) < (1e-2 if fp8 is None else 1e-1), name
