@@ -13,12 +13,13 @@
 #          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
 #   mbs    micro-batch 3 and 4
 #   fp8    TE FP8 with delayed and tensorwise scaling at mbs 2 x 2, and blockwise at mbs 2 x 8
-#   fused  the headline's TE rows (bf16, FP8 delayed) without, then with TE's fused MLP (--te-fused-mlp), then
-#          FP8 with a profiled step
-#   fp8recipes  TE FP8 at mbs 4 x 4 with the fused MLP: tensorwise and blockwise scaling, and delayed with manual GC
+#   fp8recipes  TE FP8 at the headline's mbs 4 x 4: tensorwise (current) and blockwise scaling; delayed is in headline
+#   fp8layers  qwen2.5-7b's layer shapes, 4 and then 8 layers, TE bf16 vs FP8 at mbs 2 x 2: the step-time difference
+#          is the per-layer cost, which is what decides FP8's gain on the full 7B and 72B models
 #   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses per step: one group per micro-batch
 #          padded and packed
-#   rmgroups  the reward model with 2 and 4 problem groups per micro-batch (padded; packed at 4)
+#   rmgroups  the reward model with several problem groups per micro-batch: 2 padded, 2, 3 and 4 packed (4 padded
+#          runs out of memory on an 80 GB H100)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 # One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
 set -uo pipefail
@@ -32,7 +33,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 fused fp8recipes rm rmgroups hf)" >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
     case $group in
@@ -51,27 +52,26 @@ for group in "$@"; do
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 2 --fp8-recipe tensorwise
             bench --impls te-fp8 --packed --micro-batch 2 --micro-batches 8 --fp8-recipe blockwise ;;
-        fused)
-            bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2
-            bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp
-            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 3 --warmup 2 --profile ;;
         fp8recipes)
             for recipe in tensorwise blockwise; do
-                bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp \
-                    --fp8-recipe $recipe
-            done
-            bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --te-fused-mlp \
-                --manual-gc ;;
+                bench --impls te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 6 --warmup 2 --fp8-recipe $recipe
+            done ;;
+        fp8layers)
+            for layers in 4 8; do
+                bench --model qwen2.5-7b --num-layers $layers --impls te,te-fp8 --packed --micro-batch 2 --micro-batches 2 \
+                    --steps 6 --warmup 2
+            done ;;
         rm)
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4
             bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 4 --packed ;;
         rmgroups)
-            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 2 --groups 2
-            bench --task rm --model qwen2.5-math-1.5b --impls te,native --seq-length 1024 --micro-batches 1 --groups 4
-            bench --task rm --model qwen2.5-math-1.5b --impls te --seq-length 1024 --micro-batches 1 --groups 4 \
-                --packed ;;
+            rm_bench() { bench --task rm --model qwen2.5-math-1.5b --seq-length 1024 "$@"; }
+            rm_bench --impls te,native --micro-batches 2 --groups 2
+            rm_bench --impls te,native --micro-batches 2 --groups 2 --packed
+            rm_bench --impls te --micro-batches 1 --groups 3 --packed
+            rm_bench --impls te,native --micro-batches 2 --groups 4 --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
-        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 fused fp8recipes rm rmgroups hf" >&2; exit 2 ;;
+        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf" >&2; exit 2 ;;
     esac
 done
 exit $failed

@@ -11,7 +11,6 @@ a bf16 matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -45,11 +44,6 @@ def parse_args(argv=None):
                         help="turn gradient-accumulation fusion off (a .grad plus an add per linear layer)")
     parser.add_argument("--cross-entropy", default="auto", choices=LM_CROSS_ENTROPY_CHOICES,
                         help="language-model loss kernel (ModelOptions.cross_entropy)")
-    parser.add_argument("--te-fused-mlp", action="store_true",
-                        help="te, te-fp8: each MLP through TE's operation fuser (ModelOptions.te_fused_mlp)")
-    parser.add_argument("--manual-gc", action="store_true",
-                        help="Python's garbage collector off while timing (collected once before), as Megatron-LM's "
-                             "--manual-gc; shows how much of the step-time spread is GC pauses")
     parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
@@ -152,8 +146,7 @@ def run_mcore(args, impl: str) -> dict:
     arch = benchmark_arch(args)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
                            fp8="hybrid" if impl == "te-fp8" else None, fp8_recipe=args.fp8_recipe,
-                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy,
-                           te_fused_mlp=args.te_fused_mlp and impl != "native")
+                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy)
     if args.task == "rm":
         from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
 
@@ -207,9 +200,6 @@ def time_steps(args, step, vocab: int) -> dict:
     from acemath_mcore.training.flops import training_flops
 
     generator = torch.Generator().manual_seed(0)
-    if args.manual_gc:
-        gc.collect()
-        gc.disable()
     times, flops, tokens, data_wait = [], [], [], []
     for index in range(args.warmup + args.steps):
         data_start = time.perf_counter()
@@ -317,7 +307,6 @@ def main(argv=None) -> None:
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
                       cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
-                      te_fused_mlp=args.te_fused_mlp and impl in ("te", "te-fp8"), manual_gc=args.manual_gc,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
         rows.append(result)
@@ -327,8 +316,7 @@ def main(argv=None) -> None:
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
           f"mbs {micro_batch}{'' if args.task == 'sft' else ' group(s)'} x {args.micro_batches} "
           f"wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
-          f"cross entropy {args.cross_entropy}{' TE fused MLP' if args.te_fused_mlp else ''}"
-          f"{' manual GC' if args.manual_gc else ''}  "
+          f"cross entropy {args.cross_entropy}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:

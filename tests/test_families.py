@@ -162,14 +162,10 @@ def test_context_parallelism_is_refused_until_the_data_path_splits_sequences():
         transformer_config(get_preset("tiny"), ParallelConfig(context_parallel=2), ModelOptions(spec="native"))
 
 
-def test_te_only_options_name_the_layer_spec_that_lacks_them():
+def test_fp8_on_the_native_spec_says_it_needs_transformer_engine():
     from acemath_mcore.models import ModelOptions, get_preset
     from acemath_mcore.models.builder import transformer_config
     from acemath_mcore.runtime import ParallelConfig
 
-    with pytest.raises(ValueError, match="te_fused_mlp runs the MLP through Transformer Engine's operation fuser; "
-                                         "the native layer spec has no TE modules"):
-        transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native", te_fused_mlp=True))
-    with pytest.raises(RuntimeError, match="FP8 needs Transformer Engine"):
+    with pytest.raises(RuntimeError, match=r"FP8 needs Transformer Engine \(layer spec 'te'\); it is not available"):
         transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native", fp8="hybrid"))
-    assert transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native")).te_fused_mlp is False

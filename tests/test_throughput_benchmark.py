@@ -13,7 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
 
 
-@pytest.mark.parametrize("extra", [["--packed", "--mean-doc-length", "16", "--manual-gc"],
+@pytest.mark.parametrize("extra", [["--packed", "--mean-doc-length", "16"],
                                    ["--task", "rm", "--no-wgrad-fusion", "--groups", "2"]],
                          ids=["sft-packed", "rm"])
 def test_worker_trains_and_reports_flops(extra, tmp_path):

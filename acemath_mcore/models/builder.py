@@ -35,9 +35,6 @@ class ModelOptions:
     gradient_accumulation_fusion: bool = True
     # Language-model loss kernel: auto | triton | megatron (runtime/device.lm_cross_entropy says which runs where).
     cross_entropy: str = "auto"
-    # TE spec only: run each MLP (RMSNorm, fc1, SwiGLU, fc2) as one sequence of TE's fusible operations, which
-    # fuses the activation with FP8 quantisation and costs one module call instead of three on the host.
-    te_fused_mlp: bool = False
 
 
 @dataclasses.dataclass
@@ -45,7 +42,6 @@ class AcemathTransformerConfig(TransformerConfig):
     """megatron's TransformerConfig plus the choices it has no field for; read by :class:`CausalLM`."""
 
     lm_cross_entropy: str = "megatron"  # "triton" | "megatron", resolved by transformer_config
-    te_fused_mlp: bool = False  # read by models/specs.layer_spec (megatron 0.16 has no config field for it)
 
 
 class CausalLM(GPTModel):
@@ -72,9 +68,6 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     device_lib.apex_available()  # says once which fallback megatron uses without apex
     if options.fp8 and spec != "te":
         raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
-    if options.te_fused_mlp and spec != "te":
-        raise ValueError(f"te_fused_mlp runs the MLP through Transformer Engine's operation fuser; the {spec} layer "
-                         "spec has no TE modules (set model_options.te_fused_mlp=false or spec=te)")
     if parallel.context_parallel > 1:
         # megatron's RoPE and TE's ring attention expect each CP rank to hold its own slice of every sequence
         # (get_batch_on_this_cp_rank, padded cu_seqlens for packed rows); our loaders give every rank whole rows,
@@ -100,7 +93,6 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
         wgrad_fusion.install()
     return AcemathTransformerConfig(
         lm_cross_entropy=device_lib.lm_cross_entropy(options.cross_entropy),
-        te_fused_mlp=options.te_fused_mlp,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,

@@ -55,5 +55,5 @@ def native_block_spec(config: TransformerConfig, vp_stage=None) -> ModuleSpec:
 
 def layer_spec(spec: str, config: TransformerConfig, vp_stage=None) -> ModuleSpec:
     if resolve_spec_name(spec) == "te":
-        return get_gpt_layer_with_transformer_engine_spec(use_te_op_fuser=getattr(config, "te_fused_mlp", False))
+        return get_gpt_layer_with_transformer_engine_spec()
     return native_block_spec(config, vp_stage)
