@@ -87,6 +87,9 @@ def _trainer_runs(rank, world_size, prefix, root):
     results["uninterrupted"] = _losses(uninterrupted)
     results["uninterrupted_lr"] = {row["step"]: row["lr"] for row in uninterrupted["history"]}
     parallel_state.destroy_model_parallel()
+    results["interval_history"] = train_sft(_config(prefix, None, f"{root}/runs", STEPS,
+                                                     extra=["logging.log_interval=6"]))["history"]
+    parallel_state.destroy_model_parallel()
     with preempted_after(3, rank):
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
     results["preempted"] = {"exit_code": preempted["exit_code"], "steps": preempted["steps"],
@@ -286,6 +289,39 @@ def test_logged_lr_is_the_rate_each_step_applied(trainer_results):
     assert logged[1] == 0.0  # the first warmup step: tiny_sft warms up from 0 over 2 steps
     for step, lr in logged.items():
         assert lr == pytest.approx(_megatron_lr(step, 2e-3, 2e-4, 2, STEPS), rel=1e-9, abs=1e-12), step
+
+
+def test_log_interval_lines_sum_up_the_steps_since_the_previous_line(trainer_results):
+    """log_interval=6 over 20 steps: lines at 6, 12, 18 and the last step; each line's loss is the mean of its steps'
+    losses in the run logged every step (same data and seed), its learning rate the last step's."""
+    per_step, rates = trainer_results["uninterrupted"], trainer_results["uninterrupted_lr"]
+    rows = trainer_results["interval_history"]
+    assert [row["step"] for row in rows] == [6, 12, 18, STEPS]
+    previous = 0
+    for row in rows:
+        steps = range(previous + 1, row["step"] + 1)
+        assert row["interval_steps"] == len(steps)
+        assert row["lm_loss"] == pytest.approx(sum(per_step[s] for s in steps) / len(steps), rel=1e-9)
+        assert row["lr"] == rates[row["step"]]
+        assert row["skipped"] == 0.0
+        previous = row["step"]
+
+
+def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():
+    from acemath_mcore.training.logging import IntervalMetrics
+
+    interval = IntervalMetrics()
+    interval.add({"lm_loss": 2.0, "tokens_per_s": 100.0, "mfu": 0.2, "step_s": 1.0, "memory_gib": 5.0, "lr": 1e-3,
+                  "skipped": 0.0, "consumed_samples": 8})
+    interval.add({"lm_loss": 4.0, "tokens_per_s": 300.0, "mfu": 0.6, "step_s": 3.0, "memory_gib": 7.0, "lr": 2e-3,
+                  "skipped": 1.0, "consumed_samples": 16, "valid_lm_loss": 3.5})
+    record = interval.reduce()
+    assert record == pytest.approx({"lm_loss": 3.0, "tokens_per_s": 250.0, "mfu": 0.5, "step_s": 2.0,
+                                    "memory_gib": 7.0, "lr": 2e-3, "skipped": 1.0, "consumed_samples": 16,
+                                    "valid_lm_loss": 3.5, "interval_steps": 2}, rel=1e-12)
+    single = {"lm_loss": 1.25, "step_s": 0.5}
+    interval.add(single)
+    assert interval.reduce() == single and interval.steps == []
 
 
 def test_resume_applies_the_configured_schedule(trainer_results):

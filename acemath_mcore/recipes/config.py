@@ -44,7 +44,7 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = 1  # a line (metrics.jsonl row, wandb point) per N steps, summing up those steps
     wandb_project: Optional[str] = None
     wandb_run: Optional[str] = None
     wandb_mode: str = "offline"  # never needs the network unless asked

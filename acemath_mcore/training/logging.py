@@ -1,6 +1,6 @@
-"""Training logs: one console line per logged step, ``metrics.jsonl`` (appended, so it keeps a stage's whole history
-across resumes; a step re-run after a resume supersedes its earlier line), wandb (offline unless told otherwise),
-and a final JSON summary of this launch."""
+"""Training logs: one console line per logged step (summing up the steps since the previous one), ``metrics.jsonl``
+(appended, so it keeps a stage's whole history across resumes; a step re-run after a resume supersedes its earlier
+line), wandb (offline unless told otherwise), and a final JSON summary of this launch."""
 
 from __future__ import annotations
 
@@ -26,6 +26,46 @@ def setup_console_logging(rank: int) -> None:
         logger.propagate = False
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+class IntervalMetrics:
+    """The steps since the last logged one, reduced to one record the way a reader of the log expects: tokens/s and
+    MFU over the interval's wall time, memory at its peak, skipped updates counted, learning rate and consumed
+    samples as of the last step, and everything else (losses, accuracies, gradient norm, step and data time) the
+    mean over the steps that report it. A record of one step is passed through unchanged."""
+
+    TIME_WEIGHTED = ("tokens_per_s", "mfu")
+    LAST = ("lr", "consumed_samples")
+    PEAK = ("memory_gib",)
+    TOTAL = ("skipped",)
+
+    def __init__(self):
+        self.steps = []
+
+    def add(self, metrics: Dict[str, float]) -> None:
+        self.steps.append(dict(metrics))
+
+    def reduce(self) -> Dict[str, float]:
+        steps, self.steps = self.steps, []
+        if len(steps) == 1:
+            return steps[0]
+        record = {}
+        for key in dict.fromkeys(key for step in steps for key in step):
+            reporting = [step for step in steps if key in step]
+            values = [step[key] for step in reporting]
+            if key in self.TIME_WEIGHTED:
+                record[key] = (math.fsum(value * step["step_s"] for value, step in zip(values, reporting))
+                               / math.fsum(step["step_s"] for step in reporting))
+            elif key in self.LAST:
+                record[key] = values[-1]
+            elif key in self.PEAK:
+                record[key] = max(values)
+            elif key in self.TOTAL:
+                record[key] = math.fsum(values)
+            else:
+                record[key] = math.fsum(values) / len(values)
+        record["interval_steps"] = len(steps)
+        return record
 
 
 class MetricsLogger:
@@ -78,8 +118,12 @@ class MetricsLogger:
             if value is None:
                 continue
             parts.append(fmt.format(value) if math.isfinite(value) else f"{key} {value}")
+        steps = metrics.get("interval_steps", 1)
         if metrics.get("skipped"):
-            parts.append("(optimizer step skipped)")
+            parts.append("(optimizer step skipped)" if steps == 1
+                         else f"({metrics['skipped']:.0f} optimizer steps skipped)")
+        if steps > 1:
+            parts.append(f"means of {steps} steps")
         logger.info(" | ".join(parts))
         if self.progress is not None:
             self.progress.update(step - self.progress.n)

@@ -36,7 +36,7 @@ from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, Engine, Task
 from acemath_mcore.training.flops import training_flops
-from acemath_mcore.training.logging import MetricsLogger, setup_console_logging
+from acemath_mcore.training.logging import IntervalMetrics, MetricsLogger, setup_console_logging
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -155,7 +155,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         preemption.restore()
         raise
     peak = device_lib.bf16_peak_flops()
-    step, exit_code, metrics = start_step, 0, {}
+    step, exit_code, metrics, unlogged = start_step, 0, {}, IntervalMetrics()
     # The stage's losses, carried through checkpoints so a resumed (or re-run, finished) stage reports them too.
     first_loss, final_loss = resumed.get("first_loss"), resumed.get("final_loss")
     started = time.perf_counter()
@@ -182,9 +182,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             if validated:
                 metrics.update(_validate(engine, task, validation, valid_batches, micro_batches_per_step,
                                          dp_rank, dp_size))
-            if validated or step % config.logging.log_interval == 0 or step == steps:
-                metrics_logger.log_step(step, metrics)
+            unlogged.add(metrics)
             preempted = preemption.any_rank_requested()
+            if validated or preempted or step % config.logging.log_interval == 0 or step == steps:
+                metrics_logger.log_step(step, unlogged.reduce())
             interval = config.checkpoint.save_interval
             if config.checkpoint.save_dir and (preempted or (interval and step % interval == 0 and step < steps)):
                 _save(config, engine, step, consumed_samples, first_loss, final_loss)
