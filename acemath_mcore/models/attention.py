@@ -128,9 +128,9 @@ class NativeCoreAttention(MegatronModule):
         return _varlen_attn is not None and query.is_cuda and query.dtype in _HALF_DTYPES and dropout == 0.0
 
     def _varlen(self, query, key, value, params: PackedSeqParams) -> torch.Tensor:
-        if "enable_gqa" not in _VARLEN_PARAMS and self.heads_per_partition != self.groups_per_partition:
-            repeat = self.heads_per_partition // self.groups_per_partition
-            key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
+        # Keys and values keep their own (fewer) heads: the flash kernel shares them across query heads, which
+        # torch 2.11 accepts without an ``enable_gqa`` argument (measured equal to repeating them, and the
+        # repeats cost memory and time: benchmarks/varlen_attention_speed.py). Later versions ask for the flag.
         kwargs = {"scale": self.softmax_scale}
         if "window_size" in _VARLEN_PARAMS:
             kwargs["window_size"] = (-1, 0)
