@@ -44,6 +44,7 @@ def test_collate_packed_hand_checked():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert batch["cu_seqlens"].tolist() == [0, 3, 5, 8]
     assert batch["max_seqlen"] == 3
+    assert batch["num_tokens"] == 5  # the trailing padding is not counted
     assert (batch["tokens"].dtype, batch["labels"].dtype, batch["loss_mask"].dtype,
             batch["position_ids"].dtype, batch["cu_seqlens"].dtype) == (
         torch.int64, torch.int64, torch.float32, torch.int64, torch.int32)
@@ -64,6 +65,7 @@ def test_collate_packed_invariants_on_random_bins():
         assert cu[-1] == len(tokens) == 512 and cu[0] == 0
         assert len(cu) - 1 == len(flat) + (1 if cu[len(flat)] < 512 else 0)  # trailing pad is its own document
         assert batch["max_seqlen"] == np.diff(cu).max()
+        assert batch["num_tokens"] == sum(len(t) for t, _ in flat) == cu[len(flat)]
         for index, (start, stop) in enumerate(zip(cu[:-1], cu[1:])):
             assert positions[start:stop].tolist() == list(range(stop - start))
             assert labels[stop - 1] == 0 and loss[stop - 1] == 0  # no label crosses a document boundary
@@ -80,6 +82,7 @@ def test_collate_packed_exact_fill_and_overflow():
     documents = [(np.arange(1, 5), np.ones(4, dtype=np.uint8)), (np.arange(1, 5), np.ones(4, dtype=np.uint8))]
     batch = collate_packed([documents], pad_id=0, total_length=8)
     assert batch["cu_seqlens"].tolist() == [0, 4, 8]  # no padding document when the row is full
+    assert batch["num_tokens"] == 8
     with pytest.raises(ValueError, match="more than its packed length"):
         collate_packed([documents], pad_id=0, total_length=7)
 
@@ -88,7 +91,8 @@ def test_collate_padded():
     samples = [[(np.array([5, 6, 7]), np.array([0, 1, 1], dtype=np.uint8))],
                [(np.array([8, 9, 10, 11]), np.array([0, 0, 1, 1], dtype=np.uint8))]]
     batch = collate_padded(samples, pad_id=3, seq_length=4)
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "num_tokens"}
+    assert batch["num_tokens"] == 7
     assert batch["tokens"].tolist() == [[5, 6, 7, 3], [8, 9, 10, 11]]
     assert batch["labels"].tolist() == [[6, 7, 0, 0], [9, 10, 11, 0]]
     assert batch["loss_mask"].tolist() == [[1, 1, 0, 0], [0, 1, 1, 0]]

@@ -157,6 +157,7 @@ def test_packed_rm_batches_keep_groups_whole_and_point_at_score_tokens(rm_prefix
         assert batch["labels"].tolist() == np.concatenate([g.labels for g in members]).tolist()
         cu = batch["cu_seqlens"]
         assert int(cu[-1]) == budget and (batch["score_index"] == cu[1:len(batch["labels"]) + 1] - 1).all()
+        assert batch["num_tokens"] == sum(len(r) for g in members for r in g.responses) <= budget
 
 
 def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
@@ -165,6 +166,7 @@ def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
     seq_length = int(groups.data.tokens.sequence_lengths.max())
     batch = collate_rm_padded([groups[0], groups[1]], pad_id=qwen.pad_or_eos_id, seq_length=seq_length)
     assert batch["tokens"].shape == (8, seq_length) and batch["group_sizes"].tolist() == [4, 4]
+    assert batch["num_tokens"] == sum(len(r) for g in (groups[0], groups[1]) for s in g for r in s.responses)
     rows = np.arange(8)
     assert (batch["tokens"][rows, batch["score_index"]] == qwen.im_end_id).all()
     loader = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=2, micro_batch_size=1,
@@ -200,6 +202,7 @@ def test_fixed_row_padded_batches_top_up_with_unscored_rows(rm_prefix, qwen):
     assert torch.equal(batch["tokens"][:2], alone["tokens"]) and (batch["tokens"][2:] == qwen.pad_or_eos_id).all()
     for key in ("score_index", "labels", "group_sizes"):
         assert torch.equal(batch[key], alone[key]), key
+    assert batch["num_tokens"] == alone["num_tokens"] == sum(len(r) for r in short.responses)  # fillers not counted
     with pytest.raises(ValueError, match="4 responses do not fit a padded micro-batch of 3 rows"):
         collate_rm_padded([[full]], pad_id=0, seq_length=width, num_rows=3)
     seq_length = int(groups.data.tokens.sequence_lengths.max())

@@ -80,12 +80,18 @@ def _trainer_runs(rank, world_size, prefix, root):
     import torch
     from megatron.core import parallel_state
 
-    from acemath_mcore.training.sft import SFTTask, train_sft
+    from acemath_mcore.training.sft import SFTTask, sft_training_data, train_sft
 
     results = {}
     uninterrupted = train_sft(_config(prefix, f"{root}/a", f"{root}/runs", STEPS))
     results["uninterrupted"] = _losses(uninterrupted)
     results["uninterrupted_lr"] = {row["step"]: row["lr"] for row in uninterrupted["history"]}
+    results["uninterrupted_tokens"] = {row["step"]: row["tokens_per_s"] * row["step_s"]
+                                       for row in uninterrupted["history"]}
+    # This rank's micro-batches of every step, re-read: their documents' tokens without the packing's padding.
+    loader = sft_training_data(_config(prefix, None, f"{root}/runs", STEPS)).make_loader(
+        0, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    results["rank_tokens"] = [sum(next(loader)["num_tokens"] for _ in range(2)) for _ in range(STEPS)]
     parallel_state.destroy_model_parallel()
     results["interval_history"] = train_sft(_config(prefix, None, f"{root}/runs", STEPS,
                                                      extra=["logging.log_interval=6"]))["history"]
@@ -139,7 +145,6 @@ def _trainer_runs(rank, world_size, prefix, root):
         """A finite loss whose gradient is infinite (d sqrt(x)/dx at 0): bf16 has no loss scaler to see it."""
         return loss_sum + torch.sqrt(loss_sum - loss_sum.detach())
 
-    from acemath_mcore.training.sft import sft_training_data
     from acemath_mcore.training.trainer import run
 
     config = _config(prefix, None, f"{root}/runs", 4)
@@ -305,6 +310,16 @@ def test_log_interval_lines_sum_up_the_steps_since_the_previous_line(trainer_res
         assert row["lr"] == rates[row["step"]]
         assert row["skipped"] == 0.0
         previous = row["step"]
+
+
+def test_tokens_per_second_counts_documents_not_padding(trainer_results):
+    """Two DP ranks, two packed micro-batches of 2 x 256 tokens each per rank and step: tokens/s x step time is the
+    documents' tokens of rank 0's micro-batches times DP, never the rows' full 1,024 per rank when they hold
+    padding."""
+    logged, documents = trainer_results["uninterrupted_tokens"], trainer_results["rank_tokens"]
+    for step, tokens in logged.items():
+        assert tokens == pytest.approx(2 * documents[step - 1], rel=1e-9), step
+    assert all(0 < n <= 1024 for n in documents) and min(documents) < 1024
 
 
 def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():

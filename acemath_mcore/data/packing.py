@@ -8,11 +8,12 @@ Packed micro-batch (THD; documents attend only within themselves through ``cu_se
     position_ids int64   [1, T]   restart at 0 for every document
     cu_seqlens   int32   [n_docs + 1]   cumulative document lengths, cu_seqlens[-1] == T
     max_seqlen   int
+    num_tokens   int      tokens of real documents (T minus the trailing padding): what tokens/s counts
 
 T is fixed (``total_length``); trailing room is one final 'document' of pad tokens with loss_mask 0.
 
 Padded micro-batch: ``tokens/labels/loss_mask/position_ids`` of shape [B, S], one document per row, right
-padding with the pad id and loss_mask 0 there.
+padding with the pad id and loss_mask 0 there; ``num_tokens`` as above (the documents' lengths, no padding).
 """
 
 from __future__ import annotations
@@ -103,12 +104,14 @@ def collate_packed(samples: Sequence[Sequence[Document]], pad_id: int, total_len
         "position_ids": torch.from_numpy(position_ids)[None],
         "cu_seqlens": torch.from_numpy(cu_seqlens),
         "max_seqlen": int(document_lengths.max()),
+        "num_tokens": used,
     }
 
 
 def collate_padded(samples: Sequence[Sequence[Document]], pad_id: int, seq_length: int) -> dict:
     """One document per row, right-padded to ``seq_length``."""
     rows = {key: [] for key in ("tokens", "labels", "loss_mask", "position_ids")}
+    num_tokens = 0
     for sample in samples:
         if len(sample) != 1:
             raise ValueError(f"padded batches take one document per sample, got {len(sample)}")
@@ -116,6 +119,7 @@ def collate_padded(samples: Sequence[Sequence[Document]], pad_id: int, seq_lengt
         length = len(tokens)
         if length > seq_length:
             raise ValueError(f"document of {length} tokens does not fit seq_length {seq_length}")
+        num_tokens += length
         padded_tokens = np.full(seq_length, pad_id, dtype=np.int64)
         padded_tokens[:length] = tokens
         padded_loss = np.zeros(seq_length, dtype=np.float32)
@@ -124,4 +128,4 @@ def collate_padded(samples: Sequence[Sequence[Document]], pad_id: int, seq_lengt
         labels, label_mask, position_ids = _next_token_targets(padded_tokens, padded_loss, document_lengths)
         for key, value in zip(rows, (padded_tokens, labels, label_mask, position_ids)):
             rows[key].append(value)
-    return {key: torch.from_numpy(np.stack(values)) for key, values in rows.items()}
+    return {**{key: torch.from_numpy(np.stack(values)) for key, values in rows.items()}, "num_tokens": num_tokens}

@@ -290,8 +290,9 @@ def _flatten(samples: Sequence[Sequence[RMGroupSample]]) -> tuple[list[np.ndarra
 
 
 def collate_rm_packed(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, total_length: int) -> dict:
-    """``tokens/position_ids [1, T]``, ``cu_seqlens``, ``max_seqlen`` as in SFT packing, plus ``score_index`` int64
-    [R] (row position of every response's last token), ``labels`` float32 [R], ``group_sizes`` int64 [G]."""
+    """``tokens/position_ids [1, T]``, ``cu_seqlens``, ``max_seqlen``, ``num_tokens`` as in SFT packing, plus
+    ``score_index`` int64 [R] (row position of every response's last token), ``labels`` float32 [R],
+    ``group_sizes`` int64 [G]."""
     responses, labels, group_sizes = _flatten(samples)
     batch = collate_packed([[(r, np.zeros(len(r), dtype=np.uint8)) for r in responses]], pad_id, total_length)
     return {
@@ -299,6 +300,7 @@ def collate_rm_packed(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, t
         "position_ids": batch["position_ids"],
         "cu_seqlens": batch["cu_seqlens"],
         "max_seqlen": batch["max_seqlen"],
+        "num_tokens": batch["num_tokens"],
         "score_index": batch["cu_seqlens"][1:len(responses) + 1].to(torch.int64) - 1,
         "labels": torch.from_numpy(labels),
         "group_sizes": torch.from_numpy(group_sizes),
@@ -308,7 +310,8 @@ def collate_rm_packed(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, t
 def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, seq_length: int,
                       num_rows: Optional[int] = None) -> dict:
     """``tokens/position_ids [R, S]`` (one response per row, right-padded), ``score_index`` int64 [R] (column of
-    each row's last real token), ``labels`` float32 [R], ``group_sizes`` int64 [G].
+    each row's last real token), ``labels`` float32 [R], ``group_sizes`` int64 [G], ``num_tokens`` (the responses'
+    tokens, no padding).
 
     ``num_rows`` appends rows of padding after the responses up to a fixed row count, so every micro-batch has
     one shape (pipeline stages need that); they are computed but never scored (``score_index`` covers the real
@@ -324,6 +327,7 @@ def collate_rm_padded(samples: Sequence[Sequence[RMGroupSample]], pad_id: int, s
         "tokens": batch["tokens"],
         "position_ids": batch["position_ids"],
         "score_index": torch.tensor([len(r) - 1 for r in responses], dtype=torch.int64),
+        "num_tokens": sum(len(r) for r in responses),  # the filler rows are padding
         "labels": torch.from_numpy(labels),
         "group_sizes": torch.from_numpy(group_sizes),
     }

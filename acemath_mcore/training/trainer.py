@@ -169,9 +169,12 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             seconds = time.perf_counter() - step_start
             step += 1
             consumed_samples += config.global_batch_size
+            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. Both scale
+            # this rank's share by DP (no collective per step): exact for FLOPs, an estimate for tokens.
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
             flops = training_flops(arch, lengths, task.head_outputs) * dp_size
-            metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=sum(lengths) * dp_size / seconds,
+            tokens = sum(batch["num_tokens"] for batch in micro_batches)
+            metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=tokens * dp_size / seconds,
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
                 metrics["mfu"] = flops / seconds / (peak * torch.distributed.get_world_size())
