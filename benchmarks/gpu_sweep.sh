@@ -18,8 +18,8 @@
 #          is the per-layer cost, which is what decides FP8's gain on the full 7B and 72B models
 #   rm     qwen2.5-math-1.5b reward model, 4 problem groups of 6 responses per step: one group per micro-batch
 #          padded and packed
-#   rmgroups  the reward model with several problem groups per micro-batch: 2 padded, 2, 3 and 4 packed (4 padded
-#          runs out of memory on an 80 GB H100)
+#   rmgroups  the reward model with several problem groups per micro-batch: 2 padded, 2, 3 and 4 packed (4 x 1 and
+#          4 x 2 micro-batches; 4 padded runs out of memory on an 80 GB H100)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 # One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
 set -uo pipefail
@@ -33,7 +33,8 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-[ $# -gt 0 ] || { echo "usage: $0 GROUP... (tests headline wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf)" >&2; exit 2; }
+groups="tests headline wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf"
+[ $# -gt 0 ] || { echo "usage: $0 GROUP... ($groups)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
     case $group in
@@ -69,9 +70,10 @@ for group in "$@"; do
             rm_bench --impls te,native --micro-batches 2 --groups 2
             rm_bench --impls te,native --micro-batches 2 --groups 2 --packed
             rm_bench --impls te --micro-batches 1 --groups 3 --packed
+            rm_bench --impls te,native --micro-batches 1 --groups 4 --packed
             rm_bench --impls te,native --micro-batches 2 --groups 4 --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
-        *) echo "unknown group '$group'; choose from: tests headline wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf" >&2; exit 2 ;;
+        *) echo "unknown group '$group'; choose from: $groups" >&2; exit 2 ;;
     esac
 done
 exit $failed

@@ -3,11 +3,11 @@ qwen2.5-1.5b's heads (12 query heads, 2 key/value heads, dim 128) over one micro
 
     python benchmarks/varlen_attention_speed.py --tokens 16384
 
-It times the way models/attention.py calls the kernel when torch has no ``enable_gqa`` parameter (keys and values
-repeated to every query head) against handing it the 2 key/value heads directly (flash kernels share them
-natively) and, where torch has it, ``enable_gqa=True``; each variant's output and gradients are compared with the
-repeated one first. Multiply by layers x micro-batches for a step's attention time (TE's cuDNN kernel is the
-reference in docs/benchmarks.md).
+It times keys and values repeated to every query head (what models/attention.py did before 2026-11-23 on torch
+without an ``enable_gqa`` parameter) against handing the kernel the 2 key/value heads directly (what it does now:
+flash kernels share them natively) and, where torch has it, ``enable_gqa=True``; each variant's output and
+gradients are compared with the repeated one first. Measured on torch 2.11 only. Multiply by layers x
+micro-batches for a step's attention time (TE's cuDNN kernel is the reference in docs/benchmarks.md).
 """
 
 from __future__ import annotations

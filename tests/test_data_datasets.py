@@ -113,9 +113,10 @@ def test_packed_dataloader_contract_and_resume(prefixes):
 def test_padded_dataloader_contract(prefixes):
     dataset = build_sft_dataset(prefixes[:1], seq_length=64, packed=False)
     batch = next(iter(build_sft_dataloader(dataset, pad_id=9, global_batch_size=8, micro_batch_size=4)))
-    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert set(batch) == {"tokens", "labels", "loss_mask", "position_ids", "num_tokens"}
     assert batch["tokens"].shape == (4, 64)
     rows = next(iter(ResumableDistributedSampler(len(dataset), 8, 4)))
+    assert batch["num_tokens"] == sum(len(dataset[index][0][0]) for index in rows)
     for row, index in enumerate(rows):
         tokens, mask = dataset[index][0]
         length = len(tokens)

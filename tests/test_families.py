@@ -167,5 +167,6 @@ def test_fp8_on_the_native_spec_says_it_needs_transformer_engine():
     from acemath_mcore.models.builder import transformer_config
     from acemath_mcore.runtime import ParallelConfig
 
-    with pytest.raises(RuntimeError, match=r"FP8 needs Transformer Engine \(layer spec 'te'\); it is not available"):
+    with pytest.raises(RuntimeError, match=r"FP8 needs Transformer Engine's layer spec \(model_options.spec=te\); this "
+                                           r"model is built with the native spec \(Transformer Engine is not available"):
         transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native", fp8="hybrid"))

@@ -4,11 +4,13 @@ stops on a non-finite loss."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -147,12 +149,16 @@ def _trainer_runs(rank, world_size, prefix, root):
 
     from acemath_mcore.training.trainer import run
 
-    config = _config(prefix, None, f"{root}/runs", 4)
+    # Logged every 5 steps: step 1, the only one before the failure, must still reach metrics.jsonl.
+    config = _config(prefix, None, f"{root}/nan_runs", 4, extra=["logging.log_interval=5"])
     try:
         run(config, CorruptedAtStepTwo(nan_loss), sft_training_data(config))
         results["nan_error"] = None
     except FloatingPointError as error:
         results["nan_error"] = str(error)
+    if rank == 0:
+        lines = (Path(root) / "nan_runs" / config.name / "metrics.jsonl").read_text().splitlines()
+        results["nan_logged"] = [json.loads(line) for line in lines]
     parallel_state.destroy_model_parallel()
 
     for policy in ("stop", "skip"):
@@ -269,6 +275,8 @@ def test_distributed_optimizer_resumes_exactly_and_at_another_layout(sft_prefix,
 def test_non_finite_loss_stops_before_the_update_naming_the_step(trainer_results):
     assert trainer_results["nan_error"] is not None
     assert "lm_loss is not finite at step 2" in trainer_results["nan_error"]
+    logged = trainer_results["nan_logged"]  # log_interval=5: the step before the failure is written on the way out
+    assert [(row["step"], row["interval_steps"]) for row in logged] == [(1, 1)] and math.isfinite(logged[0]["lm_loss"])
 
 
 def test_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(trainer_results):
@@ -336,7 +344,15 @@ def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():
                                     "valid_lm_loss": 3.5, "interval_steps": 2}, rel=1e-12)
     single = {"lm_loss": 1.25, "step_s": 0.5}
     interval.add(single)
-    assert interval.reduce() == single and interval.steps == []
+    assert interval.reduce() == {**single, "interval_steps": 1} and interval.steps == []
+    # A step skipped for a NaN loss / infinite gradient is counted, not averaged into the line.
+    for loss, grad_norm, skipped in ((2.0, 1.0, 0.0), (math.nan, math.inf, 1.0), (4.0, 3.0, 0.0)):
+        interval.add({"lm_loss": loss, "grad_norm": grad_norm, "skipped": skipped, "step_s": 1.0})
+    assert interval.reduce() == {"lm_loss": 3.0, "grad_norm": 2.0, "skipped": 1.0, "step_s": 1.0,
+                                 "interval_steps": 3}
+    interval.add({"lm_loss": math.nan, "step_s": 1.0})
+    interval.add({"lm_loss": math.nan, "step_s": 1.0})
+    assert math.isnan(interval.reduce()["lm_loss"])  # no finite value: the line shows NaN
 
 
 def test_resume_applies_the_configured_schedule(trainer_results):

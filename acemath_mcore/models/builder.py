@@ -67,7 +67,9 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     spec = resolve_spec_name(options.spec)
     device_lib.apex_available()  # says once which fallback megatron uses without apex
     if options.fp8 and spec != "te":
-        raise RuntimeError("FP8 needs Transformer Engine (layer spec 'te'); it is not available here")
+        missing = "" if device_lib.transformer_engine_available() else " (Transformer Engine is not available here)"
+        raise RuntimeError(f"FP8 needs Transformer Engine's layer spec (model_options.spec=te); this model is built "
+                           f"with the {spec} spec{missing}")
     if parallel.context_parallel > 1:
         # megatron's RoPE and TE's ring attention expect each CP rank to hold its own slice of every sequence
         # (get_batch_on_this_cp_rank, padded cu_seqlens for packed rows); our loaders give every rank whole rows,

@@ -32,7 +32,9 @@ class IntervalMetrics:
     """The steps since the last logged one, reduced to one record the way a reader of the log expects: tokens/s and
     MFU over the interval's wall time, memory at its peak, skipped updates counted, learning rate and consumed
     samples as of the last step, and everything else (losses, accuracies, gradient norm, step and data time) the
-    mean over the steps that report it. A record of one step is passed through unchanged."""
+    mean over the steps that report a finite value: a step skipped for a NaN loss or gradient is counted in
+    ``skipped`` instead of turning the whole line into NaN (NaN only when no step of the interval was finite).
+    ``interval_steps`` says how many steps the record covers."""
 
     TIME_WEIGHTED = ("tokens_per_s", "mfu")
     LAST = ("lr", "consumed_samples")
@@ -48,7 +50,7 @@ class IntervalMetrics:
     def reduce(self) -> Dict[str, float]:
         steps, self.steps = self.steps, []
         if len(steps) == 1:
-            return steps[0]
+            return {**steps[0], "interval_steps": 1}
         record = {}
         for key in dict.fromkeys(key for step in steps for key in step):
             reporting = [step for step in steps if key in step]
@@ -63,7 +65,8 @@ class IntervalMetrics:
             elif key in self.TOTAL:
                 record[key] = math.fsum(values)
             else:
-                record[key] = math.fsum(values) / len(values)
+                finite = [value for value in values if math.isfinite(value)]
+                record[key] = math.fsum(finite) / len(finite) if finite else values[-1]
         record["interval_steps"] = len(steps)
         return record
 
@@ -123,12 +126,12 @@ class MetricsLogger:
             parts.append("(optimizer step skipped)" if steps == 1
                          else f"({metrics['skipped']:.0f} optimizer steps skipped)")
         if steps > 1:
-            parts.append(f"means of {steps} steps")
+            parts.append(f"over {steps} steps")
         logger.info(" | ".join(parts))
         if self.progress is not None:
             self.progress.update(step - self.progress.n)
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log({key: value for key, value in metrics.items() if key != "interval_steps"}, step=step)
 
     def finish(self, summary: Dict) -> Optional[Path]:
         if self.rank != 0:

@@ -51,7 +51,8 @@ class TrainingData:
     num_samples: int
     # (consumed_samples, dp_rank, dp_size) -> endless iterator of this rank's micro-batches
     make_loader: Callable[[int, int, int], Iterator[Batch]]
-    # micro-batch -> lengths of the sequences attention runs over (for the FLOPs model)
+    # micro-batch -> lengths of the sequences attention runs over (for the FLOPs model); each micro-batch also
+    # carries ``num_tokens``, its documents' tokens without padding (data/packing.py), which tokens/s counts
     sequence_lengths: Callable[[Batch], List[int]]
     description: str = ""
 
@@ -169,8 +170,8 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             seconds = time.perf_counter() - step_start
             step += 1
             consumed_samples += config.global_batch_size
-            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. Both scale
-            # this rank's share by DP (no collective per step): exact for FLOPs, an estimate for tokens.
+            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. Both are
+            # this rank's share times DP (no collective per step): estimates where ranks' documents differ.
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
             flops = training_flops(arch, lengths, task.head_outputs) * dp_size
             tokens = sum(batch["num_tokens"] for batch in micro_batches)
@@ -197,6 +198,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 break
         if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
             _save(config, engine, step, consumed_samples, first_loss, final_loss)
+    except BaseException:
+        if unlogged.steps:  # the steps before a failure are the ones worth reading (rank 0 only, no collective)
+            metrics_logger.log_step(step, unlogged.reduce())
+        raise
     finally:
         preemption.restore()
     summary = {
