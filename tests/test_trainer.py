@@ -95,8 +95,9 @@ def _trainer_runs(rank, world_size, prefix, root):
         0, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     results["rank_tokens"] = [sum(next(loader)["num_tokens"] for _ in range(2)) for _ in range(STEPS)]
     parallel_state.destroy_model_parallel()
-    results["interval_history"] = train_sft(_config(prefix, None, f"{root}/runs", STEPS,
-                                                     extra=["logging.log_interval=6"]))["history"]
+    results["interval_history"] = train_sft(_config(prefix, f"{root}/interval", f"{root}/runs", STEPS,
+                                                     extra=["logging.log_interval=6",
+                                                            "checkpoint.save_interval=8"]))["history"]
     parallel_state.destroy_model_parallel()
     with preempted_after(3, rank):
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
@@ -305,11 +306,12 @@ def test_logged_lr_is_the_rate_each_step_applied(trainer_results):
 
 
 def test_log_interval_lines_sum_up_the_steps_since_the_previous_line(trainer_results):
-    """log_interval=6 over 20 steps: lines at 6, 12, 18 and the last step; each line's loss is the mean of its steps'
-    losses in the run logged every step (same data and seed), its learning rate the last step's."""
+    """log_interval=6 and a checkpoint every 8 steps over 20: lines at 6, 8 (no line spans a checkpoint, so a resume
+    replaces whole lines), 12, 16, 18 and the last step; each line's loss is the mean of its steps' losses in the
+    run logged every step (same data and seed), its learning rate the last step's."""
     per_step, rates = trainer_results["uninterrupted"], trainer_results["uninterrupted_lr"]
     rows = trainer_results["interval_history"]
-    assert [row["step"] for row in rows] == [6, 12, 18, STEPS]
+    assert [row["step"] for row in rows] == [6, 8, 12, 16, 18, STEPS]
     previous = 0
     for row in rows:
         steps = range(previous + 1, row["step"] + 1)

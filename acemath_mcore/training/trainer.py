@@ -188,10 +188,13 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                                          dp_rank, dp_size))
             unlogged.add(metrics)
             preempted = preemption.any_rank_requested()
-            if validated or preempted or step % config.logging.log_interval == 0 or step == steps:
-                metrics_logger.log_step(step, unlogged.reduce())
             interval = config.checkpoint.save_interval
-            if config.checkpoint.save_dir and (preempted or (interval and step % interval == 0 and step < steps)):
+            saving = bool(config.checkpoint.save_dir) and (
+                preempted or (interval and step % interval == 0 and step < steps))
+            # A line never spans a checkpoint: after a resume, the re-run steps' lines replace whole old lines only.
+            if validated or saving or preempted or step % config.logging.log_interval == 0 or step == steps:
+                metrics_logger.log_step(step, unlogged.reduce())
+            if saving:
                 _save(config, engine, step, consumed_samples, first_loss, final_loss)
             if preempted:
                 exit_code = EXIT_PREEMPTED
