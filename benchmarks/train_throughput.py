@@ -160,7 +160,7 @@ def run_mcore(args, impl: str) -> dict:
     def step(micro_batches):
         engine.train_step(task, [{k: v for k, v in mb.items() if k != "doc_lengths"} for mb in micro_batches])
 
-    return time_steps(args, step, arch.vocab_size)
+    return time_steps(args, step, arch)
 
 
 def run_hf(args) -> dict:
@@ -193,17 +193,17 @@ def run_hf(args) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return time_steps(args, step, arch.vocab_size)
+    return time_steps(args, step, arch)
 
 
-def time_steps(args, step, vocab: int) -> dict:
+def time_steps(args, step, arch) -> dict:
     from acemath_mcore.training.flops import training_flops
 
     generator = torch.Generator().manual_seed(0)
     times, flops, tokens, data_wait = [], [], [], []
     for index in range(args.warmup + args.steps):
         data_start = time.perf_counter()
-        micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
+        micro_batches = [make_micro_batch(args, arch.vocab_size, generator, "cuda") for _ in range(args.micro_batches)]
         torch.cuda.synchronize()
         start = time.perf_counter()
         step(micro_batches)
@@ -212,10 +212,10 @@ def time_steps(args, step, vocab: int) -> dict:
             times.append(time.perf_counter() - start)
             data_wait.append(start - data_start)
             lengths = [n for mb in micro_batches for n in mb["doc_lengths"]]
-            flops.append(training_flops(benchmark_arch(args), lengths, head_outputs=1 if args.task == "rm" else None))
+            flops.append(training_flops(arch, lengths, head_outputs=1 if args.task == "rm" else None))
             tokens.append(sum(lengths))
     if args.profile:
-        profile_step(args, step, vocab, generator)
+        profile_step(args, step, arch.vocab_size, generator)
     median = statistics.median(times)
     return {"step_s": median, "step_s_min": min(times), "step_s_max": max(times),
             "tokens_per_s": statistics.median(tokens) / median, "flops_per_step": statistics.median(flops),
