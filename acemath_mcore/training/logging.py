@@ -49,8 +49,6 @@ class IntervalMetrics:
 
     def reduce(self) -> Dict[str, float]:
         steps, self.steps = self.steps, []
-        if len(steps) == 1:
-            return {**steps[0], "interval_steps": 1}
         record = {}
         for key in dict.fromkeys(key for step in steps for key in step):
             reporting = [step for step in steps if key in step]
