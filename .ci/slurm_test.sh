@@ -6,7 +6,10 @@
 #      waits through the requeue, then trains the RM from the SFT weights; the loss falls;
 #   3. a missing path: submit.sh refuses before sbatch; a job submitted anyway fails at start with status 2;
 #   4. pipeline.sh DRY_RUN=1 prints the chained sbatch commands;
-#   5. slurm/submit.sh eval: a 2-task array (gsm8k, math; 4 problems each) on the SFT checkpoint, one table.
+#   5. slurm/submit.sh eval: a 2-task array (gsm8k, math; 4 problems each) on the SFT checkpoint, one table;
+#   6. a running job sent USR2 logs every rank's Python stacks and goes on; then a crashed rank: rank 1 is
+#      SIGKILLed while rank 0 is stopped (as if blocked in a collective); the job must end FAILED within seconds
+#      and not requeue itself (without srun --kill-on-bad-exit it would hang).
 # Needs root (installs Slurm and runs its daemons); everything else lives in a temp dir. The cluster is up ~2 s after
 # the packages are; the jobs take 2-4 min on 2 cores. Daemons are stopped by PID on exit; job logs are printed on
 # failure (KEEP=1 keeps the temp dir).
@@ -271,3 +274,38 @@ for bench in gsm8k math; do
   grep -q "^| $bench | 4 | 1 |" eval/summary.md || fail "eval/summary.md has no $bench row: $(cat eval/summary.md)"
 done
 say "eval array $eval_job COMPLETED: tasks 0 (gsm8k) and 1 (math), 4 problems each, one summary.md"
+
+# 6. A rank dies mid-run while its peer cannot notice (stopped, as if blocked in an NCCL collective, which never
+# learns of a dead peer): srun --kill-on-bad-exit must end the step, the job must fail and must not requeue.
+crash=$(RECIPE=tiny_sft DATA=../data/sft CKPT_DIR=ckpt/crash INIT_FROM=none \
+  OVERRIDES="train_steps=1000 data.seq_length=256 global_batch_size=8 micro_batch_size=2 logging.output_dir=$WORK/crash_runs" \
+  sbatch --parsable "${cpu[@]}" "$REPO/slurm/sft_stage1.sh")
+JOBS+=("$crash")
+crash_log=$WORK/jobs/acemath-sft-stage1-$crash.out
+wait_for_line "$crash_log" 240 'step +2/'
+# First, where is every rank? USR2 makes each write its Python stacks to the log and go on training.
+scancel --signal=USR2 "$crash"
+for _ in $(seq 150); do  # one Python thread per rank: two stacks
+  (($(grep -c 'most recent call first' "$crash_log") >= 2)) && break
+  sleep 0.2
+done
+stacks=$(grep -c 'most recent call first' "$crash_log")
+((stacks >= 2)) || fail "job $crash: $stacks Python stacks in $crash_log after USR2, expected one per rank"
+dumped_at=$(grep -oE 'step +[0-9]+/' "$crash_log" | tail -n1 | grep -oE '[0-9]+')
+wait_for_line "$crash_log" 60 "step +$((dumped_at + 1))/"
+say "crash job $crash: USR2 -> $stacks Python stacks in the log, still training (step $((dumped_at + 1)))"
+declare -A rank_pid=()
+for pid in $(pgrep -f "logging.output_dir=$WORK/crash_runs"); do
+  [[ $(cat "/proc/$pid/comm" 2>/dev/null) == python* ]] || continue  # srun's own command line matches too
+  rank=$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^SLURM_PROCID=//p')
+  rank_pid[$rank]=$pid
+done
+[[ -n ${rank_pid[0]:-} && -n ${rank_pid[1]:-} ]] || fail "job $crash: did not find both ranks' python processes"
+kill -STOP "${rank_pid[0]}"
+kill -KILL "${rank_pid[1]}"
+killed_at=$SECONDS
+wait_for "$crash" 60 FAILED
+[[ $(job_field "$crash" Restarts) == 0 ]] || fail "job $crash requeued itself after a crash"
+grep -q "task 1: Killed" "$crash_log" || fail "$crash_log does not report rank 1's death"
+say "crash job $crash: rank 1 killed, rank 0 stopped -> FAILED (exit $(job_field "$crash" ExitCode)) after" \
+  "$((SECONDS - killed_at)) s, not requeued"

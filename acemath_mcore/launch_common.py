@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 
 from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
 from acemath_mcore.recipes.config import OverrideError
+from acemath_mcore.runtime.distributed import install_stack_dumps
 
 
 def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -27,6 +28,7 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     if args.dry_run:
         print(config.to_json())
         return 0
+    install_stack_dumps()
     summary = trainer_for(kind)(config)
     return summary["exit_code"]
 

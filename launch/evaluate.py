@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                             instruction_role=args.instruction_role, overwrite=args.overwrite)
     if args.backend == "megatron":
         from acemath_mcore.eval.backends import MegatronBackend
-        from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+        from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
 
         from acemath_mcore.convert.megatron_files import resolve_checkpoint_dir
 
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         # One resolution of a save dir's 'latest' for the weights and the results' label (a trainer may publish
         # a newer iteration meanwhile).
         checkpoint = resolve_checkpoint_dir(args.checkpoint).resolve()
+        install_stack_dumps()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel), seed=args.seed)
         setup_console_logging(launch.rank)
         try:

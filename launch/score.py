@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
     from acemath_mcore.data.tokenizers import check_vocab_fits, load_tokenizer
     from acemath_mcore.models import ModelOptions, resolve_arch
-    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
     from acemath_mcore.training.logging import setup_console_logging
     from acemath_mcore.training.reward import RewardScorer, score_jsonl
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     arch.check_matches(find_model_description(checkpoint)[0], f"{args.checkpoint} (model_arch.json)")
     parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
                               sequence_parallel=args.sequence_parallel)
+    install_stack_dumps()
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)
     try:

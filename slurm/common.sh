@@ -177,8 +177,12 @@ acemath_rendezvous() {
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 }
 
+# --kill-on-bad-exit: a rank that dies (error, segfault, OOM kill) ends the step (SIGTERM, then SIGKILL after
+# KillWait) instead of leaving its peers blocked in an NCCL collective until the distributed timeout (30 min).
+# Ranks that exit 75 after a preemption checkpoint ignore the SIGTERM this sends the others (trainer.py), so srun
+# still returns 75.
 acemath_srun() {
-  local -a args=()
+  local -a args=(--kill-on-bad-exit=1)
   # Slurm 22.05-23.02 srun does not inherit the job's --cpus-per-task.
   if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
   args+=("${ACEMATH_CONTAINER[@]}")

@@ -159,3 +159,43 @@ def test_cpu_shim_redirects_cuda_calls_and_backs_the_rng_tracker():
     assert results["default_state_restored"]
     assert results["fork_streams_advance"]
     assert results["fork_uses_named_seed"]
+
+
+def _group_timeouts(rank, world_size):
+    import torch.distributed
+    from megatron.core import parallel_state
+
+    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(tensor_parallel=2, timeout_minutes=7))
+    try:
+        groups = {"world": torch.distributed.group.WORLD,
+                  "tensor_parallel": parallel_state.get_tensor_model_parallel_group()}
+        return {name: group._get_backend(torch.device("cpu")).options._timeout.total_seconds() / 60
+                for name, group in groups.items()}
+    finally:
+        destroy_distributed()
+
+
+def test_parallel_timeout_minutes_reaches_every_process_group():
+    """The watchdog's limit on a collective that waits for a hung peer: the process group and megatron's groups."""
+    assert run_workers(_group_timeouts, 2) == [{"world": 7.0, "tensor_parallel": 7.0}] * 2
+
+
+def test_stack_dumps_on_sigusr2_keep_the_process_running():
+    """``scancel --signal=USR2`` must show where every rank is, and not stop it."""
+    import subprocess
+    import sys
+
+    script = ("import os, signal\n"
+              "from acemath_mcore.runtime import install_stack_dumps\n"
+              "def where_the_rank_waits():\n"
+              "    os.kill(os.getpid(), signal.SIGUSR2)\n"
+              "install_stack_dumps()\n"
+              "where_the_rank_waits()\n"
+              "print('still running')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "still running"
+    assert "most recent call first" in done.stderr
+    assert 'line 4 in where_the_rank_waits' in done.stderr

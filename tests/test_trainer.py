@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,26 @@ def preempted_after(step, rank):
         Engine.train_step = original_step
 
 
+@contextlib.contextmanager
+def slow_summary_on_rank0(rank, seconds):
+    """Rank 0's end-of-run summary (wandb sync in real runs) takes ``seconds`` longer; yields when it ended."""
+    from acemath_mcore.training.logging import MetricsLogger
+
+    original_finish, finished_at = MetricsLogger.finish, []
+
+    def finish_slowly(self, *args, **kwargs):
+        original_finish(self, *args, **kwargs)
+        if rank == 0:
+            time.sleep(seconds)
+            finished_at.append(time.monotonic())
+
+    MetricsLogger.finish = finish_slowly
+    try:
+        yield finished_at
+    finally:
+        MetricsLogger.finish = original_finish
+
+
 class _WarningRecorder(logging.Handler):
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -87,6 +108,7 @@ def _trainer_runs(rank, world_size, prefix, root):
     results = {}
     uninterrupted = train_sft(_config(prefix, f"{root}/a", f"{root}/runs", STEPS))
     results["uninterrupted"] = _losses(uninterrupted)
+    results["handlers_after_finished_run"] = [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)]
     results["uninterrupted_lr"] = {row["step"]: row["lr"] for row in uninterrupted["history"]}
     results["uninterrupted_tokens"] = {row["step"]: row["tokens_per_s"] * row["step_s"]
                                        for row in uninterrupted["history"]}
@@ -99,10 +121,14 @@ def _trainer_runs(rank, world_size, prefix, root):
                                                      extra=["logging.log_interval=6",
                                                             "checkpoint.save_interval=8"]))["history"]
     parallel_state.destroy_model_parallel()
-    with preempted_after(3, rank):
+    with preempted_after(3, rank), slow_summary_on_rank0(rank, 1.5) as summary_done_at:
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
     results["preempted"] = {"exit_code": preempted["exit_code"], "steps": preempted["steps"],
-                            "checkpoint": preempted["checkpoint"]}
+                            "checkpoint": preempted["checkpoint"], "returned_at": time.monotonic(),
+                            "summary_done_at": summary_done_at,
+                            "handlers": [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)]}
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # this worker goes on training: back to the defaults
+        signal.signal(sig, signal.SIG_DFL)
     parallel_state.destroy_model_parallel()
     if rank == 0:
         shutil.copytree(f"{root}/b", f"{root}/d")
@@ -185,7 +211,8 @@ def _resume_at_tp2(rank, world_size, prefix, root):
 @pytest.fixture(scope="module")
 def trainer_results(sft_prefix, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_runs")
-    results = run_workers(_trainer_runs, 2, sft_prefix, str(root))[0]
+    results, peer_results = run_workers(_trainer_runs, 2, sft_prefix, str(root))
+    results["peer_preempted"] = peer_results["preempted"]
     results["resumed_tp2"] = run_workers(_resume_at_tp2, 2, sft_prefix, str(root))[0]
     return results
 
@@ -203,6 +230,19 @@ def test_preemption_checkpoints_and_exits_with_distinct_code(trainer_results):
     assert preempted["exit_code"] == EXIT_PREEMPTED
     assert preempted["steps"] == 3
     assert preempted["checkpoint"].endswith("iter_0000003")
+
+
+def test_preempted_run_returns_ignoring_the_kill_of_its_peers(trainer_results):
+    """srun --kill-on-bad-exit SIGTERMs the ranks still exiting once one has exited 75: they must exit 75 too."""
+    assert trainer_results["preempted"]["handlers"] == [signal.SIG_IGN, signal.SIG_IGN]
+    assert trainer_results["handlers_after_finished_run"] == [signal.SIG_DFL, signal.SIG_DFL]
+
+
+def test_preempted_ranks_return_only_after_rank0_summary(trainer_results):
+    """The first rank to exit 75 makes srun stop the others: none may leave while rank 0 still writes its summary."""
+    (summary_done_at,) = trainer_results["preempted"]["summary_done_at"]
+    assert trainer_results["peer_preempted"]["returned_at"] >= summary_done_at
+    assert trainer_results["peer_preempted"]["exit_code"] == 75
 
 
 def test_resume_reproduces_uninterrupted_losses_exactly(trainer_results):

@@ -14,6 +14,7 @@ from acemath_mcore.runtime.distributed import (
     ParallelConfig,
     destroy_distributed,
     init_distributed,
+    install_stack_dumps,
     read_launch_env,
     seed_everything,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "destroy_distributed",
     "distributed_backend",
     "init_distributed",
+    "install_stack_dumps",
     "peak_memory_bytes",
     "read_launch_env",
     "seed_everything",

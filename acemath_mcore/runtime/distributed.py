@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import os
 import random
 import re
+import signal
 import socket
 from typing import Mapping, Optional
 
@@ -37,6 +39,9 @@ class ParallelConfig:
     context_parallel: int = 1
     expert_parallel: int = 1
     sequence_parallel: bool = False
+    # How long a collective waits for its peers before NCCL's watchdog aborts the rank (a hang that no crash ends:
+    # srun --kill-on-bad-exit ends the step when a rank dies). The 72B checkpoint save must fit in it.
+    timeout_minutes: int = 30
 
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
@@ -94,11 +99,18 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def install_stack_dumps() -> None:
+    """Every thread's Python stack to stderr when the process crashes (SIGSEGV, or SIGABRT from NCCL's watchdog
+    after a collective timed out) and on SIGUSR2 (``scancel --signal=USR2 <job>``: where is each rank now?).
+    faulthandler writes from the C signal handler, so it answers while a rank is blocked inside a collective."""
+    faulthandler.enable(all_threads=True)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
+
+
 def init_distributed(
     parallel: ParallelConfig,
     launch: Optional[LaunchEnv] = None,
     seed: int = 1234,
-    timeout_minutes: int = 30,
 ) -> LaunchEnv:
     """Create the default process group and megatron's parallel groups, then seed every RNG."""
     from megatron.core import parallel_state
@@ -112,7 +124,7 @@ def init_distributed(
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
         )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -121,7 +133,7 @@ def init_distributed(
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
             context_parallel_size=parallel.context_parallel,
             expert_model_parallel_size=parallel.expert_parallel,
-            distributed_timeout_minutes=timeout_minutes,
+            distributed_timeout_minutes=parallel.timeout_minutes,
         )
     seed_everything(seed)
     return launch

@@ -79,6 +79,13 @@ class _PreemptionFlag:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
+    def ignore_until_exit(self):
+        """After the preemption checkpoint every rank exits 75. Under ``srun --kill-on-bad-exit`` the first rank to
+        exit makes Slurm SIGTERM the others: ignoring it lets them exit 75 too (killed, they would report 143 and the
+        job would not requeue); Slurm's SIGKILL still ends one that takes longer than its ``KillWait``."""
+        for sig in self.previous:
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def total_steps(config: TrainConfig, num_samples: int) -> int:
     if config.train_steps > 0:
@@ -117,7 +124,8 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         model_chunk_builder: Callable = build_model_chunk, validation: Optional[TrainingData] = None) -> Dict:
     """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass);
-    ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end."""
+    ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end.
+    A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now."""
     if config.nan_policy not in NAN_POLICIES:
         raise ValueError(f"nan_policy={config.nan_policy!r}: choose one of {NAN_POLICIES}")
     launch = init_distributed(config.parallel, seed=config.seed)
@@ -206,7 +214,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             metrics_logger.log_step(step, unlogged.reduce())
         raise
     finally:
-        preemption.restore()
+        if exit_code == EXIT_PREEMPTED:
+            preemption.ignore_until_exit()
+        else:
+            preemption.restore()
     summary = {
         "name": config.name, "model": config.model, "steps": step, "total_steps": steps,
         "consumed_samples": consumed_samples, "first_loss": first_loss, "final_loss": final_loss,
@@ -216,6 +227,11 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         "final_metrics": metrics,
     }
     metrics_logger.finish(summary)
+    if exit_code == EXIT_PREEMPTED:
+        # No rank exits 75 before rank 0 has written its summary and synced wandb: the first exit makes srun
+        # --kill-on-bad-exit stop the rest, and one still busy after Slurm's KillWait would be killed (status 137,
+        # and the job would not requeue).
+        torch.distributed.barrier()
     summary.update(exit_code=exit_code, history=metrics_logger.history)
     return summary
 
