@@ -213,6 +213,7 @@ def trainer_results(sft_prefix, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer_runs")
     results, peer_results = run_workers(_trainer_runs, 2, sft_prefix, str(root))
     results["peer_preempted"] = peer_results["preempted"]
+    results["peer_rank_tokens"] = peer_results["rank_tokens"]
     results["resumed_tp2"] = run_workers(_resume_at_tp2, 2, sft_prefix, str(root))[0]
     return results
 
@@ -364,12 +365,14 @@ def test_log_interval_lines_sum_up_the_steps_since_the_previous_line(trainer_res
 
 def test_tokens_per_second_counts_documents_not_padding(trainer_results):
     """Two DP ranks, two packed micro-batches of 2 x 256 tokens each per rank and step: tokens/s x step time is the
-    documents' tokens of rank 0's micro-batches times DP, never the rows' full 1,024 per rank when they hold
-    padding."""
-    logged, documents = trainer_results["uninterrupted_tokens"], trainer_results["rank_tokens"]
+    documents' tokens of both ranks' micro-batches, never the rows' full 1,024 per rank when they hold padding, and
+    not rank 0's share times DP where the ranks' documents differ."""
+    logged = trainer_results["uninterrupted_tokens"]
+    documents, peer_documents = trainer_results["rank_tokens"], trainer_results["peer_rank_tokens"]
     for step, tokens in logged.items():
-        assert tokens == pytest.approx(2 * documents[step - 1], rel=1e-9), step
-    assert all(0 < n <= 1024 for n in documents) and min(documents) < 1024
+        assert tokens == pytest.approx(documents[step - 1] + peer_documents[step - 1], rel=1e-9), step
+    assert all(0 < n <= 1024 for n in documents + peer_documents) and min(documents) < 1024
+    assert documents != peer_documents, "the ranks' documents must differ for this test to tell sum from share x DP"
 
 
 def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():
@@ -538,3 +541,27 @@ def test_validation_loss_is_the_held_out_token_mean_of_the_trained_weights(sft_p
     assert validated[4] == pytest.approx(results["reference"], rel=1e-6)
     # Validating between steps changes nothing in training (with the param all-gather overlapped into forwards).
     assert _losses({"history": results["history"]}) == results["without_validation"]
+
+
+def _job_rates(rank, world_size):
+    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed
+    from acemath_mcore.training.trainer import _IntervalWork
+
+    init_distributed(ParallelConfig())
+    try:
+        work = _IntervalWork()
+        work.add(tokens=100.0 * (rank + 1), flops=1e6 * (rank + 1), seconds=1.5)  # rank 0: 100, rank 1: 200
+        work.add(tokens=50.0, flops=5e5, seconds=0.5)
+        first = work.job_rates(peak_flops=1e6)
+        work.add(tokens=10.0, flops=1e4, seconds=1.0)
+        return first, work.job_rates(peak_flops=None)
+    finally:
+        destroy_distributed()
+
+
+def test_logged_rates_sum_the_data_parallel_ranks_work():
+    """(100 + 50) + (200 + 50) tokens in 2 s; FLOPs 1.5e6 + 2.5e6 over 2 s on two ranks of peak 1e6: MFU 1.0.
+    A log line starts a new interval; without a peak there is no MFU."""
+    first, second = run_workers(_job_rates, 2)[0]
+    assert first == pytest.approx({"tokens_per_s": 200.0, "mfu": 1.0})
+    assert second == pytest.approx({"tokens_per_s": 20.0})

@@ -87,6 +87,31 @@ class _PreemptionFlag:
             signal.signal(sig, signal.SIG_IGN)
 
 
+class _IntervalWork:
+    """This rank's documents' tokens and FLOPs since the last log line. Each step's own tokens/s and MFU are this
+    rank's share times DP (no collective per step); a log line sums them over the data-parallel ranks, whose
+    packed documents differ, so the rates it shows are the job's."""
+
+    def __init__(self):
+        self.tokens = self.flops = self.seconds = 0.0
+
+    def add(self, tokens: float, flops: float, seconds: float) -> None:
+        self.tokens += tokens
+        self.flops += flops
+        self.seconds += seconds
+
+    def job_rates(self, peak_flops: Optional[float]) -> Dict[str, float]:
+        """Collective over the data-parallel group: every rank calls it at the same log lines."""
+        totals = torch.tensor([self.tokens, self.flops], dtype=torch.float64, device=device_lib.current_device())
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        tokens, flops = totals.tolist()
+        rates = {"tokens_per_s": tokens / self.seconds}
+        if peak_flops:
+            rates["mfu"] = flops / self.seconds / (peak_flops * torch.distributed.get_world_size())
+        self.tokens = self.flops = self.seconds = 0.0
+        return rates
+
+
 def total_steps(config: TrainConfig, num_samples: int) -> int:
     if config.train_steps > 0:
         return config.train_steps
@@ -164,7 +189,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         preemption.restore()
         raise
     peak = device_lib.bf16_peak_flops()
-    step, exit_code, metrics, unlogged = start_step, 0, {}, IntervalMetrics()
+    step, exit_code, metrics, unlogged, work = start_step, 0, {}, IntervalMetrics(), _IntervalWork()
     # The stage's losses, carried through checkpoints so a resumed (or re-run, finished) stage reports them too.
     first_loss, final_loss = resumed.get("first_loss"), resumed.get("final_loss")
     started = time.perf_counter()
@@ -178,15 +203,16 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             seconds = time.perf_counter() - step_start
             step += 1
             consumed_samples += config.global_batch_size
-            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. Both are
-            # this rank's share times DP (no collective per step): estimates where ranks' documents differ.
+            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. A step's
+            # own rates are this rank's share times DP; the logged lines' are summed over the ranks (_IntervalWork).
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
-            flops = training_flops(arch, lengths, task.head_outputs) * dp_size
+            flops = training_flops(arch, lengths, task.head_outputs)
             tokens = sum(batch["num_tokens"] for batch in micro_batches)
+            work.add(tokens, flops, seconds)
             metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=tokens * dp_size / seconds,
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
-                metrics["mfu"] = flops / seconds / (peak * torch.distributed.get_world_size())
+                metrics["mfu"] = flops * dp_size / seconds / (peak * torch.distributed.get_world_size())
             final_loss = metrics.get(task.loss_name)
             first_loss = final_loss if first_loss is None else first_loss
             validated = validation is not None and (
@@ -201,7 +227,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 preempted or (interval and step % interval == 0 and step < steps))
             # A line never spans a checkpoint: after a resume, the re-run steps' lines replace whole old lines only.
             if validated or saving or preempted or step % config.logging.log_interval == 0 or step == steps:
-                metrics_logger.log_step(step, unlogged.reduce())
+                metrics_logger.log_step(step, {**unlogged.reduce(), **work.job_rates(peak)})
             if saving:
                 _save(config, engine, step, consumed_samples, first_loss, final_loss)
             if preempted:
@@ -210,7 +236,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
             _save(config, engine, step, consumed_samples, first_loss, final_loss)
     except BaseException:
-        if unlogged.steps:  # the steps before a failure are the ones worth reading (rank 0 only, no collective)
+        if unlogged.steps:  # the steps before a failure are worth reading (rank 0 only, no collective: estimates)
             metrics_logger.log_step(step, unlogged.reduce())
         raise
     finally:
