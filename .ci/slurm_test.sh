@@ -285,20 +285,22 @@ crash_log=$WORK/jobs/acemath-sft-stage1-$crash.out
 wait_for_line "$crash_log" 240 'step +2/'
 # First, where is every rank? USR2 makes each write its Python stacks to the log and go on training.
 scancel --signal=USR2 "$crash"
-for _ in $(seq 150); do  # one Python thread per rank: two stacks
-  (($(grep -c 'most recent call first' "$crash_log") >= 2)) && break
+in_loop() { grep -cE 'File ".*/training/trainer.py", line [0-9]+ in run$' "$crash_log" || true; }
+for _ in $(seq 150); do  # each rank's stack passes through the training loop once
+  (($(in_loop) >= 2)) && break
   sleep 0.2
 done
-stacks=$(grep -c 'most recent call first' "$crash_log")
-((stacks >= 2)) || fail "job $crash: $stacks Python stacks in $crash_log after USR2, expected one per rank"
+stacks=$(in_loop)
+((stacks >= 2)) || fail "job $crash: $stacks stacks in the training loop in $crash_log after USR2, expected 2"
 dumped_at=$(grep -oE 'step +[0-9]+/' "$crash_log" | tail -n1 | grep -oE '[0-9]+')
 wait_for_line "$crash_log" 60 "step +$((dumped_at + 1))/"
-say "crash job $crash: USR2 -> $stacks Python stacks in the log, still training (step $((dumped_at + 1)))"
+say "crash job $crash: USR2 -> both ranks' stacks (in the training loop) in the log, still training" \
+  "(step $((dumped_at + 1)))"
 declare -A rank_pid=()
 for pid in $(pgrep -f "logging.output_dir=$WORK/crash_runs"); do
   [[ $(cat "/proc/$pid/comm" 2>/dev/null) == python* ]] || continue  # srun's own command line matches too
-  rank=$(tr '\0' '\n' <"/proc/$pid/environ" | sed -n 's/^SLURM_PROCID=//p')
-  rank_pid[$rank]=$pid
+  rank=$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | sed -n 's/^SLURM_PROCID=//p' || true)
+  if [[ -n $rank && -z ${rank_pid[$rank]:-} ]]; then rank_pid[$rank]=$pid; fi  # its data-loader workers come later
 done
 [[ -n ${rank_pid[0]:-} && -n ${rank_pid[1]:-} ]] || fail "job $crash: did not find both ranks' python processes"
 kill -STOP "${rank_pid[0]}"

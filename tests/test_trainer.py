@@ -112,6 +112,9 @@ def _trainer_runs(rank, world_size, prefix, root):
     results["uninterrupted_lr"] = {row["step"]: row["lr"] for row in uninterrupted["history"]}
     results["uninterrupted_tokens"] = {row["step"]: row["tokens_per_s"] * row["step_s"]
                                        for row in uninterrupted["history"]}
+    if rank == 0:  # the one that logs
+        results["final_tokens_per_s"] = (uninterrupted["final_metrics"]["tokens_per_s"],
+                                         uninterrupted["history"][-1]["tokens_per_s"])
     # This rank's micro-batches of every step, re-read: their documents' tokens without the packing's padding.
     loader = sft_training_data(_config(prefix, None, f"{root}/runs", STEPS)).make_loader(
         0, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
@@ -373,6 +376,8 @@ def test_tokens_per_second_counts_documents_not_padding(trainer_results):
         assert tokens == pytest.approx(documents[step - 1] + peer_documents[step - 1], rel=1e-9), step
     assert all(0 < n <= 1024 for n in documents + peer_documents) and min(documents) < 1024
     assert documents != peer_documents, "the ranks' documents must differ for this test to tell sum from share x DP"
+    summary_rate, last_line_rate = trainer_results["final_tokens_per_s"]
+    assert summary_rate == last_line_rate
 
 
 def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():

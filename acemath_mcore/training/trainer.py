@@ -67,7 +67,8 @@ class _PreemptionFlag:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        logger.warning("received signal %d: will checkpoint after this step and exit", signum)
+        logger.warning("received signal %d (a time limit or preemption, or Slurm stopping the step after another "
+                       "rank failed): will checkpoint after this step and exit", signum)
         self.requested = True
 
     def any_rank_requested(self) -> bool:
@@ -227,7 +228,9 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 preempted or (interval and step % interval == 0 and step < steps))
             # A line never spans a checkpoint: after a resume, the re-run steps' lines replace whole old lines only.
             if validated or saving or preempted or step % config.logging.log_interval == 0 or step == steps:
-                metrics_logger.log_step(step, {**unlogged.reduce(), **work.job_rates(peak)})
+                rates = work.job_rates(peak)
+                metrics.update(rates)  # the summary's final_metrics: the last line's job-wide rates
+                metrics_logger.log_step(step, {**unlogged.reduce(), **rates})
             if saving:
                 _save(config, engine, step, consumed_samples, first_loss, final_loss)
             if preempted:
