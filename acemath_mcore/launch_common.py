@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 
 from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
 from acemath_mcore.recipes.config import OverrideError
-from acemath_mcore.runtime.distributed import install_stack_dumps
+from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps
 
 
 def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -30,6 +30,9 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
         return 0
     install_stack_dumps()
     summary = trainer_for(kind)(config)
+    # A finished or preempted run has no collective in flight: shut the process groups down in order, as torch
+    # asks, rather than leaving NCCL to the interpreter's teardown (part of what must end within Slurm's KillWait).
+    destroy_distributed()
     return summary["exit_code"]
 
 

@@ -555,18 +555,34 @@ def _job_rates(rank, world_size):
     init_distributed(ParallelConfig())
     try:
         work = _IntervalWork()
-        work.add(tokens=100.0 * (rank + 1), flops=1e6 * (rank + 1), seconds=1.5)  # rank 0: 100, rank 1: 200
-        work.add(tokens=50.0, flops=5e5, seconds=0.5)
+        # rank 0: 100 tokens, rank 1: 200; rank 1 waits 0.4 s for data in its first step
+        work.add(tokens=100.0 * (rank + 1), flops=1e6 * (rank + 1), seconds=1.5, data_seconds=0.4 * rank)
+        work.add(tokens=50.0, flops=5e5, seconds=0.5, data_seconds=0.1)
         first = work.job_rates(peak_flops=1e6)
-        work.add(tokens=10.0, flops=1e4, seconds=1.0)
+        work.add(tokens=10.0, flops=1e4, seconds=1.0, data_seconds=0.01)
         return first, work.job_rates(peak_flops=None)
     finally:
         destroy_distributed()
 
 
 def test_logged_rates_sum_the_data_parallel_ranks_work():
-    """(100 + 50) + (200 + 50) tokens in 2 s; FLOPs 1.5e6 + 2.5e6 over 2 s on two ranks of peak 1e6: MFU 1.0.
-    A log line starts a new interval; without a peak there is no MFU."""
+    """(100 + 50) + (200 + 50) tokens in 2 s; FLOPs 1.5e6 + 2.5e6 over 2 s on two ranks of peak 1e6: MFU 1.0; the
+    slowest loader (rank 1) waited 0.5 s in 2 steps. A log line starts a new interval; without a peak, no MFU."""
     first, second = run_workers(_job_rates, 2)[0]
-    assert first == pytest.approx({"tokens_per_s": 200.0, "mfu": 1.0})
-    assert second == pytest.approx({"tokens_per_s": 20.0})
+    assert first == pytest.approx({"tokens_per_s": 200.0, "mfu": 1.0, "data_s_max": 0.25})
+    assert second == pytest.approx({"tokens_per_s": 20.0, "data_s_max": 0.01})
+
+
+def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
+    """The slowest rank's wait for data shows on the console from 5% of the step time on (metrics.jsonl always)."""
+    from acemath_mcore.training.logging import MetricsLogger
+
+    metrics_logger = MetricsLogger("run", str(tmp_path), {}, total_steps=2, rank=0)
+    with caplog.at_level(logging.INFO, logger="acemath_mcore"):
+        metrics_logger.log_step(1, {"lm_loss": 1.0, "step_s": 2.0, "data_s_max": 0.05})
+        metrics_logger.log_step(2, {"lm_loss": 1.0, "step_s": 2.0, "data_s_max": 0.5})
+    first, second = [record.getMessage() for record in caplog.records]
+    assert "for data" not in first
+    assert second.endswith("waited 0.50 s/step for data (slowest rank)")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["data_s_max"] for row in rows] == [0.05, 0.5]

@@ -119,6 +119,9 @@ class MetricsLogger:
             if value is None:
                 continue
             parts.append(fmt.format(value) if math.isfinite(value) else f"{key} {value}")
+        data_wait, step_time = metrics.get("data_s_max"), metrics.get("step_s")
+        if data_wait and step_time and data_wait > 0.05 * step_time:  # the loader no longer keeps up
+            parts.append(f"waited {data_wait:.2f} s/step for data (slowest rank)")
         steps = metrics.get("interval_steps", 1)
         if metrics.get("skipped"):
             parts.append("(optimizer step skipped)" if steps == 1

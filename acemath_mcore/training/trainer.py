@@ -89,27 +89,37 @@ class _PreemptionFlag:
 
 
 class _IntervalWork:
-    """This rank's documents' tokens and FLOPs since the last log line. Each step's own tokens/s and MFU are this
-    rank's share times DP (no collective per step); a log line sums them over the data-parallel ranks, whose
-    packed documents differ, so the rates it shows are the job's."""
+    """This rank's documents' tokens, FLOPs and data-loader wait since the last log line. Each step's own tokens/s
+    and MFU are this rank's share times DP (no collective per step); a log line sums them over the data-parallel
+    ranks, whose packed documents differ, so the rates it shows are the job's. It also reports the slowest rank's
+    wait for data (``data_s_max``, per step): one stalled loader stalls every rank at the next collective."""
 
     def __init__(self):
-        self.tokens = self.flops = self.seconds = 0.0
+        self._start_interval()
 
-    def add(self, tokens: float, flops: float, seconds: float) -> None:
+    def _start_interval(self) -> None:
+        self.tokens = self.flops = self.seconds = self.data_seconds = 0.0
+        self.steps = 0
+
+    def add(self, tokens: float, flops: float, seconds: float, data_seconds: float) -> None:
         self.tokens += tokens
         self.flops += flops
         self.seconds += seconds
+        self.data_seconds += data_seconds
+        self.steps += 1
 
     def job_rates(self, peak_flops: Optional[float]) -> Dict[str, float]:
-        """Collective over the data-parallel group: every rank calls it at the same log lines."""
-        totals = torch.tensor([self.tokens, self.flops], dtype=torch.float64, device=device_lib.current_device())
+        """Collectives over the data-parallel group and the world: every rank calls it at the same log lines."""
+        device = device_lib.current_device()
+        totals = torch.tensor([self.tokens, self.flops], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        data_wait = torch.tensor([self.data_seconds], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(data_wait, op=torch.distributed.ReduceOp.MAX)
         tokens, flops = totals.tolist()
-        rates = {"tokens_per_s": tokens / self.seconds}
+        rates = {"tokens_per_s": tokens / self.seconds, "data_s_max": data_wait.item() / self.steps}
         if peak_flops:
             rates["mfu"] = flops / self.seconds / (peak_flops * torch.distributed.get_world_size())
-        self.tokens = self.flops = self.seconds = 0.0
+        self._start_interval()
         return rates
 
 
@@ -209,7 +219,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
             flops = training_flops(arch, lengths, task.head_outputs)
             tokens = sum(batch["num_tokens"] for batch in micro_batches)
-            work.add(tokens, flops, seconds)
+            work.add(tokens, flops, seconds, data_seconds)
             metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=tokens * dp_size / seconds,
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
