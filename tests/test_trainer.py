@@ -555,12 +555,12 @@ def _job_rates(rank, world_size):
     init_distributed(ParallelConfig())
     try:
         work = _IntervalWork()
-        # rank 0: 100 tokens, rank 1: 200; rank 1 waits 0.4 s for data in its first step
-        work.add(tokens=100.0 * (rank + 1), flops=1e6 * (rank + 1), seconds=1.5, data_seconds=0.4 * rank)
-        work.add(tokens=50.0, flops=5e5, seconds=0.5, data_seconds=0.1)
-        first = work.job_rates(peak_flops=1e6)
-        work.add(tokens=10.0, flops=1e4, seconds=1.0, data_seconds=0.01)
-        return first, work.job_rates(peak_flops=None)
+        # rank 0: 100 tokens, rank 1: 200; steps of 1.5 and 0.5 s; rank 1 waits 0.4 s for data in its first step
+        work.add(tokens=100.0 * (rank + 1), flops=1e6 * (rank + 1))
+        work.add(tokens=50.0, flops=5e5)
+        first = work.job_rates(1e6, {"step_s": 1.0, "data_s": (0.4 * rank + 0.1) / 2, "interval_steps": 2})
+        work.add(tokens=10.0, flops=1e4)
+        return first, work.job_rates(None, {"step_s": 1.0, "data_s": 0.01, "interval_steps": 1})
     finally:
         destroy_distributed()
 

@@ -89,37 +89,33 @@ class _PreemptionFlag:
 
 
 class _IntervalWork:
-    """This rank's documents' tokens, FLOPs and data-loader wait since the last log line. Each step's own tokens/s
-    and MFU are this rank's share times DP (no collective per step); a log line sums them over the data-parallel
-    ranks, whose packed documents differ, so the rates it shows are the job's. It also reports the slowest rank's
-    wait for data (``data_s_max``, per step): one stalled loader stalls every rank at the next collective."""
+    """This rank's documents' tokens and FLOPs since the last log line. Each step's own tokens/s and MFU are this
+    rank's share times DP (no collective per step); a log line sums them over the data-parallel ranks, whose
+    packed documents differ, so the rates it shows are the job's. It also reports the slowest rank's wait for data
+    (``data_s_max``, per step): one stalled loader stalls every rank at the next collective."""
 
     def __init__(self):
-        self._start_interval()
+        self.tokens = self.flops = 0.0
 
-    def _start_interval(self) -> None:
-        self.tokens = self.flops = self.seconds = self.data_seconds = 0.0
-        self.steps = 0
-
-    def add(self, tokens: float, flops: float, seconds: float, data_seconds: float) -> None:
+    def add(self, tokens: float, flops: float) -> None:
         self.tokens += tokens
         self.flops += flops
-        self.seconds += seconds
-        self.data_seconds += data_seconds
-        self.steps += 1
 
-    def job_rates(self, peak_flops: Optional[float]) -> Dict[str, float]:
-        """Collectives over the data-parallel group and the world: every rank calls it at the same log lines."""
+    def job_rates(self, peak_flops: Optional[float], interval: Dict[str, float]) -> Dict[str, float]:
+        """``interval``: this rank's reduced record of the same steps (IntervalMetrics: mean step and data time,
+        ``interval_steps``). Collectives over the data-parallel group and the world: every rank calls it at the
+        same log lines."""
         device = device_lib.current_device()
         totals = torch.tensor([self.tokens, self.flops], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        data_wait = torch.tensor([self.data_seconds], dtype=torch.float64, device=device)
+        data_wait = torch.tensor([interval["data_s"]], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(data_wait, op=torch.distributed.ReduceOp.MAX)
         tokens, flops = totals.tolist()
-        rates = {"tokens_per_s": tokens / self.seconds, "data_s_max": data_wait.item() / self.steps}
+        seconds = interval["step_s"] * interval["interval_steps"]
+        rates = {"tokens_per_s": tokens / seconds, "data_s_max": data_wait.item()}
         if peak_flops:
-            rates["mfu"] = flops / self.seconds / (peak_flops * torch.distributed.get_world_size())
-        self._start_interval()
+            rates["mfu"] = flops / seconds / (peak_flops * torch.distributed.get_world_size())
+        self.tokens = self.flops = 0.0
         return rates
 
 
@@ -219,7 +215,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
             flops = training_flops(arch, lengths, task.head_outputs)
             tokens = sum(batch["num_tokens"] for batch in micro_batches)
-            work.add(tokens, flops, seconds, data_seconds)
+            work.add(tokens, flops)
             metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=tokens * dp_size / seconds,
                            memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
             if peak:
@@ -238,9 +234,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 preempted or (interval and step % interval == 0 and step < steps))
             # A line never spans a checkpoint: after a resume, the re-run steps' lines replace whole old lines only.
             if validated or saving or preempted or step % config.logging.log_interval == 0 or step == steps:
-                rates = work.job_rates(peak)
+                record = unlogged.reduce()
+                rates = work.job_rates(peak, record)
                 metrics.update(rates)  # the summary's final_metrics: the last line's job-wide rates
-                metrics_logger.log_step(step, {**unlogged.reduce(), **rates})
+                metrics_logger.log_step(step, {**record, **rates})
             if saving:
                 _save(config, engine, step, consumed_samples, first_loss, final_loss)
             if preempted:
