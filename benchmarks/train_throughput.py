@@ -244,27 +244,65 @@ def kernel_time_breakdown(kernel_times) -> dict:
     return totals
 
 
+def gpu_idle_by_phase(kernels, phases, window) -> dict:
+    """GPU idle time within ``window`` (start, end), attributed to the innermost host phase open meanwhile.
+
+    ``kernels``: (start, end) of device work; ``phases``: (name, start, end) of properly nested host ranges (the
+    engine's ``record_function`` annotations). An idle GPU while the host is inside a phase means that phase's
+    host work (launches, Python, a synchronisation) is what the GPU waited for."""
+    lo, hi = window
+    idle, cursor = [], lo
+    for start, end in sorted((max(lo, s), min(hi, e)) for s, e in kernels if e > lo and s < hi):
+        if start > cursor:
+            idle.append((cursor, start))
+        cursor = max(cursor, end)
+    if cursor < hi:
+        idle.append((cursor, hi))
+    inside = [(name, max(lo, s), min(hi, e)) for name, s, e in phases if e > lo and s < hi]
+    totals: dict = {}
+    for start, end in idle:
+        cuts = sorted({start, end, *(t for _, s, e in inside for t in (s, e) if start < t < end)})
+        for a, b in zip(cuts, cuts[1:]):
+            middle = (a + b) / 2
+            open_phases = [(e - s, name) for name, s, e in inside if s <= middle < e]
+            name = min(open_phases)[1] if open_phases else "outside the phases"
+            totals[name] = totals.get(name, 0.0) + (b - a)
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
     """One more step under the torch profiler: the top CUDA kernels and CPU ops, then how much of the step's
-    wall time the GPU was busy and on what (a busy share well under 100% means the host is the bottleneck)."""
-    from torch.profiler import ProfilerActivity, profile
+    wall time the GPU was busy and on what (a busy share well under 100% means the host is the bottleneck), and
+    in which of the engine's phases the GPU sat idle."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        step(micro_batches)
-        torch.cuda.synchronize()
-        wall_us = (time.perf_counter() - start) * 1e6
+        with record_function("step"):
+            step(micro_batches)
+            torch.cuda.synchronize()
     averages = prof.key_averages()
     print(averages.table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70), flush=True)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70), flush=True)
-    kernels = [(event.key, event.self_device_time_total) for event in averages
-               if event.device_type == torch.autograd.DeviceType.CUDA]
-    breakdown = kernel_time_breakdown(kernels)
+    events = prof.events()
+    # Annotated ranges also appear on the device's timeline (gpu_user_annotation); they are not kernels.
+    device_work = [event for event in events
+                   if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation]
+    breakdown = kernel_time_breakdown([(event.name, event.time_range.elapsed_us()) for event in device_work])
     busy = sum(breakdown.values())
+    whole = next(event for event in events if event.name == "step" and event.device_type == torch.autograd.DeviceType.CPU)
+    wall_us = whole.time_range.elapsed_us()
     print(f"PROFILE step {wall_us / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({busy / wall_us:.0%}): "
           + ", ".join(f"{label} {micros / 1e3:.1f} ms" for label, micros in breakdown.items()), flush=True)
+    phases = [(event.name, event.time_range.start, event.time_range.end) for event in events
+              if event.is_user_annotation and event.device_type == torch.autograd.DeviceType.CPU
+              and event.thread == whole.thread]
+    idle = gpu_idle_by_phase([(e.time_range.start, e.time_range.end) for e in device_work], phases,
+                             (whole.time_range.start, whole.time_range.end))
+    print(f"IDLE GPU idle {sum(idle.values()) / 1e3:.1f} ms, by host phase ('forward_backward' outside 'forward' is "
+          "mostly the backward pass; 'step' is outside the engine's phases): "
+          + ", ".join(f"{name} {micros / 1e3:.1f} ms" for name, micros in idle.items()), flush=True)
 
 
 def worker(args) -> None:

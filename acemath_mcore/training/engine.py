@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 import torch
 from megatron.core import parallel_state
+from torch.profiler import record_function
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -176,12 +177,18 @@ class Engine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        metrics = reduce_reports(self.forward_backward(task, micro_batches))
+        # The named ranges mark the step's phases in a torch-profiler trace (benchmarks/train_throughput.py
+        # --profile reports the GPU's idle time per phase from them).
+        with record_function("forward_backward"):
+            reports = self.forward_backward(task, micro_batches)
+        with record_function("loss_reduction"):
+            metrics = reduce_reports(reports)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after it)
         non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
         grad_norm = None
         if not non_finite:
-            grad_norm = self._gradient_norm()
+            with record_function("grad_norm"):
+                grad_norm = self._gradient_norm()
             if not math.isfinite(grad_norm):
                 non_finite.append("grad_norm")
         if grad_norm is not None:  # not computed after a non-finite loss
@@ -191,7 +198,7 @@ class Engine:
                                      "stopping before the optimizer step (set nan_policy=skip to skip such steps)")
         success = False
         if not non_finite:
-            with _precomputed_grad_norm(self.optimizer, grad_norm):
+            with _precomputed_grad_norm(self.optimizer, grad_norm), record_function("optimizer_step"):
                 success, _, _ = self.optimizer.step()
         if success:
             self.scheduler.step(increment=1)
@@ -240,7 +247,8 @@ def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Se
         batch = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
                  for key, value in next(data_iterator).items()}
         batch["packed_seq_params"] = packed_seq_params(batch, packed_qkv_format)
-        output = task.forward(chunk, batch)
+        with record_function("forward"):  # the backward passes run under megatron's schedule, outside this range
+            output = task.forward(chunk, batch)
         return output, lambda out: task.loss(batch, out)
 
     seq_length, micro_batch_size = _activation_shape(micro_batches[0])
