@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from acemath_mcore.data.rm_data import RMGroupSample, collate_rm_packed, collate_rm_padded
 from acemath_mcore.training.reward import sampled_pairs
-from acemath_mcore.training.rm_losses import rm_loss
+from acemath_mcore.training.rm_losses import RM_LOSSES, group_ids, preference_pairs, rm_loss
 
 
 def random_groups(seed, sizes=(6, 6, 2, 5, 6, 3)):
@@ -98,6 +98,24 @@ def test_metrics():
     assert report["best correct"].tolist() == [1.0, 2.0]
     margin = (2.0 - 1.0) + (0.5 - 0.6)
     assert report["score margin"][0].item() == pytest.approx(margin) and report["score margin"][1] == 2
+
+
+@pytest.mark.parametrize("kind", RM_LOSSES)
+def test_a_nan_score_gives_a_nan_loss_not_an_error(kind):
+    """A NaN score (e.g. a bf16 overflow) must reach the engine's non-finite check as a NaN loss, with the
+    affected group's best-of-n verdict NaN; a clean group's verdict is unchanged."""
+    scores = torch.tensor([0.3, math.nan, -0.2, 0.1, 0.5, -1.0])
+    labels = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0])
+    sizes = torch.tensor([3, 3])
+    # pairwise_bt's one sampled pair per group: (0, 1) holds the NaN, (3, 4) is clean.
+    sampled = torch.zeros(6, 6, dtype=torch.bool)
+    sampled[0, 1] = sampled[3, 4] = True
+    assert torch.equal(sampled & preference_pairs(labels, group_ids(sizes)), sampled)
+    loss_sum, _, report = rm_loss(kind, scores, labels, sizes, sampled_pairs=sampled)
+    assert math.isnan(loss_sum.item())
+    assert math.isnan(report["best correct"][0].item()) and report["best correct"][1].item() == 2
+    clean = rm_loss(kind, scores[3:], labels[3:], sizes[1:], sampled_pairs=sampled[3:, 3:])[2]
+    assert clean["best correct"].tolist() == [0.0, 1.0]  # its top score 0.5 is a wrong answer
 
 
 def test_sampled_pairs_are_one_per_group_deterministic_and_layout_independent():

@@ -89,15 +89,17 @@ def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Te
     mixed = (num_positive > 0) & (num_negative > 0)
     mean_positive = _per_group_sum(torch.where(positive, scores, 0.0), groups, num_groups) / num_positive.clamp(min=1)
     mean_negative = _per_group_sum(torch.where(positive, 0.0, scores), groups, num_groups) / num_negative.clamp(min=1)
-    # Top-scored response of each group (the first one on ties, as best-of-n picks it).
+    # Top-scored response of each group (the first one on ties, as best-of-n picks it). A group with a NaN score
+    # has no top response: its verdict is NaN, so the step's non-finite check sees it (no out-of-range index).
     group_max = scores.new_full((num_groups,), -torch.inf).scatter_reduce(0, groups, scores, "amax")
     index = torch.arange(len(scores), device=scores.device)
     is_max = scores == group_max[groups]
-    first_best = torch.full((num_groups,), len(scores), device=scores.device).scatter_reduce(
+    first_best = torch.full((num_groups,), len(scores) - 1, device=scores.device).scatter_reduce(
         0, groups[is_max], index[is_max], "amin")
+    best_correct = torch.where(group_max.isnan(), torch.nan, positive[first_best].to(dtype))
     groups_counted = mixed.sum().to(dtype)
     return {
         "pairwise accuracy": torch.stack([(wins * pairs).sum(), pairs.sum().to(wins.dtype)]),
         "score margin": torch.stack([(mean_positive - mean_negative)[mixed].sum(), groups_counted]),
-        "best correct": torch.stack([positive[first_best[mixed]].to(dtype).sum(), groups_counted]),
+        "best correct": torch.stack([best_correct[mixed].sum(), groups_counted]),
     }
