@@ -427,6 +427,8 @@ def test_retention_keeps_the_new_checkpoint_and_leaves_an_earlier_runs_later_one
 
     for step in (1, 2, 3, 4, 6):
         (tmp_path / f"iter_{step:07d}").mkdir()
+    for step in (2, 5):  # saves cut short (e.g. preemption checkpoints killed at KillWait), with shards inside
+        (tmp_path / f"iter_{step:07d}.partial" / "shard").mkdir(parents=True)
     with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
         _remove_old(tmp_path, keep_last=2, step=3)  # a fresh run (resume=false) just published step 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "iter_0000003", "iter_0000004",
@@ -461,11 +463,20 @@ def test_unfinished_saves_are_ignored_with_a_warning(tmp_path, caplog):
         assert find_latest(tmp_path) == complete
     assert "ignoring incomplete checkpoint" in caplog.text and "iter_0000006.partial" in caplog.text
 
-    (tmp_path / "latest").write_text("iter_0000006\n")  # crash after the marker named a dir never finished
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
-        assert find_latest(tmp_path) is None
-    assert "not a complete checkpoint" in caplog.text
+
+
+@pytest.mark.parametrize("marker", ["iter_0000006\n", "", "iter_0000009\n"],
+                         ids=["unfinished", "empty", "removed"])
+def test_a_latest_marker_naming_no_checkpoint_is_an_error_not_a_fresh_start(tmp_path, marker):
+    from acemath_mcore.training.checkpointing import find_latest
+
+    (tmp_path / "iter_0000003").mkdir()
+    (tmp_path / "iter_0000003" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000006.partial").mkdir()
+    (tmp_path / "latest").write_text(marker)
+    with pytest.raises(FileNotFoundError, match=r"latest names '.*', which is not a complete checkpoint; published "
+                                                r"checkpoints there: iter_0000003\. Write the name"):
+        find_latest(tmp_path)
 
 
 def test_missing_latest_marker_is_reported(tmp_path, caplog):

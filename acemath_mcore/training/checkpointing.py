@@ -51,7 +51,11 @@ def iteration_dir(save_dir: str | Path, step: int) -> Path:
 
 
 def find_latest(save_dir: str | Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names, if it is complete; unfinished saves are reported and ignored."""
+    """The checkpoint ``latest`` names; unfinished saves are reported and ignored.
+
+    A marker that names no complete checkpoint (emptied by a node crash before it reached the disk, or its
+    directory removed) is an error rather than a fresh start: a requeued job would otherwise retrain the stage
+    from its initial weights without anyone noticing."""
     save_dir = Path(save_dir)
     for partial in sorted(save_dir.glob(f"iter_*{PARTIAL_SUFFIX}")):
         logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", partial)
@@ -61,10 +65,15 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
             logger.warning("%s has checkpoint directories but no '%s' marker: not resuming from them", save_dir,
                            LATEST)
         return None
-    target = save_dir / marker.read_text().strip()
-    if not (target / "metadata.json").is_file():
-        logger.warning("'%s' names %s, which is not a complete checkpoint: ignoring it", marker, target)
-        return None
+    name = marker.read_text().strip()
+    target = save_dir / name
+    if not name or not (target / "metadata.json").is_file():
+        published = sorted(p.name for p in save_dir.glob("iter_*")
+                           if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
+        raise FileNotFoundError(
+            f"{marker} names {name!r}, which is not a complete checkpoint; published checkpoints there: "
+            f"{', '.join(published) or 'none'}. Write the name of the one to resume from into {marker}, or start "
+            "over with checkpoint.resume=false")
     return target
 
 
@@ -150,11 +159,16 @@ def _finish_param_gather(model_chunks) -> None:
 
 
 def _remove_old(save_dir: Path, keep_last: int, step: int) -> None:
-    """Keep the ``keep_last`` newest checkpoints up to ``step`` (the one just published always survives).
+    """Keep the ``keep_last`` newest checkpoints up to ``step`` (the one just published always survives), and
+    delete unfinished saves: one save runs at a time, so after a publication every ``.partial`` is a dead save
+    (e.g. a preemption checkpoint cut short by Slurm's KillWait) that nothing will read or finish.
 
     Higher-numbered checkpoints left by an earlier run in the same directory (one started with ``resume=false``)
     are not this run's to delete; they are reported instead, since ``latest`` no longer names them.
     """
+    for partial in sorted(save_dir.glob(f"iter_*{PARTIAL_SUFFIX}")):
+        logger.info("removing unfinished save %s", partial)
+        shutil.rmtree(partial, ignore_errors=True)
     complete = sorted((int(p.name[len("iter_"):]), p) for p in save_dir.glob("iter_*")
                       if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX) and p.name[len("iter_"):].isdigit())
     newer = [p.name for number, p in complete if number > step]
