@@ -140,8 +140,13 @@ def _worker(rank, world_size, arch, tmp):
                                   {"consumed_samples": 0})
     _, rm_engine = engine_for(1, 1)
     fresh_head = rm_engine.model[0].module.reward_head.weight.detach().clone()
-    checkpointing.load_weights(f"{tmp}/lm", rm_engine.model)
+    checkpointing.load_weights(f"{tmp}/lm", rm_engine.model, keep_missing_optional=True)
     loaded = dict(canonical_parameters(rm_engine.model[0]))
+    try:  # scoring with the LM checkpoint by mistake: an untrained head would score at random
+        RewardScorer(arch, f"{tmp}/lm", ParallelConfig(), ModelOptions(spec="native"), tokens_per_row=48)
+        results["lm_scoring_error"] = None
+    except ValueError as error:
+        results["lm_scoring_error"] = str(error)
     results["lm_init"] = {
         "trunk_equal": all(torch.equal(param, lm_weights[name]) for name, param in loaded.items()
                            if name != REWARD_HEAD_WEIGHT),
@@ -220,6 +225,14 @@ def test_lm_checkpoint_initialises_the_trunk_and_a_fresh_head(results):
     assert lm_init["trunk_equal"]
     assert lm_init["head_kept"] and 0.01 < lm_init["head_std"] < 0.03  # normal(0, init_method_std=0.02)
     assert "output_layer.weight" not in lm_init["names"]
+
+
+def test_scoring_refuses_a_checkpoint_without_a_reward_head(results):
+    for rank_results in results:
+        error = rank_results["lm_scoring_error"]
+        assert error is not None and error.endswith("has no reward_head.weight: it holds no trained head for this "
+                                                    "model (a language model's checkpoint, e.g. an SFT stage's, "
+                                                    "where a reward model's was expected?)")
 
 
 def test_bf16_keeps_the_head_in_fp32(results):

@@ -277,11 +277,12 @@ def _load_without_step(part, param_state: Dict) -> None:
             states[param]["step"] = step
 
 
-def load_weights(checkpoint: str | Path, model_chunks) -> None:
-    """Weights only (stage initialisation): the optimizer and schedule start fresh. Tensors the model does not
-    have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error, except those
-    a model lists in ``optional_weight_keys`` (a reward head started from an SFT checkpoint), which keep their
-    initial values."""
+def load_weights(checkpoint: str | Path, model_chunks, keep_missing_optional: bool = False) -> None:
+    """Weights only (stage initialisation, inference): the optimizer and schedule start fresh. Tensors the model
+    does not have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error. With
+    ``keep_missing_optional`` (a new stage's start) the tensors a model lists in ``optional_weight_keys`` may be
+    missing and keep their initial values: a reward head started from an SFT checkpoint. Inference never allows
+    it, since an untrained head scores at random."""
     path = Path(checkpoint)
     if not (path / "metadata.json").is_file():
         latest = find_latest(path)
@@ -289,14 +290,15 @@ def load_weights(checkpoint: str | Path, model_chunks) -> None:
             raise FileNotFoundError(f"no checkpoint at {path} (neither a dist checkpoint nor a save dir with 'latest')")
         path = latest
     state = model_sharded_state_dict(model_chunks)
-    kept = _set_aside_absent_optional_tensors(state, model_chunks, path)
+    kept = _set_aside_absent_optional_tensors(state, model_chunks, path, keep_missing_optional)
     loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for chunk_key, tensors in kept.items():
         loaded[chunk_key].update(tensors)
     _load_model_chunks(model_chunks, loaded)
 
 
-def _set_aside_absent_optional_tensors(state: Dict[str, Any], model_chunks, path: Path) -> Dict[str, Dict]:
+def _set_aside_absent_optional_tensors(state: Dict[str, Any], model_chunks, path: Path,
+                                       allowed: bool) -> Dict[str, Dict]:
     """Remove from ``state`` the optional tensors that ``path`` does not store; returns their current values."""
     optional = [set(getattr(unwrap_model(chunk), "optional_weight_keys", ())) for chunk in model_chunks]
     if not any(optional):
@@ -306,6 +308,10 @@ def _set_aside_absent_optional_tensors(state: Dict[str, Any], model_chunks, path
     for (chunk_key, chunk_state), keys in zip(state.items(), optional):
         for name, tensor in list(chunk_state.items()):
             if getattr(tensor, "key", None) in keys and tensor.key not in stored:
+                if not allowed:
+                    raise ValueError(f"{path} has no {tensor.key}: it holds no trained head for this model (a "
+                                     "language model's checkpoint, e.g. an SFT stage's, where a reward model's "
+                                     "was expected?)")
                 kept.setdefault(chunk_key, {})[name] = chunk_state.pop(name).data
                 logger.info("%s has no %s: keeping its initial value", path, tensor.key)
     return kept

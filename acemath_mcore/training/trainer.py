@@ -305,7 +305,7 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
         engine.arch.check_matches(recorded_arch, f"checkpoint.init_from={config.checkpoint.init_from}")
         if config.checkpoint.save_dir and torch.distributed.get_rank() == 0:
             _inherit_description(Path(config.checkpoint.save_dir), engine.arch, hf_config, assets)
-        checkpointing.load_weights(init_dir, engine.model)
+        checkpointing.load_weights(init_dir, engine.model, keep_missing_optional=True)
         engine.optimizer.reload_model_params()
         logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
     else:
