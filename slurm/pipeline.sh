@@ -8,8 +8,9 @@
 #   DRY_RUN=1 ... bash slurm/pipeline.sh            # print the sbatch commands instead of submitting
 #
 # STAGES (default "sft_stage1 sft_stage2 math_sft rm eval"; no rm for 1.5B) picks a sub-chain, e.g.
-# STAGES="math_sft rm eval" with INIT_FROM=<stage-2 checkpoint>. Checkpoints go to CKPT_ROOT/<model>-<stage>
-# (default checkpoints/, as in the recipes); each stage starts from the previous one's (rm from math_sft's).
+# STAGES="math_sft rm eval". Checkpoints go to CKPT_ROOT/<model>-<stage> (default checkpoints/, as in the
+# recipes); each stage starts from the previous one's (rm from math_sft's), the first one from INIT_FROM, by
+# default the checkpoint of the stage before it in the chain (CKPT_ROOT/<model>-base for sft_stage1).
 # OVERRIDES apply to every training stage, OVERRIDES_<STAGE> (e.g. OVERRIDES_MATH_SFT) to one. Eval depends on
 # math_sft only: it evaluates that model, so it runs beside the RM training rather than after it.
 # Other knobs (SBATCH_ACCOUNT, CONTAINER_IMAGE, LOG_DIR, ...): docs/slurm.md.
@@ -26,7 +27,12 @@ if [[ $SIZE == 1p5b ]]; then default_stages="sft_stage1 sft_stage2 math_sft eval
 read -r -a stages <<<"${STAGES:-$default_stages}"
 ckpt_root=$(acemath_abspath "${CKPT_ROOT:-$REPO_DIR/checkpoints}")
 common_overrides=${OVERRIDES:-}
-first_init=$(acemath_abspath "${INIT_FROM:-$ckpt_root/$model-base}")
+# Without INIT_FROM a sub-chain starts where the recipes' defaults do: from the checkpoint of the stage before its
+# first one (the base model only for sft_stage1), never silently from the base model.
+declare -A previous_of=([sft_stage1]=base [sft_stage2]=sft_stage1 [math_sft]=sft_stage2 [rm]=math_sft [eval]=math_sft)
+first_stage=${STAGES:-$default_stages}
+first_stage=${first_stage%% *}
+first_init=$(acemath_abspath "${INIT_FROM:-$ckpt_root/$model-${previous_of[$first_stage]:-base}}")
 user_init=${INIT_FROM:-} user_ckpt=${CKPT:-}
 # These are per stage here: a global RECIPE / DATA / CKPT_DIR would silently apply to every stage.
 unset RECIPE DATA CKPT_DIR CKPT

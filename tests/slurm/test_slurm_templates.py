@@ -128,3 +128,22 @@ def test_a_72b_recipe_gets_the_72b_node_count_without_size(tmp_path):
     clash = _submit_dry_run(tmp_path, "sft_stage1", RECIPE="qwen25_math_72b_sft_stage1", SIZE="7b")
     assert clash.returncode != 0
     assert "RECIPE=qwen25_math_72b_sft_stage1 is a 72b recipe, but SIZE=7b" in clash.stderr
+
+
+@pytest.mark.parametrize("stages, first_init", [("sft_stage1 sft_stage2", "base"), ("sft_stage2 math_sft", "sft_stage1"),
+                                                ("math_sft rm eval", "sft_stage2"), ("rm", "math_sft")])
+def test_a_pipeline_sub_chain_starts_from_the_previous_stage_by_default(tmp_path, stages, first_init):
+    """Without INIT_FROM, STAGES="rm" must train the RM from the math-SFT checkpoint, as the recipe does, not
+    from the base model; each later stage starts from the one before it."""
+    import os
+
+    environment = {**os.environ, "DRY_RUN": "1", "PREFLIGHT": "0", "STAGES": stages, "CKPT_ROOT": str(tmp_path),
+                   **{var: str(tmp_path / "data") for var in ("DATA_STAGE1", "DATA_STAGE2", "DATA_MATH_SFT", "DATA_RM")}}
+    environment.pop("INIT_FROM", None)
+    done = subprocess.run(["bash", str(SLURM / "pipeline.sh")], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    starts = re.findall(r"INIT_FROM=(\S+)", done.stderr)
+    training = [stage for stage in stages.split() if stage != "eval"]
+    expected = [first_init] + [stage for stage in training[:-1] if stage != "rm"]
+    assert starts == [str(tmp_path / f"qwen2.5-math-7b-{name}") for name in expected]
