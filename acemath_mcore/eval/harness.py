@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
@@ -143,10 +144,12 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
     seconds = time.perf_counter() - started
     records = _grade(problems, fits, generations, encoder, n, benchmark)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    with results_path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    results_path.with_suffix(".meta.json").write_text(json.dumps({
+    # The .meta.json marks the results complete (a rerun skips them): the old one goes first and the new one is
+    # written last, each file through a rename, so a job killed mid-write never leaves a truncated file marked done.
+    meta_path = results_path.with_suffix(".meta.json")
+    meta_path.unlink(missing_ok=True)
+    _write_atomically(results_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    _write_atomically(meta_path, json.dumps({
         **(extra_meta or {}), "prompts_too_long": too_long, "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 2), "tokens_per_second": round(generated_tokens / max(seconds, 1e-9), 1),
     }, indent=2) + "\n")
@@ -154,6 +157,12 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
     log.info("%s: accuracy %.2f%% over %d responses, %d tokens in %.1f s -> %s", benchmark, accuracy,
              n * len(records), generated_tokens, seconds, results_path)
     return records
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _progress_logger(benchmark: str, started: float) -> Callable[[int, int], None]:
