@@ -209,7 +209,7 @@ rm_log=$WORK/jobs/logs/acemath-rm-7b-$rm_job.out
 
 # 5. Evaluation of the SFT model, after it (the pipeline's order): a job array, one benchmark per task.
 eval_job=$(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math" TP=1 \
-  MAX_NEW_TOKENS=16 EVAL_ARGS="--limit 4" EVAL_OUTPUT_DIR=eval LOG_DIR=logs \
+  MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4" EVAL_OUTPUT_DIR=eval LOG_DIR=logs \
   "$REPO/slurm/submit.sh" eval --gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1 --time=10 \
   --dependency="afterok:$sft" 2>"$WORK/log/submit_eval.err") || { cat "$WORK/log/submit_eval.err"; fail "submit.sh eval"; }
 JOBS+=("$eval_job")

@@ -280,14 +280,17 @@ acemath_eval_config() {
   ACEMATH_TOKENIZER=$(acemath_abspath "${TOKENIZER:-$REPO_DIR/../shared/tokenizers/qwen2}")
   local tp_default=2
   case $ACEMATH_SIZE in 1p5b) tp_default=1 ;; 72b) tp_default=8 ;; esac
-  local -a extra=() model_args=()
-  read -r -a extra <<<"${EVAL_ARGS---bf16}"
+  local -a extra=() model_args=() precision=(--bf16)
+  # Precision is its own knob: extra arguments (EVAL_ARGS="--top-k 20") must not turn bf16 off as a side effect.
+  if [[ ${EVAL_BF16:-1} == 0 ]]; then precision=(); fi
+  read -r -a extra <<<"${EVAL_ARGS:-}"
   # The checkpoint records its architecture (model_arch.json); an explicit MODEL is checked against it.
   if [[ -n ${MODEL:-} ]]; then model_args=(--model "$MODEL"); fi
   ACEMATH_EVAL_ARGS=(--backend megatron --checkpoint "$ACEMATH_CKPT" "${model_args[@]}"
     --tokenizer "$ACEMATH_TOKENIZER" --template "${TEMPLATE:-chatml}" --data-dir "$ACEMATH_EVAL_DATA"
     --output-dir "$ACEMATH_EVAL_OUT" --num-samples "${NUM_SAMPLES:-1}" --temperature "${TEMPERATURE:-0}"
-    --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --tensor-parallel "${TP:-$tp_default}" "${extra[@]}")
+    --top-p "${TOP_P:-1.0}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --tensor-parallel "${TP:-$tp_default}"
+    "${precision[@]}" "${extra[@]}")
 }
 
 acemath_check_eval() {  # now | upstream (the checkpoint is written by an earlier job)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # AceMath evaluation as a job array: task i runs launch/evaluate.py (megatron backend) on the i-th of BENCHMARKS
 # (default: gsm8k math minerva_math gaokao2023en olympiadbench college_math mmlu_stem aime24 amc23); the task that
-# completes the set writes summary.md. Greedy pass@1 by default; NUM_SAMPLES/TEMPERATURE for sampled candidates.
+# completes the set writes summary.md. Greedy pass@1 by default; NUM_SAMPLES/TEMPERATURE/TOP_P for sampled candidates.
 #   CKPT=checkpoints/qwen2.5-math-7b-math_sft sbatch slurm/eval.sh      # SIZE picks the preset and TP
 #   BENCHMARKS="gsm8k math500" slurm/submit.sh eval                      # submit.sh sizes --array to BENCHMARKS
 # A requeued task skips benchmarks already written with the same settings. No --signal: evaluation does not

@@ -147,3 +147,18 @@ def test_a_pipeline_sub_chain_starts_from_the_previous_stage_by_default(tmp_path
     training = [stage for stage in stages.split() if stage != "eval"]
     expected = [first_init] + [stage for stage in training[:-1] if stage != "rm"]
     assert starts == [str(tmp_path / f"qwen2.5-math-7b-{name}") for name in expected]
+
+
+@pytest.mark.parametrize("env, bf16", [({}, True), ({"EVAL_ARGS": "--top-k 20"}, True), ({"EVAL_BF16": "0"}, False)])
+def test_eval_extra_arguments_do_not_change_the_precision(env, bf16):
+    import os
+
+    script = f'source "{SLURM}/common.sh"; acemath_eval_config; printf "%s\\n" "${{ACEMATH_EVAL_ARGS[@]}}"'
+    done = subprocess.run(["bash", "-c", script], env={**os.environ, "REPO_DIR": str(REPO), **env},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    arguments = done.stdout.split("\n")
+    assert ("--bf16" in arguments) == bf16
+    assert arguments[arguments.index("--top-p") + 1] == "1.0"
+    if "EVAL_ARGS" in env:
+        assert arguments[-3:-1] == ["--top-k", "20"]
