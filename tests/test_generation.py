@@ -161,3 +161,45 @@ def test_hf_backend_gives_each_row_its_own_context_budget():
     assert together == alone
     assert len(alone[1].token_ids) <= 60 - len(long)
     assert len(alone[0].token_ids) == 30 or alone[0].finish_reason == "stop"
+
+
+def test_hf_backend_decodes_with_the_requested_settings_only(tmp_path):
+    """A checkpoint's generation_config.json (repetition penalty, top-k, beams) and transformers' global defaults
+    (top-k 50) must not change what the HF backend decodes: greedy is the argmax chain and sampling at a
+    temperature is plain softmax sampling, token for token against a loop over the model's logits."""
+    import json
+    import shutil
+
+    import transformers
+
+    from acemath_mcore.eval.backends import HFBackend
+
+    model_dir = tmp_path / "stories"
+    shutil.copytree(stories_dir(), model_dir)
+    config_path = model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config.update(repetition_penalty=1.5, top_k=20, do_sample=True, num_beams=2)
+    config_path.write_text(json.dumps(config))
+    backend = HFBackend(str(model_dir), stop_ids=[2], pad_id=0, dtype="float32", device="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories_dir(), dtype=torch.float32,
+                                                              use_safetensors=True).eval()
+    prompt, steps, temperature = [1, 365, 462, 471, 263], 20, 1.3
+
+    def reference(pick) -> list:
+        tokens, chosen = torch.tensor([prompt]), []
+        with torch.no_grad():
+            for _ in range(steps):
+                token = pick(model(tokens).logits[:, -1, :].float())
+                if token == 2:
+                    break
+                chosen.append(token)
+                tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+        return chosen
+
+    greedy = backend.generate([prompt], SamplingParams(max_new_tokens=steps), seed=0, progress=lambda d, t: None)
+    assert greedy[0].token_ids == reference(lambda logits: int(logits.argmax()))
+    sampled = backend.generate([prompt], SamplingParams(max_new_tokens=steps, temperature=temperature), seed=5,
+                               progress=lambda d, t: None)
+    torch.manual_seed(5)  # the backend seeds its first batch with the seed itself
+    expected = reference(lambda logits: int(torch.multinomial(torch.softmax(logits / temperature, -1), 1)))
+    assert sampled[0].token_ids == expected and len(set(expected)) > 5

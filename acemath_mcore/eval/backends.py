@@ -75,6 +75,10 @@ class HFBackend:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True).to(self.device).eval()
+        # Decode with exactly the requested settings, like the other backends: transformers fills every setting
+        # left unset from the checkpoint's generation_config.json (Qwen2.5-Instruct's has repetition_penalty 1.05
+        # and top_k 20), then from its global defaults (top_k 50).
+        self.model.generation_config = transformers.GenerationConfig()
         self.stop_ids, self.pad_id, self.max_batch_size = list(stop_ids), pad_id, max_batch_size
         self.max_sequence_length = max_sequence_length or self.model.config.max_position_embeddings
 
@@ -96,7 +100,7 @@ class HFBackend:
                 attention_mask[slot, width - len(prompts[row]):] = 1
             torch.manual_seed(seed + _SEED_STRIDE * batch_number)
             sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p,
-                                                 "top_k": params.top_k or None}
+                                                 "top_k": params.top_k}  # 0: no top-k cut, as in SamplingParams
             output = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                 do_sample=not params.greedy, max_new_tokens=budget, eos_token_id=self.stop_ids,
