@@ -148,6 +148,10 @@ def _trainer_runs(rank, world_size, prefix, root):
     logging.getLogger("acemath_mcore").removeHandler(warnings)
     results["extended_lr"] = {row["step"]: row["lr"] for row in extended["history"]}
     results["extended_warnings"] = warnings.messages
+    from megatron.core import dist_checkpointing
+
+    saved = dist_checkpointing.load_common_state_dict(extended["checkpoint"])["train_state"]["data"]
+    results["saved_data_order"] = (saved, sft_training_data(_config(prefix, None, f"{root}/runs", STEPS)).num_samples)
     parallel_state.destroy_model_parallel()
     try:
         train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 4, extra=["global_batch_size=4"]))
@@ -413,6 +417,18 @@ def test_resume_applies_the_configured_schedule(trainer_results):
     warnings = "\n".join(trainer_results["extended_warnings"])
     assert "max_lr 0.002 -> 0.001" in warnings and f"lr_decay_steps {STEPS} -> {STEPS + 2}" in warnings
     assert "data settings that differ" in warnings and "seed 1234 -> 99" in warnings
+    assert "num_samples" not in warnings  # the same data
+    saved, num_samples = trainer_results["saved_data_order"]
+    assert saved["num_samples"] == num_samples and saved["seed"] == 99  # a prefix rebuilt under its name is seen
+
+
+def test_fractional_epochs_round_to_the_nearest_step_count_first():
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.training.trainer import total_steps
+
+    for epochs, steps in (("0.29", 29), ("2.3", 230), ("0.57", 57), ("0.005", 1), ("0.999", 99)):
+        config = apply_overrides(get_recipe("tiny_sft"), [f"epochs={epochs}", "global_batch_size=10"])
+        assert total_steps(config, num_samples=1000) == steps, epochs
 
 
 def test_resume_reports_the_stage_first_loss_and_refuses_another_batch_size(trainer_results):

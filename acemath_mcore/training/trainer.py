@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import shutil
 import signal
 import time
@@ -130,7 +131,8 @@ def total_steps(config: TrainConfig, num_samples: int) -> int:
     if left_out:
         logger.warning("%d of the %d samples do not fill a last global batch of %d: every epoch leaves that many "
                        "out (drawn anew each epoch by its shuffle)", left_out, num_samples, config.global_batch_size)
-    return max(1, int(config.epochs * steps_per_epoch))
+    # Rounded first: 0.29 * 100 is 28.999999999999996 in floating point, which must give 29 steps, not 28.
+    return max(1, math.floor(round(config.epochs * steps_per_epoch, 6)))
 
 
 def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
@@ -166,13 +168,16 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     micro_batches_per_step = check_batch_arithmetic(config, dp_size)
     steps = total_steps(config, data.num_samples)
+    data_order = _data_order(config, data.num_samples)
     valid_batches = 0 if validation is None else validation.num_samples // config.global_batch_size
     if validation is not None and valid_batches == 0:
         raise ValueError(f"data.valid_prefixes hold {validation.num_samples} samples, fewer than one global batch "
                          f"({config.global_batch_size}); add held-out data or leave data.valid_prefixes empty")
     if validation is not None:
-        logger.info("validation: %s; %d global batches every %s", validation.description, valid_batches,
-                    f"{config.eval_interval} steps and at the end" if config.eval_interval else "run, at the end")
+        unscored = validation.num_samples - valid_batches * config.global_batch_size
+        logger.info("validation: %s; %d global batches every %s%s", validation.description, valid_batches,
+                    f"{config.eval_interval} steps and at the end" if config.eval_interval else "run, at the end",
+                    f" ({unscored} held-out samples left out: not a whole global batch)" if unscored else "")
     logger.info("%s: %s, %d samples/epoch, %d steps of %d samples (%d micro-batches of %d per rank, DP=%d)",
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
@@ -186,7 +191,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
         logger.info("model %s: %s layer spec, %s%s%s", config.model, resolve_spec_name(options.spec),
                     "bf16" if options.bf16 else "fp32", f", FP8 {options.fp8_recipe}" if options.fp8 else "",
                     f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
-        resumed = _initialise(config, engine)
+        resumed = _initialise(config, engine, data_order)
         start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
         loader = data.make_loader(consumed_samples, dp_rank, dp_size)
         metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
@@ -239,12 +244,12 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 metrics.update(rates)  # the summary's final_metrics: the last line's job-wide rates
                 metrics_logger.log_step(step, {**record, **rates})
             if saving:
-                _save(config, engine, step, consumed_samples, first_loss, final_loss)
+                _save(config, engine, data_order, step, consumed_samples, first_loss, final_loss)
             if preempted:
                 exit_code = EXIT_PREEMPTED
                 break
         if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
-            _save(config, engine, step, consumed_samples, first_loss, final_loss)
+            _save(config, engine, data_order, step, consumed_samples, first_loss, final_loss)
     except BaseException:
         if unlogged.steps:  # the steps before a failure are worth reading (rank 0 only, no collective: estimates)
             metrics_logger.log_step(step, unlogged.reduce())
@@ -272,7 +277,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     return summary
 
 
-def _initialise(config: TrainConfig, engine: Engine) -> Dict:
+def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
     """Resume this stage from its latest checkpoint (returns its train state), else start from ``init_from``
     weights, else from scratch (step 0)."""
     latest = checkpointing.find_latest(config.checkpoint.save_dir) if (
@@ -286,13 +291,13 @@ def _initialise(config: TrainConfig, engine: Engine) -> Dict:
                              f"{config.global_batch_size}: the step count and data position would no longer match "
                              f"the epoch. Resume with global_batch_size={saved_batch}, or start a new stage from "
                              f"it with checkpoint.init_from={latest} and another checkpoint.save_dir")
-        data_order = _data_order(config)
         saved_data = state.get("data", data_order)
-        changed = {key: (saved_data.get(key), value) for key, value in data_order.items()
-                   if saved_data.get(key) != value}
+        changed = {key: (saved_data[key], value) for key, value in data_order.items()
+                   if key in saved_data and saved_data[key] != value}  # num_samples: recorded since 2026-11
         if changed:
             logger.warning("resuming %s with data settings that differ from the saved run's (saved -> now: %s): the "
-                           "sample order from step %d on is not the one the run started with", latest,
+                           "sample order from step %d on is not the one the run started with (this epoch may repeat "
+                           "some samples and skip others)", latest,
                            "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), state["step"])
         engine.step = state["step"]
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, state["step"],
@@ -323,11 +328,12 @@ def _validate(engine: Engine, task: Task, validation: TrainingData, global_batch
     return {f"valid_{name}": value for name, value in engine.evaluate(task, batches).items()}
 
 
-def _data_order(config: TrainConfig) -> Dict:
-    """What the sample order is a function of; a resume with other values continues in another order."""
+def _data_order(config: TrainConfig, num_samples: int) -> Dict:
+    """What the sample order is a function of; a resume with other values continues in another order. The
+    number of samples catches a prefix rebuilt under the same name (each epoch's shuffle is over that count)."""
     data = config.data
     return {"prefixes": list(data.prefixes), "weights": list(data.weights), "seq_length": data.seq_length,
-            "packed": data.packed, "seed": config.seed}
+            "packed": data.packed, "seed": config.seed, "num_samples": num_samples}
 
 
 def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets: Optional[Path]) -> None:
@@ -342,11 +348,11 @@ def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets
         copy_assets(assets, save_dir / ASSETS_DIR)
 
 
-def _save(config: TrainConfig, engine: Engine, step: int, consumed_samples: int, first_loss: Optional[float],
-          final_loss: Optional[float]) -> None:
+def _save(config: TrainConfig, engine: Engine, data_order: Dict, step: int, consumed_samples: int,
+          first_loss: Optional[float], final_loss: Optional[float]) -> None:
     start = time.perf_counter()
     train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
-                   "first_loss": first_loss, "final_loss": final_loss, "data": _data_order(config)}
+                   "first_loss": first_loss, "final_loss": final_loss, "data": data_order}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
                                          engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
