@@ -63,7 +63,7 @@ def test_missing_tensor(tiny_dirs, tmp_path):
     tensors = load_file(hf_dir / "model.safetensors")
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(KeyError, match="model.layers.1.mlp.up_proj.weight missing"):
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight missing"):
         convert(hf_dir, tmp_path / "out")
 
 

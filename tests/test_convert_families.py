@@ -221,7 +221,7 @@ def test_export_errors_are_clear(converted, tmp_path):
         export_megatron_to_hf(tmp_path / "nowhere", tmp_path / "out")
     with pytest.raises(ValueError, match="cannot tell which model"):
         export_megatron_to_hf(checkpoint, tmp_path / "out")
-    with pytest.raises(KeyError, match="has no tensor decoder.layers.0.self_attention.linear_qkv.bias"):
+    with pytest.raises(ValueError, match="has no tensor decoder.layers.0.self_attention.linear_qkv.bias"):
         export_megatron_to_hf(checkpoint, tmp_path / "out", hf_template=hf_dirs[("qwen2-untied", 2)])
     with pytest.raises(ValueError, match="holds 2 decoder layers, the architecture has 32"):
         export_megatron_to_hf(checkpoint, tmp_path / "out", preset="llama3.1-8b")

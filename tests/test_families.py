@@ -122,7 +122,7 @@ def test_unsupported_inputs_give_clear_errors():
         LLAMA.arch_from_hf({**base, "attention_bias": True})
     with pytest.raises(ValueError, match="tensor_parallel=4 does not divide num_query_groups=2"):
         get_preset("qwen2.5-1.5b").check_tensor_parallel(4)
-    with pytest.raises(KeyError, match="unknown model preset 'qwen3'"):
+    with pytest.raises(ValueError, match="unknown model preset 'qwen3'"):
         get_preset("qwen3")
 
 

@@ -89,7 +89,7 @@ class HFCheckpoint:
         missing = [name for name in expected if name not in self._file_of]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise KeyError(f"{self.path}: tensor(s) {', '.join(missing[:3])}{more} missing from the checkpoint "
+            raise ValueError(f"{self.path}: tensor(s) {', '.join(missing[:3])}{more} missing from the checkpoint "
                            f"(a {self.config.get('architectures')} with {self.arch.num_layers} layers needs them)")
         for name, shape in expected.items():
             actual = self._stored_shape(name)

@@ -106,7 +106,7 @@ def _check_shapes(reader: DistCheckpointReader, rules: List[TensorRule], arch: M
     for rule in rules:
         stored = reader.global_shape(rule.megatron_name)
         if stored is None:
-            raise KeyError(f"{checkpoint} has no tensor {rule.megatron_name}, which {arch.family} with "
+            raise ValueError(f"{checkpoint} has no tensor {rule.megatron_name}, which {arch.family} with "
                            f"tie_embeddings={arch.tie_embeddings} needs")
         expected = _expected_shape(rule, arch, shapes)
         if stored != expected:

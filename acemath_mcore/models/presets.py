@@ -44,7 +44,7 @@ def get_preset(name: str) -> ModelArch:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
 def resolve_arch(model: str) -> ModelArch:
