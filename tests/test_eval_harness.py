@@ -95,6 +95,45 @@ def test_greedy_run_grades_writes_and_skips_a_finished_benchmark(tmp_path, encod
     assert backend.calls == 4
 
 
+def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm8k, monkeypatch):
+    """An --overwrite rerun killed while writing its results must not leave the old .meta.json beside a
+    truncated .jsonl: the next run would take them for finished results."""
+    import acemath_mcore.eval.harness as harness
+
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
+    run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    finished = (tmp_path / "gsm8k.jsonl").read_text()
+
+    def killed(path, text):  # the job dies half-way through its first file
+        path.with_name(path.name + ".partial").write_text(text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness, "_write_atomically", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(backend, encoder, _settings(tmp_path, overwrite=True), model_name="scripted")
+    monkeypatch.undo()
+    assert (tmp_path / "gsm8k.jsonl").read_text() == finished  # the complete old file, not a truncated one
+    assert not (tmp_path / "gsm8k.meta.json").exists()
+    run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    assert backend.calls == 3  # regenerated, not skipped
+    assert (tmp_path / "gsm8k.meta.json").is_file() and (tmp_path / "gsm8k.jsonl").read_text() == finished
+
+
+def test_the_table_names_benchmarks_made_with_other_settings(tmp_path, encoder, gsm8k):
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
+    run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
+    meta = json.loads((tmp_path / "gsm8k.meta.json").read_text())
+    for name, changes in (("minerva_math", {}), ("math", {"seed": 1}), ("college_math", {"model": "other"})):
+        (tmp_path / f"{name}.jsonl").write_text((tmp_path / "gsm8k.jsonl").read_text())
+        settings = {**meta["settings"], "benchmark": name, **changes}
+        (tmp_path / f"{name}.meta.json").write_text(json.dumps({**meta, "settings": settings}))
+    summary = summarize(tmp_path)
+    assert summary["mixed_settings"] == {"math": ["seed"], "college_math": ["model"]}
+    assert format_summary(summary).endswith("**Not comparable:** made with other settings than the rest: "
+                                            "college_math (model), math (seed)")
+    assert "mixed_settings" not in summarize(tmp_path, ["gsm8k", "minerva_math"])
+
+
 def test_summarize_only_tables_just_the_named_benchmarks(tmp_path, encoder, gsm8k, capsys):
     evaluate_main = launch_main("evaluate")
     backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)

@@ -215,7 +215,7 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
                                                        if (output_dir / f"{p.stem}.meta.json").is_file())
     if not names:
         raise FileNotFoundError(f"no benchmark results (<benchmark>.jsonl with its .meta.json) in {output_dir}")
-    rows = {}
+    rows, settings = {}, {}
     for name in names:
         path = output_dir / f"{name}.jsonl"
         if not path.is_file():
@@ -228,10 +228,31 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
             row.update(metrics_at_k(records, n))
         meta = output_dir / f"{name}.meta.json"
         if meta.is_file():
-            row["prompts_too_long"] = json.loads(meta.read_text()).get("prompts_too_long", 0)
+            stored = json.loads(meta.read_text())
+            row["prompts_too_long"] = stored.get("prompts_too_long", 0)
+            settings[name] = {key: value for key, value in (stored.get("settings") or {}).items() if key != "benchmark"}
         rows[name] = row
     average = sum(row["pass@1"] for row in rows.values()) / max(1, len(rows))
-    return {"benchmarks": rows, "average": average}
+    summary = {"benchmarks": rows, "average": average}
+    mixed = _settings_outliers(settings)
+    if mixed:
+        summary["mixed_settings"] = mixed
+    return summary
+
+
+def _settings_outliers(settings: Dict[str, dict]) -> Dict[str, List[str]]:
+    """Benchmarks generated with other settings (model, sampling, seed, ...) than the most common ones, with the
+    keys that differ: a directory can mix runs (an array rerun with new settings, half done), and a table that
+    averages them would compare different models or decoding without saying so."""
+    if len(settings) < 2:
+        return {}
+    encoded = {name: json.dumps(value, sort_keys=True) for name, value in settings.items()}
+    counts: Dict[str, int] = {}
+    for value in encoded.values():
+        counts[value] = counts.get(value, 0) + 1
+    common = settings[next(name for name, value in encoded.items() if counts[value] == max(counts.values()))]
+    return {name: sorted(key for key in set(value) | set(common) if value.get(key) != common.get(key))
+            for name, value in settings.items() if value != common}
 
 
 def format_summary(summary: dict) -> str:
@@ -251,6 +272,9 @@ def format_summary(summary: dict) -> str:
     if too_long:
         lines.append("\nPrompts over the context, scored wrong: "
                      + ", ".join(f"{name} {count}" for name, count in too_long.items()))
+    if summary.get("mixed_settings"):
+        lines.append("\n**Not comparable:** made with other settings than the rest: " + ", ".join(
+            f"{name} ({', '.join(keys)})" for name, keys in summary["mixed_settings"].items()))
     return "\n".join(lines)
 
 
