@@ -144,7 +144,8 @@ def _trainer_runs(rank, world_size, prefix, root):
     # count, and both changes are reported.
     warnings = _WarningRecorder()
     logging.getLogger("acemath_mcore").addHandler(warnings)
-    extended = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 2, extra=["optim.lr=1e-3", "seed=99"]))
+    extended = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 2,
+                                 extra=["optim.lr=1e-3", "seed=99", f"checkpoint.init_from={root}/elsewhere"]))
     logging.getLogger("acemath_mcore").removeHandler(warnings)
     results["extended_lr"] = {row["step"]: row["lr"] for row in extended["history"]}
     results["extended_warnings"] = warnings.messages
@@ -418,6 +419,8 @@ def test_resume_applies_the_configured_schedule(trainer_results):
     assert "max_lr 0.002 -> 0.001" in warnings and f"lr_decay_steps {STEPS} -> {STEPS + 2}" in warnings
     assert "data settings that differ" in warnings and "seed 1234 -> 99" in warnings
     assert "num_samples" not in warnings  # the same data
+    assert "init_from=" in warnings and "/elsewhere is not used: resuming" in warnings
+    assert "a stage that started from random weights" in warnings
     saved, num_samples = trainer_results["saved_data_order"]
     assert saved["num_samples"] == num_samples and saved["seed"] == 99  # a prefix rebuilt under its name is seen
 

@@ -299,6 +299,11 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
                            "sample order from step %d on is not the one the run started with (this epoch may repeat "
                            "some samples and skip others)", latest,
                            "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), state["step"])
+        started_from = state.get("init_from", config.checkpoint.init_from)  # recorded since 2026-11
+        if config.checkpoint.init_from != started_from:
+            logger.warning("checkpoint.init_from=%s is not used: resuming %s, a stage that started from %s (to start "
+                           "the stage over from these weights, set checkpoint.resume=false or another "
+                           "checkpoint.save_dir)", config.checkpoint.init_from, latest, started_from or "random weights")
         engine.step = state["step"]
         logger.info("resumed from %s at step %d (%d samples consumed)", latest, state["step"],
                     state["consumed_samples"])
@@ -352,7 +357,8 @@ def _save(config: TrainConfig, engine: Engine, data_order: Dict, step: int, cons
           first_loss: Optional[float], final_loss: Optional[float]) -> None:
     start = time.perf_counter()
     train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
-                   "first_loss": first_loss, "final_loss": final_loss, "data": data_order}
+                   "first_loss": first_loss, "final_loss": final_loss, "data": data_order,
+                   "init_from": config.checkpoint.init_from}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
                                          engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
