@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together per process")
     parser.add_argument("--tensor-parallel", type=int, default=1)
+    parser.add_argument("--timeout-minutes", type=int, default=30,
+                        help="megatron: how long a rank waits in a collective for the others (rank 0 grades each "
+                             "benchmark while the rest wait; raise it for very many samples)")
     parser.add_argument("--bf16", action="store_true", help="megatron: bf16 weights (hf/vllm: see --dtype)")
     parser.add_argument("--dtype", default="bfloat16", help="hf/vllm weight dtype")
     parser.add_argument("--overwrite", action="store_true", help="regenerate benchmarks that already have results")
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         # a newer iteration meanwhile).
         checkpoint = resolve_checkpoint_dir(args.checkpoint).resolve()
         install_stack_dumps()
-        launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel), seed=args.seed)
+        launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel,
+                                                 timeout_minutes=args.timeout_minutes), seed=args.seed)
         setup_console_logging(launch.rank)
         try:
             tokenizer = load_tokenizer(tokenizer_path)

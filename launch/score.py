@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--tokens-per-row", type=int, default=8192, help="packed row length (longest response fits)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--timeout-minutes", type=int, default=30,
+                        help="how long a rank waits in a collective for the others before the job fails")
     return parser
 
 
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     arch = resolve_arch(args.model)
     arch.check_matches(find_model_description(checkpoint)[0], f"{args.checkpoint} (model_arch.json)")
     parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
-                              sequence_parallel=args.sequence_parallel)
+                              sequence_parallel=args.sequence_parallel, timeout_minutes=args.timeout_minutes)
     install_stack_dumps()
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)
