@@ -10,6 +10,7 @@
 #          then the loss kernels alone (benchmarks/cross_entropy_speed.py)
 #   idle   the headline's TE bf16 and FP8 steps profiled: GPU busy time per kernel class and the GPU's idle time
 #          per host phase of the engine (what FP8's remaining gap to 1.25x bf16 is made of)
+#   graphs the headline's TE bf16 and FP8 steps with CUDA graphs of every layer's MLP, profiled (compare with idle)
 #   wgrad  qwen2.5-1.5b packed, mbs 2 x 2, TE and native specs, gradient-accumulation fusion on, then off
 #   accum  the training-shaped step: mbs 2 x 8 micro-batches (64k tokens, one of 8 GPUs' share of 128 x 4096),
 #          TE bf16, TE FP8 (delayed) and native, each with a profiled step (GPU busy share, time per kernel class)
@@ -35,7 +36,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-groups="tests headline idle wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf"
+groups="tests headline idle graphs wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf"
 [ $# -gt 0 ] || { echo "usage: $0 GROUP... ($groups)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
@@ -45,6 +46,8 @@ for group in "$@"; do
             bench --impls te,te-fp8,native --packed --micro-batch 4 --micro-batches 4
             python3 benchmarks/cross_entropy_speed.py 2>&1 | tee -a "$out/sweep.log" || failed=1 ;;
         idle) bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 4 --warmup 2 --profile ;;
+        graphs) bench --impls te,te-fp8 --packed --micro-batch 4 --micro-batches 4 --steps 4 --warmup 3 --profile \
+            --cuda-graph mlp ;;
         wgrad)
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2
             bench --impls te,native --packed --micro-batch 2 --micro-batches 2 --no-wgrad-fusion ;;

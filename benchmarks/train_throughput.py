@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
+from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS  # noqa: E402
 from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_CHOICES  # noqa: E402
 
 IMPLS = ("te", "te-fp8", "native", "hf")
@@ -45,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--cross-entropy", default="auto", choices=LM_CROSS_ENTROPY_CHOICES,
                         help="language-model loss kernel (ModelOptions.cross_entropy)")
     parser.add_argument("--fp8-recipe", default="delayed", help="te-fp8: delayed | tensorwise | blockwise | mxfp8")
+    parser.add_argument("--cuda-graph", default=None, choices=[None, "mlp"],
+                        help="te, te-fp8: CUDA graphs of every layer's MLP (ModelOptions.cuda_graph), captured during "
+                             "the warm-up steps")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--task", default="sft", choices=["sft", "rm"],
@@ -146,7 +150,8 @@ def run_mcore(args, impl: str) -> dict:
     arch = benchmark_arch(args)
     options = ModelOptions(spec="native" if impl == "native" else "te", bf16=True, recompute=args.recompute,
                            fp8="hybrid" if impl == "te-fp8" else None, fp8_recipe=args.fp8_recipe,
-                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy)
+                           gradient_accumulation_fusion=not args.no_wgrad_fusion, cross_entropy=args.cross_entropy,
+                           cuda_graph=args.cuda_graph if impl != "native" else None)
     if args.task == "rm":
         from acemath_mcore.training.reward import RewardTask, build_reward_model_chunk
 
@@ -317,6 +322,9 @@ def worker(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.cuda_graph and args.warmup <= CUDA_GRAPH_WARMUP_STEPS:
+        raise SystemExit(f"--cuda-graph captures after {CUDA_GRAPH_WARMUP_STEPS} eager steps: use --warmup "
+                         f"{CUDA_GRAPH_WARMUP_STEPS + 1} or more so the timed steps replay the graphs")
     if args.worker:
         return worker(args)
     peak = measured_matmul_peak()
@@ -345,6 +353,7 @@ def main(argv=None) -> None:
                       wgrad_fusion=not args.no_wgrad_fusion and impl != "hf",
                       cross_entropy=args.cross_entropy if impl != "hf" and args.task == "sft" else None,
                       fp8_recipe=args.fp8_recipe if impl == "te-fp8" else None,
+                      cuda_graph=args.cuda_graph if impl in ("te", "te-fp8") else None,
                       measured_peak_tflops=peak / 1e12, device=torch.cuda.get_device_name(),
                       date=time.strftime("%Y-%m-%d"))
         rows.append(result)
@@ -354,7 +363,7 @@ def main(argv=None) -> None:
     print(f"\n{args.task} {args.model} seq {args.seq_length} {'packed' if args.packed else 'unpacked'} "
           f"mbs {micro_batch}{'' if args.task == 'sft' else ' group(s)'} x {args.micro_batches} "
           f"wgrad fusion {'off' if args.no_wgrad_fusion else 'on'} "
-          f"cross entropy {args.cross_entropy}  "
+          f"cross entropy {args.cross_entropy}{' cuda graphs ' + args.cuda_graph if args.cuda_graph else ''}  "
           f"(measured bf16 peak {peak / 1e12:.0f} TFLOP/s)")
     print(f"{'impl':8} {'status':8} {'tokens/s':>10} {'MFU(meas)':>9} {'MFU(989)':>9} {'step s':>7} {'mem GiB':>8}")
     for r in rows:

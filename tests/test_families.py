@@ -170,3 +170,31 @@ def test_fp8_on_the_native_spec_says_it_needs_transformer_engine():
     with pytest.raises(RuntimeError, match=r"FP8 needs Transformer Engine's layer spec \(model_options.spec=te\); this "
                                            r"model is built with the native spec \(Transformer Engine is not available"):
         transformer_config(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native", fp8="hybrid"))
+
+
+def test_cuda_graph_options_are_checked_before_any_model_exists():
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.models.builder import transformer_config
+    from acemath_mcore.runtime import ParallelConfig
+
+    arch = get_preset("tiny")
+    with pytest.raises(ValueError, match=r"model_options.cuda_graph='attn': choose none or one of \('mlp',\)"):
+        transformer_config(arch, ParallelConfig(), ModelOptions(spec="native", bf16=True, cuda_graph="attn"))
+    with pytest.raises(RuntimeError, match=r"cuda_graph needs Transformer Engine's layer spec on a GPU \(model_options"
+                                           r".spec=te\); this model is built with the native spec on a machine"):
+        transformer_config(arch, ParallelConfig(), ModelOptions(spec="native", bf16=True, cuda_graph="mlp"))
+
+
+def test_cuda_graph_fields_are_ones_the_installed_megatron_accepts():
+    """The scope field changed name between megatron-core 0.16 and 0.17; the fields chosen for the installed one
+    must construct a TransformerConfig whose normalised scope is the MLP alone."""
+    from megatron.core.transformer import TransformerConfig
+
+    from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS, cuda_graph_fields
+
+    fields = cuda_graph_fields("mlp")
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, bf16=True, **fields)
+    scope = getattr(config, "cuda_graph_modules", None) or config.cuda_graph_scope
+    assert [item.name for item in scope] == ["mlp"]
+    assert config.cuda_graph_impl == "transformer_engine"
+    assert config.cuda_graph_warmup_steps == CUDA_GRAPH_WARMUP_STEPS

@@ -35,6 +35,14 @@ class ModelOptions:
     gradient_accumulation_fusion: bool = True
     # Language-model loss kernel: auto | triton | megatron (runtime/device.lm_cross_entropy says which runs where).
     cross_entropy: str = "auto"
+    # None | "mlp": Transformer Engine CUDA graphs of every layer's MLP, captured after CUDA_GRAPH_WARMUP_STEPS
+    # eager training steps, to cut the host's per-module launch work (TE spec, bf16, GPU). Attention stays
+    # eager: it reads each packed micro-batch's own document boundaries, which a graph cannot take.
+    cuda_graph: Optional[str] = None
+
+
+CUDA_GRAPH_SCOPES = ("mlp",)
+CUDA_GRAPH_WARMUP_STEPS = 2
 
 
 @dataclasses.dataclass
@@ -90,6 +98,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     elif options.recompute is not None:
         raise ValueError(f"recompute must be None, 'selective' or 'full', got {options.recompute!r}")
     fp8 = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe) if options.fp8 else {}
+    graphs = _checked_cuda_graph_fields(options, spec)
     fuse_wgrad = options.gradient_accumulation_fusion and with_ddp
     if fuse_wgrad:
         wgrad_fusion.install()
@@ -125,7 +134,36 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
         **device_lib.fusion_options(spec == "te"),
         **recompute,
         **fp8,
+        **graphs,
     )
+
+
+def _checked_cuda_graph_fields(options: ModelOptions, spec: str) -> dict:
+    if options.cuda_graph is None:
+        return {}
+    if options.cuda_graph not in CUDA_GRAPH_SCOPES:
+        raise ValueError(f"model_options.cuda_graph={options.cuda_graph!r}: choose none or one of {CUDA_GRAPH_SCOPES} "
+                         "(attention reads each packed micro-batch's document boundaries, which a CUDA graph cannot "
+                         "take)")
+    if spec != "te" or not device_lib.cuda_available():
+        where = "" if device_lib.cuda_available() else " on a machine without CUDA"
+        raise RuntimeError(f"model_options.cuda_graph needs Transformer Engine's layer spec on a GPU "
+                           f"(model_options.spec=te); this model is built with the {spec} spec{where}")
+    if not options.bf16:
+        raise ValueError("model_options.cuda_graph needs model_options.bf16=true (megatron captures bf16 activations)")
+    if options.recompute == "full":
+        raise ValueError("model_options.cuda_graph does not combine with recompute='full' (megatron refuses it); "
+                         "use recompute='selective' or none")
+    return cuda_graph_fields(options.cuda_graph)
+
+
+def cuda_graph_fields(scope: str) -> dict:
+    """TransformerConfig fields for TE CUDA graphs of ``scope``: megatron-core 0.16 names the scope field
+    ``cuda_graph_scope``, 0.17 on ``cuda_graph_modules`` (the old name is deprecated there)."""
+    names = {field.name for field in dataclasses.fields(TransformerConfig)}
+    scope_field = "cuda_graph_modules" if "cuda_graph_modules" in names else "cuda_graph_scope"
+    return {"cuda_graph_impl": "transformer_engine", scope_field: scope,
+            "cuda_graph_warmup_steps": CUDA_GRAPH_WARMUP_STEPS}
 
 
 def build_model_chunk(

@@ -24,7 +24,12 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.builder import ModelOptions, build_model_chunk, transformer_config
+from acemath_mcore.models.builder import (
+    CUDA_GRAPH_WARMUP_STEPS,
+    ModelOptions,
+    build_model_chunk,
+    transformer_config,
+)
 from acemath_mcore.models.specs import packed_qkv_format
 from acemath_mcore.models.weights import load_full_weights
 from acemath_mcore.runtime import device as device_lib
@@ -150,6 +155,7 @@ class Engine:
             if len(self.model) == 1:
                 self.config.grad_sync_func = self.config.grad_sync_func[0]
         self.step = 0
+        self.graphs = LayerGraphs(self) if model_options.cuda_graph else None
 
     def load_full_weights(self, full: Dict[str, torch.Tensor]) -> None:
         """Load canonical full tensors (e.g. converted from HF) into this rank's shards, then refresh the
@@ -175,6 +181,9 @@ class Engine:
         """
         for chunk in self.model:
             chunk.train()
+        if self.graphs is not None:
+            self.graphs.before_step(micro_batches)
+        for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         # The named ranges mark the step's phases in a torch-profiler trace (benchmarks/train_throughput.py
@@ -222,6 +231,57 @@ class Engine:
         no-op copy when repeated by ``step``; bf16 has no loss scaler to unscale twice)."""
         self.optimizer.prepare_grads()
         return float(self.optimizer.get_grad_norm())
+
+
+class LayerGraphs:
+    """Transformer Engine CUDA graphs of every layer's MLP (``model_options.cuda_graph="mlp"``): a few eager steps
+    first, then megatron's ``TECudaGraphHelper`` captures them and each training forward replays them, attention
+    still running eagerly with the micro-batch's own ``cu_seqlens``. A graph holds fixed-size buffers, so every
+    later micro-batch must have the captured (tokens, rows) shape and every step the captured count."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.eager_steps = 0
+        self.captured: Optional[tuple] = None  # ((tokens, rows), micro-batches per step)
+
+    def before_step(self, micro_batches: Sequence[Batch]) -> None:
+        shapes = sorted({_activation_shape(batch) for batch in micro_batches})
+        if self.captured is None:
+            if self.eager_steps < CUDA_GRAPH_WARMUP_STEPS:
+                self.eager_steps += 1
+                return
+            if len(shapes) > 1:
+                raise ValueError(f"CUDA graphs need micro-batches of one shape, this step's have (tokens, rows) "
+                                 f"{shapes}: pad them to a common length (packed rows: data.seq_length)")
+            self._capture(shapes[0], len(micro_batches))
+        elif (shapes, len(micro_batches)) != ([self.captured[0]], self.captured[1]):
+            raise ValueError(f"the CUDA graphs were captured for {self.captured[1]} micro-batches of (tokens, rows) "
+                             f"{self.captured[0]}; this step has {len(micro_batches)} of {shapes}")
+
+    def _capture(self, shape: tuple, num_micro_batches: int) -> None:
+        from megatron.core import num_microbatches_calculator as calculator
+        from megatron.core.transformer.cuda_graphs import TECudaGraphHelper
+
+        tokens, rows = shape
+        dp = parallel_state.get_data_parallel_world_size()
+        # The helper sizes its capture from megatron's global micro-batch calculator, which this engine does not
+        # otherwise use: describe this step's batch to it.
+        calculator.destroy_num_microbatches_calculator()
+        calculator.init_num_microbatches_calculator(torch.distributed.get_rank(), None, rows * num_micro_batches * dp,
+                                                    rows, dp)
+        # TE refuses to graph modules with hooks: the distributed optimizer's parameter all-gather hooks come off
+        # for the capture and are then called by hand before each replay.
+        hooked = [chunk for chunk in self.engine.model if getattr(chunk, "use_forward_hook", False)]
+        for chunk in hooked:
+            chunk.disable_forward_pre_hook(param_sync=False)
+        helper = TECudaGraphHelper(self.engine.model, self.engine.config, tokens, rows,
+                                   optimizers=[self.engine.optimizer])
+        helper.create_cudagraphs()  # runs its own warm-up passes on static inputs, then zeroes the gradients
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
+        if hooked:
+            helper.cuda_graph_set_manual_hooks()
+        self.captured = (shape, num_micro_batches)
 
 
 @contextlib.contextmanager
