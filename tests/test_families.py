@@ -126,6 +126,46 @@ def test_unsupported_inputs_give_clear_errors():
         get_preset("qwen3")
 
 
+# The shape fields of the published base checkpoints' config.json (huggingface.co/<org>/<name>/blob/main/config.json),
+# the values convert_from_hf records: a preset that differs blocks init_from on the real weights.
+_QWEN = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", use_sliding_window=False)
+PUBLISHED_CONFIGS = {
+    "qwen2.5-1.5b": dict(_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                         max_position_embeddings=131072, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(_QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
+                       max_position_embeddings=131072, tie_word_embeddings=False),
+    "qwen2.5-72b": dict(_QWEN, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=152064, rms_norm_eps=1e-5, rope_theta=1e6,
+                        max_position_embeddings=131072, tie_word_embeddings=False),
+    "qwen2.5-math-1.5b": dict(_QWEN, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                              num_attention_heads=12, num_key_value_heads=2, vocab_size=151936, rms_norm_eps=1e-6,
+                              rope_theta=1e4, max_position_embeddings=4096, tie_word_embeddings=True),
+    "qwen2.5-math-7b": dict(_QWEN, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6,
+                            rope_theta=1e4, max_position_embeddings=4096, tie_word_embeddings=False),
+    "qwen2.5-math-72b": dict(_QWEN, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                             num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, rms_norm_eps=1e-5,
+                             rope_theta=1e4, max_position_embeddings=4096, tie_word_embeddings=False),
+    "llama3.1-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", hidden_size=4096,
+                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                        vocab_size=128256, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072,
+                        tie_word_embeddings=False,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PUBLISHED_CONFIGS))
+def test_presets_match_the_published_base_configs(preset):
+    from acemath_mcore.models import family_for_hf_config, get_preset
+
+    config = PUBLISHED_CONFIGS[preset]
+    recorded = family_for_hf_config(config).arch_from_hf(config)
+    get_preset(preset).check_matches(recorded, f"published {preset}")  # raises naming the field that differs
+
+
 @pytest.mark.parametrize("preset,expected_billions", [
     ("qwen2.5-0.5b", 0.494), ("qwen2.5-1.5b", 1.544), ("qwen2.5-7b", 7.616), ("qwen2.5-72b", 72.71),
     ("llama3.1-8b", 8.030), ("llama3.1-70b", 70.55),

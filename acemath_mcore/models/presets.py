@@ -7,10 +7,11 @@ from typing import Dict
 from acemath_mcore.models.arch import ModelArch
 
 
-def _qwen25(layers, hidden, ffn, heads, groups, vocab, tie, theta=1_000_000.0, max_pos=32768) -> ModelArch:
+def _qwen25(layers, hidden, ffn, heads, groups, vocab, tie, theta=1_000_000.0, max_pos=32768,
+            eps=1e-6) -> ModelArch:
     return ModelArch(family="qwen2", num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn,
                      num_attention_heads=heads, num_query_groups=groups, vocab_size=vocab, qkv_bias=True,
-                     tie_embeddings=tie, rope_theta=theta, rms_norm_eps=1e-6, max_position_embeddings=max_pos)
+                     tie_embeddings=tie, rope_theta=theta, rms_norm_eps=eps, max_position_embeddings=max_pos)
 
 
 def _llama31(layers, hidden, ffn, heads) -> ModelArch:
@@ -29,12 +30,14 @@ PRESETS: Dict[str, ModelArch] = {
                       num_query_groups=2, vocab_size=512, qkv_bias=True, tie_embeddings=True,
                       rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096),
     "qwen2.5-0.5b": _qwen25(24, 896, 4864, 14, 2, 151936, tie=True),
-    "qwen2.5-1.5b": _qwen25(28, 1536, 8960, 12, 2, 151936, tie=True),
+    # The base checkpoints' config.json values: 0.5B keeps a 32k context, 1.5B and up 128k; the 72B models
+    # (base and Math) use RMSNorm epsilon 1e-5, the smaller ones 1e-6.
+    "qwen2.5-1.5b": _qwen25(28, 1536, 8960, 12, 2, 151936, tie=True, max_pos=131072),
     "qwen2.5-7b": _qwen25(28, 3584, 18944, 28, 4, 152064, tie=False, max_pos=131072),
-    "qwen2.5-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, max_pos=131072),
+    "qwen2.5-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, max_pos=131072, eps=1e-5),
     "qwen2.5-math-1.5b": _qwen25(28, 1536, 8960, 12, 2, 151936, tie=True, **_MATH),
     "qwen2.5-math-7b": _qwen25(28, 3584, 18944, 28, 4, 152064, tie=False, **_MATH),
-    "qwen2.5-math-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, **_MATH),
+    "qwen2.5-math-72b": _qwen25(80, 8192, 29568, 64, 8, 152064, tie=False, **_MATH, eps=1e-5),
     "llama3.1-8b": _llama31(32, 4096, 14336, 32),
     "llama3.1-70b": _llama31(80, 8192, 28672, 64),
 }
