@@ -212,7 +212,9 @@ def _run_custom_backward_under(mode: CudaToCpuMode) -> None:
 
 
 def install() -> CudaToCpuMode:
-    """Install the shim process-wide (idempotent). Returns the active mode."""
+    """Install the shim (idempotent) and return its mode. The torch.cuda and megatron patches are process-wide;
+    the device-redirecting mode is entered on the calling thread only (torch keeps mode stacks per thread), plus
+    around custom autograd backward functions: a thread of its own that allocates on "cuda" is not redirected."""
     global _installed_mode
     with _INSTALL_LOCK:
         if _installed_mode is None:
