@@ -84,6 +84,19 @@ def test_tokenizer_json_file(tmp_path, qwen):
         assert loaded.encode("Hello <|im_start|>user\n1+1=?<|im_end|>") == qwen.encode("Hello <|im_start|>user\n1+1=?<|im_end|>")
 
 
+def test_the_tiktoken_twin_is_refused_where_it_would_tokenize_differently(tmp_path, qwen):
+    """Qwen2's spec with the byte-level step adding a prefix space: tiktoken cannot do that, so the runs must come
+    from the backend and equal its own encoding ("Hello world" gets a leading-space token there)."""
+    spec = json.loads(qwen._backend.to_str())
+    spec["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    shifted = HFTokenizer.from_path(tmp_path / "tokenizer.json")
+    assert shifted.runs_backend == "tokenizers"
+    ids = shifted.encode("Hello world")
+    assert ids != qwen.encode("Hello world")
+    assert shifted.encode_runs(["Hello world"])[0].tolist() == ids
+
+
 def test_llama2_sentencepiece(real_texts):
     path = shared_path("tokenizers/llama2_sp/tokenizer.model")
     tokenizer = load_tokenizer(path)
