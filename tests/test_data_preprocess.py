@@ -2,6 +2,7 @@
 max-length policies, worker determinism, curation steps and the CLI."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -111,18 +112,21 @@ BAD_LINES = [
     {"messages": [{"role": "user", "content": "u"}, {"role": "system", "content": "s"},
                   {"role": "assistant", "content": "a"}]},  # 12
     {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},  # 13
+    b'{"prompt": "a cut-off emoji \\ud83d", "response": "x"}',  # 14: valid JSON, not encodable text
+    b'{"prompt": "q", "response": "x", "id": ' + b"9" * 5000 + b"}",  # 15: past Python's int digit limit
     {"prompt": "What is 3+3?", "response": "It is \\boxed{6}."},
 ]
 EXPECTED_DROPS = {2: "invalid_json", 4: "missing_role", 5: "unknown_role", 6: "empty_assistant_turn",
                   7: "invalid_utf8", 8: "no_assistant_turn", 9: "special_token_in_content", 10: "not_an_object",
-                  11: "unrecognized_schema", 12: "misplaced_system", 13: "bad_message"}
+                  11: "unrecognized_schema", 12: "misplaced_system", 13: "bad_message", 14: "invalid_utf8",
+                  15: "invalid_json"}
 
 
 def test_bad_lines_are_counted_and_located(tmp_path, run):
     data = write_jsonl(tmp_path / "bad.jsonl", BAD_LINES)
     stats, prefix = run(tmp_path, [data], workers=2, lines_per_chunk=3)
     assert stats["samples"] == 2 and stats["lines"] == len(BAD_LINES) - 1
-    assert stats["dropped"] == {reason: 1 for reason in EXPECTED_DROPS.values()}
+    assert stats["dropped"] == dict(Counter(EXPECTED_DROPS.values()))
     assert stats["dropped_total"] == len(EXPECTED_DROPS)
     logged = [json.loads(line) for line in dropped_path(prefix).read_text().splitlines()]
     assert {entry["where"]: entry["reason"] for entry in logged} == {
@@ -231,6 +235,16 @@ def test_cross_check_keeps_only_agreeing_answers(tmp_path, run):
     assert stats["curation"] == [{"step": f"cross-check={other}", "seen": 3, "dropped": 2}]
     details = [json.loads(line)["detail"] for line in dropped_path(prefix).read_text().splitlines()]
     assert details == [f"{other} answers '4', the sample '3'", f"prompt missing from {other}"]
+
+
+def test_cross_check_reads_acemath_instruct_rows(tmp_path, run):
+    data = write_jsonl(tmp_path / "train.jsonl", [conversation("Q1", "so \\boxed{2}"), conversation("Q2", "\\boxed{5}")])
+    other = write_jsonl(tmp_path / "model_b.jsonl", [
+        {"messages": [{"role": "user", "content": "Q1"}], "answer": "It is \\boxed{2}."},  # 'answer' is the response
+        {"messages": [{"role": "user", "content": "Q2"}], "answer": "\\boxed{6}"},
+    ])
+    stats, _ = run(tmp_path, [data], cross_check=[other])
+    assert stats["samples"] == 1 and stats["dropped"] == {"cross_check_disagree": 1}
 
 
 def test_cli_sft_and_strict_exit_code(tmp_path, real_records, capsys):

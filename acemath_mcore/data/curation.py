@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from acemath_mcore.data.jsonl import Conversation, DataError, parse_json_line, validate_messages
+from acemath_mcore.data.jsonl import Conversation, parse_conversation
 
 
 def prompt_key(prompt: str) -> int:
@@ -131,16 +131,8 @@ class CrossCheck:
             for line_number, raw in enumerate(handle, start=1):
                 if not raw.strip():
                     continue
-                where = f"{path}:{line_number}"
-                record = parse_json_line(raw, where)
-                if "messages" in record:
-                    messages = record["messages"]
-                elif "prompt" in record and "response" in record:
-                    messages = [{"role": "user", "content": record["prompt"]},
-                                {"role": "assistant", "content": record["response"]}]
-                else:
-                    raise DataError(where, "unrecognized_schema", "cross-check rows need 'messages' or 'prompt'+'response'")
-                conversation = Conversation(where, validate_messages(messages, where))
+                # The training data's schemas, AceMath-Instruct's 'messages' + 'answer' included.
+                conversation = parse_conversation(raw, f"{path}:{line_number}")
                 answers.setdefault(prompt_key(conversation.prompt), self.answer_of(conversation))
         return answers
 

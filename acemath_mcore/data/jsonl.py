@@ -98,6 +98,8 @@ def validate_messages(raw_messages: list, where: str) -> list[dict]:
         content = message.get("content")
         if not isinstance(content, str):
             raise DataError(where, Reason.BAD_MESSAGE, f"message {index} ({role}) content is not a string")
+        if not content.isascii():
+            _check_encodable(content, where, f"message {index} ({role})")
         if role == "system" and index != 0:
             raise DataError(where, Reason.MISPLACED_SYSTEM, f"system message at position {index}; only 0 is allowed")
         if role == "assistant" and not content.strip():
@@ -106,6 +108,16 @@ def validate_messages(raw_messages: list, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(where, Reason.NO_ASSISTANT_TURN, "conversation has no assistant turn to train on")
     return messages
+
+
+def _check_encodable(text: str, where: str, what: str) -> None:
+    """JSON may escape half of a surrogate pair (a cut-off emoji, ``"\\ud83d"``): valid JSON, but no tokenizer
+    can encode it, and one such string would otherwise stop a whole batch far from its line."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(where, Reason.INVALID_UTF8, f"{what} holds an unpaired surrogate "
+                                                     f"{text[error.start]!r} at character {error.start}") from None
 
 
 def parse_json_line(raw: bytes, where: str) -> dict:
@@ -118,6 +130,8 @@ def parse_json_line(raw: bytes, where: str) -> dict:
         record = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(where, Reason.INVALID_JSON, f"{error.msg} at character {error.pos}") from None
+    except (ValueError, RecursionError) as error:  # e.g. an integer beyond Python's 4300-digit limit, deep nesting
+        raise DataError(where, Reason.INVALID_JSON, str(error).splitlines()[0]) from None
     if not isinstance(record, dict):
         raise DataError(where, Reason.NOT_AN_OBJECT, f"line holds a JSON {type(record).__name__}")
     return record

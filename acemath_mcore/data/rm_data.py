@@ -55,6 +55,12 @@ def _label(value, where: str) -> int:
     raise DataError(where, "bad_label", f"label {value!r} is not 0/1")
 
 
+def _score(value, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise DataError(where, "bad_score", f"reward score {value!r} is not a number")
+
+
 def _conversation_prompt(messages: list, where: str) -> tuple[list[dict], str]:
     validated = validate_messages(messages, where)
     if validated[-1]["role"] != "assistant":
@@ -83,11 +89,21 @@ def _grouped(record: dict, where: str) -> RMGroup:
         raise DataError(where, Reason.NO_ASSISTANT_TURN, "the group has no responses")
     pairs = [_conversation_prompt(messages + [{"role": "assistant", "content": r}], where) for r in responses]
     return RMGroup(where, pairs[0][0], [response for _, response in pairs], [_label(v, where) for v in labels],
-                   None if scores is None else [float(s) for s in scores])
+                   None if scores is None else [_score(s, where) for s in scores])
 
 
-def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], None]) -> Iterator[RMGroup]:
-    """Groups of every input in order; a bad line goes to ``report`` (which may raise) and is skipped."""
+def _check_no_special_tokens(encoder: Optional[ConversationEncoder], messages: list[dict], where: str) -> None:
+    """A control-token string in a prompt or response (``<|im_end|>``) would end the turn early and forge the
+    next one, depending on the tokenizer backend; such lines are refused, as in SFT preprocessing."""
+    token = None if encoder is None else encoder.special_token_in(messages)
+    if token is not None:
+        raise DataError(where, Reason.SPECIAL_TOKEN_IN_CONTENT, f"content contains {token!r}")
+
+
+def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], None],
+                   encoder: Optional[ConversationEncoder] = None) -> Iterator[RMGroup]:
+    """Groups of every input in order; a bad line goes to ``report`` (which may raise) and is skipped. With
+    ``encoder``, lines whose text holds one of its special-token strings are bad lines too."""
     closed_qids: dict = {}
     for path in paths:
         current: Optional[RMGroup] = None
@@ -97,15 +113,21 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                 try:
                     record = parse_json_line(raw, where)
                     if "qid" not in record:
-                        yield _grouped(record, where)
+                        group = _grouped(record, where)
+                        _check_no_special_tokens(encoder, group.prompt + [{"role": "assistant", "content": response}
+                                                                          for response in group.responses], where)
+                        yield group
                         continue
                     qid = record["qid"]
+                    if not isinstance(qid, (str, int)) or isinstance(qid, bool):
+                        raise DataError(where, "bad_qid", f"qid {qid!r} is not a string or an integer")
                     if qid != current_qid and qid in closed_qids:
                         raise DataError(where, "qid_not_contiguous", f"qid {qid!r} already ended at {closed_qids[qid]}")
                     if not isinstance(record.get("message"), list):
                         raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "RM rows need a 'message' list")
                     prompt, response = _conversation_prompt(record["message"], where)
                     label = _label(record.get("label"), where)
+                    _check_no_special_tokens(encoder, prompt + [{"role": "assistant", "content": response}], where)
                 except DataError as error:
                     report(error)
                     continue
@@ -200,7 +222,7 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
         drop(error.where, error.reason, error.detail)
 
     with RMIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:
-        for group in iter_rm_groups(config.inputs, report):
+        for group in iter_rm_groups(config.inputs, report, encoder):
             counts["groups_read"] += 1
             reason = uniform_label_reason(group)
             if reason is not None:
