@@ -165,7 +165,8 @@ acemath_banner() {
 }
 
 # One task per GPU: every task runs the same python command and reads its rank, world size and local rank from
-# SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID (acemath_mcore.runtime.distributed.read_launch_env). Tasks see all
+# SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID inside the srun step (acemath_mcore.runtime.distributed.read_launch_env;
+# a plain python in the batch script runs as one process). Tasks see all
 # of the node's GPUs and pick theirs by local rank, so no --gpus-per-task binding.
 acemath_rendezvous() {
   local -a hosts

@@ -22,11 +22,26 @@ def test_slurm_environment():
     from acemath_mcore.runtime import read_launch_env
 
     env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "123456",
-           "SLURM_NODELIST": "gpu-h100-[007-008,011]"}
+           "SLURM_NODELIST": "gpu-h100-[007-008,011]", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "16"}
     launch = read_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank) == (13, 16, 5)
     assert launch.master_addr == "gpu-h100-007"
     assert launch.master_port == 20000 + 123456 % 20000
+
+
+def test_a_batch_script_outside_srun_runs_one_process(caplog):
+    """sbatch --ntasks=8 gives the batch script SLURM_PROCID=0 and SLURM_NTASKS=8 but no job step: a plain
+    python there must not wait for seven ranks that never start."""
+    import logging
+
+    from acemath_mcore.runtime import read_launch_env
+
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "77",
+           "SLURM_NODELIST": "node[1-2]"}
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        launch = read_launch_env(env)
+    assert (launch.rank, launch.world_size, launch.master_addr) == (0, 1, "127.0.0.1")
+    assert "not a step of its 8 tasks (start them with srun)" in caplog.text
 
 
 def test_lone_process_takes_a_free_port_unless_told():

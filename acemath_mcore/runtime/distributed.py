@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import faulthandler
+import logging
 import os
 import random
 import re
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from acemath_mcore.runtime import device as device_lib
+
+logger = logging.getLogger("acemath_mcore")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,11 @@ def first_slurm_host(nodelist: str) -> str:
 
 
 def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
-    """torchrun variables win; otherwise Slurm's (one task per GPU under srun); otherwise a single process."""
+    """torchrun variables win; otherwise Slurm's (one task per GPU under srun); otherwise a single process.
+
+    Slurm's task variables count only inside a job step (``SLURM_STEP_ID``, set by srun): a batch script run
+    with ``--ntasks=8`` also carries ``SLURM_PROCID=0`` and ``SLURM_NTASKS=8``, and a plain ``python`` there would
+    wait for seven ranks that never start."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
         return LaunchEnv(
             rank=int(environ["RANK"]),
@@ -77,16 +84,20 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", "29500")),
         )
-    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+    in_step = "SLURM_STEP_ID" in environ
+    if in_step and "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         job_id = int(environ.get("SLURM_JOB_ID", "0"))
         return LaunchEnv(
             rank=int(environ["SLURM_PROCID"]),
-            world_size=int(environ["SLURM_NTASKS"]),
+            world_size=int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"])),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),
             master_addr=environ.get("MASTER_ADDR") or first_slurm_host(environ.get("SLURM_NODELIST", "localhost")),
             # A job-specific port lets several jobs share a node without colliding.
             master_port=int(environ.get("MASTER_PORT", str(20000 + job_id % 20000))),
         )
+    if not in_step and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        logger.warning("running as one process: this is a Slurm job's batch script, not a step of its "
+                       "%s tasks (start them with srun)", environ["SLURM_NTASKS"])
     # A lone process: any free port, so two single-process runs on one machine never collide.
     port = int(environ["MASTER_PORT"]) if "MASTER_PORT" in environ else free_port()
     return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=port)
