@@ -15,13 +15,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 import torch
 from megatron.core import parallel_state
-from torch.profiler import record_function
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
+from torch.profiler import record_function
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import (
