@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS  # noqa: E402
+from acemath_mcore.training.engine import STEP_PHASES  # noqa: E402
 from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_CHOICES  # noqa: E402
 
 IMPLS = ("te", "te-fp8", "native", "hf")
@@ -300,13 +301,15 @@ def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
     wall_us = whole.time_range.elapsed_us()
     print(f"PROFILE step {wall_us / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({busy / wall_us:.0%}): "
           + ", ".join(f"{label} {micros / 1e3:.1f} ms" for label, micros in breakdown.items()), flush=True)
+    # The engine's phases only: torch's own annotations (Optimizer.step#FusedAdam.step ...) stay in theirs.
     phases = [(event.name, event.time_range.start, event.time_range.end) for event in events
               if event.is_user_annotation and event.device_type == torch.autograd.DeviceType.CPU
-              and event.thread == whole.thread]
+              and event.thread == whole.thread and event.name in STEP_PHASES]
     idle = gpu_idle_by_phase([(e.time_range.start, e.time_range.end) for e in device_work], phases,
                              (whole.time_range.start, whole.time_range.end))
+    idle["between phases"] = idle.pop("outside the phases", 0.0)
     print(f"IDLE GPU idle {sum(idle.values()) / 1e3:.1f} ms, by host phase ('forward_backward' outside 'forward' is "
-          "mostly the backward pass; 'step' is outside the engine's phases): "
+          "mostly the backward pass): "
           + ", ".join(f"{name} {micros / 1e3:.1f} ms" for name, micros in idle.items()), flush=True)
 
 
@@ -322,9 +325,13 @@ def worker(args) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.cuda_graph and args.warmup <= CUDA_GRAPH_WARMUP_STEPS:
-        raise SystemExit(f"--cuda-graph captures after {CUDA_GRAPH_WARMUP_STEPS} eager steps: use --warmup "
-                         f"{CUDA_GRAPH_WARMUP_STEPS + 1} or more so the timed steps replay the graphs")
+    if args.cuda_graph and any(impl.startswith("te") for impl in args.impls.split(",")):
+        if args.warmup <= CUDA_GRAPH_WARMUP_STEPS:
+            raise SystemExit(f"--cuda-graph captures after {CUDA_GRAPH_WARMUP_STEPS} eager steps: use --warmup "
+                             f"{CUDA_GRAPH_WARMUP_STEPS + 1} or more so the timed steps replay the graphs")
+        if args.task == "rm" and args.packed:
+            raise SystemExit("--cuda-graph needs one micro-batch shape: this benchmark's packed reward-model rows "
+                             "vary in length (use padded rows)")
     if args.worker:
         return worker(args)
     peak = measured_matmul_peak()

@@ -30,8 +30,7 @@ common_overrides=${OVERRIDES:-}
 # Without INIT_FROM a sub-chain starts where the recipes' defaults do: from the checkpoint of the stage before its
 # first one (the base model only for sft_stage1), never silently from the base model.
 declare -A previous_of=([sft_stage1]=base [sft_stage2]=sft_stage1 [math_sft]=sft_stage2 [rm]=math_sft [eval]=math_sft)
-first_stage=${STAGES:-$default_stages}
-first_stage=${first_stage%% *}
+first_stage=${stages[0]:-sft_stage1}
 first_init=$(acemath_abspath "${INIT_FROM:-$ckpt_root/$model-${previous_of[$first_stage]:-base}}")
 user_init=${INIT_FROM:-} user_ckpt=${CKPT:-}
 # These are per stage here: a global RECIPE / DATA / CKPT_DIR would silently apply to every stage.

@@ -71,7 +71,11 @@ def check_stage(stage) -> tuple[list[str], str, object]:
             errors.append(f"{name}: DATA: prefix {prefix} is missing {', '.join(missing)} "
                           f"(write it with launch/preprocess.py {stage['kind']} --output {prefix})")
     save_dir = config.checkpoint.save_dir
-    latest = find_latest(save_dir) if save_dir and config.checkpoint.resume else None
+    try:
+        latest = find_latest(save_dir) if save_dir and config.checkpoint.resume else None
+    except FileNotFoundError as error:  # a 'latest' marker naming no complete checkpoint
+        errors.append(f"{name}: CKPT_DIR: {error}")
+        latest = None
     if save_dir:
         parent = next((p for p in [Path(save_dir), *Path(save_dir).absolute().parents] if p.exists()), None)
         if parent is None or not parent.is_dir() or not _writable(parent):
@@ -83,9 +87,13 @@ def check_stage(stage) -> tuple[list[str], str, object]:
         start = f"starts from {init} (written by the previous job)"
     elif init:
         start = f"starts from {init}"
-        if not (Path(init) / "metadata.json").is_file() and find_latest(init) is None:
+        try:
+            usable = (Path(init) / "metadata.json").is_file() or find_latest(init) is not None
             what = ("is neither a checkpoint nor a save dir with 'latest'" if Path(init).exists()
                     else "does not exist")
+        except FileNotFoundError as error:
+            usable, what = False, f"is a save dir whose {error}"
+        if not usable:
             errors.append(f"{name}: INIT_FROM: checkpoint.init_from={init} {what} (set INIT_FROM to the previous "
                           f"stage's CKPT_DIR or a converted base model; INIT_FROM=none trains from scratch)")
     else:

@@ -27,6 +27,11 @@ class RecordingHelper:
     def cuda_graph_set_manual_hooks(self):
         self.calls.append(("manual hooks",))
 
+    def graphs_created(self):
+        return self.created
+
+    created = True
+
 
 class HookedChunk:
     use_forward_hook = True
@@ -86,6 +91,14 @@ def test_other_shapes_after_the_capture_are_refused(graphs):
         graphs.before_step([packed(4096), packed(2048)])
     with pytest.raises(ValueError, match=r"this step has 3 of \[\(4096, 1\)\]"):
         graphs.before_step(step + [packed(4096)])
+
+
+def test_a_capture_that_graphs_no_layer_stops_the_run(graphs, monkeypatch):
+    monkeypatch.setattr(RecordingHelper, "created", False)
+    for _ in range(CUDA_GRAPH_WARMUP_STEPS):
+        graphs.before_step([packed(64)])
+    with pytest.raises(RuntimeError, match="megatron found no layer to graph in this model"):
+        graphs.before_step([packed(64)])
 
 
 def test_a_capture_step_with_mixed_shapes_is_refused(graphs):

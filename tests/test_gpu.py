@@ -230,6 +230,8 @@ def test_mlp_cuda_graphs_train_like_eager_layers(single_rank, fp8):
         losses[graph] = [engine.train_step(SFTTask(), step)["lm_loss"] for step in batches]
         if graph:
             assert engine.graphs.captured == ((4096, 1), 3)
+            layers = engine.model[0].module.module.decoder.layers
+            assert all(len(layer.cuda_graphs) == 1 for layer in layers)  # one graph per layer, every micro-batch
         del engine
     tolerance = 1e-3 if fp8 is None else 2e-2  # FP8: the capture's warm-up passes feed the amax history
     assert losses["mlp"] == pytest.approx(losses[None], rel=tolerance), losses

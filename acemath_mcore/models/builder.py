@@ -158,8 +158,8 @@ def _checked_cuda_graph_fields(options: ModelOptions, spec: str) -> dict:
 
 
 def cuda_graph_fields(scope: str) -> dict:
-    """TransformerConfig fields for TE CUDA graphs of ``scope``: megatron-core 0.16 names the scope field
-    ``cuda_graph_scope``, 0.17 on ``cuda_graph_modules`` (the old name is deprecated there)."""
+    """TransformerConfig fields for TE CUDA graphs of ``scope``: megatron-core 0.16.1 names the scope field
+    ``cuda_graph_scope``, 0.19.2 ``cuda_graph_modules`` (the old name is deprecated there)."""
     names = {field.name for field in dataclasses.fields(TransformerConfig)}
     scope_field = "cuda_graph_modules" if "cuda_graph_modules" in names else "cuda_graph_scope"
     return {"cuda_graph_impl": "transformer_engine", scope_field: scope,

@@ -186,8 +186,8 @@ class Engine:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        # The named ranges mark the step's phases in a torch-profiler trace (benchmarks/train_throughput.py
-        # --profile reports the GPU's idle time per phase from them).
+        # The named ranges (STEP_PHASES) mark the step's phases in a torch-profiler trace
+        # (benchmarks/train_throughput.py --profile reports the GPU's idle time per phase from them).
         with record_function("forward_backward"):
             reports = self.forward_backward(task, micro_batches)
         with record_function("loss_reduction"):
@@ -233,6 +233,10 @@ class Engine:
         return float(self.optimizer.get_grad_norm())
 
 
+# The record_function names of Engine.train_step's phases, as a profiler trace shows them.
+STEP_PHASES = ("forward_backward", "forward", "loss_reduction", "grad_norm", "optimizer_step")
+
+
 class LayerGraphs:
     """Transformer Engine CUDA graphs of every layer's MLP (``model_options.cuda_graph="mlp"``): a few eager steps
     first, then megatron's ``TECudaGraphHelper`` captures them and each training forward replays them, attention
@@ -252,7 +256,7 @@ class LayerGraphs:
                 return
             if len(shapes) > 1:
                 raise ValueError(f"CUDA graphs need micro-batches of one shape, this step's have (tokens, rows) "
-                                 f"{shapes}: pad them to a common length (packed rows: data.seq_length)")
+                                 f"{shapes}")
             self._capture(shapes[0], len(micro_batches))
         elif (shapes, len(micro_batches)) != ([self.captured[0]], self.captured[1]):
             raise ValueError(f"the CUDA graphs were captured for {self.captured[1]} micro-batches of (tokens, rows) "
@@ -277,6 +281,8 @@ class LayerGraphs:
         helper = TECudaGraphHelper(self.engine.model, self.engine.config, tokens, rows,
                                    optimizers=[self.engine.optimizer])
         helper.create_cudagraphs()  # runs its own warm-up passes on static inputs, then zeroes the gradients
+        if not helper.graphs_created():  # megatron only logs a warning when no layer qualifies
+            raise RuntimeError("model_options.cuda_graph: megatron found no layer to graph in this model")
         for chunk in hooked:
             chunk.enable_forward_pre_hook()
         if hooked:

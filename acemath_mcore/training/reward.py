@@ -104,13 +104,14 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
                                seq_length=None if config.data.packed else length)
 
     def make_loader(consumed_samples: int, dp_rank: int, dp_size: int):
-        # Pipeline stages exchange activations of one shape: padded micro-batches then all get the rows of the
-        # largest group (fewer-response groups are topped up with unscored padding rows).
+        # Pipeline stages exchange activations of one shape, and CUDA graphs replay one: padded micro-batches then
+        # all get the rows of the largest group (fewer-response groups are topped up with unscored padding rows).
         return iter(rm_dataloader(dataset, pad_id=0, global_batch_size=config.global_batch_size,
                                   micro_batch_size=config.micro_batch_size, seq_length=length, dp_rank=dp_rank,
                                   dp_size=dp_size, seed=config.seed, consumed_samples=consumed_samples,
                                   num_workers=config.data.num_workers,
-                                  fixed_rows=config.parallel.pipeline_parallel > 1))
+                                  fixed_rows=(config.parallel.pipeline_parallel > 1
+                                              or config.model_options.cuda_graph is not None)))
 
     groups = dataset.groups if config.data.packed else dataset
     description = f"{len(groups)} problem groups ({len(groups.data.labels)} responses)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import signal
 import time
@@ -300,7 +301,7 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
                            "some samples and skip others)", latest,
                            "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changed.items()), state["step"])
         started_from = state.get("init_from", config.checkpoint.init_from)  # recorded since 2026-11
-        if config.checkpoint.init_from != started_from:
+        if config.checkpoint.init_from and _absolute(config.checkpoint.init_from) != _absolute(started_from):
             logger.warning("checkpoint.init_from=%s is not used: resuming %s, a stage that started from %s (to start "
                            "the stage over from these weights, set checkpoint.resume=false or another "
                            "checkpoint.save_dir)", config.checkpoint.init_from, latest, started_from or "random weights")
@@ -323,6 +324,11 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
     if not config.checkpoint.save_dir:
         logger.warning("no checkpoint.save_dir: nothing is saved, and a preemption loses the whole run")
     return {"step": 0, "consumed_samples": 0}
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    """A path as the same checkpoint is named from any directory (a recipe's relative default, Slurm's absolute)."""
+    return None if path is None else os.path.abspath(path)
 
 
 def _validate(engine: Engine, task: Task, validation: TrainingData, global_batches: int, micro_batches: int,
@@ -358,7 +364,7 @@ def _save(config: TrainConfig, engine: Engine, data_order: Dict, step: int, cons
     start = time.perf_counter()
     train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
                    "first_loss": first_loss, "final_loss": final_loss, "data": data_order,
-                   "init_from": config.checkpoint.init_from}
+                   "init_from": _absolute(config.checkpoint.init_from)}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
                                          engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model

@@ -88,6 +88,11 @@ def test_preflight_names_the_variable(preflight, tmp_path, capsys):
     errors = capsys.readouterr().err
     assert f"DATA: prefix {tmp_path}/nope is missing {tmp_path}/nope.bin" in errors
     assert f"INIT_FROM: checkpoint.init_from={tmp_path}/base does not exist" in errors
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "latest").write_text("iter_0000009\n")  # names a checkpoint that is not there
+    assert preflight.main(stage) == 2
+    assert f"CKPT_DIR: {tmp_path}/c/latest names 'iter_0000009', which is not a complete checkpoint" in \
+        capsys.readouterr().err
     assert preflight.main(["--stage", "rm:no_such_recipe"]) == 2
     assert "RECIPE: unknown recipe 'no_such_recipe'" in capsys.readouterr().err
     assert preflight.main(["--stage", "sft:tiny_sft", "optim.lrr=1"]) == 2
@@ -131,7 +136,8 @@ def test_a_72b_recipe_gets_the_72b_node_count_without_size(tmp_path):
 
 
 @pytest.mark.parametrize("stages, first_init", [("sft_stage1 sft_stage2", "base"), ("sft_stage2 math_sft", "sft_stage1"),
-                                                ("math_sft rm eval", "sft_stage2"), ("rm", "math_sft")])
+                                                ("math_sft rm eval", "sft_stage2"), ("rm", "math_sft"),
+                                                (" rm", "math_sft")])
 def test_a_pipeline_sub_chain_starts_from_the_previous_stage_by_default(tmp_path, stages, first_init):
     """Without INIT_FROM, STAGES="rm" must train the RM from the math-SFT checkpoint, as the recipe does, not
     from the base model; each later stage starts from the one before it."""
