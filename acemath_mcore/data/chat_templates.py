@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from acemath_mcore.data.jsonl import DataError, Reason
 from acemath_mcore.data.tokenizers import QWEN_IM_END, QWEN_IM_START, Tokenizer
 
 # The system prompt the AceMath / Qwen2.5-Math instruct models are evaluated with.
@@ -207,6 +208,13 @@ class ConversationEncoder:
                     if token in content:
                         return token
         return None
+
+    def check_no_special_tokens(self, messages: Sequence[dict], where: str) -> None:
+        """Refuse a line whose text holds a control-token string (``<|im_end|>``): it would end the turn early and
+        forge the next one on one tokenizer backend and stay plain text on another."""
+        token = self.special_token_in(messages)
+        if token is not None:
+            raise DataError(where, Reason.SPECIAL_TOKEN_IN_CONTENT, f"content contains {token!r}")
 
     @property
     def stop_ids(self) -> list[int]:

@@ -36,7 +36,7 @@ from acemath_mcore.data.curation import (
     prompt_key,
 )
 from acemath_mcore.data.indexed import SFTIndexedWriter
-from acemath_mcore.data.jsonl import DataError, LineChunk, Reason, iter_line_chunks, parse_conversation
+from acemath_mcore.data.jsonl import DataError, LineChunk, iter_line_chunks, parse_conversation
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
 from acemath_mcore.runtime.local_workers import usable_cpus
 
@@ -137,9 +137,7 @@ class ChunkProcessor:
             result.lines += 1
             try:
                 conversation = parse_conversation(raw, where)
-                token = self.encoder.special_token_in(conversation.messages)
-                if token is not None:
-                    raise DataError(where, Reason.SPECIAL_TOKEN_IN_CONTENT, f"content contains {token!r}")
+                self.encoder.check_no_special_tokens(conversation.messages, where)
             except DataError as error:
                 if self.strict:
                     raise

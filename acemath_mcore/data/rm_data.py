@@ -92,14 +92,6 @@ def _grouped(record: dict, where: str) -> RMGroup:
                    None if scores is None else [_score(s, where) for s in scores])
 
 
-def _check_no_special_tokens(encoder: Optional[ConversationEncoder], messages: list[dict], where: str) -> None:
-    """A control-token string in a prompt or response (``<|im_end|>``) would end the turn early and forge the
-    next one, depending on the tokenizer backend; such lines are refused, as in SFT preprocessing."""
-    token = None if encoder is None else encoder.special_token_in(messages)
-    if token is not None:
-        raise DataError(where, Reason.SPECIAL_TOKEN_IN_CONTENT, f"content contains {token!r}")
-
-
 def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], None],
                    encoder: Optional[ConversationEncoder] = None) -> Iterator[RMGroup]:
     """Groups of every input in order; a bad line goes to ``report`` (which may raise) and is skipped. With
@@ -114,8 +106,9 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                     record = parse_json_line(raw, where)
                     if "qid" not in record:
                         group = _grouped(record, where)
-                        _check_no_special_tokens(encoder, group.prompt + [{"role": "assistant", "content": response}
-                                                                          for response in group.responses], where)
+                        if encoder is not None:
+                            encoder.check_no_special_tokens(group.prompt + [
+                                {"role": "assistant", "content": response} for response in group.responses], where)
                         yield group
                         continue
                     qid = record["qid"]
@@ -127,7 +120,8 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                         raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "RM rows need a 'message' list")
                     prompt, response = _conversation_prompt(record["message"], where)
                     label = _label(record.get("label"), where)
-                    _check_no_special_tokens(encoder, prompt + [{"role": "assistant", "content": response}], where)
+                    if encoder is not None:
+                        encoder.check_no_special_tokens(prompt + [{"role": "assistant", "content": response}], where)
                 except DataError as error:
                     report(error)
                     continue
