@@ -111,7 +111,37 @@ def test_malformed_rm_rows_are_counted_not_fatal(tmp_path, qwen):
     assert [(e.where, e.reason) for e in errors] == [
         (f"{data}:1", "bad_qid"), (f"{data}:2", "bad_qid"), (f"{data}:3", "bad_score"),
         (f"{data}:4", "special_token_in_content"), (f"{data}:5", "special_token_in_content")]
-    assert [(g.where, g.responses) for g in groups] == [(f"{data}:6", ["10", "9"])]
+    # In a one-line group the bad candidate goes, not its group (here leaving groups of one, dropped later as
+    # all_correct by preprocessing).
+    assert [(g.where, g.responses) for g in groups] == [(f"{data}:3", ["4"]), (f"{data}:4", ["6"]),
+                                                        (f"{data}:6", ["10", "9"])]
+
+
+def test_bad_candidates_of_a_one_line_group_are_dropped_one_by_one(tmp_path, qwen):
+    """Each bad response is a counted drop naming its index; the group keeps the rest with their labels and scores
+    aligned. A bad prompt still drops the whole line."""
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+
+    data = write_jsonl(tmp_path / "rm.jsonl", [
+        {"prompt": "5+5?", "responses": ["10", "  ", 9, "9", "11", "<|im_start|>", "12"],
+         "labels": [1, 0, 0, "no", 0, 0, 0], "scores": [0.5, 0.4, 0.3, 0.2, "high", 0.0, -0.1]},
+        {"prompt": "<|im_end|>", "responses": ["1", "2"], "labels": [1, 0]},
+        {"question": "2+2?", "code": ["", "4"], "score": [False, True]},
+    ])
+    errors = []
+    encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
+    groups = list(iter_rm_groups([data], errors.append, encoder))
+    assert [(g.where, g.responses, g.labels, g.scores) for g in groups] == [
+        (f"{data}:1", ["10", "12"], [1, 0], [0.5, -0.1]), (f"{data}:3", ["4"], [1], None)]
+    assert [(e.where, e.reason, e.detail.split(":")[0]) for e in errors] == [
+        (f"{data}:1", "empty_assistant_turn", "response 1"), (f"{data}:1", "bad_message", "response 2"),
+        (f"{data}:1", "bad_label", "response 3"), (f"{data}:1", "bad_score", "response 4"),
+        (f"{data}:1", "special_token_in_content", "response 5"),
+        (f"{data}:2", "special_token_in_content", "content contains '<|im_end|>'"),
+        (f"{data}:3", "empty_assistant_turn", "response 0")]
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[data], output_prefix=str(tmp_path / "rm"), tokenizer=QWEN), qwen)
+    assert (stats["groups"], stats["responses"], stats["dropped_total"]) == (1, 2, 8)  # 7 candidates + 1 all_correct
+    assert stats["dropped"]["all_correct"] == 1 and stats["dropped"]["empty_assistant_turn"] == 2
 
 
 def test_real_scored_groups_and_uniform_label_drops(real_groups):

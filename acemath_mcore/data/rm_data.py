@@ -6,7 +6,8 @@ Input schemas (one JSONL may mix them):
 - grouped: ``{"prompt": str, "system": str?, "responses": [str], "labels": [0|1], "scores": [float]?}``;
 - Qwen2.5-Math evaluation output: ``{"question", "code": [str], "score": [bool], "pred_score": [[float]]?}``.
 
-A group whose candidates are all correct or all wrong carries no preference and is dropped (counted).
+A bad candidate (a row of the first schema, a response of the others) is a counted drop that leaves the rest of
+its group; a group whose candidates are all correct or all wrong carries no preference and is dropped (counted).
 Score-sorted selection (AceMath RM data): from candidates scored by a reward model, keep ``n`` per problem,
 half from the positives and half from the negatives where possible, positives taken from the top of the
 score order and negatives from the bottom (both directions configurable).
@@ -68,8 +69,11 @@ def _conversation_prompt(messages: list, where: str) -> tuple[list[dict], str]:
     return validated[:-1], validated[-1]["content"]
 
 
-def _grouped(record: dict, where: str) -> RMGroup:
-    """A one-line group: grouped schema or Qwen2.5-Math evaluation output."""
+def _grouped(record: dict, where: str, report: Callable[[DataError], None],
+             encoder: Optional[ConversationEncoder]) -> Optional[RMGroup]:
+    """A one-line group: grouped schema or Qwen2.5-Math evaluation output. A bad candidate (empty or non-text
+    response, bad label or score, special-token string) is reported and left out, as a bad row of the per-row
+    schema is, instead of costing its whole group; None when no candidate is left."""
     if "responses" in record:
         prompt_text, responses, labels, scores = (record.get(k) for k in ("prompt", "responses", "labels", "scores"))
     else:
@@ -82,14 +86,32 @@ def _grouped(record: dict, where: str) -> RMGroup:
     if len(labels) != len(responses) or (scores is not None and len(scores) != len(responses)):
         raise DataError(where, "length_mismatch", f"{len(responses)} responses, {len(labels)} labels"
                         + ("" if scores is None else f", {len(scores)} scores"))
-    messages = [{"role": "user", "content": prompt_text}]
+    prompt = [{"role": "user", "content": prompt_text}]
     if record.get("system") is not None:
-        messages.insert(0, {"role": "system", "content": record["system"]})
+        prompt.insert(0, {"role": "system", "content": record["system"]})
     if not responses:
         raise DataError(where, Reason.NO_ASSISTANT_TURN, "the group has no responses")
-    pairs = [_conversation_prompt(messages + [{"role": "assistant", "content": r}], where) for r in responses]
-    return RMGroup(where, pairs[0][0], [response for _, response in pairs], [_label(v, where) for v in labels],
-                   None if scores is None else [_score(s, where) for s in scores])
+    prompt = validate_messages(prompt + [{"role": "assistant", "content": "placeholder"}], where)[:-1]
+    if encoder is not None:
+        encoder.check_no_special_tokens(prompt, where)
+    group = RMGroup(where, prompt, [], [], None if scores is None else [])
+    for index, response in enumerate(responses):
+        try:
+            if not isinstance(response, str):
+                raise DataError(where, Reason.BAD_MESSAGE, "is not a string")
+            _, response = _conversation_prompt(prompt + [{"role": "assistant", "content": response}], where)
+            if encoder is not None:
+                encoder.check_no_special_tokens([{"role": "assistant", "content": response}], where)
+            label = _label(labels[index], where)
+            score = None if scores is None else _score(scores[index], where)
+        except DataError as error:
+            report(DataError(where, error.reason, f"response {index}: {error.detail}"))
+            continue
+        group.responses.append(response)
+        group.labels.append(label)
+        if score is not None:
+            group.scores.append(score)
+    return group if group.responses else None
 
 
 def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], None],
@@ -105,11 +127,9 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                 try:
                     record = parse_json_line(raw, where)
                     if "qid" not in record:
-                        group = _grouped(record, where)
-                        if encoder is not None:
-                            encoder.check_no_special_tokens(group.prompt + [
-                                {"role": "assistant", "content": response} for response in group.responses], where)
-                        yield group
+                        group = _grouped(record, where, report, encoder)
+                        if group is not None:
+                            yield group
                         continue
                     qid = record["qid"]
                     if not isinstance(qid, (str, int)) or isinstance(qid, bool):
