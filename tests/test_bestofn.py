@@ -15,6 +15,7 @@ from acemath_mcore.eval.bestofn import (
     RecordError,
     evaluate,
     format_table,
+    NO_ANSWER,
     group_answers,
     k_ladder,
     main,
@@ -91,6 +92,18 @@ def test_group_answers_exact_and_by_equivalence():
     answers = ["1/2", "0.5", r"\frac{1}{2}", "2", "0.5"]
     assert group_answers(answers) == (0, 1, 2, 3, 1)
     assert group_answers(answers, is_equal) == (0, 0, 0, 1, 0)
+
+
+def test_candidates_without_an_answer_do_not_vote():
+    # Three cut-off responses (no answer) and one right answer: the right answer is the only vote. A draw of only
+    # answerless candidates has no majority, so it counts as wrong even where the record marks one correct.
+    answers = ["", "  ", "42", ""]
+    assert group_answers(answers) == (NO_ANSWER, NO_ANSWER, 0, NO_ANSWER)
+    record = Record(correct=(False, True, True, False), rm_scores=None, answer_groups=group_answers(answers))
+    assert metrics_at_k([record], k=4)["maj@4"] == 100.0
+    # k=2: 6 equally likely pairs; 3 hold candidate 2 (the vote: right), 3 do not (no vote: wrong), so 50%.
+    assert abs(metrics_at_k([record], k=2, seeds=4000)["maj@2"] - 50.0) < 3.0
+    assert metrics_at_k([Record(correct=(True,), rm_scores=None, answer_groups=(NO_ANSWER,))], k=1)["maj@1"] == 0.0
 
 
 def test_k_ladder_and_table():

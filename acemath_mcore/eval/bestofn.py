@@ -2,8 +2,8 @@
 
 For each k, k of a problem's n candidates are drawn at random without replacement and kept in their original order;
 rm@k is correct when the candidate with the highest reward-model score is (ties: the first maximum in that order),
-maj@k when the largest answer group is (ties: the group whose first member comes first), pass@k when any drawn
-candidate is.  Draws are repeated for `seeds` seeds (seed s drives one `random.Random(s)` over the records in file
+maj@k when the largest answer group is (ties: the group whose first member comes first; candidates with no extracted
+answer do not vote, and a draw without any answer counts as wrong), pass@k when any drawn candidate is.  Draws are repeated for `seeds` seeds (seed s drives one `random.Random(s)` over the records in file
 order) and averaged; k = n uses all candidates once, so it needs no sampling and matches the paper's single numbers.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from acemath_mcore.eval.grader import extract_answer, is_equal
 
 METRICS = ("rm", "maj", "pass")
+NO_ANSWER = -1  # answer-group id of a candidate whose answer is empty: it takes no part in the vote
 
 
 class RecordError(ValueError):
@@ -42,10 +43,15 @@ class Record:
 
 def group_answers(answers: Sequence[str], equivalent: Callable[[str, str], bool] | None = None) -> tuple[int, ...]:
     """Group id per answer, numbered in order of first appearance.  Identical strings always share a group; with
-    `equivalent` (e.g. the grader's `is_equal`) an answer also joins the first earlier group it is equivalent to."""
+    `equivalent` (e.g. the grader's `is_equal`) an answer also joins the first earlier group it is equivalent to.
+    An empty answer (nothing extracted: a cut-off or answerless response) gets ``NO_ANSWER``; otherwise a handful of
+    truncated responses could outvote the real answers."""
     representatives: list[str] = []
     groups = []
     for answer in answers:
+        if not answer.strip():
+            groups.append(NO_ANSWER)
+            continue
         group = next((index for index, rep in enumerate(representatives) if rep == answer), None)
         if group is None and equivalent is not None:
             group = next((index for index, rep in enumerate(representatives) if equivalent(answer, rep)), None)
@@ -150,9 +156,10 @@ def _subset_outcomes(record: Record, subset: Sequence[int]) -> dict[str, bool]:
     if record.answer_groups is not None:
         votes: dict[int, list[int]] = {}
         for index in subset:
-            votes.setdefault(record.answer_groups[index], []).append(index)
-        winner = max(votes.values(), key=len)  # dicts keep first-appearance order, so ties go to the earliest group
-        outcomes["maj"] = record.correct[winner[0]]
+            if record.answer_groups[index] != NO_ANSWER:
+                votes.setdefault(record.answer_groups[index], []).append(index)
+        # dicts keep first-appearance order, so ties go to the earliest group
+        outcomes["maj"] = bool(votes) and record.correct[max(votes.values(), key=len)[0]]
     return outcomes
 
 
