@@ -3,8 +3,9 @@
 For each k, k of a problem's n candidates are drawn at random without replacement and kept in their original order;
 rm@k is correct when the candidate with the highest reward-model score is (ties: the first maximum in that order),
 maj@k when the largest answer group is (ties: the group whose first member comes first; candidates with no extracted
-answer do not vote, and a draw without any answer counts as wrong), pass@k when any drawn candidate is.  Draws are repeated for `seeds` seeds (seed s drives one `random.Random(s)` over the records in file
-order) and averaged; k = n uses all candidates once, so it needs no sampling and matches the paper's single numbers.
+answer do not vote, and a draw without any answer counts as wrong), pass@k when any drawn candidate is.  Draws are
+repeated for `seeds` seeds (seed s drives one `random.Random(s)` over the records in file order) and averaged;
+k = n uses all candidates once, so it needs no sampling and matches the paper's single numbers.
 """
 
 from __future__ import annotations
