@@ -174,13 +174,26 @@ def test_score_sorted_selection_on_real_groups(real_groups):
             assert picked == pool[:len(picked)]
 
 
-def test_encoded_responses_end_at_the_end_of_turn_token(qwen, real_groups):
+def ends_at_the_score_token(sequence, qwen) -> bool:
+    """chatml: ``<|im_end|>`` then the newline that HF's template puts after it, the last token."""
+    return sequence[-2] == qwen.im_end_id and list(sequence[-1:]) == qwen.encode("\n")
+
+
+def test_rm_sequences_are_the_ids_hugging_face_scores(qwen, real_groups):
+    """The score token is the one an exported ``*ForSequenceClassification`` reads: the last of
+    ``apply_chat_template(..., add_generation_prompt=False)`` (the AceMath-RM model card's usage), checked against
+    transformers rendering the tokenizer's own chat template."""
+    import transformers
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(QWEN)
     encoder = ConversationEncoder(qwen, build_template("chatml", qwen))
     group = real_groups[0]
+    group.prompt = [{"role": "system", "content": "Please reason step by step."}] + group.prompt[-1:]
     sequences = encode_rm_group(encoder, group)
-    assert len(sequences) == 8 and all(s[-1] == qwen.im_end_id for s in sequences)
-    full = encoder.encode(group.prompt + [{"role": "assistant", "content": group.responses[0]}]).input_ids
-    assert np.array_equal(full[:-1], sequences[0])  # everything but the trailing "\n"
+    assert len(sequences) == 8 and all(ends_at_the_score_token(s, qwen) for s in sequences)
+    for response, sequence in zip(group.responses[:3], sequences):
+        text = hf_tokenizer.apply_chat_template(group.prompt + [{"role": "assistant", "content": response}],
+                                                tokenize=False, add_generation_prompt=False)
+        assert sequence.tolist() == hf_tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_preprocess_rm_writes_groups_as_documents(rm_prefix, qwen):
@@ -192,7 +205,7 @@ def test_preprocess_rm_writes_groups_as_documents(rm_prefix, qwen):
     for index in range(len(groups)):
         group = groups.group(index)
         assert len(group.responses) == 4 and 1 <= group.labels.sum() <= 3
-        assert all(r[-1] == qwen.im_end_id for r in group.responses)
+        assert all(ends_at_the_score_token(r, qwen) for r in group.responses)
 
 
 def test_packed_rm_batches_keep_groups_whole_and_point_at_score_tokens(rm_prefix, qwen):
@@ -204,7 +217,7 @@ def test_packed_rm_batches_keep_groups_whole_and_point_at_score_tokens(rm_prefix
     for index in range(len(packed)):
         batch = collate_rm_packed([packed[index]], pad_id=qwen.pad_or_eos_id, total_length=budget)
         tokens = batch["tokens"][0]
-        assert (tokens[batch["score_index"]] == qwen.im_end_id).all()
+        assert all(ends_at_the_score_token(tokens[: int(end) + 1], qwen) for end in batch["score_index"])
         members = [groups.group(int(g)) for g in packed.bins[index]]
         assert batch["group_sizes"].tolist() == [len(g.responses) for g in members]
         assert batch["labels"].tolist() == np.concatenate([g.labels for g in members]).tolist()
@@ -221,7 +234,8 @@ def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
     assert batch["tokens"].shape == (8, seq_length) and batch["group_sizes"].tolist() == [4, 4]
     assert batch["num_tokens"] == sum(len(r) for g in (groups[0], groups[1]) for s in g for r in s.responses)
     rows = np.arange(8)
-    assert (batch["tokens"][rows, batch["score_index"]] == qwen.im_end_id).all()
+    assert all(ends_at_the_score_token(batch["tokens"][row, : int(end) + 1], qwen)
+               for row, end in zip(rows, batch["score_index"]))
     loader = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=2, micro_batch_size=1,
                                  packed_tokens=int(groups.data.group_token_counts.max()))
     for micro_batch in itertools.islice(loader, 4):
@@ -279,6 +293,6 @@ def test_scoring_keeps_empty_candidates_and_rejects_non_text():
     tokenizer = load_tokenizer(shared_path("tokenizers/qwen2"))
     encoder = ConversationEncoder(tokenizer, build_template("chatml", tokenizer))
     with_answer, empty = encode_rm_group(encoder, group)
-    assert empty[-1] == tokenizer.im_end_id and len(empty) == len(with_answer) - 1  # scored at its end of turn
+    assert ends_at_the_score_token(empty, tokenizer) and len(empty) == len(with_answer) - 1  # scored like any
     with pytest.raises(DataError, match="cands.jsonl:3.*response 1 is not a string"):
         candidate_group({"question": "What is 2 + 2?", "code": ["4", None]}, "cands.jsonl:3")

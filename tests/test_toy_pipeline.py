@@ -3,9 +3,8 @@
 Asserts what the demo only prints: each SFT stage and the RM lower their loss, the math-SFT model solves held-out
 problems it never saw, the reward model picks better than chance (rm@8 above the mean single-sample accuracy, and
 far above the pick of a scorer giving random scores), and the exported RM is usable: in transformers it gives the
-candidates the same scores as the megatron RM did (``*ForSequenceClassification`` reads the last token; ours reads
-the end-of-turn token, the last token of an unpadded row). docs/demo.md has the demo's numbers and what the reward
-model learns at this size.
+candidates the same scores as the megatron RM did (both read the last token of the rendered conversation).
+docs/demo.md has the demo's numbers and what the reward model learns at this size.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ SFT, prefix ``P``:
   (assistant content and its end-of-turn token). Aligned with the tokens, not yet shifted to labels.
 
 RM, prefix ``P``:
-- ``P.bin/.idx``: one sequence per response (prompt + response, ending with its end-of-turn token, so the score
-  token is the last one), one document per problem group (``document_indices``);
+- ``P.bin/.idx``: one sequence per response (its whole rendered conversation, whose last token is the score
+  token), one document per problem group (``document_indices``);
 - ``P_rm_labels.npy``: float32 label per sequence (1 correct, 0 incorrect).
 
 Writers build under ``P.partial*`` and rename at the end, so an interrupted run never leaves a prefix that

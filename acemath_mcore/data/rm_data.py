@@ -13,7 +13,7 @@ half from the positives and half from the negatives where possible, positives ta
 score order and negatives from the bottom (both directions configurable).
 
 Batches pack whole groups, so a group never straddles micro-batches; the RM score is read at
-``score_index``, each response's last token, its end-of-turn token.
+``score_index``, the last token of each rendered conversation (see :func:`encode_rm_group`).
 """
 
 from __future__ import annotations
@@ -196,9 +196,13 @@ def score_sorted_selection(group: RMGroup, num_responses: int, positives: str = 
 
 
 def encode_rm_group(encoder: ConversationEncoder, group: RMGroup) -> list[np.ndarray]:
-    """Token ids of prompt + response per candidate, ending at the response's end-of-turn token (the score token)."""
+    """Token ids of each candidate's whole rendered conversation, prompt + response; its last token is the score
+    token. That is the token a Hugging Face ``*ForSequenceClassification`` reads in ``apply_chat_template(...,
+    add_generation_prompt=False)`` ids (the AceMath-RM model card's usage): chatml's newline after ``<|im_end|>``,
+    Llama-3's ``<|eot_id|>``. Scoring anywhere else would leave an exported reward model reading a position its
+    head was never trained on."""
     encoded = encoder.encode_batch([group.prompt + [{"role": "assistant", "content": r}] for r in group.responses])
-    return [sample.input_ids[: np.flatnonzero(sample.loss_mask)[-1] + 1] for sample in encoded]
+    return [sample.input_ids for sample in encoded]
 
 
 @dataclass

@@ -4,7 +4,7 @@ AceMath-RM (like Hugging Face's ``*ForSequenceClassification`` with one label) m
 of a response's last token to one number. :class:`RewardGPTModel` is a :class:`GPTModel` built with the same
 arguments (so trunk weights and checkpoint keys are the LM's); on the last pipeline stage it drops the output
 layer and returns per-token scores ``[b, s]`` from :class:`ScalarHead`. The task then reads each response's
-score at its end-of-turn token (:func:`response_scores`), in padded or packed rows.
+score at its last token (:func:`response_scores`), in padded or packed rows.
 """
 
 from __future__ import annotations

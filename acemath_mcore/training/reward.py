@@ -253,7 +253,7 @@ def candidate_group(record: dict, where: str) -> RMGroup:
     not_text = next((index for index, response in enumerate(responses) if not isinstance(response, str)), None)
     if not_text is not None:
         raise DataError(where, Reason.BAD_MESSAGE, f"response {not_text} is not a string")
-    # An empty response (a model that ended its turn at once) is still a candidate: it is scored at its end-of-turn
+    # An empty response (a model that ended its turn at once) is still a candidate: it is scored at its last
     # token like any other, so best-of-n can rank it.
     return RMGroup(where, messages, list(responses), [0] * len(responses))
 
