@@ -14,15 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, TEMPLATE_NAMES  # noqa: E402
+from acemath_mcore.data.chat_templates import TEMPLATE_NAMES, resolve_system_prompt  # noqa: E402
 from acemath_mcore.data.jsonl import DataError  # noqa: E402
 from acemath_mcore.data.preprocess import OVERFLOW_POLICIES, PreprocessConfig, preprocess_sft  # noqa: E402
 from acemath_mcore.data.rm_data import RMPreprocessConfig, preprocess_rm  # noqa: E402
 from acemath_mcore.runtime.local_workers import usable_cpus  # noqa: E402
-
-
-def _system_prompt(value: str | None) -> str | None:
-    return MATH_SYSTEM_PROMPT if value == "math" else value
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +28,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer directory, tokenizer.json, SentencePiece or Llama-3 tiktoken .model")
     parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
     parser.add_argument("--system-prompt", default=None,
-                        help="system turn for conversations without one; 'math' = the AceMath CoT prompt")
+                        help="system turn for conversations without one: literal text, or 'math' (the AceMath CoT "
+                             "prompt) or 'acemath_rm' (AceMath-RM's scoring prompt, for reward-model data)")
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--strict", action="store_true", help="stop at the first bad line instead of counting it")
 
@@ -69,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sft":
             stats = preprocess_sft(PreprocessConfig(
                 inputs=args.input, output_prefix=args.output, tokenizer=args.tokenizer, template=args.template,
-                system_prompt=_system_prompt(args.system_prompt), max_length=args.max_length, overflow=args.overflow,
+                system_prompt=resolve_system_prompt(args.system_prompt), max_length=args.max_length,
+                overflow=args.overflow,
                 strict=args.strict, workers=args.workers, lines_per_chunk=args.lines_per_chunk, curate=args.curate,
                 benchmark_dir=args.benchmark_dir, cross_check=args.cross_check,
                 cross_check_benchmark=args.cross_check_benchmark, dedup_prompts=args.dedup_prompts,
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             stats = preprocess_rm(RMPreprocessConfig(
                 inputs=args.input, output_prefix=args.output, tokenizer=args.tokenizer, template=args.template,
-                system_prompt=_system_prompt(args.system_prompt), max_length=args.max_length,
+                system_prompt=resolve_system_prompt(args.system_prompt), max_length=args.max_length,
                 num_responses=args.num_responses, positives=args.positives, negatives=args.negatives,
                 strict=args.strict,
             ))

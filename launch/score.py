@@ -1,7 +1,7 @@
 """Score candidate responses with a trained reward model (input for launch/bestofn.py).
 
     python launch/score.py --checkpoint checkpoints/qwen2.5-math-7b-rm --model qwen2.5-math-7b \\
-        --tokenizer ../shared/tokenizers/qwen2 --template chatml --system-prompt math \\
+        --tokenizer ../shared/tokenizers/qwen2 --template chatml --system-prompt acemath_rm \\
         --input candidates.jsonl --output scored.jsonl [--bf16] [--tokens-per-row 16384]
     torchrun --nproc-per-node 8 launch/score.py ... --tensor-parallel 2   # data parallel over the other ranks
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, TEMPLATE_NAMES  # noqa: E402
+from acemath_mcore.data.chat_templates import TEMPLATE_NAMES, resolve_system_prompt  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
     parser.add_argument("--system-prompt", default=None,
-                        help="system turn for records without one; 'math' = the AceMath CoT prompt")
+                        help="system turn for records without one: literal text, 'acemath_rm' (AceMath-RM's scoring "
+                             "prompt; use what the RM was trained with) or 'math' (the AceMath CoT prompt)")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--field", default="pred_score", help="output field holding one score per response")
@@ -68,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         check_vocab_fits(tokenizer, arch.padded_vocab_size)
-        system_prompt = MATH_SYSTEM_PROMPT if args.system_prompt == "math" else args.system_prompt
-        encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer, system_prompt))
+        encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer,
+                                                               resolve_system_prompt(args.system_prompt)))
         scorer = RewardScorer(arch, args.checkpoint, parallel, ModelOptions(spec=args.spec, bf16=args.bf16),
                               tokens_per_row=args.tokens_per_row)
         score_jsonl(args.input, args.output, scorer, encoder, field=args.field, show_progress=not args.no_progress)

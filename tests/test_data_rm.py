@@ -296,3 +296,25 @@ def test_scoring_keeps_empty_candidates_and_rejects_non_text():
     assert ends_at_the_score_token(empty, tokenizer) and len(empty) == len(with_answer) - 1  # scored like any
     with pytest.raises(DataError, match="cands.jsonl:3.*response 1 is not a string"):
         candidate_group({"question": "What is 2 + 2?", "code": ["4", None]}, "cands.jsonl:3")
+
+
+def test_preprocess_cli_renders_the_acemath_rm_system_prompt_preset(tmp_path, qwen):
+    """``--system-prompt acemath_rm`` is AceMath-RM's scoring prompt for groups that bring no system turn; a group's
+    own system turn wins."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = write_jsonl(tmp_path / "rm.jsonl", [
+        {"prompt": "1+1?", "responses": ["2", "3"], "labels": [1, 0]},
+        {"prompt": "2+2?", "system": "Be brief.", "responses": ["4", "5"], "labels": [1, 0]},
+    ])
+    launcher = Path(__file__).resolve().parents[1] / "launch" / "preprocess.py"
+    subprocess.run([sys.executable, str(launcher), "rm", "--input", data, "--output", str(tmp_path / "rm"),
+                    "--tokenizer", QWEN, "--system-prompt", "acemath_rm"], check=True,
+                   capture_output=True)
+    groups = RMGroupDataset(str(tmp_path / "rm"))
+    texts = [qwen.decode(groups.group(index).responses[0].tolist()) for index in range(2)]
+    assert texts[0].startswith("<|im_start|>system\nPlease reason step by step, and check your final answer within "
+                               "\\boxed{}.<|im_end|>\n<|im_start|>user\n1+1?")
+    assert texts[1].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?")

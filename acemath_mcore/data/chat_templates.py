@@ -26,6 +26,14 @@ from acemath_mcore.data.tokenizers import QWEN_IM_END, QWEN_IM_START, Tokenizer
 
 # The system prompt the AceMath / Qwen2.5-Math instruct models are evaluated with.
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+# The one AceMath-RM's model card renders (problem, response) pairs with for scoring.
+ACEMATH_RM_SYSTEM_PROMPT = "Please reason step by step, and check your final answer within \\boxed{}."
+SYSTEM_PROMPT_PRESETS = {"math": MATH_SYSTEM_PROMPT, "acemath_rm": ACEMATH_RM_SYSTEM_PROMPT}
+
+
+def resolve_system_prompt(value: Optional[str]) -> Optional[str]:
+    """A preset's text (``math``, ``acemath_rm``), or ``value`` itself as a literal prompt."""
+    return SYSTEM_PROMPT_PRESETS.get(value, value)
 
 
 @dataclass(frozen=True)
