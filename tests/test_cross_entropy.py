@@ -58,7 +58,7 @@ def test_loss_and_gradient_match_float64_reference(dtype, grad_tolerance):
 
 
 def _model_worker(rank, world_size):
-    interpreted_cross_entropy_module()
+    cross_entropy_module = interpreted_cross_entropy_module()
     from acemath_mcore.models import ModelOptions, get_preset
     from acemath_mcore.models.weights import canonical_parameters, random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
@@ -75,15 +75,19 @@ def _model_worker(rank, world_size):
              "position_ids": torch.arange(32).expand(2, -1)}
     engine = Engine(arch, parallel, ModelOptions(spec="native"), OptimConfig(), train_steps=1)
     engine.load_full_weights(random_full_weights(arch, seed=0))
+    kernel_calls = []
+    ours = cross_entropy_module.vocab_parallel_cross_entropy
+    cross_entropy_module.vocab_parallel_cross_entropy = lambda *args: kernel_calls.append(1) or ours(*args)
     results = {}
     for kernel in ("megatron", "triton"):
         # The CPU resolves "auto" to megatron's loss; switching the shared config selects ours in the same model.
         engine.config.lm_cross_entropy = kernel
         for chunk in engine.model:
             chunk.zero_grad_buffer()
+        calls_before = len(kernel_calls)
         report = engine.forward_backward(SFTTask(), [batch])[0]["lm loss"]
         grads = {name: param.main_grad.detach().clone() for name, param in canonical_parameters(engine.model[0])}
-        results[kernel] = (report.clone(), grads)
+        results[kernel] = (report.clone(), grads, len(kernel_calls) - calls_before)
     return results
 
 
@@ -92,7 +96,9 @@ def test_model_with_triton_loss_matches_megatron_loss(tp):
     """Same weights and batch (30% of tokens masked out of the loss): the loss and every parameter's gradient
     agree with megatron's, with the vocabulary split over TP ranks when tp=2."""
     for results in run_workers(_model_worker, tp):  # each rank's own shards
-        (expected_loss, expected_grads), (actual_loss, actual_grads) = results["megatron"], results["triton"]
+        (expected_loss, expected_grads, megatron_calls), (actual_loss, actual_grads, triton_calls) = (
+            results["megatron"], results["triton"])
+        assert (megatron_calls, triton_calls) == (0, 1)  # our kernel ran, and only when selected
         assert torch.allclose(actual_loss, expected_loss, rtol=1e-5)
         for name, expected in expected_grads.items():
             assert expected.abs().max() > 0, name
