@@ -38,6 +38,12 @@ def qwen():
     return load_tokenizer(QWEN)
 
 
+def raw_label_counts() -> list[tuple[int, int]]:
+    """(correct, total) per problem, counted straight from the shared file's ``score`` lists."""
+    with open(MATH_COT, encoding="utf-8") as handle:
+        return [(sum(map(bool, json.loads(line)["score"])), len(json.loads(line)["score"])) for line in handle]
+
+
 @pytest.fixture(scope="module")
 def real_groups():
     return list(iter_rm_groups([MATH_COT], report=pytest.fail))
@@ -147,7 +153,10 @@ def test_bad_candidates_of_a_one_line_group_are_dropped_one_by_one(tmp_path, qwe
 def test_real_scored_groups_and_uniform_label_drops(real_groups):
     assert len(real_groups) == 100 and all(len(g.responses) == 8 and len(g.scores) == 8 for g in real_groups)
     reasons = [uniform_label_reason(g) for g in real_groups]
-    assert (reasons.count("all_correct"), reasons.count("all_wrong"), reasons.count(None)) == (86, 4, 10)
+    counts = raw_label_counts()
+    expected = (sum(c == n for c, n in counts), sum(c == 0 for c, _ in counts), sum(0 < c < n for c, n in counts))
+    assert (reasons.count("all_correct"), reasons.count("all_wrong"), reasons.count(None)) == expected
+    assert expected == (86, 4, 10)  # the figures docs/data.md quotes
 
 
 def test_score_sorted_selection_hand_checked():
@@ -198,8 +207,11 @@ def test_rm_sequences_are_the_ids_hugging_face_scores(qwen, real_groups):
 
 def test_preprocess_rm_writes_groups_as_documents(rm_prefix, qwen):
     prefix, stats = rm_prefix
-    assert (stats["groups_read"], stats["groups"], stats["responses"]) == (100, 10, 40)
-    assert stats["dropped"] == {"all_correct": 86, "all_wrong": 4}
+    counts = raw_label_counts()
+    mixed = sum(0 < c < n for c, n in counts)
+    assert (stats["groups_read"], stats["groups"], stats["responses"]) == (len(counts), mixed, 4 * mixed)
+    assert stats["dropped"] == {"all_correct": sum(c == n for c, n in counts),
+                                "all_wrong": sum(c == 0 for c, _ in counts)}
     groups = RMGroupDataset(prefix)
     assert len(groups) == 10
     for index in range(len(groups)):
