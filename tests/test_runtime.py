@@ -65,13 +65,6 @@ def test_first_slurm_host(nodelist, first):
     assert first_slurm_host(nodelist) == first
 
 
-def test_single_process_default():
-    from acemath_mcore.runtime import read_launch_env
-
-    launch = read_launch_env({})
-    assert (launch.rank, launch.world_size) == (0, 1)
-
-
 def test_layout_that_does_not_divide_world_size_names_the_numbers():
     from acemath_mcore.runtime import ParallelConfig
 

@@ -336,6 +336,10 @@ def test_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(traine
     assert not math.isfinite(history[1]["grad_norm"])
     # The skipped step left the weights alone: step 3 trains from finite weights.
     assert math.isfinite(history[2]["lm_loss"]) and math.isfinite(history[2]["grad_norm"])
+    # ... and the schedule: step 3 applies the rate step 2 would have (megatron's rule: no update, no scheduler step).
+    expected = [_megatron_lr(step, 2e-3, 2e-4, 2, 3) for step in (1, 2, 2)]
+    assert [row["lr"] for row in history] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert expected[1] != _megatron_lr(3, 2e-3, 2e-4, 2, 3)
 
 
 def _megatron_lr(step, peak, minimum, warmup, decay_steps):
