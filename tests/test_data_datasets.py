@@ -105,9 +105,17 @@ def test_packed_dataloader_contract_and_resume(prefixes):
     for batch in batches:
         assert batch["tokens"].shape == batch["labels"].shape == batch["loss_mask"].shape == (1, 256)
         assert batch["position_ids"].shape == (1, 256) and int(batch["cu_seqlens"][-1]) == 256
+    keys = ("tokens", "labels", "loss_mask", "cu_seqlens")
     resumed = list(itertools.islice(build_sft_dataloader(dataset, 0, 4, 2, seed=2, consumed_samples=8), 2))
     for original, again in zip(batches[4:], resumed):
-        assert all(np.array_equal(original[key], again[key]) for key in ("tokens", "labels", "cu_seqlens"))
+        assert all(np.array_equal(original[key], again[key]) for key in keys)
+    # The recipes' default data.num_workers=2: worker processes deliver the same batches, resumed or not.
+    with_workers = list(itertools.islice(build_sft_dataloader(dataset, 0, 4, 2, seed=2, num_workers=2), 6))
+    resumed = list(itertools.islice(build_sft_dataloader(dataset, 0, 4, 2, seed=2, consumed_samples=8,
+                                                         num_workers=2), 2))
+    assert len(with_workers) == 6 and len(resumed) == 2
+    for original, again in zip(batches + batches[4:], with_workers + resumed):
+        assert all(np.array_equal(original[key], again[key]) for key in keys)
 
 
 def test_padded_dataloader_contract(prefixes):

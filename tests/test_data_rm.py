@@ -250,9 +250,16 @@ def test_padded_rm_batch_and_dataloader(rm_prefix, qwen):
                for row, end in zip(rows, batch["score_index"]))
     loader = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=2, micro_batch_size=1,
                                  packed_tokens=int(groups.data.group_token_counts.max()))
-    for micro_batch in itertools.islice(loader, 4):
+    micro_batches = list(itertools.islice(loader, 4))
+    for micro_batch in micro_batches:
         assert int(micro_batch["group_sizes"].sum()) == len(micro_batch["labels"]) == len(micro_batch["score_index"])
         assert micro_batch["group_sizes"].tolist() == [4] * len(micro_batch["group_sizes"])
+    # The recipes' default data.num_workers=2 delivers the same micro-batches.
+    with_workers = build_rm_dataloader(prefix, qwen.pad_or_eos_id, global_batch_size=2, micro_batch_size=1,
+                                       packed_tokens=int(groups.data.group_token_counts.max()), num_workers=2)
+    for original, again in zip(micro_batches, itertools.islice(with_workers, 4), strict=True):
+        assert original.keys() == again.keys()
+        assert all(torch.equal(torch.as_tensor(original[key]), torch.as_tensor(again[key])) for key in original)
     with pytest.raises(ValueError, match="exactly one"):
         build_rm_dataloader(prefix, 0, 2, 1)
     # Groups or responses that cannot fit are refused when the loader is built, counted, with the fix.
