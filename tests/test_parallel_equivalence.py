@@ -27,10 +27,11 @@ class Layout:
     distributed_optimizer: bool = False
     wgrad_fusion: bool = True  # gradient-accumulation fusion (runtime/wgrad_fusion on CPU)
     overlap: bool = False  # overlap_grad_reduce, and overlap_param_gather with the distributed optimizer
+    recompute: str | None = None  # activation recompute: None | "selective" | "full" (the RM and 72B recipes')
 
     def __str__(self):
         return (f"tp{self.tp}-pp{self.pp}-vpp{self.vpp}-mbs{self.micro_batch}-distopt{int(self.distributed_optimizer)}"
-                f"-wgradfusion{int(self.wgrad_fusion)}-overlap{int(self.overlap)}")
+                f"-wgradfusion{int(self.wgrad_fusion)}-overlap{int(self.overlap)}-recompute{self.recompute}")
 
 
 def make_global_batch(vocab: int, seed: int = 0):
@@ -67,7 +68,9 @@ def _run_layouts(rank, world_size, layouts, arch):
         init_distributed(parallel, seed=1)
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
-        engine = Engine(arch, parallel, ModelOptions(spec="native", gradient_accumulation_fusion=layout.wgrad_fusion),
+        options = ModelOptions(spec="native", gradient_accumulation_fusion=layout.wgrad_fusion,
+                               recompute=layout.recompute)
+        engine = Engine(arch, parallel, options,
                         OptimConfig(lr=1e-2, clip_grad=1.0, weight_decay=0.01,
                                     use_distributed_optimizer=layout.distributed_optimizer,
                                     overlap_grad_reduce=layout.overlap,
@@ -116,7 +119,9 @@ def layout_results():
                Layout(distributed_optimizer=True),
                Layout(wgrad_fusion=False), Layout(tp=2, pp=2, micro_batch=1, wgrad_fusion=False),
                Layout(overlap=True), Layout(distributed_optimizer=True, overlap=True),
-               Layout(pp=2, vpp=2, micro_batch=1, distributed_optimizer=True, overlap=True)]
+               Layout(pp=2, vpp=2, micro_batch=1, distributed_optimizer=True, overlap=True),
+               Layout(recompute="selective"), Layout(recompute="full"),
+               Layout(tp=2, pp=2, micro_batch=1, recompute="full")]
     return run_workers(_run_layouts, WORLD_SIZE, layouts, arch)[0], layouts
 
 
