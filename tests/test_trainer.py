@@ -620,3 +620,43 @@ def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
     assert second.endswith("waited 0.50 s/step for data (slowest rank)")
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["data_s_max"] for row in rows] == [0.05, 0.5]
+
+
+def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monkeypatch):
+    """Rank 0 opens one wandb run (offline unless WANDB_MODE says otherwise, so no network is needed), logs each
+    line's metrics at its step, and closes it with the run's scalar summary; other ranks never touch wandb."""
+    import sys
+    import types
+
+    from acemath_mcore.training.logging import MetricsLogger
+
+    calls = []
+
+    class RecordingRun:
+        summary = {}
+
+        def log(self, metrics, step):
+            calls.append(("log", step, dict(metrics)))
+
+        def finish(self):
+            calls.append(("finish", dict(self.summary)))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs, os.environ.get("WANDB_MODE")))
+        return RecordingRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_MODE", "recorded")  # so that teardown restores the variable the logger sets
+    monkeypatch.delenv("WANDB_MODE")
+    assert MetricsLogger("run", str(tmp_path), {"lr": 1.0}, total_steps=2, rank=1, wandb_project="p").wandb is None
+    assert calls == []
+    metrics_logger = MetricsLogger("run", str(tmp_path), {"lr": 1.0}, total_steps=2, rank=0, wandb_project="p")
+    metrics_logger.log_step(1, {"lm_loss": 2.0, "interval_steps": 1})
+    metrics_logger.log_step(2, {"lm_loss": 1.5, "lr": 0.5})
+    metrics_logger.finish({"final_loss": 1.5, "steps": 2, "history_note": ["not a scalar"]})
+    assert calls == [
+        ("init", {"project": "p", "name": "run", "config": {"lr": 1.0}, "dir": str(tmp_path / "run")}, "offline"),
+        ("log", 1, {"lm_loss": 2.0}),
+        ("log", 2, {"lm_loss": 1.5, "lr": 0.5}),
+        ("finish", {"final_loss": 1.5, "steps": 2}),
+    ]
