@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 from pathlib import Path
 
@@ -128,6 +129,22 @@ def test_held_out_pairwise_accuracy_at_least_90_percent(trained):
     print(f"held-out pairwise accuracy {accuracy:.3f} over {pairs} pairs; best-of-6 correct "
           f"{best_correct / len(scored):.3f}")
     assert accuracy >= 0.9
-    # The trainer's validation pass on the same problems (preprocessed as an RM prefix) agrees.
-    summary = trained[0][0][0]
-    assert summary["final_metrics"]["valid_pairwise_accuracy"] == pytest.approx(accuracy, abs=0.05)
+
+
+def test_validation_metrics_are_those_of_the_held_out_scores(trained):
+    """The trainer's validation pass after the last step runs the final weights over the held-out problems
+    (preprocessed as an RM prefix): its loss and accuracy are the listwise Bradley-Terry loss (mean over problems of
+    the mean over positive-negative pairs of -log sigma(s_p - s_n)) and the pairwise accuracy (ties count half)
+    computed here, in float64, from launch/score.py's scores of the same problems with the saved weights."""
+    summaries, scored = trained
+    losses, right, pairs = [], 0.0, 0
+    for record in scored:
+        scores, correct = record["pred_score"], record["score"]
+        margins = [scores[i] - scores[j] for i in range(RESPONSES) for j in range(RESPONSES)
+                   if correct[i] and not correct[j]]
+        losses.append(sum(math.log1p(math.exp(-margin)) for margin in margins) / len(margins))
+        right += sum(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0 for margin in margins)
+        pairs += len(margins)
+    final = summaries[0][0]["final_metrics"]
+    assert final["valid_rm_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
+    assert final["valid_pairwise_accuracy"] == pytest.approx(right / pairs, abs=1e-9)
