@@ -2,7 +2,6 @@
 
 import json
 import random
-import time
 
 import pytest
 
@@ -103,16 +102,14 @@ def test_clean_prompts_pass_and_short_questions_match_whole(math_decontaminator)
     assert found is not None and found.shared_ngram is None
 
 
-def test_index_lookups_are_fast_and_flag_only_restated_questions(math_decontaminator):
+def test_index_lookups_flag_only_restated_questions(math_decontaminator):
     """800 real solutions to MATH test problems: the few that restate their own question word for word are
-    flagged, naming exactly that question; no solution is flagged for another one."""
+    flagged, naming exactly that question; no solution is flagged for another one (lookup speed:
+    benchmarks/decontamination_speed.py)."""
     records = [json.loads(line) for line in shared_path("data/rm/math_cot_100.jsonl").read_text().splitlines()]
-    started = time.perf_counter()
     found = [(record, math_decontaminator.find(text)) for record in records for text in record["code"]]
-    elapsed = time.perf_counter() - started
     flagged = [(record, hit) for record, hit in found if hit is not None]
     assert 0 < len(flagged) < len(found) // 10
     for record, hit in flagged:
         assert hit.shared_ngram is None and hit.question.words == words_of(record["question"])
         assert " ".join(hit.question.words) in " ".join(words_of(" ".join(record["code"])))
-    assert elapsed < 2.0, f"{len(found)} long prompts took {elapsed:.2f}s"

@@ -167,25 +167,25 @@ def test_normalisation_is_idempotent_on_math_golds():
     assert changed == []
 
 
-def test_pathological_input_times_out_quickly_and_grader_recovers():
+def test_pathological_input_times_out_and_grader_recovers():
+    # A C-level big-integer power that would run for ages: no signal interrupts it, only killing the worker does.
+    # The bound is 20x the budget, loose enough for a loaded machine, finite where the power is not.
     start = time.monotonic()
-    # A C-level big-integer power: no signal interrupts it, only killing the worker does.
     assert not is_equal(r"9^{9^{9^{9}}}", r"9^{9^{9^{9}}}+1", timeout=0.5)
-    assert time.monotonic() - start < 3.0
+    assert time.monotonic() - start < 10.0
     assert is_equal(r"\sqrt{4}+x", "x+2")  # the killed worker is replaced transparently
 
 
 def test_timeout_bounds_the_whole_comparison_not_each_item():
-    """30 identities that each need sympy's simplify: ~1 s in all, so a 0.2 s budget must cut the comparison short."""
-    gold = "(" + ",".join(["1"] * 30) + ")"
-
-    def identities(variable: str) -> str:
-        return "(" + ",".join(rf"\sin^2 {variable}_{{{i}}}+\cos^2 {variable}_{{{i}}}" for i in range(30)) + ")"
-
+    """A 12-tuple of endless powers: a per-item budget of 0.5 s would take 6 s before giving up, the whole
+    comparison's budget gives up after 0.5 s. Independent of machine speed: no item ever finishes."""
+    endless = "(" + ",".join(rf"9^{{9^{{9^{{{9 + i}}}}}}}" for i in range(12)) + ")"
+    gold = "(" + ",".join(["1"] * 12) + ")"
     start = time.monotonic()
-    assert not is_equal(identities("a"), gold, timeout=0.2)
-    assert time.monotonic() - start < 1.0
-    assert is_equal(identities("b"), gold, timeout=60)
+    assert not is_equal(endless, gold, timeout=0.5)
+    assert time.monotonic() - start < 4.0
+    identities = "(" + ",".join(rf"\sin^2 a_{{{i}}}+\cos^2 a_{{{i}}}" for i in range(12)) + ")"
+    assert is_equal(identities, gold, timeout=60)  # the same shape of comparison succeeds with time to do it
 
 
 def test_agreement_with_reference_labels_on_800_responses():
