@@ -158,6 +158,15 @@ def test_different_answers(pred, gold):
     assert not is_equal(pred, gold)
 
 
+@pytest.mark.parametrize("pred, expected", [
+    ("C", True), ("(C)", True), ("(C) 2", True), ("C: 2", True), ("C.2", True), ("c", True), (r"\text{C}", True),
+    ("B", False), ("2", False), ("", False), ("A or C", False), ("(C) or (D)", False),
+])
+def test_choice_letter_gold_is_matched_by_the_chosen_letter(pred, expected):
+    """GaoKao-2023-En has letter golds (37 of 385): a boxed "(C) 2" chooses C; a hedge chooses nothing."""
+    assert is_equal(pred, "C") is expected
+
+
 def test_normalisation_is_idempotent_on_math_golds():
     """Extracted answers are already normalised; grading them again must not change them."""
     from acemath_mcore.eval.benchmarks import load_benchmark
