@@ -69,6 +69,14 @@ def _conversation_prompt(messages: list, where: str) -> tuple[list[dict], str]:
     return validated[:-1], validated[-1]["content"]
 
 
+def problem_prompt(question: str, system: Optional[str], where: str) -> list[dict]:
+    """The validated messages before a one-line group's responses: the optional system turn, then the question."""
+    messages = [{"role": "user", "content": question}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    return validate_messages(messages + [{"role": "assistant", "content": "placeholder"}], where)[:-1]
+
+
 def _grouped(record: dict, where: str, report: Callable[[DataError], None],
              encoder: Optional[ConversationEncoder]) -> Optional[RMGroup]:
     """A one-line group: grouped schema or Qwen2.5-Math evaluation output. A bad candidate (empty or non-text
@@ -86,22 +94,17 @@ def _grouped(record: dict, where: str, report: Callable[[DataError], None],
     if len(labels) != len(responses) or (scores is not None and len(scores) != len(responses)):
         raise DataError(where, "length_mismatch", f"{len(responses)} responses, {len(labels)} labels"
                         + ("" if scores is None else f", {len(scores)} scores"))
-    prompt = [{"role": "user", "content": prompt_text}]
-    if record.get("system") is not None:
-        prompt.insert(0, {"role": "system", "content": record["system"]})
     if not responses:
         raise DataError(where, Reason.NO_ASSISTANT_TURN, "the group has no responses")
-    prompt = validate_messages(prompt + [{"role": "assistant", "content": "placeholder"}], where)[:-1]
+    prompt = problem_prompt(prompt_text, record.get("system"), where)
     if encoder is not None:
         encoder.check_no_special_tokens(prompt, where)
     group = RMGroup(where, prompt, [], [], None if scores is None else [])
     for index, response in enumerate(responses):
         try:
-            if not isinstance(response, str):
-                raise DataError(where, Reason.BAD_MESSAGE, "is not a string")
-            _, response = _conversation_prompt(prompt + [{"role": "assistant", "content": response}], where)
+            message = validate_messages([{"role": "assistant", "content": response}], where)
             if encoder is not None:
-                encoder.check_no_special_tokens([{"role": "assistant", "content": response}], where)
+                encoder.check_no_special_tokens(message, where)
             label = _label(labels[index], where)
             score = None if scores is None else _score(scores[index], where)
         except DataError as error:

@@ -835,11 +835,11 @@ def is_equal(pred: str | None, gold: str | None, timeout: float = DEFAULT_TIMEOU
     if pred is None or gold is None:
         return False
     deadline = time.monotonic() + timeout
-    pred, gold = normalize_answer(pred), normalize_answer(gold)
-    if re.fullmatch(r"[A-E]", gold.strip()):
+    pred, gold = normalize_answer(pred), normalize_answer(gold).strip()
+    if re.fullmatch(r"[A-E]", gold):
         # A choice letter as gold (GaoKao-2023-En's multiple-choice items): the prediction's standalone letters
         # A-E decide, so "(C) 2", "C: 2" and "c" all choose C, as in the Qwen2.5-Math evaluation; unlike it, a
         # hedge naming two letters ("A or C") chooses nothing.
         letters = set(re.findall(r"\b([A-E])\b", pred.upper()))
-        return letters == {gold.strip()}
+        return letters == {gold}
     return _equal_normalized(pred, gold, deadline)

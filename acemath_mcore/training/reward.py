@@ -23,9 +23,9 @@ import torch
 from megatron.core import parallel_state
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
-from acemath_mcore.data.jsonl import DataError, Reason, parse_json_line, validate_messages
-from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, rm_dataloader,
-                                        encode_rm_group)
+from acemath_mcore.data.jsonl import DataError, Reason, parse_json_line
+from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, encode_rm_group,
+                                        problem_prompt, rm_dataloader)
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
 from acemath_mcore.models.reward import RewardGPTModel, build_reward_model_chunk, response_scores
@@ -246,10 +246,7 @@ def candidate_group(record: dict, where: str) -> RMGroup:
     if not isinstance(prompt, str) or not isinstance(responses, list) or not responses:
         raise DataError(where, Reason.UNRECOGNIZED_SCHEMA,
                         "expected a 'question' (or 'prompt') string and a non-empty 'code' (or 'responses') list")
-    messages = [{"role": "user", "content": prompt}]
-    if record.get("system") is not None:
-        messages.insert(0, {"role": "system", "content": record["system"]})
-    validate_messages(messages + [{"role": "assistant", "content": "placeholder"}], where)  # the prompt's shape
+    messages = problem_prompt(prompt, record.get("system"), where)
     not_text = next((index for index, response in enumerate(responses) if not isinstance(response, str)), None)
     if not_text is not None:
         raise DataError(where, Reason.BAD_MESSAGE, f"response {not_text} is not a string")
