@@ -7,15 +7,17 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
+from acemath_mcore.recipes.checks import ConfigError, config_problems
 from acemath_mcore.recipes.config import OverrideError
-from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps
+from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps, read_launch_env
 
 
 def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     mine = sorted(name for name in RECIPES if recipe_kind(name) == kind)
     parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(mine)}")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config, check it (exit status 2 on a problem) and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-6")
     args = parser.parse_args(argv)
     if args.recipe in RECIPES and recipe_kind(args.recipe) != kind:
@@ -27,9 +29,17 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error.args[0] if isinstance(error, KeyError) else error))
     if args.dry_run:
         print(config.to_json())
-        return 0
+        problems = config_problems(config, kind)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2 if problems else 0
     install_stack_dumps()
-    summary = trainer_for(kind)(config)
+    try:
+        summary = trainer_for(kind)(config)
+    except ConfigError as error:  # found before any set-up: the message is the whole story, once per job
+        if read_launch_env().rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
     # A finished or preempted run has no collective in flight: shut the process groups down in order, as torch
     # asks, rather than leaving NCCL to the interpreter's teardown (part of what must end within Slurm's KillWait).
     destroy_distributed()

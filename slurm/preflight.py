@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, installed or not
 
 # Which environment variable of slurm/common.sh sets each checked key (the message tells the user what to change).
-ENV_FOR = {"data.prefixes": "DATA", "checkpoint.init_from": "INIT_FROM", "checkpoint.save_dir": "CKPT_DIR"}
+ENV_FOR = {"data.prefixes": "DATA", "checkpoint.save_dir": "CKPT_DIR", "model": "RECIPE"}
 
 
 def parse(argv):
@@ -47,8 +47,8 @@ def parse(argv):
 
 def check_stage(stage) -> tuple[list[str], str, object]:
     """(errors, one-line description, resolved config)."""
-    from acemath_mcore.data.indexed import LOSS_MASK_SUFFIX, RM_LABELS_SUFFIX
     from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.recipes.checks import config_problems
     from acemath_mcore.recipes.config import OverrideError
     from acemath_mcore.training.checkpointing import find_latest
 
@@ -63,13 +63,6 @@ def check_stage(stage) -> tuple[list[str], str, object]:
     if not config.data.prefixes:
         errors.append(f"{name}: DATA is not set: a comma-separated list of prefixes from launch/preprocess.py "
                       f"{stage['kind']}")
-    suffixes = [".bin", ".idx"] + ([f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"]
-                                   if stage["kind"] == "sft" else [RM_LABELS_SUFFIX])
-    for prefix in [*config.data.prefixes, *config.data.valid_prefixes]:
-        missing = [prefix + s for s in suffixes if not Path(prefix + s).is_file()]
-        if missing:
-            errors.append(f"{name}: DATA: prefix {prefix} is missing {', '.join(missing)} "
-                          f"(write it with launch/preprocess.py {stage['kind']} --output {prefix})")
     save_dir = config.checkpoint.save_dir
     try:
         latest = find_latest(save_dir) if save_dir and config.checkpoint.resume else None
@@ -98,6 +91,11 @@ def check_stage(stage) -> tuple[list[str], str, object]:
                           f"stage's CKPT_DIR or a converted base model; INIT_FROM=none trains from scratch)")
     else:
         start = "starts from random weights"
+    # The trainer's own checks (data files and tokenizer, option values, model, layout); the starting checkpoint is
+    # read only when it exists now and the checks above found nothing wrong with it.
+    for problem in config_problems(config, stage["kind"], read_checkpoint=not stage["upstream"] and not errors):
+        key = problem.split(":")[0].split("=")[0]
+        errors.append(f"{name}: {ENV_FOR.get(key, 'OVERRIDES')}: {problem}")
     description = (f"{name}: model {config.model}, {len(config.data.prefixes)} data prefix(es), {start}, "
                    f"saves to {save_dir}")
     return errors, description, config

@@ -27,7 +27,7 @@ def test_dry_run_prints_the_resolved_rm_config(capsys):
 
 
 def test_bad_settings_fail_before_any_process_group_exists():
-    with pytest.raises(ValueError, match="unknown reward-model loss"):
+    with pytest.raises(ValueError, match="reward.loss=hinge: choose one of listwise_bt, pairwise_bt, bce, mse"):
         train_reward_model(apply_overrides(get_recipe("tiny_rm"), ["reward.loss=hinge"]))
     with pytest.raises(ValueError, match="exactly one RM prefix"):
         rm_training_data(apply_overrides(get_recipe("tiny_rm"), ["data.prefixes=[a,b]"]))

@@ -41,6 +41,9 @@ class ModelOptions:
     cuda_graph: Optional[str] = None
 
 
+RECOMPUTE_GRANULARITIES = ("selective", "full")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 CUDA_GRAPH_SCOPES = ("mlp",)
 CUDA_GRAPH_WARMUP_STEPS = 2
 
@@ -96,7 +99,7 @@ def transformer_config(arch: ModelArch, parallel: ParallelConfig, options: Model
     elif options.recompute == "selective":
         recompute = dict(recompute_granularity="selective")
     elif options.recompute is not None:
-        raise ValueError(f"recompute must be None, 'selective' or 'full', got {options.recompute!r}")
+        raise ValueError(f"recompute must be None or one of {RECOMPUTE_GRANULARITIES}, got {options.recompute!r}")
     fp8 = dict(fp8=options.fp8, fp8_recipe=options.fp8_recipe) if options.fp8 else {}
     graphs = _checked_cuda_graph_fields(options, spec)
     fuse_wgrad = options.gradient_accumulation_fusion and with_ddp

@@ -114,6 +114,13 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> Any:
     return config
 
 
+def _unquoted(item: str) -> str:
+    """A list item without the quotes of JSON-style lists (``data.prefixes=["/d/a","/d/b"]``)."""
+    if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"":
+        return item[1:-1]
+    return item
+
+
 def _convert(raw: str, annotation) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
@@ -126,7 +133,7 @@ def _convert(raw: str, annotation) -> Any:
         items = raw.strip()
         if items.startswith("["):
             items = items[1:-1] if items.endswith("]") else items[1:]
-        return [_convert(x.strip(), args[0]) for x in items.split(",") if x.strip()] if items.strip() else []
+        return [_convert(_unquoted(x.strip()), args[0]) for x in items.split(",") if x.strip()]
     if annotation is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
@@ -134,12 +141,18 @@ def _convert(raw: str, annotation) -> Any:
             return False
         raise ValueError("expected a boolean (true/false)")
     if annotation is int:
-        value = float(raw)  # accepts "128" and "1e3"
+        try:
+            value = float(raw)  # accepts "128" and "1e3"
+        except ValueError:
+            raise ValueError("expected an integer") from None
         if not value.is_integer():
             raise ValueError("expected an integer")
         return int(value)
     if annotation is float:
-        return float(raw)
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError("expected a number") from None
     if annotation is str:
         return raw
     raise TypeError(f"cannot set a field of type {annotation}")

@@ -61,12 +61,16 @@ class OptimConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    decay_style: str = "cosine"  # cosine | linear | constant
+    decay_style: str = "cosine"  # one of DECAY_STYLES
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     # Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward pass
     # instead of at the end of the optimizer step (needs overlap_grad_reduce too, as in Megatron-LM).
     overlap_param_gather: bool = False
+
+
+DECAY_STYLES = ("cosine", "linear", "constant")
+NAN_POLICIES = ("stop", "skip")  # what a non-finite loss or gradient norm does: raise, or skip the update
 
 
 def packed_seq_params(batch: Batch, qkv_format: str = "thd") -> Optional[PackedSeqParams]:

@@ -30,6 +30,7 @@ from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
 from acemath_mcore.models.reward import RewardGPTModel, build_reward_model_chunk, response_scores
 from acemath_mcore.models.specs import packed_qkv_format
+from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime.distributed import ParallelConfig
@@ -125,6 +126,7 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
 
 def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
     """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
+    check_config(config, "rm", arch)
     task = RewardTask(config.reward.loss, seed=config.seed)
     validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
     return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,

@@ -6,6 +6,7 @@ from typing import Dict, List
 
 import torch
 
+from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.training.engine import Batch
 from acemath_mcore.training.losses import masked_token_loss
@@ -58,5 +59,6 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
 
 
 def train_sft(config: TrainConfig) -> Dict:
+    check_config(config, "sft")
     validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
     return run(config, SFTTask(), sft_training_data(config), validation=validation)

@@ -152,17 +152,12 @@ def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
     return micro_batches
 
 
-NAN_POLICIES = ("stop", "skip")
-
-
 def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None,
         model_chunk_builder: Callable = build_model_chunk, validation: Optional[TrainingData] = None) -> Dict:
     """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass);
     ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end.
     A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now."""
-    if config.nan_policy not in NAN_POLICIES:
-        raise ValueError(f"nan_policy={config.nan_policy!r}: choose one of {NAN_POLICIES}")
     launch = init_distributed(config.parallel, seed=config.seed)
     setup_console_logging(launch.rank)
     arch = arch or resolve_arch(config.model)
@@ -194,7 +189,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                     f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
         resumed = _initialise(config, engine, data_order)
         start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
-        loader = data.make_loader(consumed_samples, dp_rank, dp_size)
+        loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
         metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
                                        launch.rank, config.logging.wandb_project, config.logging.wandb_mode,
                                        wandb_run=config.logging.wandb_run, start_step=start_step)
@@ -232,7 +227,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 step == steps or (config.eval_interval and step % config.eval_interval == 0))
             if validated:
                 metrics.update(_validate(engine, task, validation, valid_batches, micro_batches_per_step,
-                                         dp_rank, dp_size))
+                                         dp_rank, dp_size, arch.padded_vocab_size))
             unlogged.add(metrics)
             preempted = preemption.any_rank_requested()
             interval = config.checkpoint.save_interval
@@ -332,11 +327,24 @@ def _absolute(path: Optional[str]) -> Optional[str]:
 
 
 def _validate(engine: Engine, task: Task, validation: TrainingData, global_batches: int, micro_batches: int,
-              dp_rank: int, dp_size: int) -> Dict[str, float]:
+              dp_rank: int, dp_size: int, vocab_rows: int) -> Dict[str, float]:
     """One pass over the first ``global_batches`` global batches of the held-out data (the same ones every time)."""
-    loader = validation.make_loader(0, dp_rank, dp_size)
+    loader = within_vocabulary(validation.make_loader(0, dp_rank, dp_size), vocab_rows)
     batches = ([next(loader) for _ in range(micro_batches)] for _ in range(global_batches))
     return {f"valid_{name}": value for name, value in engine.evaluate(task, batches).items()}
+
+
+def within_vocabulary(loader: Iterator[Batch], vocab_rows: int) -> Iterator[Batch]:
+    """The loader's micro-batches, each checked for token ids the model's embedding has no row for (data
+    tokenized for another model): on a GPU such an id is a device-side assert far from its cause. Costs a max
+    over the micro-batch's ids on the host."""
+    for batch in loader:
+        for key in ("tokens", "labels"):
+            if key in batch and batch[key].numel() and int(batch[key].max()) >= vocab_rows:
+                raise ValueError(f"the data holds token id {int(batch[key].max())} but the model has only {vocab_rows} "
+                                 "embedding rows: the data was tokenized for another model; re-run "
+                                 "launch/preprocess.py with the model's tokenizer")
+        yield batch
 
 
 def _data_order(config: TrainConfig, num_samples: int) -> Dict:

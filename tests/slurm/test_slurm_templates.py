@@ -85,7 +85,7 @@ def test_preflight_names_the_variable(preflight, tmp_path, capsys):
              f"checkpoint.init_from={tmp_path}/base"]
     assert preflight.main(stage) == 2
     errors = capsys.readouterr().err
-    assert f"DATA: prefix {tmp_path}/nope is missing {tmp_path}/nope.bin" in errors
+    assert f"DATA: data.prefixes: prefix {tmp_path}/nope is missing {tmp_path}/nope.bin" in errors
     assert f"INIT_FROM: checkpoint.init_from={tmp_path}/base does not exist" in errors
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "latest").write_text("iter_0000009\n")  # names a checkpoint that is not there
@@ -96,6 +96,13 @@ def test_preflight_names_the_variable(preflight, tmp_path, capsys):
     assert "RECIPE: unknown recipe 'no_such_recipe'" in capsys.readouterr().err
     assert preflight.main(["--stage", "sft:tiny_sft", "optim.lrr=1"]) == 2
     assert "OVERRIDES: unknown config key 'optim.lrr'" in capsys.readouterr().err
+    # The trainer's own config checks, before the job is queued.
+    assert preflight.main(["--stage", "sft:tiny_sft", *stage[2:4], "optim.decay_style=cos", "model=tiny2"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert "preflight: error: tiny_sft (sft): OVERRIDES: optim.decay_style=cos: choose one of cosine, linear, " \
+           "constant" in errors
+    assert any(line.startswith("preflight: error: tiny_sft (sft): RECIPE: model: model 'tiny2' is neither a preset")
+               for line in errors)
 
 
 def test_preflight_accepts_upstream_and_resume(preflight, tmp_path, capsys):

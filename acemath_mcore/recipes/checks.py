@@ -1,0 +1,252 @@
+"""Check a stage's config before it costs GPU time, listing every problem at once.
+
+The trainers run these checks before they touch a GPU; ``launch/train_*.py --dry-run`` and ``slurm/preflight.py``
+run them on the submit host. Each problem names the config key to change. What is checked: the choice-valued
+options, the model name, the parallel layout against the model's shapes, the blend weights, and the data's
+tokenizer (from each prefix's ``_stats.json``) against the model's vocabulary and against the tokenizer the
+starting checkpoint records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.builder import CUDA_GRAPH_SCOPES, FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
+from acemath_mcore.models.specs import SPEC_CHOICES
+from acemath_mcore.recipes.config import TrainConfig
+from acemath_mcore.runtime.device import LM_CROSS_ENTROPY_CHOICES
+from acemath_mcore.training.engine import DECAY_STYLES, NAN_POLICIES
+from acemath_mcore.training.rm_losses import RM_LOSSES
+
+logger = logging.getLogger(__name__)
+
+# What identifies a vocabulary across tokenizer implementations (a tokenizer.json and the tiktoken file of the
+# same model agree on these). The eos and pad tokens are left out: a base model's and its instruct model's
+# tokenizers share the vocabulary but name another eos.
+TOKENIZER_IDENTITY = ("vocab_size", "bos_id", "im_start_id", "im_end_id")
+
+
+class ConfigError(ValueError):
+    """One or more problems of a training config, one per line."""
+
+
+def check_config(config: TrainConfig, kind: str, arch: Optional[ModelArch] = None) -> None:
+    """Raise :class:`ConfigError` listing every problem :func:`config_problems` finds."""
+    problems = config_problems(config, kind, arch)
+    if problems:
+        raise ConfigError(f"recipe {config.name!r} ({kind}): {len(problems)} problem(s):\n"
+                          + "\n".join(f"  - {problem}" for problem in problems))
+
+
+def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = None,
+                    read_checkpoint: bool = True) -> List[str]:
+    """Every problem found, each starting with the config key to change. ``kind``: sft or rm. ``arch``: the
+    model when the caller already has it (else resolved from ``config.model``). ``read_checkpoint``: compare
+    with the starting checkpoint's recorded architecture and tokenizer (off when an earlier job writes it)."""
+    problems = _option_problems(config, kind) + _batch_problems(config)
+    data = config.data
+    complete = []
+    for key in ("prefixes", "valid_prefixes"):
+        for prefix in getattr(data, key):
+            missing = _missing_files(prefix, kind)
+            if missing:
+                problems.append(f"data.{key}: prefix {prefix} is missing {', '.join(missing)} "
+                                f"({_written_by(prefix, kind)})")
+            else:
+                complete.append(prefix)
+    if arch is None:
+        from acemath_mcore.models.presets import resolve_arch
+
+        try:
+            arch = resolve_arch(config.model)
+        except (ValueError, KeyError, OSError) as error:
+            return [*problems, f"model: {error}"]
+    problems += _layout_problems(config, arch)
+    try:
+        checkpoint = starting_checkpoint(config) if read_checkpoint else None
+    except FileNotFoundError as error:  # a 'latest' marker naming no complete checkpoint
+        return [*problems, f"checkpoint.save_dir: {error}"]
+    if checkpoint is not None:
+        problems += _checkpoint_arch_problems(checkpoint, arch)
+    return problems + data_tokenizer_problems(complete, arch, checkpoint)
+
+
+def _option_problems(config: TrainConfig, kind: str) -> List[str]:
+    options = config.model_options
+    choices = [
+        ("model_options.spec", options.spec, SPEC_CHOICES),
+        ("model_options.recompute", options.recompute, (None, *RECOMPUTE_GRANULARITIES)),
+        ("model_options.fp8", options.fp8, (None, *FP8_FORMATS)),
+        ("model_options.fp8_recipe", options.fp8_recipe, FP8_RECIPES),
+        ("model_options.cross_entropy", options.cross_entropy, LM_CROSS_ENTROPY_CHOICES),
+        ("model_options.cuda_graph", options.cuda_graph, (None, *CUDA_GRAPH_SCOPES)),
+        ("optim.decay_style", config.optim.decay_style, DECAY_STYLES),
+        ("nan_policy", config.nan_policy, NAN_POLICIES),
+    ]
+    if kind == "rm":
+        choices.append(("reward.loss", config.reward.loss, RM_LOSSES))
+    return [f"{key}={_shown(value)}: choose one of {', '.join(_shown(c) for c in allowed)}"
+            for key, value, allowed in choices if value not in allowed]
+
+
+def _batch_problems(config: TrainConfig) -> List[str]:
+    problems = [f"{key}={value}: must be at least 1" for key, value in (
+        ("global_batch_size", config.global_batch_size), ("micro_batch_size", config.micro_batch_size),
+        ("data.seq_length", config.data.seq_length)) if value < 1]
+    if config.micro_batch_size >= 1 and config.global_batch_size % config.micro_batch_size:
+        problems.append(f"global_batch_size={config.global_batch_size} is not a multiple of "
+                        f"micro_batch_size={config.micro_batch_size}")
+    data = config.data
+    if data.weights and len(data.weights) != len(data.prefixes):
+        problems.append(f"data.weights: {len(data.weights)} weight(s) for {len(data.prefixes)} prefix(es) in "
+                        "data.prefixes; give one per prefix, or none to blend in proportion to size")
+    if any(weight <= 0 for weight in data.weights):
+        problems.append(f"data.weights={data.weights}: weights must be positive")
+    return problems
+
+
+def _data_files(prefix: str, kind: str) -> List[str]:
+    """The files launch/preprocess.py writes for a prefix of this kind of stage."""
+    from acemath_mcore.data.indexed import LOSS_MASK_SUFFIX, RM_LABELS_SUFFIX
+
+    extra = [f"{LOSS_MASK_SUFFIX}.bin", f"{LOSS_MASK_SUFFIX}.idx"] if kind == "sft" else [RM_LABELS_SUFFIX]
+    return [prefix + suffix for suffix in (".bin", ".idx", *extra)]
+
+
+def _missing_files(prefix: str, kind: str) -> List[str]:
+    return [path for path in _data_files(prefix, kind) if not Path(path).is_file()]
+
+
+def _written_by(prefix: str, kind: str) -> str:
+    """How to write the prefix, or that it is the other kind's data."""
+    other = "rm" if kind == "sft" else "sft"
+    if not _missing_files(prefix, other):
+        return f"it is {other.upper()} data: write {kind.upper()} data with launch/preprocess.py {kind}"
+    return f"write it with launch/preprocess.py {kind} --output {prefix}"
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
+
+
+def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
+    parallel = config.parallel
+    problems = []
+    try:
+        arch.check_tensor_parallel(parallel.tensor_parallel)
+    except ValueError as error:
+        problems.append(f"parallel.{error}")
+    pp, vpp = parallel.pipeline_parallel, parallel.virtual_pipeline_parallel or 1
+    if arch.num_layers % (pp * vpp):
+        problems.append(f"parallel.pipeline_parallel={pp}" + (f" x virtual_pipeline_parallel={vpp}" if vpp > 1 else "")
+                        + f" does not divide the model's num_layers={arch.num_layers}")
+    if parallel.virtual_pipeline_parallel is not None and pp < 2:
+        problems.append("parallel.virtual_pipeline_parallel needs pipeline_parallel >= 2")
+    return problems
+
+
+def starting_checkpoint(config: TrainConfig) -> Optional[Path]:
+    """The checkpoint the stage's weights come from: the save dir's ``latest`` when it resumes, else
+    ``checkpoint.init_from`` (a dist checkpoint, or a save dir whose ``latest`` names one); None for random
+    weights or a path that does not exist yet (the trainer reports that when it loads)."""
+    from acemath_mcore.training.checkpointing import find_latest
+
+    ckpt = config.checkpoint
+    latest = find_latest(ckpt.save_dir) if ckpt.save_dir and ckpt.resume and Path(ckpt.save_dir).is_dir() else None
+    if latest is not None:
+        return latest
+    if not ckpt.init_from:
+        return None
+    path = Path(ckpt.init_from)
+    if (path / "metadata.json").is_file():
+        return path
+    return find_latest(path) if path.is_dir() else None
+
+
+def _checkpoint_arch_problems(checkpoint: Path, arch: ModelArch) -> List[str]:
+    from acemath_mcore.convert.megatron_files import find_model_description
+
+    recorded, _, _ = find_model_description(checkpoint)
+    try:
+        arch.check_matches(recorded, f"the starting checkpoint {checkpoint}")
+    except ValueError as error:
+        return [f"model: {error}"]
+    return []
+
+
+def prefix_tokenizer(prefix: str) -> Optional[dict]:
+    """The tokenizer description launch/preprocess.py recorded in ``<prefix>_stats.json``; None when the prefix
+    has no stats file (data written by another tool)."""
+    path = Path(prefix + "_stats.json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["tokenizer"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a stats file of launch/preprocess.py (no 'tokenizer' entry: {error!r})") \
+            from None
+
+
+def data_tokenizer_problems(prefixes: Iterable[str], arch: ModelArch, checkpoint: Optional[Path]) -> List[str]:
+    """The data must come from one tokenizer, fit the model's embedding rows, and match the tokenizer the starting
+    checkpoint records (its ``hf_assets``), when those are known."""
+    problems, described = [], {}
+    for prefix in prefixes:
+        try:
+            description = prefix_tokenizer(prefix)
+        except ValueError as error:
+            problems.append(f"data.prefixes: {error}")
+            continue
+        if description is None:
+            logger.warning("%s has no _stats.json: its tokenizer is not checked against the model before training "
+                           "(token ids beyond the vocabulary still stop the run at the first batch holding one)",
+                           prefix)
+            continue
+        described[prefix] = description
+        if description["vocab_size"] > arch.padded_vocab_size:
+            problems.append(f"data.prefixes: {prefix} was tokenized with {_named(description)}, more ids than the "
+                            f"model's {arch.padded_vocab_size} embedding rows: re-run launch/preprocess.py with the "
+                            "model's tokenizer")
+    if len({_identity(d) for d in described.values()}) > 1:
+        problems.append("data.prefixes: the prefixes come from different tokenizers: "
+                        + "; ".join(f"{prefix}: {_named(d)}" for prefix, d in described.items()))
+    model_tokenizer = _checkpoint_tokenizer(checkpoint) if described and checkpoint is not None else None
+    if model_tokenizer is not None:
+        for prefix, description in described.items():
+            if _identity(description) != _identity(model_tokenizer):
+                problems.append(f"data.prefixes: {prefix} was tokenized with {_named(description)}, but the starting "
+                                f"checkpoint's tokenizer is {_named(model_tokenizer)}: re-run launch/preprocess.py "
+                                f"with --tokenizer {model_tokenizer['name']}")
+    return problems
+
+
+def _identity(description: dict) -> tuple:
+    return tuple(description.get(key) for key in TOKENIZER_IDENTITY)
+
+
+def _named(description: dict) -> str:
+    specials = ", ".join(f"{key} {description.get(key)}" for key in TOKENIZER_IDENTITY[1:]
+                         if description.get(key) is not None)
+    return f"{description['name']} ({description['vocab_size']} ids{', ' + specials if specials else ''})"
+
+
+def _checkpoint_tokenizer(checkpoint: Path) -> Optional[dict]:
+    """The description of the tokenizer in the checkpoint's ``hf_assets`` (copied from the HF model it was
+    converted from); None when it records none."""
+    from acemath_mcore.convert.megatron_files import find_model_description
+    from acemath_mcore.data.tokenizers import load_tokenizer
+
+    _, _, assets = find_model_description(checkpoint)
+    if assets is None or not any((assets / name).is_file()
+                                 for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        return None
+    try:
+        return load_tokenizer(assets).describe()
+    except ImportError as error:  # a Hugging Face tokenizer needs transformers (the hf extra)
+        logger.warning("cannot load the starting checkpoint's tokenizer %s (%s): the data is not compared with it",
+                       assets, error)
+        return None

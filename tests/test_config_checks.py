@@ -1,0 +1,230 @@
+"""Config checks before set-up: every problem listed at once with its key, the data's tokenizer checked against the
+model and its starting checkpoint, and ids beyond the vocabulary stopped at the batch."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distributed_helpers import run_workers
+from shared_data import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES_TOKENIZER = "models/stories260K_hf/tokenizer.model"  # 512 pieces: fits the tiny model
+LLAMA2_TOKENIZER = "tokenizers/llama2_sp/tokenizer.model"  # 32,000 pieces
+
+
+def _prefix(root: Path, name: str, tokenizer: str) -> str:
+    from acemath_mcore.data.preprocess import PreprocessConfig, preprocess_sft
+    from acemath_mcore.data.synthetic import sft_records, write_jsonl
+
+    jsonl = write_jsonl(root / f"{name}.jsonl", sft_records(40, seed=0))
+    prefix = str(root / name)
+    preprocess_sft(PreprocessConfig(inputs=[str(jsonl)], output_prefix=prefix, tokenizer=str(shared_path(tokenizer)),
+                                    template="plain", max_length=256, workers=1, progress=False))
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def prefixes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("check_data")
+    return {"stories": _prefix(root, "stories", STORIES_TOKENIZER), "llama2": _prefix(root, "llama2", LLAMA2_TOKENIZER)}
+
+
+def _tiny(overrides, kind="sft"):
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+
+    return apply_overrides(get_recipe(f"tiny_{kind}"), overrides)
+
+
+def _fake_checkpoint(directory: Path, tokenizer: str) -> Path:
+    """What init_from reads before any weight: a dist checkpoint's metadata.json, the recorded architecture and
+    the HF assets holding the tokenizer."""
+    from acemath_mcore.convert.megatron_files import ASSETS_DIR, write_model_description
+    from acemath_mcore.models import resolve_arch
+
+    (directory / ASSETS_DIR).mkdir(parents=True)
+    (directory / "metadata.json").write_text("{}")
+    write_model_description(directory, resolve_arch("tiny"))
+    shutil.copyfile(shared_path(tokenizer), directory / ASSETS_DIR / "tokenizer.model")
+    return directory
+
+
+def test_every_problem_is_listed_with_its_key():
+    from acemath_mcore.models.presets import PRESETS
+    from acemath_mcore.recipes.checks import config_problems
+
+    config = _tiny(["nan_policy=skp", "model_options.recompute=sel", "model_options.fp8=e5m2",
+                    "model_options.fp8_recipe=delay", "model_options.cross_entropy=fused",
+                    "model_options.cuda_graph=attn", "optim.decay_style=cos", "model_options.spec=tee",
+                    "reward.loss=listwise", "parallel.tensor_parallel=3", "parallel.pipeline_parallel=3",
+                    "data.prefixes=[a,b]", "data.weights=[1]", "global_batch_size=6", "micro_batch_size=4"])
+    assert config_problems(config, "rm") == [
+        "model_options.spec=tee: choose one of auto, te, native",
+        "model_options.recompute=sel: choose one of none, selective, full",
+        "model_options.fp8=e5m2: choose one of none, hybrid, e4m3",
+        "model_options.fp8_recipe=delay: choose one of delayed, tensorwise, blockwise, mxfp8",
+        "model_options.cross_entropy=fused: choose one of auto, triton, megatron",
+        "model_options.cuda_graph=attn: choose one of none, mlp",
+        "optim.decay_style=cos: choose one of cosine, linear, constant",
+        "nan_policy=skp: choose one of stop, skip",
+        "reward.loss=listwise: choose one of listwise_bt, pairwise_bt, bce, mse",
+        "global_batch_size=6 is not a multiple of micro_batch_size=4",
+        "data.weights: 1 weight(s) for 2 prefix(es) in data.prefixes; give one per prefix, or none to blend in "
+        "proportion to size",
+        "data.prefixes: prefix a is missing a.bin, a.idx, a_rm_labels.npy (write it with launch/preprocess.py rm "
+        "--output a)",
+        "data.prefixes: prefix b is missing b.bin, b.idx, b_rm_labels.npy (write it with launch/preprocess.py rm "
+        "--output b)",
+        "parallel.tensor_parallel=3 does not divide num_attention_heads=4 of this qwen2 model",
+        "parallel.pipeline_parallel=3 does not divide the model's num_layers=4",
+    ]
+    assert "reward.loss" not in " ".join(config_problems(config, "sft"))  # SFT ignores the reward section
+    assert config_problems(_tiny([]), "sft") == config_problems(_tiny([], "rm"), "rm") == []
+    assert config_problems(_tiny(["model=tiny-qwen"]), "sft") == [
+        f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"]
+
+
+def test_trainer_refuses_a_bad_config_before_any_set_up(tmp_path):
+    import torch
+
+    from acemath_mcore.recipes.checks import ConfigError
+    from acemath_mcore.training.sft import train_sft
+
+    with pytest.raises(ConfigError, match=r"recipe 'tiny-sft' \(sft\): 3 problem\(s\):\n  - optim.decay_style=cos: "
+                                          r"choose one of .*\n  - nan_policy=skp.*\n  - data.prefixes: prefix "
+                                          r"/nowhere/train is missing /nowhere/train.bin"):
+        train_sft(_tiny(["nan_policy=skp", "optim.decay_style=cos", "data.prefixes=[/nowhere/train]"]))
+    assert not torch.distributed.is_initialized()  # nothing was set up, not even the data
+
+
+def test_data_tokenizer_must_fit_the_model_and_be_one(prefixes):
+    from acemath_mcore.recipes.checks import config_problems
+
+    stories, llama2 = prefixes["stories"], prefixes["llama2"]
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]"]), "sft") == []
+    problems = config_problems(_tiny([f"data.prefixes=[{stories}]", f"data.valid_prefixes=[{llama2}]"]), "sft")
+    llama2_named = f"{shared_path(LLAMA2_TOKENIZER)} (32000 ids, bos_id 1)"
+    stories_named = f"{shared_path(STORIES_TOKENIZER)} (512 ids, bos_id 1)"
+    assert problems == [
+        f"data.prefixes: {llama2} was tokenized with {llama2_named}, more ids than the model's 512 embedding rows: "
+        "re-run launch/preprocess.py with the model's tokenizer",
+        f"data.prefixes: the prefixes come from different tokenizers: {stories}: {stories_named}; "
+        f"{llama2}: {llama2_named}",
+    ]
+
+
+def test_data_tokenizer_must_match_the_starting_checkpoints(prefixes, tmp_path):
+    from acemath_mcore.recipes.checks import config_problems
+
+    stories = prefixes["stories"]
+    same = _fake_checkpoint(tmp_path / "same", STORIES_TOKENIZER)
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={same}"]), "sft") == []
+    other = _fake_checkpoint(tmp_path / "other", LLAMA2_TOKENIZER)
+    config = _tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={other}"])
+    assert config_problems(config, "sft") == [
+        f"data.prefixes: {stories} was tokenized with {shared_path(STORIES_TOKENIZER)} (512 ids, bos_id 1), but the "
+        f"starting checkpoint's tokenizer is {other}/hf_assets/tokenizer.model (32000 ids, bos_id 1): re-run "
+        f"launch/preprocess.py with --tokenizer {other}/hf_assets/tokenizer.model"]
+    assert config_problems(config, "sft", read_checkpoint=False) == []  # an upstream job has yet to write it
+    # Resuming: the save dir's latest checkpoint is where the weights come from, and init_from is not read.
+    save_dir = tmp_path / "save"
+    _fake_checkpoint(save_dir / "iter_0000002", STORIES_TOKENIZER)
+    (save_dir / "latest").write_text("iter_0000002")
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={other}",
+                                  f"checkpoint.save_dir={save_dir}"]), "sft") == []
+    (save_dir / "latest").write_text("iter_0000009")  # names no checkpoint: an error, not a silent fresh start
+    problems = config_problems(_tiny([f"checkpoint.save_dir={save_dir}"]), "sft")
+    assert len(problems) == 1 and problems[0].startswith(
+        f"checkpoint.save_dir: {save_dir}/latest names 'iter_0000009', which is not a complete checkpoint")
+    # A checkpoint written for another architecture.
+    arch = json.loads((same / "model_arch.json").read_text())
+    (same / "model_arch.json").write_text(json.dumps({**arch, "rope_theta": 1e6}))
+    assert config_problems(_tiny([f"checkpoint.init_from={same}"]), "sft") == [
+        f"model: the starting checkpoint {same} records another architecture than the one asked for: rope_theta "
+        "1000000.0 there, 10000.0 here"]
+
+
+def _train_and_report(rank, world_size, config):
+    from acemath_mcore.training.sft import train_sft
+
+    try:
+        train_sft(config)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_ids_beyond_the_vocabulary_stop_at_the_first_batch(prefixes, tmp_path):
+    """Data without a stats file (written by another tool) is not checked up front; its first batch is."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for path in Path(prefixes["llama2"]).parent.glob("llama2*"):
+        if not path.name.endswith("_stats.json"):
+            shutil.copyfile(path, root / path.name)
+    config = _tiny([f"data.prefixes=[{root / 'llama2'}]", "data.seq_length=256", "train_steps=2",
+                    "checkpoint.save_dir=none", f"logging.output_dir={tmp_path / 'runs'}"])
+    [error] = run_workers(_train_and_report, 1, config)  # a worker: the trainer sets up torch.distributed
+    assert re.fullmatch(r"the data holds token id \d+ but the model has only 512 embedding rows: the data was "
+                        r"tokenized for another model; re-run launch/preprocess.py with the model's tokenizer", error)
+
+
+def test_dry_run_reports_problems_with_exit_status_2(prefixes):
+    command = [sys.executable, str(REPO / "launch/train_sft.py"), "--recipe", "tiny_sft", "--dry-run"]
+    good = subprocess.run([*command, f"data.prefixes=[{prefixes['stories']}]"], capture_output=True, text=True)
+    assert good.returncode == 0 and json.loads(good.stdout)["data"]["prefixes"] == [prefixes["stories"]]
+    bad = subprocess.run([*command, f"data.prefixes=[{prefixes['llama2']}]", "optim.decay_style=cos"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: optim.decay_style=cos: choose one of cosine, linear, constant",
+                      f"error: data.prefixes: {prefixes['llama2']} was tokenized with {shared_path(LLAMA2_TOKENIZER)} "
+                      "(32000 ids, bos_id 1), more ids than the model's 512 embedding rows: re-run "
+                      "launch/preprocess.py with the model's tokenizer"]
+
+
+def test_overrides_convert_to_the_declared_types():
+    from acemath_mcore.recipes.config import OverrideError
+
+    config = _tiny(['data.prefixes=["/d/a", \'/d/b\',/d/c]', "data.weights=[1,2.5,3e-1]", "train_steps=1e3",
+                    "checkpoint.init_from=none", "data.packed=off", "optim.lr=3e-6", "data.valid_prefixes=[]"])
+    assert config.data.prefixes == ["/d/a", "/d/b", "/d/c"]  # JSON-style quotes are not part of a path
+    assert config.data.weights == [1.0, 2.5, 0.3] and config.train_steps == 1000
+    assert config.checkpoint.init_from is None and config.data.packed is False and config.optim.lr == 3e-6
+    assert config.data.valid_prefixes == []
+    for override, message in [
+        ("micro_batch_size=abc", "micro_batch_size='abc': expected an integer"),
+        ("micro_batch_size=1.5", "micro_batch_size='1.5': expected an integer"),
+        ("optim.lr=fast", "optim.lr='fast': expected a number"),
+        ("data.packed=maybe", "data.packed='maybe': expected a boolean (true/false)"),
+        ("optim.lrr=1", "unknown config key 'optim.lrr'; OptimConfig has: lr, min_lr,"),
+        ("optimizer.lr=1", "unknown config key 'optimizer.lr' (no section 'optimizer')"),
+        ("optim.lr", "override 'optim.lr' is not of the form key=value"),
+    ]:
+        with pytest.raises(OverrideError) as error:
+            _tiny([override])
+        assert str(error.value).startswith(message), str(error.value)
+
+
+def test_missing_or_wrong_kind_of_data_is_named(prefixes, tmp_path):
+    from acemath_mcore.recipes.checks import config_problems
+
+    stories = prefixes["stories"]
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]"], "rm"), "rm") == [
+        f"data.prefixes: prefix {stories} is missing {stories}_rm_labels.npy (it is SFT data: write RM data with "
+        "launch/preprocess.py rm)"]
+    missing = tmp_path / "held_out"
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"data.valid_prefixes=[{missing}]"]), "sft") == [
+        f"data.valid_prefixes: prefix {missing} is missing {missing}.bin, {missing}.idx, {missing}_loss_mask.bin, "
+        f"{missing}_loss_mask.idx (write it with launch/preprocess.py sft --output {missing})"]
+    # The launcher prints the problems once, without a traceback, and exits 2 (Slurm does not requeue that).
+    run = subprocess.run([sys.executable, str(REPO / "launch/train_rm.py"), "--recipe", "tiny_rm",
+                          f"data.prefixes=[{stories}]"], capture_output=True, text=True)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert f"error: recipe 'tiny-rm' (rm): 1 problem(s):\n  - data.prefixes: prefix {stories} is missing" in run.stderr
