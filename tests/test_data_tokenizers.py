@@ -144,3 +144,11 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(ValueError, match="holds no tokenizer"):
         load_tokenizer(tmp_path)
+    config = tmp_path / "config.json"  # a model's config.json passed as --tokenizer by mistake
+    config.write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    with pytest.raises(ValueError, match=rf"tokenizer path {config} is not a Hugging Face tokenizer.json \("):
+        load_tokenizer(config)
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"\x00\x01not a sentencepiece model")
+    with pytest.raises(ValueError, match=rf"tokenizer path {weights} is not a SentencePiece model \("):
+        load_tokenizer(weights)

@@ -428,9 +428,18 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         else:
             raise ValueError(f"{path} holds no tokenizer.json, vocab.json+merges.txt or tokenizer.model")
     if path.suffix == ".json":
-        return HFTokenizer.from_path(path)
-    with open(path, "rb") as handle:
-        first_line = handle.readline(256)
-    if _TIKTOKEN_LINE.match(first_line):
-        return TiktokenTokenizer(path)
-    return SentencePieceTokenizer(path)
+        loader = HFTokenizer.from_path
+    else:
+        with open(path, "rb") as handle:
+            first_line = handle.readline(256)
+        loader = TiktokenTokenizer if _TIKTOKEN_LINE.match(first_line) else SentencePieceTokenizer
+    try:
+        return loader(path)
+    except ImportError:
+        raise
+    except Exception as error:  # the tokenizers and sentencepiece libraries raise bare Exception / RuntimeError
+        raise ValueError(f"tokenizer path {path} is not a {_FILE_KINDS[loader]} ({error})") from None
+
+
+_FILE_KINDS = {HFTokenizer.from_path: "Hugging Face tokenizer.json", TiktokenTokenizer: "tiktoken rank file",
+               SentencePieceTokenizer: "SentencePiece model"}
