@@ -134,6 +134,7 @@ def write_json(path, request, estimates, recommended) -> None:
         "recommended": dataclasses.asdict(recommended) if recommended else None,
         "overrides": planner.recipe_overrides(recommended, request) if recommended else None,
     }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(report, handle, indent=2)
 

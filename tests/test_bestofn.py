@@ -133,7 +133,7 @@ def test_record_errors_name_file_line_and_field(tmp_path):
 
 
 def test_cli_end_to_end_writes_json_and_png(math_cot_100, tmp_path):
-    out_json, out_png = tmp_path / "bestofn.json", tmp_path / "bestofn.png"
+    out_json, out_png = tmp_path / "metrics" / "bestofn.json", tmp_path / "plots" / "bestofn.png"  # new folders
     command = [sys.executable, str(REPO / "launch" / "bestofn.py"), "--input", str(math_cot_100), "--k", "8",
                "--seeds", "20", "--json", str(out_json), "--plot", str(out_png), "--table"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
@@ -151,3 +151,13 @@ def test_cli_reports_bad_input_with_location(tmp_path, capsys):
     path.write_text(json.dumps({"score": [True, "yes"]}) + "\n")
     assert main(["--input", str(path), "--k", "2"]) == 2
     assert f"{path}:1:score: expected booleans" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_unknown_benchmark(capsys):
+    from acemath_mcore.eval.bestofn import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--input", "x.jsonl", "--k", "8", "--regrade", "--benchmark", "mathh"])
+    assert "argument --benchmark: invalid choice: 'mathh'" in capsys.readouterr().err
+    assert build_parser().parse_args(["--input", "x.jsonl", "--k", "8", "--benchmark", "mmlu_stem"]).benchmark == \
+        "mmlu_stem"

@@ -134,7 +134,7 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
               "--data-dir", shared_path("data/eval")]
     megatron = _evaluate("--checkpoint", checkpoint, "--output-dir", tmp_path / "megatron", *common)
     assert megatron.returncode == 0, megatron.stderr[-3000:]
-    hf = _evaluate("--backend", "hf", "--dtype", "float32", "--checkpoint", stories_dir(),
+    hf = _evaluate("--backend", "hf", "--checkpoint", stories_dir(),
                    "--output-dir", tmp_path / "hf", *common)
     assert hf.returncode == 0, hf.stderr[-3000:]
     for benchmark in ("gsm8k", "math"):

@@ -206,7 +206,7 @@ def test_cli_overrides_select_the_recommended_layout_in_a_recipe(capsys):
 
 def test_cli_table_json_and_failure(capsys, tmp_path):
     main = load_cli()
-    out = tmp_path / "plan.json"
+    out = tmp_path / "plans" / "plan.json"  # a folder that does not exist yet
     assert main(["--model", "qwen2.5-math-7b", "--gpus", "8", "--global-batch", "128", "--top", "5",
                  "--json", str(out)]) == 0
     printed = capsys.readouterr().out

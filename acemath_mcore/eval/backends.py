@@ -68,7 +68,7 @@ class HFBackend:
 
     is_writer = True
 
-    def __init__(self, hf_dir: str, stop_ids: Sequence[int], pad_id: int, dtype: str = "bfloat16",
+    def __init__(self, hf_dir: str, stop_ids: Sequence[int], pad_id: int, dtype: str = "float32",
                  device: Optional[str] = None, max_batch_size: int = 32, max_sequence_length: Optional[int] = None):
         import transformers
 
@@ -117,7 +117,7 @@ class VLLMBackend:
 
     is_writer = True
 
-    def __init__(self, hf_dir: str, stop_ids: Sequence[int], dtype: str = "bfloat16", tensor_parallel: int = 1,
+    def __init__(self, hf_dir: str, stop_ids: Sequence[int], dtype: str = "float32", tensor_parallel: int = 1,
                  max_sequence_length: Optional[int] = None, seed: int = 0):
         try:
             import vllm

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from acemath_mcore.eval.benchmarks import BENCHMARKS
 from acemath_mcore.eval.grader import extract_answer, is_equal
 
 METRICS = ("rm", "maj", "pass")
@@ -248,6 +249,7 @@ def save_plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path, ti
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
@@ -266,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--group-by-equivalence", action="store_true", help="maj@k groups answers the grader calls equal"
     )
-    parser.add_argument("--benchmark", default="math", help="answer extraction rules for --regrade (default math)")
+    parser.add_argument("--benchmark", default="math", choices=BENCHMARKS,
+                        help="answer extraction rules for --regrade (default math)")
     return parser
 
 
@@ -298,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "grouping": "equivalence" if args.group_by_equivalence else "exact",
             **metrics,
         }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         progress(f"wrote {args.json}")
     if args.plot:
