@@ -13,7 +13,7 @@ def exit_on_input_errors(main: Callable[[], int]) -> int:
     ends it with ``<tool>: error: ...`` and status 2; ``ACEMATH_TRACEBACK=1`` re-raises for the full traceback."""
     try:
         return main()
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         if os.environ.get("ACEMATH_TRACEBACK") == "1":
             raise
         print(f"{Path(sys.argv[0]).name}: error: {error} (ACEMATH_TRACEBACK=1 shows where)", file=sys.stderr)

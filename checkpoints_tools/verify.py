@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     parser.add_argument("--min-agreement", type=float, default=None, help="fraction of equal greedy tokens")
     args = parser.parse_args(argv)
     texts = list(args.prompt) + (list(DEFAULT_PROMPTS) if args.default_prompts else [])
-    prompts = [[int(t) for t in ids.split(",")] for ids in args.token_ids]
+    try:
+        prompts = [[int(t) for t in ids.split(",")] for ids in args.token_ids]
+    except ValueError:
+        parser.error(f"--token-ids takes comma-separated integers, got {args.token_ids}")
     if texts:
         prompts += encode_prompts(texts, args.tokenizer or args.hf)
     result = verify_conversion(args.hf, args.megatron, prompts or None, dtype=args.dtype, tensor_parallel=args.tp)

@@ -108,6 +108,16 @@ def test_verify_tool_passes(stories):
     report = json.loads(tool.stdout[tool.stdout.index("{"):])
     assert report["passed"] and report["max_abs_diff"] <= 1e-4 and report["greedy_agreement"] == 1.0
     assert report["positions"] == 5 + 5  # BOS + 4 prompt tokens, and the 5 ids
+    # Bad input ends with one error line, before any model runs.
+    outside = run_tool("verify.py", "--hf", stories_dir(), "--megatron", root / "tp2pp2", "--token-ids", "1,600,2")
+    assert outside.returncode == 2
+    assert "verify.py: error: prompt 1 holds token ids outside the model's vocabulary of 512: [600]" in outside.stderr
+    words = run_tool("verify.py", "--hf", stories_dir(), "--megatron", root / "tp2pp2", "--token-ids", "1,two")
+    assert words.returncode == 2 and "--token-ids takes comma-separated integers, got ['1,two']" in words.stderr
+    taken = run_tool("convert_from_hf.py", "--hf", stories_dir(), "--out", root / "tp1")
+    assert taken.returncode == 2 and "Traceback" not in taken.stderr
+    assert f"convert_from_hf.py: error: {root / 'tp1'} exists and is not empty (pass overwrite=True / --overwrite " \
+           "to replace it)" in taken.stderr
 
 
 def test_verify_thresholds_decide_the_exit_code():

@@ -143,6 +143,13 @@ def verify_conversion(hf_dir: str | Path, megatron_dir: str | Path, prompts: Opt
     arch = megatron_arch(checkpoint, hf_config)
     reward = is_reward_checkpoint(checkpoint)
     prompts = prompts or random_prompts(arch.vocab_size)
+    for number, prompt in enumerate(prompts, 1):
+        if not prompt:
+            raise ValueError(f"prompt {number} is empty")
+        bad = [token for token in prompt if not 0 <= token < arch.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {number} holds token ids outside the model's vocabulary of {arch.vocab_size}: "
+                             f"{bad[:5]}")
     # Megatron first, in worker processes that exit before the HF model is loaded: never both in memory.
     candidate = megatron_outputs(checkpoint, arch, prompts, dtype, tensor_parallel, reward)
     reference = hf_outputs(hf_dir, prompts, dtype, reward)
