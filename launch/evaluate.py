@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout-minutes", type=int, default=30,
                         help="megatron: how long a rank waits in a collective for the others (rank 0 grades each "
                              "benchmark while the rest wait; raise it for very many samples)")
-    parser.add_argument("--bf16", action="store_true", help="megatron: bf16 weights (hf/vllm: see --dtype)")
-    parser.add_argument("--dtype", default="bfloat16", help="hf/vllm weight dtype")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 weights and activations, any backend (default fp32, so backends agree)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate benchmarks that already have results")
     parser.add_argument("--summarize-only", action="store_true",
                         help="only (re)build the table from the .jsonl files in --output-dir")
@@ -78,25 +78,6 @@ def _benchmarks(spec: str) -> list[str]:
     if unknown:
         raise SystemExit(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}, table3, all")
     return list(dict.fromkeys(names))
-
-
-def _megatron_arch_and_tokenizer(args):
-    from acemath_mcore.convert.megatron_files import find_model_description, resolve_checkpoint_dir
-    from acemath_mcore.models import resolve_arch
-
-    recorded_arch, _, assets = find_model_description(resolve_checkpoint_dir(args.checkpoint))
-    try:
-        arch = resolve_arch(args.model) if args.model else recorded_arch
-        if args.model:
-            arch.check_matches(recorded_arch, f"{args.checkpoint} (model_arch.json)")
-    except ValueError as error:
-        raise SystemExit(f"--model: {error}; leave --model out to use the recorded one") from None
-    if arch is None:
-        raise SystemExit(f"{args.checkpoint} records no model shapes (model_arch.json); pass --model")
-    tokenizer = args.tokenizer or (str(assets) if assets else None)
-    if tokenizer is None:
-        raise SystemExit("--tokenizer is required: the checkpoint carries no tokenizer assets")
-    return arch, tokenizer
 
 
 def _setup(args, tokenizer_path: str, precision: str, backend) -> dict:
@@ -134,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         from acemath_mcore.eval.backends import MegatronBackend
         from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
 
-        from acemath_mcore.convert.megatron_files import resolve_checkpoint_dir
+        from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer
 
-        arch, tokenizer_path = _megatron_arch_and_tokenizer(args)
         # One resolution of a save dir's 'latest' for the weights and the results' label (a trainer may publish
         # a newer iteration meanwhile).
-        checkpoint = resolve_checkpoint_dir(args.checkpoint).resolve()
+        checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
+        checkpoint = checkpoint.resolve()
         install_stack_dumps()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel,
                                                  timeout_minutes=args.timeout_minutes), seed=args.seed)
@@ -159,18 +140,19 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer_path = args.tokenizer or args.checkpoint
         tokenizer = load_tokenizer(tokenizer_path)
         encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
+        dtype = "bfloat16" if args.bf16 else "float32"
         if args.backend == "hf":
             from acemath_mcore.eval.backends import HFBackend
 
-            backend = HFBackend(args.checkpoint, encoder.stop_ids, tokenizer.pad_or_eos_id, dtype=args.dtype,
+            backend = HFBackend(args.checkpoint, encoder.stop_ids, tokenizer.pad_or_eos_id, dtype=dtype,
                                 max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
         else:
             from acemath_mcore.eval.backends import VLLMBackend
 
-            backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=args.dtype,
+            backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=dtype,
                                   tensor_parallel=args.tensor_parallel,
                                   max_sequence_length=args.max_sequence_length, seed=args.seed)
-        settings.setup = _setup(args, tokenizer_path, args.dtype, backend)
+        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend)
         summary = run_evaluation(backend, encoder, settings, model_name=str(Path(args.checkpoint).resolve()))
     if summary is not None:
         print(format_summary(summary))

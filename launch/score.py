@@ -1,7 +1,6 @@
 """Score candidate responses with a trained reward model (input for launch/bestofn.py).
 
-    python launch/score.py --checkpoint checkpoints/qwen2.5-math-7b-rm --model qwen2.5-math-7b \\
-        --tokenizer ../shared/tokenizers/qwen2 --template chatml --system-prompt acemath_rm \\
+    python launch/score.py --checkpoint checkpoints/qwen2.5-math-7b-rm --template chatml --system-prompt acemath_rm \\
         --input candidates.jsonl --output scored.jsonl [--bf16] [--tokens-per-row 16384]
     torchrun --nproc-per-node 8 launch/score.py ... --tensor-parallel 2   # data parallel over the other ranks
 
@@ -24,9 +23,9 @@ from acemath_mcore.data.chat_templates import TEMPLATE_NAMES, resolve_system_pro
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="RM dist checkpoint, or a save dir with 'latest'")
-    parser.add_argument("--model", required=True,
-                        help="the RM's shapes: a preset name (e.g. qwen2.5-math-7b) or a Hugging Face config.json")
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--model", help="the RM's shapes: a preset name (e.g. qwen2.5-math-7b) or a Hugging Face "
+                                        "config.json (default: the checkpoint's model_arch.json)")
+    parser.add_argument("--tokenizer", help="default: the tokenizer the checkpoint carries (hf_assets)")
     parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
     parser.add_argument("--system-prompt", default=None,
                         help="system turn for records without one: literal text, 'acemath_rm' (AceMath-RM's scoring "
@@ -50,28 +49,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
     from acemath_mcore.data.tokenizers import check_vocab_fits, load_tokenizer
-    from acemath_mcore.models import ModelOptions, resolve_arch
+    from acemath_mcore.models import ModelOptions
     from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
     from acemath_mcore.training.logging import setup_console_logging
     from acemath_mcore.training.reward import RewardScorer, score_jsonl
 
-    from acemath_mcore.convert.megatron_files import find_model_description, resolve_checkpoint_dir
+    from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer
 
     # Before any process group or model exists: a wrong path or preset fails in a second, not after the build.
-    checkpoint = resolve_checkpoint_dir(args.checkpoint)
-    arch = resolve_arch(args.model)
-    arch.check_matches(find_model_description(checkpoint)[0], f"{args.checkpoint} (model_arch.json)")
+    checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
     parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
                               sequence_parallel=args.sequence_parallel, timeout_minutes=args.timeout_minutes)
     install_stack_dumps()
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = load_tokenizer(tokenizer_path)
         check_vocab_fits(tokenizer, arch.padded_vocab_size)
         encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer,
                                                                resolve_system_prompt(args.system_prompt)))
-        scorer = RewardScorer(arch, args.checkpoint, parallel, ModelOptions(spec=args.spec, bf16=args.bf16),
+        scorer = RewardScorer(arch, checkpoint, parallel, ModelOptions(spec=args.spec, bf16=args.bf16),
                               tokens_per_row=args.tokens_per_row)
         score_jsonl(args.input, args.output, scorer, encoder, field=args.field, show_progress=not args.no_progress)
     finally:

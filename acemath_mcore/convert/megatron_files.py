@@ -63,6 +63,29 @@ def find_model_description(checkpoint: Path) -> Tuple[Optional[ModelArch], Optio
     return None, None, None
 
 
+def checkpoint_model_and_tokenizer(checkpoint: str | Path, model: Optional[str] = None,
+                                   tokenizer: Optional[str] = None) -> Tuple[Path, ModelArch, str]:
+    """(dist checkpoint dir, architecture, tokenizer path) for a tool that reads a checkpoint (evaluate, score):
+    the recorded architecture unless ``--model`` names one (then both must agree), and the tokenizer of the
+    checkpoint's HF assets unless ``--tokenizer`` names one."""
+    from acemath_mcore.models import resolve_arch
+
+    directory = resolve_checkpoint_dir(checkpoint)
+    recorded, _, assets = find_model_description(directory)
+    try:
+        arch = resolve_arch(model) if model else recorded
+        if model:
+            arch.check_matches(recorded, f"{checkpoint} (model_arch.json)")
+    except ValueError as error:
+        raise ValueError(f"--model: {error}; leave --model out to use the recorded one") from None
+    if arch is None:
+        raise ValueError(f"{checkpoint} records no model shapes (model_arch.json); pass --model")
+    tokenizer = tokenizer or (str(assets) if assets else None)
+    if tokenizer is None:
+        raise ValueError(f"--tokenizer is required: {checkpoint} carries no tokenizer (no {ASSETS_DIR} beside it)")
+    return directory, arch, tokenizer
+
+
 @contextlib.contextmanager
 def reading_process_group():
     """megatron's ``dist_checkpointing.load`` needs a process group even in one process: provide a private
