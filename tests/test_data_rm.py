@@ -76,6 +76,8 @@ def test_acemath_rm_rows_group_by_contiguous_qid(tmp_path):
         rm_row(3, "3+3?", "6", 1), rm_row(3, "3+3!", "7", 0),  # line 8: prompt differs within the qid
         {"prompt": "5+5?", "responses": ["10", "9"], "labels": [1, 0], "scores": [0.5, 0.1]},
         rm_row(1, "1+1?", "2", 1),  # line 10: qid 1 again after its group ended
+        rm_row(4, "4+4?", "8", 1), rm_row(5, "5+5?", "10", "yes"),  # line 12: bad, but qid 5 still ends qid 4
+        rm_row(4, "4+4?", "9", 0),  # line 13: out of order, not merged into line 11's group
     ])
     errors = []
     groups = list(iter_rm_groups([data], errors.append))
@@ -84,12 +86,15 @@ def test_acemath_rm_rows_group_by_contiguous_qid(tmp_path):
         (f"{data}:4", ["4", "4.0"], [1, 1]),
         (f"{data}:9", ["10", "9"], [1, 0]),
         (f"{data}:7", ["6"], [1]),
+        (f"{data}:11", ["8"], [1]),
     ]
     assert groups[0].prompt == [{"role": "system", "content": "Please reason step by step."},
                                 {"role": "user", "content": "1+1?"}]
     assert groups[2].scores == [0.5, 0.1]
     assert [(e.where, e.reason) for e in errors] == [(f"{data}:6", "bad_label"), (f"{data}:8", "prompt_mismatch"),
-                                                     (f"{data}:10", "qid_not_contiguous")]
+                                                     (f"{data}:10", "qid_not_contiguous"), (f"{data}:12", "bad_label"),
+                                                     (f"{data}:13", "qid_not_contiguous")]
+    assert f"qid 4 already ended at {data}:12" in str(errors[-1])
     def strict(error):
         raise error
 

@@ -139,6 +139,18 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                         raise DataError(where, "bad_qid", f"qid {qid!r} is not a string or an integer")
                     if qid != current_qid and qid in closed_qids:
                         raise DataError(where, "qid_not_contiguous", f"qid {qid!r} already ended at {closed_qids[qid]}")
+                except DataError as error:
+                    report(error)
+                    continue
+                # A new qid ends the current group even when its own row turns out bad: the same qid after it
+                # is then out of order, not part of the group.
+                if qid != current_qid:
+                    if current_qid is not None:
+                        closed_qids[current_qid] = where
+                    if current is not None:
+                        yield current
+                    current, current_qid = None, qid
+                try:
                     if not isinstance(record.get("message"), list):
                         raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "RM rows need a 'message' list")
                     prompt, response = _conversation_prompt(record["message"], where)
@@ -148,18 +160,16 @@ def iter_rm_groups(paths: Sequence[str | Path], report: Callable[[DataError], No
                 except DataError as error:
                     report(error)
                     continue
-                if qid != current_qid:
-                    if current is not None:
-                        closed_qids[current_qid] = where
-                        yield current
-                    current, current_qid = RMGroup(where, prompt, [], []), qid
+                if current is None:
+                    current = RMGroup(where, prompt, [], [])
                 elif prompt != current.prompt:
                     report(DataError(where, "prompt_mismatch", f"qid {qid!r} rows disagree on the prompt"))
                     continue
                 current.responses.append(response)
                 current.labels.append(label)
-        if current is not None:
+        if current_qid is not None:
             closed_qids[current_qid] = f"{path}:end"
+        if current is not None:
             yield current
 
 
