@@ -219,15 +219,15 @@ say "submitted: job $bad (missing DATA), SFT job $sft, RM job $rm_job and eval a
 if out=$(DATA=../data/nope RECIPE=tiny_sft INIT_FROM=none "$REPO/slurm/submit.sh" sft_stage1 "${cpu[@]}" 2>&1); then
   fail "submit.sh accepted a missing DATA prefix: $out"
 fi
-grep -q "DATA: prefix $WORK/data/nope is missing" <<<"$out" || fail "submit.sh error does not name DATA: $out"
+grep -q "DATA: data.prefixes: prefix $WORK/data/nope is missing" <<<"$out" || fail "submit.sh error does not name DATA: $out"
 ! scontrol show job $((eval_job + 1)) >/dev/null 2>&1 || fail "submit.sh queued a job despite the error"
-say "submit.sh refused before sbatch: $(grep -m1 -o 'DATA: prefix [^ ]* is missing' <<<"$out")"
+say "submit.sh refused before sbatch: $(grep -m1 -o 'DATA: data.prefixes: prefix [^ ]* is missing' <<<"$out")"
 
 wait_for "$bad" 120 FAILED COMPLETED
 [[ $(job_field "$bad" JobState) == FAILED && $(job_field "$bad" ExitCode) == 2:0 ]] ||
   fail "job $bad with missing DATA: $(job_field "$bad" JobState) $(job_field "$bad" ExitCode), expected FAILED 2:0"
 bad_log=$WORK/jobs/acemath-rm-7b-$bad.out
-grep -q "DATA: prefix $WORK/data/missing is missing" "$bad_log" || fail "$bad_log does not name DATA"
+grep -q "DATA: data.prefixes: prefix $WORK/data/missing is missing" "$bad_log" || fail "$bad_log does not name DATA"
 say "job $bad failed at start: FAILED, exit 2 (not requeued), log names DATA"
 
 wait_for_line "$sft_log" 240 'step +3/'
@@ -251,13 +251,21 @@ resumed=$(grep -oE 'resumed from [^ ]+ at step [0-9]+' "$sft_log" | tail -n1)
 sft_losses=$(check_losses "$sft_log" "$SFT_STEPS")
 say "SFT job $sft COMPLETED after 1 requeue: ${resumed#resumed from "$WORK"/jobs/}, $SFT_STEPS steps, loss $sft_losses"
 
-# 4. The whole chain, printed: every stage checked, then chained with afterok (runs beside the RM job).
-plan=$(DRY_RUN=1 SIZE=7b DATA_STAGE1=../data/sft DATA_STAGE2=../data/sft DATA_MATH_SFT=../data/sft \
-  DATA_RM=../data/rm INIT_FROM=ckpt/sft TOKENIZER="$TOKENIZER" bash "$REPO/slurm/pipeline.sh" 2>&1) ||
+# 4. The whole chain, printed: every stage checked, then chained with afterok (runs beside the RM job). The 7B
+# chain refuses the tiny SFT checkpoint as its start (another architecture); from random weights it goes through.
+pipeline_env=(DRY_RUN=1 SIZE=7b DATA_STAGE1=../data/sft DATA_STAGE2=../data/sft DATA_MATH_SFT=../data/sft
+  DATA_RM=../data/rm TOKENIZER="$TOKENIZER")
+if refused=$(env "${pipeline_env[@]}" INIT_FROM=ckpt/sft bash "$REPO/slurm/pipeline.sh" 2>&1); then
+  echo "$refused"; fail "pipeline.sh accepted a 7B chain starting from the tiny checkpoint"
+fi
+grep -q "RECIPE: model: the starting checkpoint .* records another architecture" <<<"$refused" ||
+  { echo "$refused"; fail "pipeline.sh did not name the architecture mismatch"; }
+plan=$(env "${pipeline_env[@]}" INIT_FROM=none bash "$REPO/slurm/pipeline.sh" 2>&1) ||
   { echo "$plan"; fail "pipeline.sh DRY_RUN=1"; }
 chained=$(grep -c -- '--dependency=afterok:DRYRUN_' <<<"$plan" || true)
 [[ $chained == 4 ]] || { echo "$plan"; fail "pipeline.sh printed $chained chained submissions, expected 4"; }
-say "pipeline.sh DRY_RUN=1: all stages checked, 5 submissions printed, 4 chained with afterok"
+say "pipeline.sh DRY_RUN=1: the tiny checkpoint refused as a 7B start; from random weights all stages checked," \
+  "5 submissions printed, 4 chained with afterok"
 
 wait_for "$rm_job" 300 COMPLETED
 grep -q "initialised weights from $WORK/jobs/ckpt/sft" "$rm_log" || fail "the RM job did not start from the SFT checkpoint"

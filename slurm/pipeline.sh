@@ -32,6 +32,7 @@ common_overrides=${OVERRIDES:-}
 declare -A previous_of=([sft_stage1]=base [sft_stage2]=sft_stage1 [math_sft]=sft_stage2 [rm]=math_sft [eval]=math_sft)
 first_stage=${stages[0]:-sft_stage1}
 first_init=$(acemath_abspath "${INIT_FROM:-$ckpt_root/$model-${previous_of[$first_stage]:-base}}")
+if [[ ${INIT_FROM:-} == none ]]; then first_init=none; fi  # random weights, as for a single stage
 user_init=${INIT_FROM:-} user_ckpt=${CKPT:-}
 # These are per stage here: a global RECIPE / DATA / CKPT_DIR would silently apply to every stage.
 unset RECIPE DATA CKPT_DIR CKPT
