@@ -70,9 +70,16 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
         checkpoint = starting_checkpoint(config) if read_checkpoint else None
     except FileNotFoundError as error:  # a 'latest' marker naming no complete checkpoint
         return [*problems, f"checkpoint.save_dir: {error}"]
+    assets = None
     if checkpoint is not None:
-        problems += _checkpoint_arch_problems(checkpoint, arch)
-    return problems + data_tokenizer_problems(complete, arch, checkpoint)
+        from acemath_mcore.convert.megatron_files import find_model_description
+
+        recorded, _, assets = find_model_description(checkpoint)
+        try:
+            arch.check_matches(recorded, f"the starting checkpoint {checkpoint}")
+        except ValueError as error:
+            problems.append(f"model: {error}")
+    return problems + data_tokenizer_problems(complete, arch, assets)
 
 
 def _option_problems(config: TrainConfig, kind: str) -> List[str]:
@@ -167,17 +174,6 @@ def starting_checkpoint(config: TrainConfig) -> Optional[Path]:
     return find_latest(path) if path.is_dir() else None
 
 
-def _checkpoint_arch_problems(checkpoint: Path, arch: ModelArch) -> List[str]:
-    from acemath_mcore.convert.megatron_files import find_model_description
-
-    recorded, _, _ = find_model_description(checkpoint)
-    try:
-        arch.check_matches(recorded, f"the starting checkpoint {checkpoint}")
-    except ValueError as error:
-        return [f"model: {error}"]
-    return []
-
-
 def prefix_tokenizer(prefix: str) -> Optional[dict]:
     """The tokenizer description launch/preprocess.py recorded in ``<prefix>_stats.json``; None when the prefix
     has no stats file (data written by another tool)."""
@@ -191,9 +187,9 @@ def prefix_tokenizer(prefix: str) -> Optional[dict]:
             from None
 
 
-def data_tokenizer_problems(prefixes: Iterable[str], arch: ModelArch, checkpoint: Optional[Path]) -> List[str]:
-    """The data must come from one tokenizer, fit the model's embedding rows, and match the tokenizer the starting
-    checkpoint records (its ``hf_assets``), when those are known."""
+def data_tokenizer_problems(prefixes: Iterable[str], arch: ModelArch, assets: Optional[Path]) -> List[str]:
+    """The data must come from one tokenizer, fit the model's embedding rows, and match the tokenizer in the
+    starting checkpoint's ``assets`` (its ``hf_assets`` directory), when those are known."""
     problems, described = [], {}
     for prefix in prefixes:
         try:
@@ -214,7 +210,7 @@ def data_tokenizer_problems(prefixes: Iterable[str], arch: ModelArch, checkpoint
     if len({_identity(d) for d in described.values()}) > 1:
         problems.append("data.prefixes: the prefixes come from different tokenizers: "
                         + "; ".join(f"{prefix}: {_named(d)}" for prefix, d in described.items()))
-    model_tokenizer = _checkpoint_tokenizer(checkpoint) if described and checkpoint is not None else None
+    model_tokenizer = _assets_tokenizer(assets) if described and assets is not None else None
     if model_tokenizer is not None:
         for prefix, description in described.items():
             if _identity(description) != _identity(model_tokenizer):
@@ -234,14 +230,12 @@ def _named(description: dict) -> str:
     return f"{description['name']} ({description['vocab_size']} ids{', ' + specials if specials else ''})"
 
 
-def _checkpoint_tokenizer(checkpoint: Path) -> Optional[dict]:
-    """The description of the tokenizer in the checkpoint's ``hf_assets`` (copied from the HF model it was
-    converted from); None when it records none."""
-    from acemath_mcore.convert.megatron_files import find_model_description
+def _assets_tokenizer(assets: Path) -> Optional[dict]:
+    """The description of the tokenizer in a checkpoint's ``hf_assets`` (copied from the HF model it was
+    converted from); None when they hold none."""
     from acemath_mcore.data.tokenizers import load_tokenizer
 
-    _, _, assets = find_model_description(checkpoint)
-    if assets is None or not any((assets / name).is_file()
+    if not any((assets / name).is_file()
                                  for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
     try:

@@ -340,8 +340,9 @@ def within_vocabulary(loader: Iterator[Batch], vocab_rows: int) -> Iterator[Batc
     over the micro-batch's ids on the host."""
     for batch in loader:
         for key in ("tokens", "labels"):
-            if key in batch and batch[key].numel() and int(batch[key].max()) >= vocab_rows:
-                raise ValueError(f"the data holds token id {int(batch[key].max())} but the model has only {vocab_rows} "
+            largest = int(batch[key].max()) if key in batch and batch[key].numel() else -1
+            if largest >= vocab_rows:
+                raise ValueError(f"the data holds token id {largest} but the model has only {vocab_rows} "
                                  "embedding rows: the data was tokenized for another model; re-run "
                                  "launch/preprocess.py with the model's tokenizer")
         yield batch
