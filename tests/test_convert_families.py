@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.runtime.distributed import ParallelConfig, release_model_parallel
 from acemath_mcore.runtime.local_workers import run_local_workers
 from test_families import tiny_hf_model
 
@@ -79,7 +79,7 @@ def _pool(rank, world_size, root, hf_dirs):
         try:
             return work(*args)
         finally:
-            parallel_state.destroy_model_parallel()
+            release_model_parallel()
 
     def empty_dir(path: Path) -> str:  # inside a layout: the process group exists
         path.mkdir(parents=True, exist_ok=True)

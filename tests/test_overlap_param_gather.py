@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 
 STEPS = 3
@@ -58,12 +59,12 @@ def _runs(rank, world_size, root):
             results["weights_overlap0"] = weights(trained)
         losses.append(trained.train_step(SFTTask(), batches)["lm_loss"])  # training goes on after a save
         results[f"losses_overlap{int(overlap)}"] = losses
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
 
     fresh = engine(False, lr=0.0)
     checkpointing.load_weights(f"{root}/iter_{STEPS:07d}", fresh.model)
     results["saved_weights"] = weights(fresh)
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return results
 
 

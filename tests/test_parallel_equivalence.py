@@ -10,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 
 WORLD_SIZE = 4
@@ -103,7 +104,7 @@ def _run_layouts(rank, world_size, layouts, arch):
             metrics = engine.train_step(task, micro_batches_for_rank(batch, dp_rank, dp_size, layout.micro_batch))
             losses.append(metrics["lm_loss"])
         results[str(layout)] = {"losses": losses, "grads": grads}
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     return results if rank == 0 else None
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 
 WORLD_SIZE = 2
@@ -101,7 +102,7 @@ def _worker(rank, world_size, arch, tmp):
     def engine_for(tp, pp, vpp=None, options=ModelOptions(spec="native"), builder=build_reward_model_chunk):
         parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline_parallel=vpp)
         if parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+            release_model_parallel()
         init_distributed(parallel, seed=1)
         return parallel, Engine(arch, parallel, options, OptimConfig(lr=1e-3), train_steps=STEPS,
                                 model_chunk_builder=builder)
@@ -162,7 +163,7 @@ def _worker(rank, world_size, arch, tmp):
     metrics = bf16_engine.train_step(RewardTask("listwise_bt"), batches["padded"][rank::world_size])
     results["bf16"] = {"head": model.reward_head.weight.dtype, "trunk": model.decoder.final_layernorm.weight.dtype,
                        "loss": metrics["rm_loss"]}
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     return results
 
 

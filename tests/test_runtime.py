@@ -190,6 +190,39 @@ def test_parallel_timeout_minutes_reaches_every_process_group():
     assert run_workers(_group_timeouts, 2) == [{"world": 7.0, "tensor_parallel": 7.0}] * 2
 
 
+def _rebuilt_layouts(rank, world_size):
+    import torch.distributed
+    from megatron.core import parallel_state
+
+    from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, release_model_parallel
+
+    def threads():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+
+    counts, sums = [], []
+    for tensor_parallel in (2, 1, 2, 1, 2):
+        init_distributed(ParallelConfig(tensor_parallel=tensor_parallel))
+        ones = torch.ones(1)
+        torch.distributed.all_reduce(ones, group=parallel_state.get_tensor_model_parallel_group())
+        sums.append(ones.item())
+        release_model_parallel()
+        counts.append(threads())
+    world = torch.ones(1)
+    torch.distributed.all_reduce(world)  # the default group outlives the layouts
+    destroy_distributed()
+    return {"threads": counts, "tensor_parallel_sums": sums, "world_sum": world.item()}
+
+
+def test_rebuilding_the_layout_leaves_no_process_groups_behind():
+    """Tests and tools build several layouts in one process: megatron's own destroy leaves its gloo groups (and
+    their threads, which wake up periodically) alive, so each layout made the next one slower."""
+    for result in run_workers(_rebuilt_layouts, 2):
+        assert result["tensor_parallel_sums"] == [2.0, 1.0, 2.0, 1.0, 2.0]
+        assert result["world_sum"] == 2.0
+        assert len(set(result["threads"])) == 1, result["threads"]  # megatron's destroy alone: 51 more per layout
+
+
 def test_stack_dumps_on_sigusr2_keep_the_process_running():
     """``scancel --signal=USR2`` must show where every rank is, and not stop it."""
     import subprocess

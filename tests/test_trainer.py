@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 from shared_data import shared_path
 
@@ -119,11 +120,11 @@ def _trainer_runs(rank, world_size, prefix, root):
     loader = sft_training_data(_config(prefix, None, f"{root}/runs", STEPS)).make_loader(
         0, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     results["rank_tokens"] = [sum(next(loader)["num_tokens"] for _ in range(2)) for _ in range(STEPS)]
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     results["interval_history"] = train_sft(_config(prefix, f"{root}/interval", f"{root}/runs", STEPS,
                                                      extra=["logging.log_interval=6",
                                                             "checkpoint.save_interval=8"]))["history"]
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     with preempted_after(3, rank), slow_summary_on_rank0(rank, 1.5) as summary_done_at:
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
     results["preempted"] = {"exit_code": preempted["exit_code"], "steps": preempted["steps"],
@@ -132,14 +133,14 @@ def _trainer_runs(rank, world_size, prefix, root):
                             "handlers": [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)]}
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # this worker goes on training: back to the defaults
         signal.signal(sig, signal.SIG_DFL)
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     if rank == 0:
         shutil.copytree(f"{root}/b", f"{root}/d")
     torch.distributed.barrier()
     resumed = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
     results["resumed"] = _losses(resumed)
     results["resumed_losses"] = (resumed["first_loss"], resumed["final_loss"])
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     # Two more steps at another peak lr (and data seed): the configured schedule applies from the checkpoint's step
     # count, and both changes are reported.
     warnings = _WarningRecorder()
@@ -153,13 +154,13 @@ def _trainer_runs(rank, world_size, prefix, root):
 
     saved = dist_checkpointing.load_common_state_dict(extended["checkpoint"])["train_state"]["data"]
     results["saved_data_order"] = (saved, sft_training_data(_config(prefix, None, f"{root}/runs", STEPS)).num_samples)
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     try:
         train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS + 4, extra=["global_batch_size=4"]))
         results["batch_change_error"] = None
     except ValueError as error:
         results["batch_change_error"] = str(error)
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
 
     class CorruptedAtStepTwo(SFTTask):
         """``corrupt(loss_sum, report)`` replaces the loss of step 2's micro-batches (calls 3 and 4: two per rank)."""
@@ -194,7 +195,7 @@ def _trainer_runs(rank, world_size, prefix, root):
     if rank == 0:
         lines = (Path(root) / "nan_runs" / config.name / "metrics.jsonl").read_text().splitlines()
         results["nan_logged"] = [json.loads(line) for line in lines]
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
 
     for policy in ("stop", "skip"):
         config = _config(prefix, None, f"{root}/runs", 3, extra=[f"nan_policy={policy}"])
@@ -203,7 +204,7 @@ def _trainer_runs(rank, world_size, prefix, root):
             results[f"inf_grad_{policy}"] = summary["history"]
         except FloatingPointError as error:
             results[f"inf_grad_{policy}"] = str(error)
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     return results
 
 
@@ -279,7 +280,6 @@ DISTRIBUTED_STEPS = 8
 def _distributed_optimizer_runs(rank, world_size, prefix, root):
     """DP=2 with the distributed optimizer: uninterrupted, preempted after step 3, resumed at the same layout."""
     import torch
-    from megatron.core import parallel_state
 
     from acemath_mcore.training.sft import train_sft
 
@@ -287,10 +287,10 @@ def _distributed_optimizer_runs(rank, world_size, prefix, root):
         return _config(prefix, save_dir, f"{root}/runs", DISTRIBUTED_STEPS, tp=tp, extra=DISTRIBUTED_OPTIMIZER)
 
     results = {"uninterrupted": _losses(train_sft(config(f"{root}/a")))}
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     with preempted_after(3, rank):
         train_sft(config(f"{root}/b"))
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     if rank == 0:
         shutil.copytree(f"{root}/b", f"{root}/c")
     torch.distributed.barrier()
@@ -540,7 +540,6 @@ def _validation_runs(rank, world_size, prefix, root):
     """DP=2, distributed optimizer with overlapped param gather: validation every 2 steps of 4, then the held-out
     loss recomputed by hand from the saved weights (model forward, masked token sum, all-reduce)."""
     import torch
-    from megatron.core import parallel_state
 
     from acemath_mcore.models import resolve_arch
     from acemath_mcore.training import checkpointing
@@ -550,7 +549,7 @@ def _validation_runs(rank, world_size, prefix, root):
     config = _config(prefix, f"{root}/v", f"{root}/runs", 4,
                      extra=[*DISTRIBUTED_OPTIMIZER, f"data.valid_prefixes=[{prefix}]", "eval_interval=2"])
     history = train_sft(config)["history"]
-    parallel_state.destroy_model_parallel()
+    release_model_parallel()
     plain = _losses(train_sft(_config(prefix, f"{root}/p", f"{root}/runs", 4, extra=DISTRIBUTED_OPTIMIZER)))
     engine = Engine(resolve_arch(config.model), config.parallel, config.model_options, config.optim, train_steps=1)
     checkpointing.load_weights(f"{root}/v", engine.model)

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 
 
@@ -51,7 +52,6 @@ def test_megatron_linear_layers_accept_the_option_after_install():
 
 
 def _bf16_main_grads(rank, world_size):
-    from megatron.core import parallel_state
 
     from acemath_mcore.models import ModelOptions, get_preset
     from acemath_mcore.models.weights import canonical_parameters, random_full_weights
@@ -74,7 +74,7 @@ def _bf16_main_grads(rank, world_size):
         engine.load_full_weights(full)
         engine.forward_backward(SFTTask(), micro_batches)
         grads[fused] = {name: param.main_grad.clone() for name, param in canonical_parameters(engine.model[0])}
-        parallel_state.destroy_model_parallel()
+        release_model_parallel()
     return grads
 
 

@@ -16,6 +16,7 @@ from acemath_mcore.runtime.distributed import (
     init_distributed,
     install_stack_dumps,
     read_launch_env,
+    release_model_parallel,
     seed_everything,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "install_stack_dumps",
     "peak_memory_bytes",
     "read_launch_env",
+    "release_model_parallel",
     "seed_everything",
     "setup_device",
     "synchronize",
