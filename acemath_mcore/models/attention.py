@@ -7,7 +7,8 @@ through fused kernels and supports packed sequences:
 * padded/unpacked input (``[s, b, heads, dim]``): ``scaled_dot_product_attention`` with ``is_causal``, which
   dispatches to flash / memory-efficient kernels on CUDA and to a blocked kernel on CPU;
 * packed input with ``cu_seqlens``: flash varlen attention (``torch.nn.attention.varlen``) for half precision
-  on CUDA; otherwise causal SDPA per document, which is exact and never builds scores across documents.
+  on CUDA; otherwise batched causal SDPA over the documents, right-padded and grouped by length, which
+  is exact and never builds scores across documents.
 
 Packed rows reach this module in one of two layouts. ``thd`` (``[t, heads, dim]``) is megatron's packed format;
 megatron then applies RoPE document by document (a Python loop with host syncs in every layer). The native
@@ -19,9 +20,10 @@ result is the same as restarting positions at every document, without the per-do
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +112,13 @@ class NativeCoreAttention(MegatronModule):
             raise ValueError("padded cu_seqlens (context-parallel padding) need the TE spec")
         if self._can_use_varlen(query, dropout):
             return self._varlen(query, key, value, params)
-        bounds = _document_bounds(params)
+        documents = _documents_by_length(params, query.device)
         outputs: List[torch.Tensor] = []
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, h, L, d]
-            outputs.append(self._sdpa(q, k, v, is_causal=end - start > 1, dropout=dropout)[0].transpose(0, 1))
-        return torch.cat(outputs).reshape(query.shape[0], -1)
+        for gather, kept in documents.buckets:
+            q, k, v = (t[gather].transpose(1, 2) for t in (query, key, value))  # [docs, heads, width, dim]
+            out = self._sdpa(q, k, v, is_causal=True, dropout=dropout).transpose(1, 2)  # [docs, width, heads, dim]
+            outputs.append(out.flatten(0, 1)[kept])
+        return torch.cat(outputs)[documents.token_order].reshape(query.shape[0], -1)
 
     def _sdpa(self, q, k, v, is_causal: bool, dropout: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(
@@ -142,6 +145,46 @@ class NativeCoreAttention(MegatronModule):
         longest = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
         out = _varlen_attn(query, key, value, params.cu_seqlens_q, params.cu_seqlens_kv, longest, longest, **kwargs)
         return out.reshape(query.shape[0], -1)
+
+
+@dataclasses.dataclass
+class _DocumentsByLength:
+    """A packed row's documents as right-padded batches, one per length bucket: ``gather`` [docs, width] picks
+    each document's tokens (padding repeats its last token: causal attention never lets a real query see it),
+    ``kept`` the real positions of the flattened batch, and ``token_order`` puts the kept outputs of all
+    buckets back in row order."""
+
+    buckets: List[Tuple[torch.Tensor, torch.Tensor]]
+    token_order: torch.Tensor
+
+
+def _documents_by_length(params: PackedSeqParams, device: torch.device) -> _DocumentsByLength:
+    """Documents grouped by length rounded up to a power of two, each group padded to its longest: a few
+    batched attention calls per layer instead of one per document (a 2048-token row of 40-token documents
+    made 50), at most 4x the exact attention work for the shortest documents of a group. Built once per
+    packed batch and shared by every layer."""
+    cached = getattr(params, "_acemath_documents", None)
+    if cached is not None and cached.token_order.device == device:
+        return cached
+    bounds = _document_bounds(params)
+    by_size: Dict[int, List[Tuple[int, int]]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            by_size.setdefault((end - start - 1).bit_length(), []).append((start, end - start))
+    buckets, kept_tokens = [], []
+    for documents in by_size.values():
+        starts, lengths = (torch.tensor(column) for column in zip(*documents))
+        offsets = torch.arange(int(lengths.max()))
+        gather = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
+        kept = (offsets < lengths[:, None]).flatten().nonzero().squeeze(1)
+        buckets.append((gather.to(device), kept.to(device)))
+        kept_tokens.append(gather.flatten()[kept])
+    tokens = torch.cat(kept_tokens)
+    token_order = torch.empty_like(tokens)
+    token_order[tokens] = torch.arange(len(tokens))
+    cached = _DocumentsByLength(buckets, token_order.to(device))
+    params._acemath_documents = cached
+    return cached
 
 
 def _document_bounds(params: PackedSeqParams) -> List[int]:
