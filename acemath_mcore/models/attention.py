@@ -114,11 +114,13 @@ class NativeCoreAttention(MegatronModule):
             return self._varlen(query, key, value, params)
         documents = _documents_by_length(params, query.device)
         outputs: List[torch.Tensor] = []
+        # index_select, not advanced indexing: its backward is index_add, not the slower accumulating index_put.
         for gather, kept in documents.buckets:
-            q, k, v = (t[gather].transpose(1, 2) for t in (query, key, value))  # [docs, heads, width, dim]
+            q, k, v = (t.index_select(0, gather.flatten()).unflatten(0, gather.shape).transpose(1, 2)
+                       for t in (query, key, value))  # [docs, heads, width, dim]
             out = self._sdpa(q, k, v, is_causal=True, dropout=dropout).transpose(1, 2)  # [docs, width, heads, dim]
-            outputs.append(out.flatten(0, 1)[kept])
-        return torch.cat(outputs)[documents.token_order].reshape(query.shape[0], -1)
+            outputs.append(out.flatten(0, 1).index_select(0, kept))
+        return torch.cat(outputs).index_select(0, documents.token_order).reshape(query.shape[0], -1)
 
     def _sdpa(self, q, k, v, is_causal: bool, dropout: float) -> torch.Tensor:
         return F.scaled_dot_product_attention(
@@ -158,19 +160,25 @@ class _DocumentsByLength:
     token_order: torch.Tensor
 
 
+# Documents this long run alone: their attention work dwarfs a kernel call's overhead, and padding them would
+# add work (benchmarks/packed_attention_cpu.py).
+_ALONE_FROM_TOKENS = 128
+
+
 def _documents_by_length(params: PackedSeqParams, device: torch.device) -> _DocumentsByLength:
-    """Documents grouped by length rounded up to a power of two, each group padded to its longest: a few
+    """Short documents grouped by length rounded up to a power of two, each group padded to its longest: a few
     batched attention calls per layer instead of one per document (a 2048-token row of 40-token documents
-    made 50), at most 4x the exact attention work for the shortest documents of a group. Built once per
-    packed batch and shared by every layer."""
+    made 50), at most 4x the exact attention work for the shortest documents of a group; long documents
+    alone. Built once per packed batch and shared by every layer."""
     cached = getattr(params, "_acemath_documents", None)
     if cached is not None and cached.token_order.device == device:
         return cached
     bounds = _document_bounds(params)
-    by_size: Dict[int, List[Tuple[int, int]]] = {}
+    by_size: Dict[object, List[Tuple[int, int]]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:
-            by_size.setdefault((end - start - 1).bit_length(), []).append((start, end - start))
+            group = ("alone", start) if end - start >= _ALONE_FROM_TOKENS else (end - start - 1).bit_length()
+            by_size.setdefault(group, []).append((start, end - start))
     buckets, kept_tokens = [], []
     for documents in by_size.values():
         starts, lengths = (torch.tensor(column) for column in zip(*documents))
