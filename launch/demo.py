@@ -4,7 +4,7 @@
     -> sample candidates, grade them -> reward model (listwise Bradley-Terry)
     -> held-out greedy pass@1, rm@k / maj@k / pass@k + plot -> HF export
 
-    python launch/demo.py                       # about 7-8 minutes on 2 idle CPU cores
+    python launch/demo.py                       # about 8-9 minutes on 2 idle CPU cores
     python launch/demo.py --workdir /tmp/demo stage_steps=[60,60,400] rm_steps=200   # any field, key=value
 
 Everything lands under --workdir: data/, checkpoints/, runs/ (per-stage logs), eval/ (JSONL, best-of-n table and
