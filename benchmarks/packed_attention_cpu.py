@@ -4,7 +4,8 @@
     python benchmarks/packed_attention_cpu.py                      # the toy RM's and a 1.5B-shaped row
 
 Both compute the same function (the loop's output and gradients are compared first); the difference is the number
-of kernel calls: the module pads the row's documents into a few length buckets and runs one batched call each.
+of kernel calls: the module pads the row's short documents into a few length buckets and runs one batched call
+each, and runs long documents alone.
 """
 
 from __future__ import annotations

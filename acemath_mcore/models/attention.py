@@ -187,9 +187,7 @@ def _documents_by_length(params: PackedSeqParams, device: torch.device) -> _Docu
         kept = (offsets < lengths[:, None]).flatten().nonzero().squeeze(1)
         buckets.append((gather.to(device), kept.to(device)))
         kept_tokens.append(gather.flatten()[kept])
-    tokens = torch.cat(kept_tokens)
-    token_order = torch.empty_like(tokens)
-    token_order[tokens] = torch.arange(len(tokens))
+    token_order = torch.argsort(torch.cat(kept_tokens))  # the inverse of the buckets' token permutation
     cached = _DocumentsByLength(buckets, token_order.to(device))
     params._acemath_documents = cached
     return cached

@@ -235,8 +235,7 @@ def _assets_tokenizer(assets: Path) -> Optional[dict]:
     converted from); None when they hold none."""
     from acemath_mcore.data.tokenizers import load_tokenizer
 
-    if not any((assets / name).is_file()
-                                 for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+    if not any((assets / name).is_file() for name in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         return None
     try:
         return load_tokenizer(assets).describe()
