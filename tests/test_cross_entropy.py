@@ -14,8 +14,9 @@ from distributed_helpers import run_workers
 
 
 def interpreted_cross_entropy_module():
-    """The kernel module built for Triton's CPU interpreter. Call it only in a fresh worker process: Triton reads
-    TRITON_INTERPRET once, and the pytest process may have imported Triton already (torch.compile does)."""
+    """The kernel module built for Triton's CPU interpreter. Call it only in a worker with a fresh interpreter:
+    Triton reads TRITON_INTERPRET once, and the pytest process and the workers' fork server (through
+    megatron-core) may have imported Triton already."""
     os.environ["TRITON_INTERPRET"] = "1"
     import acemath_mcore.models.cross_entropy as module
 
@@ -51,7 +52,7 @@ def _kernel_worker(rank, world_size, dtype):
 
 @pytest.mark.parametrize("dtype,grad_tolerance", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 def test_loss_and_gradient_match_float64_reference(dtype, grad_tolerance):
-    actual, expected, actual_grad, expected_grad = run_workers(_kernel_worker, 1, dtype)[0]
+    actual, expected, actual_grad, expected_grad = run_workers(_kernel_worker, 1, dtype, fresh_interpreter=True)[0]
     assert actual.dtype == torch.float32 and actual.shape == expected.shape
     assert torch.allclose(actual.double(), expected, rtol=1e-5, atol=1e-5)
     assert (actual_grad.double() - expected_grad).norm() / expected_grad.norm() < grad_tolerance
@@ -95,7 +96,7 @@ def _model_worker(rank, world_size):
 def test_model_with_triton_loss_matches_megatron_loss(tp):
     """Same weights and batch (30% of tokens masked out of the loss): the loss and every parameter's gradient
     agree with megatron's, with the vocabulary split over TP ranks when tp=2."""
-    for results in run_workers(_model_worker, tp):  # each rank's own shards
+    for results in run_workers(_model_worker, tp, fresh_interpreter=True):  # each rank's own shards
         (expected_loss, expected_grads, megatron_calls), (actual_loss, actual_grads, triton_calls) = (
             results["megatron"], results["triton"])
         assert (megatron_calls, triton_calls) == (0, 1)  # our kernel ran, and only when selected

@@ -274,10 +274,11 @@ def measured_memory():
 
     # glibc's heap would keep freed activation buffers resident (and ratchet its mmap threshold up), so a
     # finished step would not show its memory returned; mapping every allocation over 64 KiB separately makes
-    # the resident size follow the tensors that are alive. Spawned workers inherit this.
+    # the resident size follow the tensors that are alive. glibc reads it when a process starts: a spawned worker
+    # does, a forked one keeps its parent's heap.
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
-        return run_workers(_measure_training_memory, 1, timeout=300)[0]
+        return run_workers(_measure_training_memory, 1, timeout=300, fresh_interpreter=True)[0]
 
 
 # Margins. Model state is plain tensors, so the planner must be close (the 5-10% above it is the native spec's

@@ -2,8 +2,14 @@
 
 Used where megatron-core must decide which slice of every tensor a rank holds without a GPU job: checkpoint
 conversion (one process per TP x PP rank; memory-bound work that runs on login or CPU nodes) and the test
-suite. Each worker is a fresh interpreter, so the CPU shim and megatron's global state never leak into the
-caller.
+suite. Each worker is a new process, so the CPU shim and megatron's global state never leak into the caller.
+
+Workers are forked from a fork server that imported torch and megatron-core once (``_PRELOADED``): a spawned
+interpreter spends 5-9 s importing megatron-core, which the test suite and a conversion followed by its
+verification paid on every call. The fork server holds no process group and none of our modules, and each
+worker takes the caller's current environment. What a process reads only when it starts or imports a library
+(glibc's ``MALLOC_*`` tunables, ``TRITON_INTERPRET``) is the fork server's, though: callers that set such a
+variable ask for ``fresh_interpreter=True``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,16 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _worker_entry(rank: int, world_size: int, port: int, target: Callable, args: tuple, results) -> None:
+# Third-party modules only: ours may cache decisions (``device.cuda_available``) that each worker must make itself.
+_PRELOADED = ("torch", "megatron.core", "megatron.core.models.gpt", "megatron.core.optimizer",
+              "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing")
+
+
+def _worker_entry(rank: int, world_size: int, port: int, environment: dict, target: Callable, args: tuple,
+                  results) -> None:
+    # The fork server's environment is the caller's at the first call; later changes arrive here.
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), ACEMATH_FORCE_CPU="1")
     import torch
@@ -43,16 +58,24 @@ def _worker_entry(rank: int, world_size: int, port: int, target: Callable, args:
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_local_workers(target: Callable, world_size: int, *args, timeout: float | None = None) -> List:
-    """``target(rank, world_size, *args)`` in ``world_size`` spawned processes; the results in rank order.
+def run_local_workers(target: Callable, world_size: int, *args, timeout: float | None = None,
+                      fresh_interpreter: bool = False) -> List:
+    """``target(rank, world_size, *args)`` in ``world_size`` new processes; the results in rank order.
+    ``fresh_interpreter``: spawn each one instead of forking it from the preloaded fork server.
 
     A worker's exception is re-raised here with its traceback; a worker that dies without reporting (killed
     for memory, segfault) is reported with its exit code instead of hanging the caller.
     """
-    context = mp.get_context("spawn")
+    if fresh_interpreter:
+        context = mp.get_context("spawn")
+    else:
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(list(_PRELOADED))  # read when the server starts: on the first call only
     results = context.Queue()
     port = free_port()
-    processes = [context.Process(target=_worker_entry, args=(rank, world_size, port, target, args, results))
+    environment = dict(os.environ)
+    processes = [context.Process(target=_worker_entry,
+                                 args=(rank, world_size, port, environment, target, args, results))
                  for rank in range(world_size)]
     for process in processes:
         process.start()
