@@ -1,4 +1,8 @@
-"""What the thin ``launch/train_*.py`` scripts share: recipe lookup, ``key=value`` overrides, dry runs."""
+"""What the thin ``launch/train_*.py`` scripts share: recipe lookup, ``key=value`` overrides, dry runs.
+
+Everything up to the training itself (``--help``, argument and override errors, ``--dry-run``) runs without
+importing megatron-core, so those answer in about a second on a login node.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from typing import Callable, Optional, Sequence
 from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
 from acemath_mcore.recipes.checks import ConfigError, config_problems
 from acemath_mcore.recipes.config import OverrideError
-from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps, read_launch_env
 
 
 def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
@@ -33,6 +36,8 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
         return 2 if problems else 0
+    from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps, read_launch_env
+
     install_stack_dumps()
     try:
         summary = trainer_for(kind)(config)

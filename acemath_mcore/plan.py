@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.presets import get_preset
-from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_KERNELS
+from acemath_mcore.options import LM_CROSS_ENTROPY_KERNELS
+from acemath_mcore.runtime.device import BF16_PEAK_FLOPS
 from acemath_mcore.training.flops import matmul_parameters, training_flops
 
 GIB = 2**30

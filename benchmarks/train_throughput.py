@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS  # noqa: E402
 from acemath_mcore.training.engine import STEP_PHASES  # noqa: E402
-from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, LM_CROSS_ENTROPY_CHOICES  # noqa: E402
+from acemath_mcore.options import LM_CROSS_ENTROPY_CHOICES  # noqa: E402
+from acemath_mcore.runtime.device import BF16_PEAK_FLOPS  # noqa: E402
 
 IMPLS = ("te", "te-fp8", "native", "hf")
 

@@ -50,7 +50,7 @@ def check_stage(stage) -> tuple[list[str], str, object]:
     from acemath_mcore.recipes import apply_overrides, get_recipe
     from acemath_mcore.recipes.checks import config_problems
     from acemath_mcore.recipes.config import OverrideError
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     name = f"{stage['recipe']} ({stage['kind']})"
     try:

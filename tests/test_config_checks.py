@@ -228,3 +228,41 @@ def test_missing_or_wrong_kind_of_data_is_named(prefixes, tmp_path):
                           f"data.prefixes=[{stories}]"], capture_output=True, text=True)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert f"error: recipe 'tiny-rm' (rm): 1 problem(s):\n  - data.prefixes: prefix {stories} is missing" in run.stderr
+
+
+def _run_reporting_imports(script: str, *args: str) -> dict:
+    """Run ``python script args``, then report its exit status and whether it imported torch and megatron-core."""
+    code = "\n".join([
+        "import json, runpy, sys",
+        "sys.argv = sys.argv[1:]",
+        "try:",
+        "    runpy.run_path(sys.argv[0], run_name='__main__')",
+        "    status = 0",
+        "except SystemExit as done:",
+        "    status = done.code",
+        "print(json.dumps({'status': status, 'torch': 'torch' in sys.modules, 'megatron': 'megatron.core' in sys.modules}))",
+    ])
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / script), *args], capture_output=True, text=True,
+                         timeout=120)
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("script,args", [
+    ("launch/train_sft.py", ["--help"]),
+    ("launch/train_rm.py", ["--recipe", "tiny_rm", "optim.lrr=1"]),
+    ("launch/train_rm.py", ["--recipe", "tiny_sft"]),
+])
+def test_help_and_argument_errors_import_neither_torch_nor_megatron(script, args):
+    """They answer on a login node in well under a second (megatron-core's import alone takes 5-9 s)."""
+    assert _run_reporting_imports(script, *args) == {"status": 0 if "--help" in args else 2, "torch": False,
+                                                     "megatron": False}
+
+
+def test_dry_run_and_the_tools_help_do_not_import_megatron(prefixes):
+    dry_run = _run_reporting_imports("launch/train_sft.py", "--recipe", "tiny_sft", "--dry-run",
+                                     f"data.prefixes=[{prefixes['llama2']}]", "checkpoint.init_from=/nonexistent")
+    assert dry_run["status"] == 2 and not dry_run["megatron"]
+    for script in ("launch/preprocess.py", "checkpoints_tools/convert_from_hf.py", "checkpoints_tools/convert_to_hf.py",
+                   "checkpoints_tools/verify.py", "launch/evaluate.py", "launch/plan.py"):
+        report = _run_reporting_imports(script, "--help")
+        assert report["status"] == 0 and not report["megatron"], script

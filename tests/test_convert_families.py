@@ -65,7 +65,7 @@ def _pool(rank, world_size, root, hf_dirs):
     from acemath_mcore.convert.hf_files import HFCheckpoint
     from acemath_mcore.convert.megatron_model import build_weightless_model, load_for_inference, vocab_logits
     from acemath_mcore.models import ModelOptions
-    from acemath_mcore.models.reward import REWARD_HEAD_WEIGHT
+    from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
     from acemath_mcore.models.weights import load_full_weights
     from acemath_mcore.runtime import init_distributed
     from acemath_mcore.training import checkpointing

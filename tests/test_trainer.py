@@ -473,7 +473,7 @@ def test_config_errors_before_any_set_up():
 
 
 def test_unfinished_saves_are_ignored_with_a_warning(tmp_path, caplog):
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     complete = tmp_path / "iter_0000003"
     complete.mkdir()
@@ -489,7 +489,7 @@ def test_unfinished_saves_are_ignored_with_a_warning(tmp_path, caplog):
 @pytest.mark.parametrize("marker", ["iter_0000006\n", "", "iter_0000009\n"],
                          ids=["unfinished", "empty", "removed"])
 def test_a_latest_marker_naming_no_checkpoint_is_an_error_not_a_fresh_start(tmp_path, marker):
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     (tmp_path / "iter_0000003").mkdir()
     (tmp_path / "iter_0000003" / "metadata.json").write_text("{}")
@@ -501,7 +501,7 @@ def test_a_latest_marker_naming_no_checkpoint_is_an_error_not_a_fresh_start(tmp_
 
 
 def test_missing_latest_marker_is_reported(tmp_path, caplog):
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     (tmp_path / "iter_0000003").mkdir()
     with caplog.at_level(logging.WARNING, logger="acemath_mcore"):

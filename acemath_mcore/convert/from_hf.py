@@ -20,11 +20,10 @@ from typing import List, Optional
 import torch
 
 from acemath_mcore.convert.hf_files import HFCheckpoint, copy_assets
-from acemath_mcore.runtime.local_workers import run_local_workers
 from acemath_mcore.convert.megatron_files import ASSETS_DIR, write_model_description
-from acemath_mcore.convert.megatron_model import build_weightless_model, check_layout
 from acemath_mcore.convert.output_dir import staged_output_dir
-from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.options import ParallelConfig
+from acemath_mcore.runtime.local_workers import run_local_workers
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -38,7 +37,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tensor_paral
     source = HFCheckpoint(hf_dir)  # every input error surfaces here, before any process starts
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                               virtual_pipeline_parallel=virtual_pipeline_parallel)
-    check_layout(source.arch, parallel)
+    source.arch.check_layout(tensor_parallel, pipeline_parallel, virtual_pipeline_parallel)
     bf16 = _wants_bf16(dtype, source)
     world_size = tensor_parallel * pipeline_parallel
     logger.info("converting %s (%s, %d layers) with %d CPU process(es): TP=%d PP=%d VPP=%s, %s parameters",
@@ -79,6 +78,7 @@ def save_rank_shards(source: HFCheckpoint, out_dir: str | Path, parallel: Parall
     world must call it (collective save). Returns the filled model chunks."""
     from megatron.core import dist_checkpointing, parallel_state
 
+    from acemath_mcore.convert.megatron_model import build_weightless_model
     from acemath_mcore.models.weights import load_full_weights
     from acemath_mcore.training.checkpointing import model_sharded_state_dict
 

@@ -30,7 +30,7 @@ _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A dist checkpoint directory itself, or the one a trainer save dir's ``latest`` marker names."""
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     path = Path(path)
     if (path / "metadata.json").is_file():

@@ -17,17 +17,6 @@ from acemath_mcore.models.builder import ModelOptions, build_model_chunk, transf
 from acemath_mcore.runtime.distributed import ParallelConfig
 
 
-def check_layout(arch: ModelArch, parallel: ParallelConfig) -> None:
-    """Fail before spawning anything when the layout cannot hold ``arch``, naming the numbers."""
-    arch.check_tensor_parallel(parallel.tensor_parallel)
-    pp, vpp = parallel.pipeline_parallel, parallel.virtual_pipeline_parallel
-    if arch.num_layers < pp:
-        raise ValueError(f"pipeline_parallel={pp} exceeds num_layers={arch.num_layers}")
-    if vpp and (pp < 2 or arch.num_layers % (pp * vpp)):
-        raise ValueError(f"virtual pipeline {vpp} needs pipeline_parallel >= 2 and num_layers={arch.num_layers} "
-                         f"divisible by pipeline_parallel x vpp = {pp * vpp}")
-
-
 def build_weightless_model(arch: ModelArch, parallel: ParallelConfig, bf16: bool = False,
                            reward: bool = False) -> List[torch.nn.Module]:
     """This rank's model chunks (one per virtual stage), native spec, parameters allocated but not initialised;
@@ -36,7 +25,7 @@ def build_weightless_model(arch: ModelArch, parallel: ParallelConfig, bf16: bool
     When PP does not divide the layers the first stage takes the remainder: the checkpoint is layout-free, so
     the split only decides which process writes which layers.
     """
-    check_layout(arch, parallel)
+    arch.check_layout(parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline_parallel)
     config = transformer_config(arch, parallel, ModelOptions(spec="native", bf16=bf16))
     config.perform_initialization = False
     pp = parallel.pipeline_parallel

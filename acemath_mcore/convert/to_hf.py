@@ -26,8 +26,7 @@ from acemath_mcore.convert.megatron_files import (
 )
 from acemath_mcore.convert.output_dir import staged_output_dir
 from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.families import FAMILIES, HF_REWARD_HEAD, TensorRule, family_for_hf_config
-from acemath_mcore.models.reward import REWARD_HEAD_WEIGHT
+from acemath_mcore.models.families import FAMILIES, HF_REWARD_HEAD, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
 from acemath_mcore.models.weights import hf_shapes
 
 logger = logging.getLogger("acemath_mcore")

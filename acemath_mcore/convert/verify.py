@@ -94,7 +94,7 @@ def megatron_arch(checkpoint: Path, hf_config: Dict) -> ModelArch:
 
 
 def is_reward_checkpoint(checkpoint: Path) -> bool:
-    from acemath_mcore.models.reward import REWARD_HEAD_WEIGHT
+    from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
 
     return DistCheckpointReader(checkpoint).global_shape(REWARD_HEAD_WEIGHT) is not None
 

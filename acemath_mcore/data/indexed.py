@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 LOSS_MASK_SUFFIX = "_loss_mask"
 RM_LABELS_SUFFIX = "_rm_labels.npy"
 _PARTIAL = ".partial"
+
+
+def _megatron_indexed_dataset():
+    """megatron-core's indexed_dataset module, imported when a dataset is opened or written: importing
+    megatron-core takes seconds that ``--help``, argument errors and ``--dry-run`` (the suffixes above) skip."""
+    from megatron.core.datasets import indexed_dataset
+
+    return indexed_dataset
 
 
 def _files_of(prefix: str) -> list[str]:
@@ -50,7 +57,7 @@ class _Builder:
     def __init__(self, prefix: str, dtype):
         self.prefix, self.partial = prefix, prefix + _PARTIAL
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        self.builder = IndexedDatasetBuilder(self.partial + ".bin", dtype=dtype)
+        self.builder = _megatron_indexed_dataset().IndexedDatasetBuilder(self.partial + ".bin", dtype=dtype)
 
     def commit(self) -> None:
         self.builder.finalize(self.partial + ".idx")
@@ -66,7 +73,7 @@ class SFTIndexedWriter:
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int):
         prefix = str(prefix)
-        self._tokens = _Builder(prefix, DType.optimal_dtype(vocab_size))
+        self._tokens = _Builder(prefix, _megatron_indexed_dataset().DType.optimal_dtype(vocab_size))
         self._mask = _Builder(prefix + LOSS_MASK_SUFFIX, np.uint8)
 
     def add(self, tokens: np.ndarray, loss_mask: np.ndarray) -> None:
@@ -93,8 +100,9 @@ class SFTIndexedDataset:
         for path in _files_of(self.prefix) + _files_of(self.prefix + LOSS_MASK_SUFFIX):
             if not os.path.exists(path):
                 raise FileNotFoundError(f"{path} is missing; preprocess with launch/preprocess.py sft")
-        self.tokens = IndexedDataset(self.prefix)
-        self.loss_mask = IndexedDataset(self.prefix + LOSS_MASK_SUFFIX)
+        indexed_dataset = _megatron_indexed_dataset()
+        self.tokens = indexed_dataset.IndexedDataset(self.prefix)
+        self.loss_mask = indexed_dataset.IndexedDataset(self.prefix + LOSS_MASK_SUFFIX)
         if not np.array_equal(self.tokens.sequence_lengths, self.loss_mask.sequence_lengths):
             raise ValueError(f"{self.prefix}: token and loss-mask sequence lengths differ; the pair is corrupt")
 
@@ -116,7 +124,7 @@ class RMIndexedWriter:
 
     def __init__(self, prefix: str | os.PathLike, vocab_size: int):
         self.prefix = str(prefix)
-        self._tokens = _Builder(self.prefix, DType.optimal_dtype(vocab_size))
+        self._tokens = _Builder(self.prefix, _megatron_indexed_dataset().DType.optimal_dtype(vocab_size))
         self._labels: list[float] = []
 
     def add_group(self, responses: Sequence[np.ndarray], labels: Sequence[float]) -> None:
@@ -142,7 +150,7 @@ class RMIndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = str(prefix)
-        self.tokens = IndexedDataset(self.prefix)
+        self.tokens = _megatron_indexed_dataset().IndexedDataset(self.prefix)
         self.labels = np.load(self.prefix + RM_LABELS_SUFFIX)
         self.group_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)
         if len(self.labels) != len(self.tokens):

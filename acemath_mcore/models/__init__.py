@@ -3,8 +3,9 @@
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import FAMILIES, Family, family_for_hf_config
 from acemath_mcore.models.presets import PRESETS, get_preset, resolve_arch
+from acemath_mcore.options import ModelOptions
 
-_BUILDER_NAMES = ("ModelOptions", "build_model", "build_model_chunk", "transformer_config")
+_BUILDER_NAMES = ("build_model", "build_model_chunk", "transformer_config")
 
 
 def __getattr__(name: str):

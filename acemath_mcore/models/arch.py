@@ -45,6 +45,17 @@ class ModelArch:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
+    def check_layout(self, tensor_parallel: int, pipeline_parallel: int,
+                     virtual_pipeline_parallel: Optional[int] = None) -> None:
+        """What the converters check before starting any process: the layout can hold this model (numbers named)."""
+        self.check_tensor_parallel(tensor_parallel)
+        pp, vpp = pipeline_parallel, virtual_pipeline_parallel
+        if self.num_layers < pp:
+            raise ValueError(f"pipeline_parallel={pp} exceeds num_layers={self.num_layers}")
+        if vpp and (pp < 2 or self.num_layers % (pp * vpp)):
+            raise ValueError(f"virtual pipeline {vpp} needs pipeline_parallel >= 2 and num_layers={self.num_layers} "
+                             f"divisible by pipeline_parallel x vpp = {pp * vpp}")
+
     def check_matches(self, recorded: Optional["ModelArch"], where: str) -> None:
         """Raise when ``recorded`` (the architecture a checkpoint was written with, if known) differs from this one:
         a preset with the same shapes but another RoPE base or context length would load without an error and

@@ -13,38 +13,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.specs import layer_spec, resolve_spec_name
+from acemath_mcore.options import CUDA_GRAPH_SCOPES, RECOMPUTE_GRANULARITIES, ModelOptions, ParallelConfig
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime import wgrad_fusion
-from acemath_mcore.runtime.distributed import ParallelConfig
 
-
-@dataclasses.dataclass
-class ModelOptions:
-    """How to instantiate a model: layer spec, precision, activation recompute."""
-
-    spec: str = "auto"  # auto | te | native
-    bf16: bool = False
-    recompute: Optional[str] = None  # None | "selective" | "full"
-    recompute_num_layers: int = 1
-    fp8: Optional[str] = None  # None | "hybrid" | "e4m3" (TE only)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (TE only)
-    init_method_std: float = 0.02
-    # Accumulate weight gradients into the fp32 main_grad inside the wgrad GEMM (TE's layers, and
-    # runtime/wgrad_fusion for megatron's own when apex is absent) instead of a .grad plus an add per layer.
-    # Only models trained under megatron's DDP (the Engine) have main_grad buffers, so only they use it.
-    gradient_accumulation_fusion: bool = True
-    # Language-model loss kernel: auto | triton | megatron (runtime/device.lm_cross_entropy says which runs where).
-    cross_entropy: str = "auto"
-    # None | "mlp": Transformer Engine CUDA graphs of every layer's MLP, captured after CUDA_GRAPH_WARMUP_STEPS
-    # eager training steps, to cut the host's per-module launch work (TE spec, bf16, GPU). Attention stays
-    # eager: it reads each packed micro-batch's own document boundaries, which a graph cannot take.
-    cuda_graph: Optional[str] = None
-
-
-RECOMPUTE_GRANULARITIES = ("selective", "full")
-FP8_FORMATS = ("hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-CUDA_GRAPH_SCOPES = ("mlp",)
 CUDA_GRAPH_WARMUP_STEPS = 2
 
 

@@ -15,8 +15,10 @@ import torch
 
 from acemath_mcore.models.arch import ModelArch
 
-# HF name of a reward model's scalar head (``*ForSequenceClassification`` with num_labels=1).
+# A reward model's scalar head (models/reward.py): the HF name (``*ForSequenceClassification``, num_labels=1)
+# and ours (the dist-checkpoint key).
 HF_REWARD_HEAD = "score.weight"
+REWARD_HEAD_WEIGHT = "reward_head.weight"
 # Megatron's llama3 rope scaling constants (megatron.core RotaryEmbedding._apply_scaling defaults).
 _LLAMA3_ROPE_CONSTANTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 

@@ -19,10 +19,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from acemath_mcore.models.builder import build_model_chunk
+from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
 from acemath_mcore.runtime import device as device_lib
-
-# Canonical (and dist-checkpoint) name of the head; HF calls it ``score.weight``.
-REWARD_HEAD_WEIGHT = "reward_head.weight"
 
 
 class ScalarHead(MegatronModule):

@@ -16,9 +16,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from acemath_mcore.models.attention import NativeCoreAttention
+from acemath_mcore.options import SPEC_CHOICES
 from acemath_mcore.runtime import transformer_engine_available
-
-SPEC_CHOICES = ("auto", "te", "native")
 
 
 def resolve_spec_name(spec: str) -> str:

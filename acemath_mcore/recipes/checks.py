@@ -12,15 +12,23 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import TYPE_CHECKING, Iterable, List, Optional
 
-from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.builder import CUDA_GRAPH_SCOPES, FP8_FORMATS, FP8_RECIPES, RECOMPUTE_GRANULARITIES
-from acemath_mcore.models.specs import SPEC_CHOICES
+from acemath_mcore.options import (
+    CUDA_GRAPH_SCOPES,
+    DECAY_STYLES,
+    FP8_FORMATS,
+    FP8_RECIPES,
+    LM_CROSS_ENTROPY_CHOICES,
+    NAN_POLICIES,
+    RECOMPUTE_GRANULARITIES,
+    RM_LOSSES,
+    SPEC_CHOICES,
+)
 from acemath_mcore.recipes.config import TrainConfig
-from acemath_mcore.runtime.device import LM_CROSS_ENTROPY_CHOICES
-from acemath_mcore.training.engine import DECAY_STYLES, NAN_POLICIES
-from acemath_mcore.training.rm_losses import RM_LOSSES
+
+if TYPE_CHECKING:  # the models package imports torch, which --help and argument errors do without
+    from acemath_mcore.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +168,7 @@ def starting_checkpoint(config: TrainConfig) -> Optional[Path]:
     """The checkpoint the stage's weights come from: the save dir's ``latest`` when it resumes, else
     ``checkpoint.init_from`` (a dist checkpoint, or a save dir whose ``latest`` names one); None for random
     weights or a path that does not exist yet (the trainer reports that when it loads)."""
-    from acemath_mcore.training.checkpointing import find_latest
+    from acemath_mcore.training.checkpoint_dirs import find_latest
 
     ckpt = config.checkpoint
     latest = find_latest(ckpt.save_dir) if ckpt.save_dir and ckpt.resume and Path(ckpt.save_dir).is_dir() else None

@@ -13,9 +13,7 @@ import types
 import typing
 from typing import Any, List, Optional, Sequence
 
-from acemath_mcore.models.builder import ModelOptions
-from acemath_mcore.runtime.distributed import ParallelConfig
-from acemath_mcore.training.engine import OptimConfig
+from acemath_mcore.options import ModelOptions, OptimConfig, ParallelConfig
 
 
 @dataclasses.dataclass

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from acemath_mcore.models.builder import ModelOptions
+from acemath_mcore.options import ModelOptions, OptimConfig, ParallelConfig
 from acemath_mcore.recipes.config import CheckpointConfig, DataConfig, LoggingConfig, RewardConfig, TrainConfig
-from acemath_mcore.runtime.distributed import ParallelConfig
-from acemath_mcore.training.engine import OptimConfig
 
 # Padded micro-batches hold one group: 6 rows of 4096 tokens. Full recompute keeps those activations small
 # next to the weights and optimizer state on 80 GB H100s (not measured here: estimated, see docs/reward_model.md).

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from acemath_mcore.models.builder import ModelOptions
+from acemath_mcore.options import ModelOptions, OptimConfig, ParallelConfig
 from acemath_mcore.recipes.config import CheckpointConfig, DataConfig, LoggingConfig, TrainConfig
-from acemath_mcore.runtime.distributed import ParallelConfig
-from acemath_mcore.training.engine import OptimConfig
 
 STAGES = ("sft_stage1", "sft_stage2", "math_sft")
 _PREVIOUS_STAGE = {"sft_stage2": "sft_stage1", "math_sft": "sft_stage2"}

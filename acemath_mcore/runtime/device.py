@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from acemath_mcore.options import LM_CROSS_ENTROPY_CHOICES
+
 logger = logging.getLogger("acemath_mcore")
 
 
@@ -102,10 +104,6 @@ def fusion_options(use_transformer_engine: bool) -> dict:
     return dict(bias_activation_fusion=True, bias_dropout_fusion=True, masked_softmax_fusion=False,
                 persist_layer_norm=use_transformer_engine, apply_rope_fusion=use_transformer_engine,
                 cross_entropy_loss_fusion=True)
-
-
-LM_CROSS_ENTROPY_KERNELS = ("triton", "megatron")
-LM_CROSS_ENTROPY_CHOICES = ("auto", *LM_CROSS_ENTROPY_KERNELS)
 
 
 def lm_cross_entropy(requested: str = "auto") -> str:

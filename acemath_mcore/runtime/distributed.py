@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Mapping, Optional
 import numpy as np
 import torch
 
+from acemath_mcore.options import ParallelConfig
 from acemath_mcore.runtime import device as device_lib
 
 logger = logging.getLogger("acemath_mcore")
@@ -30,33 +31,6 @@ class LaunchEnv:
     local_rank: int
     master_addr: str
     master_port: int
-
-
-@dataclasses.dataclass
-class ParallelConfig:
-    """Model-parallel layout; data parallelism is whatever is left of the world size."""
-
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
-    virtual_pipeline_parallel: Optional[int] = None
-    context_parallel: int = 1
-    expert_parallel: int = 1
-    sequence_parallel: bool = False
-    # How long a collective waits for its peers before NCCL's watchdog aborts the rank (a hang that no crash ends:
-    # srun --kill-on-bad-exit ends the step when a rank dies). The 72B checkpoint save must fit in it.
-    timeout_minutes: int = 30
-
-    def model_parallel_size(self) -> int:
-        return self.tensor_parallel * self.pipeline_parallel * self.context_parallel
-
-    def data_parallel_size(self, world_size: int) -> int:
-        if world_size % self.model_parallel_size():
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_parallel({self.tensor_parallel}) x "
-                f"pipeline_parallel({self.pipeline_parallel}) x context_parallel({self.context_parallel}) "
-                f"= {self.model_parallel_size()}"
-            )
-        return world_size // self.model_parallel_size()
 
 
 def first_slurm_host(nodelist: str) -> str:

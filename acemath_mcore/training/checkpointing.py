@@ -1,15 +1,9 @@
 """Distributed checkpoints (megatron ``dist_checkpointing``, torch_dist format) with crash-safe publication.
 
-Layout of a save directory::
-
-    save_dir/
-      latest                 text: the name of the newest *complete* checkpoint, written last (atomic replace)
-      iter_0000500/          one dist checkpoint: model chunks, optimizer, scheduler, RNG, data position
-      iter_0001000.partial/  a save in progress (or one that crashed): never read
-
-Every rank writes its shards into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N`` and only
-then rewrites ``latest``. A crash at any point leaves ``latest`` naming the previous complete checkpoint.
-dist_checkpointing stores global tensors, so a checkpoint loads into any TP/PP layout.
+The save directory's layout is in :mod:`acemath_mcore.training.checkpoint_dirs`. Every rank writes its shards
+into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N`` and only then rewrites ``latest``. A
+crash at any point leaves ``latest`` naming the previous complete checkpoint. dist_checkpointing stores global
+tensors, so a checkpoint loads into any TP/PP layout.
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -30,12 +24,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from acemath_mcore.models.weights import unwrap_model
+from acemath_mcore.training.checkpoint_dirs import LATEST, PARTIAL_SUFFIX, find_latest, iteration_dir
 from acemath_mcore.runtime import device as device_lib
 
 logger = logging.getLogger("acemath_mcore")
 
-LATEST = "latest"
-PARTIAL_SUFFIX = ".partial"
 # Distributed-optimizer state in the format that reloads at any TP/PP/DP (supported by megatron-core 0.16-0.19;
 # 'fully_sharded_model_space' fails to save on 0.16 with "flattened_range is not supported").
 _DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
@@ -44,37 +37,6 @@ _DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
 def _sharding_metadata() -> Dict[str, Any]:
     """A fresh dict per call: megatron caches process groups inside it, which would go stale across layouts."""
     return {"distrib_optim_sharding_type": _DISTRIBUTED_OPTIMIZER_FORMAT}
-
-
-def iteration_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / f"iter_{step:07d}"
-
-
-def find_latest(save_dir: str | Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names; unfinished saves are reported and ignored.
-
-    A marker that names no complete checkpoint (emptied by a node crash before it reached the disk, or its
-    directory removed) is an error rather than a fresh start: a requeued job would otherwise retrain the stage
-    from its initial weights without anyone noticing."""
-    save_dir = Path(save_dir)
-    for partial in sorted(save_dir.glob(f"iter_*{PARTIAL_SUFFIX}")):
-        logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", partial)
-    marker = save_dir / LATEST
-    if not marker.is_file():
-        if any(save_dir.glob("iter_*")):
-            logger.warning("%s has checkpoint directories but no '%s' marker: not resuming from them", save_dir,
-                           LATEST)
-        return None
-    name = marker.read_text().strip()
-    target = save_dir / name
-    if not name or not (target / "metadata.json").is_file():
-        published = sorted(p.name for p in save_dir.glob("iter_*")
-                           if p.is_dir() and not p.name.endswith(PARTIAL_SUFFIX))
-        raise FileNotFoundError(
-            f"{marker} names {name!r}, which is not a complete checkpoint; published checkpoints there: "
-            f"{', '.join(published) or 'none'}. Write the name of the one to resume from into {marker}, or start "
-            "over with checkpoint.resume=false")
-    return target
 
 
 def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:

@@ -9,7 +9,6 @@ are used as-is. A :class:`Task` supplies what differs: how a micro-batch is fed 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
@@ -32,8 +31,8 @@ from acemath_mcore.models.builder import (
 )
 from acemath_mcore.models.specs import packed_qkv_format
 from acemath_mcore.models.weights import load_full_weights
+from acemath_mcore.options import OptimConfig, ParallelConfig
 from acemath_mcore.runtime import device as device_lib
-from acemath_mcore.runtime.distributed import ParallelConfig
 
 Batch = Dict[str, torch.Tensor]
 
@@ -47,30 +46,6 @@ class Task(Protocol):
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple: ...
-
-
-@dataclasses.dataclass
-class OptimConfig:
-    """AdamW with warmup and decay (the AceMath recipes use cosine or linear decay)."""
-
-    lr: float = 5e-6
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_steps: int = 0
-    decay_style: str = "cosine"  # one of DECAY_STYLES
-    use_distributed_optimizer: bool = False
-    overlap_grad_reduce: bool = False
-    # Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward pass
-    # instead of at the end of the optimizer step (needs overlap_grad_reduce too, as in Megatron-LM).
-    overlap_param_gather: bool = False
-
-
-DECAY_STYLES = ("cosine", "linear", "constant")
-NAN_POLICIES = ("stop", "skip")  # what a non-finite loss or gradient norm does: raise, or skip the update
 
 
 def packed_seq_params(batch: Batch, qkv_format: str = "thd") -> Optional[PackedSeqParams]:

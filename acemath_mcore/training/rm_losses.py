@@ -22,7 +22,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-RM_LOSSES = ("listwise_bt", "pairwise_bt", "bce", "mse")
+from acemath_mcore.options import RM_LOSSES
 
 
 def group_ids(group_sizes: torch.Tensor) -> torch.Tensor:
