@@ -5,11 +5,11 @@ conversion (one process per TP x PP rank; memory-bound work that runs on login o
 suite. Each worker is a new process, so the CPU shim and megatron's global state never leak into the caller.
 
 Workers are forked from a fork server that imported torch and megatron-core once (``_PRELOADED``): a spawned
-interpreter spends 5-9 s importing megatron-core, which the test suite and a conversion followed by its
-verification paid on every call. The fork server holds no process group and none of our modules, and each
-worker takes the caller's current environment. What a process reads only when it starts or imports a library
-(glibc's ``MALLOC_*`` tunables, ``TRITON_INTERPRET``) is the fork server's, though: callers that set such a
-variable ask for ``fresh_interpreter=True``.
+interpreter spends 5-9 s importing megatron-core, which the test suite (and any process that converts more than
+once, or converts then verifies) paid on every call; now only the first call pays it. The fork server holds no
+process group and none of our modules, and each worker takes the caller's current environment. What a process
+reads only when it starts or imports a library (glibc's ``MALLOC_*`` tunables, ``TRITON_INTERPRET``) is the fork
+server's, though: callers that set such a variable ask for ``fresh_interpreter=True``.
 """
 
 from __future__ import annotations
