@@ -49,9 +49,14 @@ def test_workers_see_the_callers_environment_now_and_nothing_from_earlier_calls(
     assert [r["left_by_earlier_call"] for r in first + second] == [None] * 4
 
 
-def test_forked_workers_start_with_megatron_imported_and_fresh_interpreters_without():
+def test_forked_workers_start_with_megatron_imported_and_fresh_interpreters_without(monkeypatch):
+    from acemath_mcore.runtime import local_workers
+
     assert run_local_workers(_megatron_already_imported, 1, timeout=120) == [True]
     assert run_local_workers(_megatron_already_imported, 1, timeout=120, fresh_interpreter=True) == [False]
+    # With CUDA the fork server could hold a CUDA context (Transformer Engine's import): workers are spawned.
+    monkeypatch.setattr(local_workers.device_lib, "cuda_available", lambda: True)
+    assert run_local_workers(_megatron_already_imported, 1, timeout=120) == [False]
 
 
 def test_a_workers_exception_reaches_the_caller_with_its_traceback():

@@ -9,7 +9,9 @@ interpreter spends 5-9 s importing megatron-core, which the test suite (and any 
 once, or converts then verifies) paid on every call; now only the first call pays it. The fork server holds no
 process group and none of our modules, and each worker takes the caller's current environment. What a process
 reads only when it starts or imports a library (glibc's ``MALLOC_*`` tunables, ``TRITON_INTERPRET``) is the fork
-server's, though: callers that set such a variable ask for ``fresh_interpreter=True``.
+server's, though: callers that set such a variable ask for ``fresh_interpreter=True``. On a machine with CUDA the
+workers are spawned: there the fork server imports Transformer Engine with megatron-core, which may create a CUDA
+context that a forked child must not inherit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Callable, List
 
 import torch.multiprocessing as mp
 
+from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime.distributed import free_port
 
 
@@ -61,12 +64,13 @@ def _worker_entry(rank: int, world_size: int, port: int, environment: dict, targ
 def run_local_workers(target: Callable, world_size: int, *args, timeout: float | None = None,
                       fresh_interpreter: bool = False) -> List:
     """``target(rank, world_size, *args)`` in ``world_size`` new processes; the results in rank order.
-    ``fresh_interpreter``: spawn each one instead of forking it from the preloaded fork server.
+    ``fresh_interpreter``: spawn each one instead of forking it from the preloaded fork server (always done on
+    a machine with CUDA).
 
     A worker's exception is re-raised here with its traceback; a worker that dies without reporting (killed
     for memory, segfault) is reported with its exit code instead of hanging the caller.
     """
-    if fresh_interpreter:
+    if fresh_interpreter or device_lib.cuda_available():
         context = mp.get_context("spawn")
     else:
         context = mp.get_context("forkserver")
