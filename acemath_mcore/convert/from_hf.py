@@ -37,7 +37,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tensor_paral
     source = HFCheckpoint(hf_dir)  # every input error surfaces here, before any process starts
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                               virtual_pipeline_parallel=virtual_pipeline_parallel)
-    source.arch.check_layout(tensor_parallel, pipeline_parallel, virtual_pipeline_parallel)
+    source.arch.check_layout(parallel)
     bf16 = _wants_bf16(dtype, source)
     world_size = tensor_parallel * pipeline_parallel
     logger.info("converting %s (%s, %d layers) with %d CPU process(es): TP=%d PP=%d VPP=%s, %s parameters",

@@ -25,7 +25,7 @@ def build_weightless_model(arch: ModelArch, parallel: ParallelConfig, bf16: bool
     When PP does not divide the layers the first stage takes the remainder: the checkpoint is layout-free, so
     the split only decides which process writes which layers.
     """
-    arch.check_layout(parallel.tensor_parallel, parallel.pipeline_parallel, parallel.virtual_pipeline_parallel)
+    arch.check_layout(parallel)
     config = transformer_config(arch, parallel, ModelOptions(spec="native", bf16=bf16))
     config.perform_initialization = False
     pp = parallel.pipeline_parallel

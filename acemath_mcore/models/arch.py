@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from acemath_mcore.options import ParallelConfig
 
 # Megatron pads the vocabulary so the embedding splits evenly across tensor-parallel ranks. We pad to a
 # fixed multiple (not one that depends on TP) so a checkpoint saved at one TP size loads at any other.
@@ -45,11 +48,10 @@ class ModelArch:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
-    def check_layout(self, tensor_parallel: int, pipeline_parallel: int,
-                     virtual_pipeline_parallel: Optional[int] = None) -> None:
+    def check_layout(self, parallel: ParallelConfig) -> None:
         """What the converters check before starting any process: the layout can hold this model (numbers named)."""
-        self.check_tensor_parallel(tensor_parallel)
-        pp, vpp = pipeline_parallel, virtual_pipeline_parallel
+        self.check_tensor_parallel(parallel.tensor_parallel)
+        pp, vpp = parallel.pipeline_parallel, parallel.virtual_pipeline_parallel
         if self.num_layers < pp:
             raise ValueError(f"pipeline_parallel={pp} exceeds num_layers={self.num_layers}")
         if vpp and (pp < 2 or self.num_layers % (pp * vpp)):

@@ -24,8 +24,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from acemath_mcore.models.weights import unwrap_model
-from acemath_mcore.training.checkpoint_dirs import LATEST, PARTIAL_SUFFIX, find_latest, iteration_dir
 from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.training.checkpoint_dirs import LATEST, PARTIAL_SUFFIX, find_latest, iteration_dir
 
 logger = logging.getLogger("acemath_mcore")
 
