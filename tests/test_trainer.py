@@ -4,10 +4,12 @@ stops on a non-finite loss."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS as OPTIMIZER_FORMATS
 from acemath_mcore.runtime import release_model_parallel
 from distributed_helpers import run_workers
 from shared_data import shared_path
@@ -277,49 +280,143 @@ DISTRIBUTED_OPTIMIZER = ["optim.use_distributed_optimizer=true", "optim.overlap_
 DISTRIBUTED_STEPS = 8
 
 
+def _distributed_optimizer_config(prefix, root, save_dir, tp=1, extra=()):
+    return _config(prefix, save_dir, f"{root}/runs", DISTRIBUTED_STEPS, tp=tp, extra=[*DISTRIBUTED_OPTIMIZER, *extra])
+
+
 def _distributed_optimizer_runs(rank, world_size, prefix, root):
-    """DP=2 with the distributed optimizer: uninterrupted, preempted after step 3, resumed at the same layout."""
+    """DP=2 with the distributed optimizer: uninterrupted; then per optimizer checkpoint format, preempted after step
+    3 (a copy of that checkpoint kept for the tests' other layouts) and resumed at the same layout, the
+    fully_reshardable state through the fully parallel load (each rank reads half and they exchange)."""
     import torch
 
     from acemath_mcore.training.sft import train_sft
 
-    def config(save_dir, tp=1):
-        return _config(prefix, save_dir, f"{root}/runs", DISTRIBUTED_STEPS, tp=tp, extra=DISTRIBUTED_OPTIMIZER)
-
-    results = {"uninterrupted": _losses(train_sft(config(f"{root}/a")))}
-    release_model_parallel()
-    with preempted_after(3, rank):
-        train_sft(config(f"{root}/b"))
-    release_model_parallel()
-    if rank == 0:
-        shutil.copytree(f"{root}/b", f"{root}/c")
-    torch.distributed.barrier()
-    results["resumed"] = _losses(train_sft(config(f"{root}/b")))
+    results = {"uninterrupted": _losses(train_sft(_distributed_optimizer_config(prefix, root, f"{root}/a")))}
+    for optimizer_format in OPTIMIZER_FORMATS:
+        config = _distributed_optimizer_config(prefix, root, f"{root}/{optimizer_format}",
+                                               extra=[f"checkpoint.optimizer_format={optimizer_format}"])
+        release_model_parallel()
+        with preempted_after(3, rank):
+            train_sft(config)
+        release_model_parallel()
+        if rank == 0:
+            shutil.copytree(f"{root}/{optimizer_format}", f"{root}/{optimizer_format}_step3")
+        torch.distributed.barrier()
+        parallel_load = optimizer_format == "fully_reshardable"
+        results[optimizer_format] = _losses(train_sft(dataclasses.replace(
+            config, checkpoint=dataclasses.replace(config.checkpoint, fully_parallel_load=parallel_load))))
     return results
 
 
-def _distributed_optimizer_resume_at_tp2(rank, world_size, prefix, root):
-    from acemath_mcore.training.sft import train_sft
-
-    with preempted_after(5, rank):
-        return _losses(train_sft(_config(prefix, f"{root}/c", f"{root}/runs", DISTRIBUTED_STEPS, tp=2,
-                                         extra=DISTRIBUTED_OPTIMIZER)))
+@pytest.fixture(scope="module")
+def distributed_optimizer_runs(sft_prefix, tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed_optimizer")
+    return root, run_workers(_distributed_optimizer_runs, 2, sft_prefix, str(root))[0]
 
 
-def test_distributed_optimizer_resumes_exactly_and_at_another_layout(sft_prefix, tmp_path):
+@pytest.mark.parametrize("optimizer_format", OPTIMIZER_FORMATS)
+def test_distributed_optimizer_resumes_exactly(distributed_optimizer_runs, optimizer_format):
     """Without TE/apex megatron's distributed optimizer runs torch's Adam, whose state megatron cannot reload
     unaided (training/checkpointing._reloadable_torch_adam_state): this is the path CPU runs take."""
-    runs = run_workers(_distributed_optimizer_runs, 2, sft_prefix, str(tmp_path))[0]
-    uninterrupted, resumed = runs["uninterrupted"], runs["resumed"]
+    runs = distributed_optimizer_runs[1]
+    uninterrupted, resumed = runs["uninterrupted"], runs[optimizer_format]
     assert uninterrupted[DISTRIBUTED_STEPS] < uninterrupted[1]
     assert sorted(resumed) == list(range(4, DISTRIBUTED_STEPS + 1))
     for step in resumed:
         assert resumed[step] == uninterrupted[step], f"step {step}: {resumed[step]} != {uninterrupted[step]}"
-    # The DP=2 optimizer shards re-gathered for TP=2 x DP=1.
-    resumed_tp2 = run_workers(_distributed_optimizer_resume_at_tp2, 2, sft_prefix, str(tmp_path))[0]
-    assert sorted(resumed_tp2) == [4, 5]
-    for step in resumed_tp2:
-        assert resumed_tp2[step] == pytest.approx(uninterrupted[step], abs=1e-4)
+
+
+def _resume(rank, world_size, prefix, root, save_dir, other_format, tp, stop_after):
+    """A run that saves in ``other_format`` resuming ``save_dir`` at TP=``tp``: its losses, or the error that
+    stopped it."""
+    from acemath_mcore.training.sft import train_sft
+
+    config = _distributed_optimizer_config(prefix, root, save_dir, tp=tp,
+                                           extra=[f"checkpoint.optimizer_format={other_format}"])
+    try:
+        with preempted_after(stop_after, rank):
+            return _losses(train_sft(config))
+    except ValueError as error:
+        return str(error)
+
+
+def _resume_in_small_buckets(rank, world_size, *args):
+    """``_resume`` with gradient buckets of 20k elements instead of megatron's 40M (one bucket for this model)."""
+    import functools
+
+    from acemath_mcore.training import engine
+
+    engine.DistributedDataParallelConfig = functools.partial(engine.DistributedDataParallelConfig, bucket_size=20_000)
+    return _resume(rank, world_size, *args)
+
+
+def _resume_copy(prefix, root: Path, optimizer_format: str, ranks: int, tp: int, resume=_resume) -> list:
+    """Every rank's result of resuming a copy of the step-3 checkpoint of ``optimizer_format`` at TP=``tp`` over
+    ``ranks`` ranks, stopped after step 5, by a run that saves in the other format."""
+    save_dir = root / f"{optimizer_format}_tp{tp}_ranks{ranks}_{resume.__name__}"
+    shutil.copytree(root / f"{optimizer_format}_step3", save_dir)
+    other_format = next(name for name in OPTIMIZER_FORMATS if name != optimizer_format)
+    return run_workers(resume, ranks, prefix, str(root), str(save_dir), other_format, tp, 5)
+
+
+def test_fully_reshardable_optimizer_state_resumes_at_another_tensor_parallel_size(sft_prefix,
+                                                                                   distributed_optimizer_runs):
+    """The DP=2 optimizer shards re-gathered for TP=2 x DP=1."""
+    root, runs = distributed_optimizer_runs
+    resumed = _resume_copy(sft_prefix, root, "fully_reshardable", ranks=2, tp=2)[0]
+    assert sorted(resumed) == [4, 5]
+    for step in resumed:
+        assert resumed[step] == pytest.approx(runs["uninterrupted"][step], abs=1e-4)
+
+
+def test_dp_reshardable_optimizer_state_resumes_at_another_data_parallel_size_only(sft_prefix,
+                                                                                   distributed_optimizer_runs):
+    """Each rank saved only its own slice of the optimizer's buffers: one rank (DP=1) takes both slices back, while
+    TP=2 is refused before anything is loaded, naming the layouts and the way out. The DP=1 run saved its step 5 in
+    the fully_reshardable format, which then resumes at TP=2 (the way out the error names)."""
+    root, runs = distributed_optimizer_runs
+    resumed = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=1, tp=1)[0]
+    assert sorted(resumed) == [4, 5]
+    moved = run_workers(_resume, 2, sft_prefix, str(root), str(root / "dp_reshardable_tp1_ranks1__resume"),
+                        "dp_reshardable", 2, 6)[0]
+    assert sorted(moved) == [6]
+    resumed.update(moved)
+    for step in resumed:
+        assert resumed[step] == pytest.approx(runs["uninterrupted"][step], abs=1e-4)
+    errors = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=2, tp=2)
+    step3 = root / "dp_reshardable_tp2_ranks2__resume" / "iter_0000003"
+    for error in errors:
+        assert error.startswith(f"{step3} holds its optimizer state in the dp_reshardable format, which resumes only "
+                                "at the layout that saved it: tensor_parallel 1, pipeline_parallel 1, "
+                                "virtual_pipeline 1 (this run: tensor_parallel 2, pipeline_parallel 1, "
+                                "virtual_pipeline 1)"), error
+        assert f"checkpoint.init_from={step3}" in error
+
+
+def test_dp_reshardable_optimizer_state_in_other_buckets_is_refused_before_loading(sft_prefix,
+                                                                                   distributed_optimizer_runs):
+    root = distributed_optimizer_runs[0]
+    errors = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=2, tp=1, resume=_resume_in_small_buckets)
+    step3 = root / "dp_reshardable_tp1_ranks2__resume_in_small_buckets" / "iter_0000003"
+    for error in errors:
+        assert error.startswith(f"{step3}: its dp_reshardable optimizer state does not fit this run's gradient "
+                                "buckets (optimizer.distributed.dp_group_idx_0."), error
+        saved, now = re.search(r"bucket_idx_0\.param: saved \[(\d+)\], this run \[(\d+)\]", error).groups()
+        assert int(now) < int(saved), error  # the whole model's gradients, against a 20k-element bucket's
+        assert "optim.overlap_grad_reduce" in error and f"checkpoint.init_from={step3}" in error
+
+
+@pytest.mark.parametrize("optimizer_format", OPTIMIZER_FORMATS)
+def test_fully_parallel_save_shares_the_writing_between_data_parallel_ranks(distributed_optimizer_runs,
+                                                                            optimizer_format):
+    """torch_dist names each file after the rank that wrote it (``__<rank>_<n>.distcp``). Without the fully parallel
+    strategy data-parallel rank 0 alone writes the weights and, in the fully_reshardable format, all of the
+    gathered optimizer state (measured: 13.1 MB against 0)."""
+    root = distributed_optimizer_runs[0]
+    written = [sum(path.stat().st_size for path in (root / f"{optimizer_format}_step3" / "iter_0000003").glob(
+        f"__{rank}_*.distcp")) for rank in (0, 1)]
+    assert min(written) > 0.4 * sum(written), written
 
 
 def test_non_finite_loss_stops_before_the_update_naming_the_step(trainer_results):

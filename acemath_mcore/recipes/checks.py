@@ -21,6 +21,7 @@ from acemath_mcore.options import (
     FP8_RECIPES,
     LM_CROSS_ENTROPY_CHOICES,
     NAN_POLICIES,
+    OPTIMIZER_CHECKPOINT_FORMATS,
     RECOMPUTE_GRANULARITIES,
     RM_LOSSES,
     SPEC_CHOICES,
@@ -101,6 +102,7 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
         ("model_options.cuda_graph", options.cuda_graph, (None, *CUDA_GRAPH_SCOPES)),
         ("optim.decay_style", config.optim.decay_style, DECAY_STYLES),
         ("nan_policy", config.nan_policy, NAN_POLICIES),
+        ("checkpoint.optimizer_format", config.checkpoint.optimizer_format, OPTIMIZER_CHECKPOINT_FORMATS),
     ]
     if kind == "rm":
         choices.append(("reward.loss", config.reward.loss, RM_LOSSES))

@@ -38,6 +38,14 @@ class CheckpointConfig:
     # Weights-only start (the previous stage's checkpoint, or a converted HF model); ignored when resuming.
     init_from: Optional[str] = None
     resume: bool = True  # continue from save_dir/latest when it exists
+    # The distributed optimizer's state (docs/checkpoints.md): "dp_reshardable" writes each rank's own slice, and
+    # resumes at the same TP/PP/VPP (any DP); "fully_reshardable" resumes at any layout, but every data-parallel
+    # rank gathers its model-parallel shard's whole state in host memory (~30 bytes per parameter) to save it.
+    optimizer_format: str = "dp_reshardable"
+    # Megatron's fully parallel strategies: the data-parallel ranks share the writing (and, when loading, the
+    # reading) of what they hold in common, instead of rank 0 writing all of it (and every rank reading all of it).
+    fully_parallel_save: bool = True
+    fully_parallel_load: bool = False  # measured slower on a local disk (docs/benchmarks.md)
 
 
 @dataclasses.dataclass

@@ -3,7 +3,13 @@
 The save directory's layout is in :mod:`acemath_mcore.training.checkpoint_dirs`. Every rank writes its shards
 into ``iter_N.partial``; after a barrier rank 0 renames it to ``iter_N`` and only then rewrites ``latest``. A
 crash at any point leaves ``latest`` naming the previous complete checkpoint. dist_checkpointing stores global
-tensors, so a checkpoint loads into any TP/PP layout.
+tensors, so a checkpoint's weights load into any TP/PP layout; so does the distributed optimizer's state in the
+``fully_reshardable`` format, while ``dp_reshardable`` state resumes at the TP/PP/VPP that saved it (any DP).
+Which one a checkpoint holds is recorded in it, and a resume reads that one.
+
+Megatron's fully parallel strategies (``fully_parallel``) share the work of what data-parallel ranks hold in
+common: at save each writes a part instead of DP rank 0 writing it all, at load each reads a part and the ranks
+exchange them instead of every rank reading everything.
 """
 
 from __future__ import annotations
@@ -21,22 +27,56 @@ import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import (
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelLoadStrategyWrapper,
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from acemath_mcore.models.weights import unwrap_model
+from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.training.checkpoint_dirs import LATEST, PARTIAL_SUFFIX, find_latest, iteration_dir
 
 logger = logging.getLogger("acemath_mcore")
 
-# Distributed-optimizer state in the format that reloads at any TP/PP/DP (supported by megatron-core 0.16-0.19;
-# 'fully_sharded_model_space' fails to save on 0.16 with "flattened_range is not supported").
-_DISTRIBUTED_OPTIMIZER_FORMAT = "fully_reshardable"
+# The distributed optimizer's formats (OPTIMIZER_CHECKPOINT_FORMATS) are both in megatron-core 0.16-0.19;
+# 'fully_sharded_model_space' fails to save on 0.16 with "flattened_range is not supported". Checkpoints written
+# before the format was recorded (2026-11-24) hold fully_reshardable state.
+_FULLY_RESHARDABLE, _DP_RESHARDABLE = OPTIMIZER_CHECKPOINT_FORMATS
 
 
-def _sharding_metadata() -> Dict[str, Any]:
+def _sharding_metadata(optimizer_format: str = _FULLY_RESHARDABLE) -> Dict[str, Any]:
     """A fresh dict per call: megatron caches process groups inside it, which would go stale across layouts."""
-    return {"distrib_optim_sharding_type": _DISTRIBUTED_OPTIMIZER_FORMAT}
+    if optimizer_format not in OPTIMIZER_CHECKPOINT_FORMATS:
+        raise ValueError(f"unknown optimizer checkpoint format {optimizer_format!r}; choose one of "
+                         f"{', '.join(OPTIMIZER_CHECKPOINT_FORMATS)}")
+    return {"distrib_optim_sharding_type": optimizer_format}
+
+
+def _data_parallel_group():
+    """The ranks that hold the same weights (context parallelism included), among which fully parallel saves and
+    loads divide the work; None where that is this rank alone (nothing to share) or no layout is set up."""
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def _save_strategy(fully_parallel: bool):
+    group = _data_parallel_group() if fully_parallel else None
+    strategy = get_default_save_sharded_strategy()
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+def _load_strategy(checkpoint: Path, fully_parallel: bool):
+    group = _data_parallel_group() if fully_parallel else None
+    strategy = get_default_load_sharded_strategy(str(checkpoint))
+    return strategy if group is None else FullyParallelLoadStrategyWrapper(strategy, group)
 
 
 def model_sharded_state_dict(model_chunks: List[torch.nn.Module]) -> Dict[str, Any]:
@@ -77,13 +117,22 @@ def _layout() -> Dict[str, int]:
     return {
         "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
         "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1,
         "data_parallel": parallel_state.get_data_parallel_world_size(),
     }
 
 
+def _same_layout(saved: Dict[str, int], current: Dict[str, int], keys=None) -> bool:
+    """Whether the saved layout is the current one in ``keys`` (all); entries older checkpoints lack count as
+    unchanged."""
+    return all(saved.get(key, current[key]) == current[key] for key in (keys or current))
+
+
 def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler,
-                    train_state: Dict[str, Any], keep_last: int = 2) -> Path:
-    """Save everything needed to resume at ``step``; returns the published directory."""
+                    train_state: Dict[str, Any], keep_last: int = 2,
+                    optimizer_format: str = _DP_RESHARDABLE, fully_parallel: bool = True) -> Path:
+    """Save everything needed to resume at ``step``; returns the published directory. ``optimizer_format`` and
+    ``fully_parallel``: see the module docstring."""
     final = iteration_dir(save_dir, step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
     rank = torch.distributed.get_rank()
@@ -93,11 +142,11 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     torch.distributed.barrier()
     _finish_param_gather(model_chunks)
     state = model_sharded_state_dict(model_chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata())
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata(optimizer_format))
     state["scheduler"] = scheduler.state_dict()
-    state["train_state"] = dict(train_state, step=step, layout=_layout())
+    state["train_state"] = dict(train_state, step=step, layout=_layout(), optimizer_format=optimizer_format)
     state["rng_state"] = _rng_sharded_object()
-    dist_checkpointing.save(state, str(partial))
+    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel))
     torch.distributed.barrier()
     if rank == 0:
         if final.exists():
@@ -144,19 +193,30 @@ def _remove_old(save_dir: Path, keep_last: int, step: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dict[str, Any]:
-    """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state."""
+def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_parallel: bool = False) -> Dict[str, Any]:
+    """Full resume: weights, optimizer, scheduler, RNG (same layout only) and the saved train state. The optimizer
+    state is read in the format it was saved in, whatever the run's ``checkpoint.optimizer_format``."""
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint))
+    saved_layout, layout = common["train_state"]["layout"], _layout()
+    optimizer_format = common["train_state"].get("optimizer_format", _FULLY_RESHARDABLE)
+    bucket_state = optimizer_format == _DP_RESHARDABLE and _uses_distributed_optimizer(optimizer)
+    if bucket_state:
+        _check_bucket_state_layout(checkpoint, saved_layout, layout)
+    same_layout = _same_layout(saved_layout, layout)
     state = model_sharded_state_dict(model_chunks)
     configured_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     with _reloadable_torch_adam_state(optimizer):
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_sharding_metadata())
-        common = dist_checkpointing.load_common_state_dict(str(checkpoint))
-        same_layout = common["train_state"]["layout"] == _layout()
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=_sharding_metadata(optimizer_format))
+        if bucket_state:
+            _check_bucket_shapes(checkpoint, state["optimizer"])
         if same_layout:
             state["rng_state"] = _rng_sharded_object()
-        loaded = dist_checkpointing.load(state, str(checkpoint), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        loaded = dist_checkpointing.load(state, str(checkpoint), sharded_strategy=_load_strategy(checkpoint, fully_parallel),
+                                         strict=StrictHandling.ASSUME_OK_UNEXPECTED)
         _load_model_chunks(model_chunks, loaded)
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # megatron's dp_reshardable loader copies into views of the fp32 weights without it
+            optimizer.load_state_dict(loaded["optimizer"])
     _keep_configured_hyperparameters(checkpoint, optimizer, configured_groups, loaded["scheduler"],
                                      scheduler.state_dict())
     scheduler.load_state_dict(loaded["scheduler"])
@@ -164,8 +224,48 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler) -> Dic
         _restore_rng(loaded["rng_state"])
     else:
         logger.info("resuming %s at a different layout (%s -> %s): RNG streams restart", checkpoint,
-                    common["train_state"]["layout"], _layout())
+                    saved_layout, layout)
     return loaded["train_state"]
+
+
+_MODEL_PARALLEL = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")
+_FRESH_START = ("resume it once as it was saved with checkpoint.optimizer_format=fully_reshardable, whose next checkpoint "
+                "is free of both, or start a new stage from its weights with checkpoint.init_from={checkpoint} (fresh "
+                "optimizer)")
+
+
+def _check_bucket_state_layout(checkpoint: Path, saved_layout: Dict[str, int], layout: Dict[str, int]) -> None:
+    """dp_reshardable state is each model-parallel rank's optimizer buffers as they were: it fits only ranks that
+    hold the same parameters."""
+    if _same_layout(saved_layout, layout, _MODEL_PARALLEL):
+        return
+    raise ValueError(
+        f"{checkpoint} holds its optimizer state in the {_DP_RESHARDABLE} format, which resumes only at the layout "
+        "that saved it: " + ", ".join(f"{key} {saved_layout.get(key, layout[key])}" for key in _MODEL_PARALLEL)
+        + " (this run: " + ", ".join(f"{key} {layout[key]}" for key in _MODEL_PARALLEL) + "); the number of "
+        "data-parallel ranks may change. Resume at the saved layout, or " + _FRESH_START.format(checkpoint=checkpoint))
+
+
+def _check_bucket_shapes(checkpoint: Path, optimizer_state: Dict[str, Any]) -> None:
+    """dp_reshardable state is stored per gradient bucket, and megatron sizes the buckets from
+    ``optim.overlap_grad_reduce`` and, above 40 data-parallel ranks, from their number: a checkpoint whose buckets
+    differ from this run's would fail deep inside torch's loader on every rank."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = dist_checkpointing.load_tensors_metadata(str(checkpoint))
+    for tensor in nested_values(optimizer_state):
+        if not isinstance(tensor, ShardedTensor):
+            continue
+        saved = stored.get(tensor.key)
+        saved_shape = None if saved is None else tuple(saved.global_shape)
+        if saved_shape != tuple(tensor.global_shape):
+            raise ValueError(
+                f"{checkpoint}: its {_DP_RESHARDABLE} optimizer state does not fit this run's gradient buckets "
+                f"({tensor.key}: saved {'nothing' if saved_shape is None else list(saved_shape)}, this run "
+                f"{list(tensor.global_shape)}). Bucket sizes follow optim.overlap_grad_reduce and, above 40 "
+                "data-parallel ranks, their number: resume with the settings that saved it, or "
+                + _FRESH_START.format(checkpoint=checkpoint))
 
 
 def _keep_configured_hyperparameters(checkpoint: Path, optimizer, configured_groups: List[Dict[str, Any]],
@@ -188,14 +288,25 @@ def _keep_configured_hyperparameters(checkpoint: Path, optimizer, configured_gro
                        "step %d): %s", checkpoint, saved_schedule.get("num_steps", 0), "; ".join(sorted(changed)))
 
 
+def _distributed_optimizers(optimizer) -> List[Any]:
+    """The megatron distributed optimizers inside ``optimizer`` (one per chained part)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    return [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
+            if isinstance(part, distrib_optimizer.DistributedOptimizer)]
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    return bool(_distributed_optimizers(optimizer))
+
+
 def _torch_adam_distributed_optimizers(optimizer) -> List[Any]:
     """The distributed optimizers inside ``optimizer`` that run megatron's torch-Adam fallback (no TE or apex)."""
     from megatron.core.optimizer import distrib_optimizer
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
         return []
-    return [part for part in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(part, distrib_optimizer.DistributedOptimizer)]
+    return _distributed_optimizers(optimizer)
 
 
 @contextlib.contextmanager
@@ -205,8 +316,9 @@ def _reloadable_torch_adam_state(optimizer):
 
     1. ``state_dict()`` reads every parameter's Adam 'step' before torch has created any state (AssertionError):
        create the state, zeroed; the checkpoint overwrites every value.
-    2. ``load_parameter_state_from_fully_reshardable`` copies a 'step' the checkpoint's tensors lack (KeyError):
-       hide 'step' from it (``load_state_dict`` has already set it from the saved parameter groups).
+    2. ``load_parameter_state_from_fully_reshardable`` (and ``..._dp_reshardable``) copies a 'step' the
+       checkpoint's tensors lack (KeyError): hide 'step' from it (``load_state_dict`` has already set it from the
+       saved parameter groups).
     3. ``load_state_dict`` hands every parameter one shared 'step' tensor, which torch's Adam then increments once
        per parameter at each update (wrong bias correction from the first resumed step): give each its own copy.
     """
@@ -218,28 +330,34 @@ def _reloadable_torch_adam_state(optimizer):
                 if not inner.state[param]:
                     inner.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
                                               exp_avg_sq=torch.zeros_like(param))
-        part.load_parameter_state_from_fully_reshardable = functools.partial(_load_without_step, part)
+        for loader in _PARAMETER_STATE_LOADERS:
+            setattr(part, loader, functools.partial(_load_without_step, part, loader))
     try:
         yield
     finally:
         for part in parts:
-            del part.load_parameter_state_from_fully_reshardable  # the class's method again
+            for loader in _PARAMETER_STATE_LOADERS:
+                delattr(part, loader)  # the class's method again
             for state in part.optimizer.state.values():
                 if "step" in state:
                     state["step"] = state["step"].clone()
 
 
-def _load_without_step(part, param_state: Dict) -> None:
+_PARAMETER_STATE_LOADERS = ("load_parameter_state_from_fully_reshardable", "load_parameter_state_from_dp_reshardable")
+
+
+def _load_without_step(part, loader: str, param_state: Dict) -> None:
     states = part.optimizer.state
     steps = {param: state.pop("step") for param, state in states.items() if "step" in state}
     try:
-        type(part).load_parameter_state_from_fully_reshardable(part, param_state)
+        getattr(type(part), loader)(part, param_state)
     finally:
         for param, step in steps.items():
             states[param]["step"] = step
 
 
-def load_weights(checkpoint: str | Path, model_chunks, keep_missing_optional: bool = False) -> None:
+def load_weights(checkpoint: str | Path, model_chunks, keep_missing_optional: bool = False,
+                 fully_parallel: bool = False) -> None:
     """Weights only (stage initialisation, inference): the optimizer and schedule start fresh. Tensors the model
     does not have (e.g. an LM head when initialising a reward model) are ignored; missing ones are an error. With
     ``keep_missing_optional`` (a new stage's start) the tensors a model lists in ``optional_weight_keys`` may be
@@ -253,7 +371,8 @@ def load_weights(checkpoint: str | Path, model_chunks, keep_missing_optional: bo
         path = latest
     state = model_sharded_state_dict(model_chunks)
     kept = _set_aside_absent_optional_tensors(state, model_chunks, path, keep_missing_optional)
-    loaded = dist_checkpointing.load(state, str(path), strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy(path, fully_parallel),
+                                     strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     for chunk_key, tensors in kept.items():
         loaded[chunk_key].update(tensors)
     _load_model_chunks(model_chunks, loaded)

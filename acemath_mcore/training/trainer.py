@@ -280,7 +280,8 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
         config.checkpoint.save_dir and config.checkpoint.resume) else None
     if latest is not None:
         engine.arch.check_matches(find_model_description(latest)[0], str(latest))
-        state = checkpointing.load_checkpoint(latest, engine.model, engine.optimizer, engine.scheduler)
+        state = checkpointing.load_checkpoint(latest, engine.model, engine.optimizer, engine.scheduler,
+                                              fully_parallel=config.checkpoint.fully_parallel_load)
         saved_batch = state.get("global_batch_size", config.global_batch_size)
         if saved_batch != config.global_batch_size:
             raise ValueError(f"{latest} was trained with global_batch_size={saved_batch}, this run has "
@@ -311,7 +312,8 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
         engine.arch.check_matches(recorded_arch, f"checkpoint.init_from={config.checkpoint.init_from}")
         if config.checkpoint.save_dir and torch.distributed.get_rank() == 0:
             _inherit_description(Path(config.checkpoint.save_dir), engine.arch, hf_config, assets)
-        checkpointing.load_weights(init_dir, engine.model, keep_missing_optional=True)
+        checkpointing.load_weights(init_dir, engine.model, keep_missing_optional=True,
+                                   fully_parallel=config.checkpoint.fully_parallel_load)
         engine.optimizer.reload_model_params()
         logger.info("initialised weights from %s (fresh optimizer and schedule)", config.checkpoint.init_from)
     else:
@@ -375,7 +377,9 @@ def _save(config: TrainConfig, engine: Engine, data_order: Dict, step: int, cons
                    "first_loss": first_loss, "final_loss": final_loss, "data": data_order,
                    "init_from": _absolute(config.checkpoint.init_from)}
     path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
-                                         engine.scheduler, train_state, keep_last=config.checkpoint.keep_last)
+                                         engine.scheduler, train_state, keep_last=config.checkpoint.keep_last,
+                                         optimizer_format=config.checkpoint.optimizer_format,
+                                         fully_parallel=config.checkpoint.fully_parallel_save)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
         write_model_description(Path(config.checkpoint.save_dir), engine.arch)
     logger.info("saved %s in %.1f s", path, time.perf_counter() - start)
