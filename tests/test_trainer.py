@@ -351,11 +351,22 @@ def _resume_in_small_buckets(rank, world_size, *args):
     return _resume(rank, world_size, *args)
 
 
-def _resume_copy(prefix, root: Path, optimizer_format: str, ranks: int, tp: int, resume=_resume) -> list:
-    """Every rank's result of resuming a copy of the step-3 checkpoint of ``optimizer_format`` at TP=``tp`` over
-    ``ranks`` ranks, stopped after step 5, by a run that saves in the other format."""
-    save_dir = root / f"{optimizer_format}_tp{tp}_ranks{ranks}_{resume.__name__}"
+def _copy_step3(root: Path, optimizer_format: str, name: str) -> Path:
+    """A copy of the save dir whose latest is the step-3 checkpoint of ``optimizer_format``."""
+    save_dir = root / name
     shutil.copytree(root / f"{optimizer_format}_step3", save_dir)
+    return save_dir
+
+
+def _resume_copy(prefix, root: Path, optimizer_format: str, ranks: int, tp: int, resume=_resume,
+                 layout_record: bool = True) -> list:
+    """Every rank's result of resuming a copy of the step-3 checkpoint of ``optimizer_format`` at TP=``tp`` over
+    ``ranks`` ranks, stopped after step 5, by a run that saves in the other format. Without ``layout_record`` the
+    copy lacks the optimizer_layout.json that the config checks read (as checkpoints saved before it existed)."""
+    save_dir = _copy_step3(root, optimizer_format, f"{optimizer_format}_tp{tp}_ranks{ranks}_{resume.__name__}"
+                           + ("" if layout_record else "_unrecorded"))
+    if not layout_record:
+        (save_dir / "iter_0000003" / "optimizer_layout.json").unlink()
     other_format = next(name for name in OPTIMIZER_FORMATS if name != optimizer_format)
     return run_workers(resume, ranks, prefix, str(root), str(save_dir), other_format, tp, 5)
 
@@ -372,9 +383,9 @@ def test_fully_reshardable_optimizer_state_resumes_at_another_tensor_parallel_si
 
 def test_dp_reshardable_optimizer_state_resumes_at_another_data_parallel_size_only(sft_prefix,
                                                                                    distributed_optimizer_runs):
-    """Each rank saved only its own slice of the optimizer's buffers: one rank (DP=1) takes both slices back, while
-    TP=2 is refused before anything is loaded, naming the layouts and the way out. The DP=1 run saved its step 5 in
-    the fully_reshardable format, which then resumes at TP=2 (the way out the error names)."""
+    """Each rank saved only its own slice of the optimizer's buffers: one rank (DP=1) takes both slices back. That
+    run saved its step 5 in the fully_reshardable format, which then resumes at TP=2 (the way out the refusals
+    name)."""
     root, runs = distributed_optimizer_runs
     resumed = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=1, tp=1)[0]
     assert sorted(resumed) == [4, 5]
@@ -384,14 +395,39 @@ def test_dp_reshardable_optimizer_state_resumes_at_another_data_parallel_size_on
     resumed.update(moved)
     for step in resumed:
         assert resumed[step] == pytest.approx(runs["uninterrupted"][step], abs=1e-4)
-    errors = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=2, tp=2)
-    step3 = root / "dp_reshardable_tp2_ranks2__resume" / "iter_0000003"
-    for error in errors:
-        assert error.startswith(f"{step3} holds its optimizer state in the dp_reshardable format, which resumes only "
-                                "at the layout that saved it: tensor_parallel 1, pipeline_parallel 1, "
-                                "virtual_pipeline 1 (this run: tensor_parallel 2, pipeline_parallel 1, "
-                                "virtual_pipeline 1)"), error
-        assert f"checkpoint.init_from={step3}" in error
+
+
+def _layout_refusal(checkpoint: Path) -> str:
+    return (f"{checkpoint} holds its optimizer state in the dp_reshardable format, which resumes only at the layout "
+            "that saved it: tensor_parallel 1, pipeline_parallel 1, virtual_pipeline 1 (this run: tensor_parallel 2, "
+            "pipeline_parallel 1, virtual_pipeline 1); the number of data-parallel ranks may change. Resume at the "
+            "saved layout, or resume it once as it was saved with checkpoint.optimizer_format=fully_reshardable, "
+            "whose next checkpoint is free of both, or start a new stage from its weights with "
+            f"checkpoint.init_from={checkpoint} (fresh optimizer)")
+
+
+def test_dp_reshardable_optimizer_state_at_another_tensor_parallel_size_is_refused_by_the_config_checks(
+        sft_prefix, distributed_optimizer_runs):
+    """From the checkpoint's optimizer_layout.json, without megatron-core: --dry-run, Slurm preflight and the
+    trainer's first check, before any process group or model exists."""
+    from acemath_mcore.recipes.checks import config_problems
+
+    save_dir = _copy_step3(distributed_optimizer_runs[0], "dp_reshardable", "dp_reshardable_config_check")
+    config = _distributed_optimizer_config(sft_prefix, save_dir.parent, str(save_dir), tp=2)
+    assert config_problems(config, "sft") == [f"parallel: {_layout_refusal(save_dir / 'iter_0000003')}"]
+    unbound = _distributed_optimizer_config(sft_prefix, save_dir.parent, str(save_dir), tp=2,
+                                            extra=["optim.use_distributed_optimizer=false",
+                                                   "optim.overlap_param_gather=false"])
+    assert config_problems(unbound, "sft") == []  # nothing of the distributed optimizer's is loaded then
+
+
+def test_dp_reshardable_optimizer_state_at_another_tensor_parallel_size_is_refused_before_loading(
+        sft_prefix, distributed_optimizer_runs):
+    """A checkpoint without the record (or a library caller that skips the config checks): the loader refuses on
+    every rank, from the layout saved in the checkpoint itself."""
+    root = distributed_optimizer_runs[0]
+    errors = _resume_copy(sft_prefix, root, "dp_reshardable", ranks=2, tp=2, layout_record=False)
+    assert errors == [_layout_refusal(root / "dp_reshardable_tp2_ranks2__resume_unrecorded" / "iter_0000003")] * 2
 
 
 def test_dp_reshardable_optimizer_state_in_other_buckets_is_refused_before_loading(sft_prefix,

@@ -83,6 +83,8 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
     if checkpoint is not None:
         from acemath_mcore.convert.megatron_files import find_model_description
 
+        problems += _resume_layout_problems(config, checkpoint)
+
         recorded, _, assets = find_model_description(checkpoint)
         try:
             arch.check_matches(recorded, f"the starting checkpoint {checkpoint}")
@@ -164,6 +166,23 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
     if parallel.virtual_pipeline_parallel is not None and pp < 2:
         problems.append("parallel.virtual_pipeline_parallel needs pipeline_parallel >= 2")
     return problems
+
+
+def _resume_layout_problems(config: TrainConfig, checkpoint: Path) -> List[str]:
+    """A resume whose optimizer state was saved for another model-parallel layout (the trainer would refuse it
+    after building the model on every GPU)."""
+    from acemath_mcore.training.checkpoint_dirs import LAYOUT_BOUND_FORMAT, layout_bound_problem, read_optimizer_layout
+
+    if checkpoint.parent != Path(config.checkpoint.save_dir or "") or not config.optim.use_distributed_optimizer:
+        return []  # a weights-only start, or no distributed-optimizer state to load
+    record = read_optimizer_layout(checkpoint)
+    if record is None or not record["distributed_optimizer"] or record["optimizer_format"] != LAYOUT_BOUND_FORMAT:
+        return []
+    parallel = config.parallel
+    problem = layout_bound_problem(checkpoint, record["layout"], {
+        "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel,
+        "virtual_pipeline": parallel.virtual_pipeline_parallel or 1})
+    return [f"parallel: {problem}"] if problem else []
 
 
 def starting_checkpoint(config: TrainConfig) -> Optional[Path]:

@@ -5,6 +5,7 @@ Layout of a save directory::
     save_dir/
       latest                 text: the name of the newest *complete* checkpoint, written last (atomic replace)
       iter_0000500/          one dist checkpoint: model chunks, optimizer, scheduler, RNG, data position
+        optimizer_layout.json  the layout and optimizer format it was saved with (for --dry-run and preflight)
       iter_0001000.partial/  a save in progress (or one that crashed): never read
 
 :mod:`acemath_mcore.training.checkpointing` writes and reads the checkpoints themselves.
@@ -12,18 +13,54 @@ Layout of a save directory::
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 logger = logging.getLogger("acemath_mcore")
 
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
+OPTIMIZER_LAYOUT_FILE = "optimizer_layout.json"
+# The optimizer format whose state fits only the model-parallel layout that saved it.
+LAYOUT_BOUND_FORMAT = "dp_reshardable"
+MODEL_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")
 
 
 def iteration_dir(save_dir: str | Path, step: int) -> Path:
     return Path(save_dir) / f"iter_{step:07d}"
+
+
+def write_optimizer_layout(checkpoint: Path, layout: Dict[str, int], optimizer_format: str,
+                           distributed_optimizer: bool) -> None:
+    """What a resume of ``checkpoint`` must match, in a file that needs neither megatron-core nor torch to read."""
+    record = {"layout": layout, "optimizer_format": optimizer_format, "distributed_optimizer": distributed_optimizer}
+    (Path(checkpoint) / OPTIMIZER_LAYOUT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def read_optimizer_layout(checkpoint: Path) -> Optional[Dict]:
+    """The record :func:`write_optimizer_layout` left; None for checkpoints saved before 2026-11-24."""
+    path = Path(checkpoint) / OPTIMIZER_LAYOUT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[str, int]) -> Optional[str]:
+    """Why ``checkpoint``'s dp_reshardable optimizer state cannot resume at ``current``, with the ways out; None
+    when the model-parallel layout is the saved one (entries a record lacks count as unchanged)."""
+    if all(saved.get(key, current[key]) == current[key] for key in MODEL_PARALLEL_KEYS):
+        return None
+    return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, which resumes only at the "
+            "layout that saved it: " + ", ".join(f"{key} {saved.get(key, current[key])}" for key in MODEL_PARALLEL_KEYS)
+            + " (this run: " + ", ".join(f"{key} {current[key]}" for key in MODEL_PARALLEL_KEYS) + "); the number "
+            "of data-parallel ranks may change. Resume at the saved layout, or " + fresh_start(checkpoint))
+
+
+def fresh_start(checkpoint: Path) -> str:
+    """The ways out for a checkpoint whose dp_reshardable optimizer state does not fit this run."""
+    return ("resume it once as it was saved with checkpoint.optimizer_format=fully_reshardable, whose next "
+            "checkpoint is free of both, or start a new stage from its weights with "
+            f"checkpoint.init_from={checkpoint} (fresh optimizer)")
 
 
 def find_latest(save_dir: str | Path) -> Optional[Path]:

@@ -40,7 +40,15 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from acemath_mcore.models.weights import unwrap_model
 from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
 from acemath_mcore.runtime import device as device_lib
-from acemath_mcore.training.checkpoint_dirs import LATEST, PARTIAL_SUFFIX, find_latest, iteration_dir
+from acemath_mcore.training.checkpoint_dirs import (
+    LATEST,
+    PARTIAL_SUFFIX,
+    find_latest,
+    fresh_start,
+    iteration_dir,
+    layout_bound_problem,
+    write_optimizer_layout,
+)
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -122,10 +130,9 @@ def _layout() -> Dict[str, int]:
     }
 
 
-def _same_layout(saved: Dict[str, int], current: Dict[str, int], keys=None) -> bool:
-    """Whether the saved layout is the current one in ``keys`` (all); entries older checkpoints lack count as
-    unchanged."""
-    return all(saved.get(key, current[key]) == current[key] for key in (keys or current))
+def _same_layout(saved: Dict[str, int], current: Dict[str, int]) -> bool:
+    """Whether the saved layout is the current one; entries older checkpoints lack count as unchanged."""
+    return all(saved.get(key, value) == value for key, value in current.items())
 
 
 def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler,
@@ -149,6 +156,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel))
     torch.distributed.barrier()
     if rank == 0:
+        write_optimizer_layout(partial, _layout(), optimizer_format, _uses_distributed_optimizer(optimizer))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -201,7 +209,9 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
     optimizer_format = common["train_state"].get("optimizer_format", _FULLY_RESHARDABLE)
     bucket_state = optimizer_format == _DP_RESHARDABLE and _uses_distributed_optimizer(optimizer)
     if bucket_state:
-        _check_bucket_state_layout(checkpoint, saved_layout, layout)
+        problem = layout_bound_problem(checkpoint, saved_layout, layout)
+        if problem:
+            raise ValueError(problem)
     same_layout = _same_layout(saved_layout, layout)
     state = model_sharded_state_dict(model_chunks)
     configured_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
@@ -228,24 +238,6 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
     return loaded["train_state"]
 
 
-_MODEL_PARALLEL = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")
-_FRESH_START = ("resume it once as it was saved with checkpoint.optimizer_format=fully_reshardable, whose next checkpoint "
-                "is free of both, or start a new stage from its weights with checkpoint.init_from={checkpoint} (fresh "
-                "optimizer)")
-
-
-def _check_bucket_state_layout(checkpoint: Path, saved_layout: Dict[str, int], layout: Dict[str, int]) -> None:
-    """dp_reshardable state is each model-parallel rank's optimizer buffers as they were: it fits only ranks that
-    hold the same parameters."""
-    if _same_layout(saved_layout, layout, _MODEL_PARALLEL):
-        return
-    raise ValueError(
-        f"{checkpoint} holds its optimizer state in the {_DP_RESHARDABLE} format, which resumes only at the layout "
-        "that saved it: " + ", ".join(f"{key} {saved_layout.get(key, layout[key])}" for key in _MODEL_PARALLEL)
-        + " (this run: " + ", ".join(f"{key} {layout[key]}" for key in _MODEL_PARALLEL) + "); the number of "
-        "data-parallel ranks may change. Resume at the saved layout, or " + _FRESH_START.format(checkpoint=checkpoint))
-
-
 def _check_bucket_shapes(checkpoint: Path, optimizer_state: Dict[str, Any]) -> None:
     """dp_reshardable state is stored per gradient bucket, and megatron sizes the buckets from
     ``optim.overlap_grad_reduce`` and, above 40 data-parallel ranks, from their number: a checkpoint whose buckets
@@ -265,7 +257,7 @@ def _check_bucket_shapes(checkpoint: Path, optimizer_state: Dict[str, Any]) -> N
                 f"({tensor.key}: saved {'nothing' if saved_shape is None else list(saved_shape)}, this run "
                 f"{list(tensor.global_shape)}). Bucket sizes follow optim.overlap_grad_reduce and, above 40 "
                 "data-parallel ranks, their number: resume with the settings that saved it, or "
-                + _FRESH_START.format(checkpoint=checkpoint))
+                + fresh_start(checkpoint))
 
 
 def _keep_configured_hyperparameters(checkpoint: Path, optimizer, configured_groups: List[Dict[str, Any]],
