@@ -38,7 +38,7 @@ class CheckpointConfig:
     # Weights-only start (the previous stage's checkpoint, or a converted HF model); ignored when resuming.
     init_from: Optional[str] = None
     resume: bool = True  # continue from save_dir/latest when it exists
-    # The distributed optimizer's state (docs/checkpoints.md): "dp_reshardable" writes each rank's own slice, and
+    # The distributed optimizer's state (docs/slurm.md): "dp_reshardable" writes each rank's own slice, and
     # resumes at the same TP/PP/VPP (any DP); "fully_reshardable" resumes at any layout, but every data-parallel
     # rank gathers its model-parallel shard's whole state in host memory (~30 bytes per parameter) to save it.
     optimizer_format: str = "dp_reshardable"

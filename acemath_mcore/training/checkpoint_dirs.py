@@ -18,13 +18,15 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional
 
+from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
+
 logger = logging.getLogger("acemath_mcore")
 
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 OPTIMIZER_LAYOUT_FILE = "optimizer_layout.json"
-# The optimizer format whose state fits only the model-parallel layout that saved it.
-LAYOUT_BOUND_FORMAT = "dp_reshardable"
+# The optimizer formats: the first resumes at any layout, the second only at the model-parallel layout that saved it.
+FREE_LAYOUT_FORMAT, LAYOUT_BOUND_FORMAT = OPTIMIZER_CHECKPOINT_FORMATS
 MODEL_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")
 
 
@@ -58,7 +60,7 @@ def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[
 
 def fresh_start(checkpoint: Path) -> str:
     """The ways out for a checkpoint whose dp_reshardable optimizer state does not fit this run."""
-    return ("resume it once as it was saved with checkpoint.optimizer_format=fully_reshardable, whose next "
+    return (f"resume it once as it was saved with checkpoint.optimizer_format={FREE_LAYOUT_FORMAT}, whose next "
             "checkpoint is free of both, or start a new stage from its weights with "
             f"checkpoint.init_from={checkpoint} (fresh optimizer)")
 

@@ -41,7 +41,9 @@ from acemath_mcore.models.weights import unwrap_model
 from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.training.checkpoint_dirs import (
+    FREE_LAYOUT_FORMAT,
     LATEST,
+    LAYOUT_BOUND_FORMAT,
     PARTIAL_SUFFIX,
     find_latest,
     fresh_start,
@@ -54,11 +56,10 @@ logger = logging.getLogger("acemath_mcore")
 
 # The distributed optimizer's formats (OPTIMIZER_CHECKPOINT_FORMATS) are both in megatron-core 0.16-0.19;
 # 'fully_sharded_model_space' fails to save on 0.16 with "flattened_range is not supported". Checkpoints written
-# before the format was recorded (2026-11-24) hold fully_reshardable state.
-_FULLY_RESHARDABLE, _DP_RESHARDABLE = OPTIMIZER_CHECKPOINT_FORMATS
+# before the format was recorded (2026-11-24) hold FREE_LAYOUT_FORMAT (fully_reshardable) state.
 
 
-def _sharding_metadata(optimizer_format: str = _FULLY_RESHARDABLE) -> Dict[str, Any]:
+def _sharding_metadata(optimizer_format: str = FREE_LAYOUT_FORMAT) -> Dict[str, Any]:
     """A fresh dict per call: megatron caches process groups inside it, which would go stale across layouts."""
     if optimizer_format not in OPTIMIZER_CHECKPOINT_FORMATS:
         raise ValueError(f"unknown optimizer checkpoint format {optimizer_format!r}; choose one of "
@@ -137,7 +138,7 @@ def _same_layout(saved: Dict[str, int], current: Dict[str, int]) -> bool:
 
 def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler,
                     train_state: Dict[str, Any], keep_last: int = 2,
-                    optimizer_format: str = _DP_RESHARDABLE, fully_parallel: bool = True) -> Path:
+                    optimizer_format: str = LAYOUT_BOUND_FORMAT, fully_parallel: bool = True) -> Path:
     """Save everything needed to resume at ``step``; returns the published directory. ``optimizer_format`` and
     ``fully_parallel``: see the module docstring."""
     final = iteration_dir(save_dir, step)
@@ -206,8 +207,8 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
     state is read in the format it was saved in, whatever the run's ``checkpoint.optimizer_format``."""
     common = dist_checkpointing.load_common_state_dict(str(checkpoint))
     saved_layout, layout = common["train_state"]["layout"], _layout()
-    optimizer_format = common["train_state"].get("optimizer_format", _FULLY_RESHARDABLE)
-    bucket_state = optimizer_format == _DP_RESHARDABLE and _uses_distributed_optimizer(optimizer)
+    optimizer_format = common["train_state"].get("optimizer_format", FREE_LAYOUT_FORMAT)
+    bucket_state = optimizer_format == LAYOUT_BOUND_FORMAT and _uses_distributed_optimizer(optimizer)
     if bucket_state:
         problem = layout_bound_problem(checkpoint, saved_layout, layout)
         if problem:
@@ -253,7 +254,7 @@ def _check_bucket_shapes(checkpoint: Path, optimizer_state: Dict[str, Any]) -> N
         saved_shape = None if saved is None else tuple(saved.global_shape)
         if saved_shape != tuple(tensor.global_shape):
             raise ValueError(
-                f"{checkpoint}: its {_DP_RESHARDABLE} optimizer state does not fit this run's gradient buckets "
+                f"{checkpoint}: its {LAYOUT_BOUND_FORMAT} optimizer state does not fit this run's gradient buckets "
                 f"({tensor.key}: saved {'nothing' if saved_shape is None else list(saved_shape)}, this run "
                 f"{list(tensor.global_shape)}). Bucket sizes follow optim.overlap_grad_reduce and, above 40 "
                 "data-parallel ranks, their number: resume with the settings that saved it, or "
