@@ -102,6 +102,8 @@ class PlanRequest:
     overhead_bytes: int = 4 * GIB  # CUDA context, NCCL buffers, allocator fragmentation
     headroom: float = 0.10  # fraction of GPU memory left free by a layout that "fits"
     mfu: float = 0.5  # assumed fraction of the bf16 peak the matrix multiplies reach
+    # (TP, PP, VPP or None) every layout must have: a resume whose optimizer state fits only that split.
+    model_parallel: Optional[Tuple[int, int, Optional[int]]] = None
 
     def __post_init__(self):
         if self.task not in ("sft", "rm"):
@@ -399,6 +401,8 @@ def candidate_layouts(request: PlanRequest) -> List[Layout]:
                     continue
                 virtual = [None] + [v for v in _divisors(layers // pp) if v > 1 and pp > 1]
                 for vpp in virtual:
+                    if request.model_parallel not in (None, (tp, pp, vpp)):
+                        continue
                     for recompute in request.recompute:
                         layouts.append(Layout(tp, pp, vpp, cp, gpus // (tp * pp * cp), recompute))
     return layouts
@@ -422,6 +426,13 @@ def plan(request: PlanRequest) -> List[Estimate]:
             estimates.append(estimate(request, layout))
         except ValueError:
             continue
+    if not estimates and request.model_parallel:
+        tp, pp, vpp = request.model_parallel
+        raise PlanError(
+            f"no valid layout of {request.model_name} on {request.gpus} GPUs with TP={tp}, PP={pp}, VPP={vpp or 1} "
+            f"(required: the checkpoint's optimizer state fits only that split): the data-parallel size left must "
+            f"divide global batch {request.global_batch} / micro-batch {request.micro_batch}, and TP x PP must "
+            "divide the GPU count")
     if not estimates:
         raise PlanError(
             f"no valid layout of {request.model_name} on {request.gpus} GPUs: no TP x PP x CP split gives a "

@@ -53,7 +53,18 @@ def parse_args(argv=None):
     parser.add_argument("--top", type=int, default=15, help="table rows")
     parser.add_argument("--format", default="table", choices=("table", "overrides", "nodes"))
     parser.add_argument("--json", metavar="OUT", help="also write every layout and the recommendation here")
+    parser.add_argument("--model-parallel", metavar="TP,PP,VPP", type=_model_parallel,
+                        help="consider only this split (VPP 1: none), e.g. 4,4,10: a resume of a dp_reshardable "
+                             "checkpoint (slurm/preflight.py passes it)")
     return parser.parse_args(argv)
+
+
+def _model_parallel(text: str):
+    try:
+        tp, pp, vpp = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TP,PP,VPP (three integers, VPP 1 for none), got {text!r}") from None
+    return tp, pp, vpp if vpp > 1 else None
 
 
 def build_request(args) -> planner.PlanRequest:
@@ -65,7 +76,8 @@ def build_request(args) -> planner.PlanRequest:
         bf16=not args.fp32,
         distributed_optimizer=not args.no_distributed_optimizer, recompute=recompute,
         context_parallel=tuple(int(cp) for cp in args.context_parallel.split(",")),
-        overhead_bytes=int(args.overhead_gib * GIB), headroom=args.headroom, mfu=args.mfu)
+        overhead_bytes=int(args.overhead_gib * GIB), headroom=args.headroom, mfu=args.mfu,
+        model_parallel=args.model_parallel)
 
 
 def _count(number: int, noun: str) -> str:

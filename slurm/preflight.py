@@ -45,20 +45,22 @@ def parse(argv):
     return planner, stages
 
 
-def check_stage(stage) -> tuple[list[str], str, object]:
-    """(errors, one-line description, resolved config)."""
+def check_stage(stage, planned: bool = False) -> tuple[list[str], str, object, object]:
+    """(errors, one-line description, resolved config, the TP/PP/VPP a resume must keep or None). ``planned``: the
+    layout is launch/plan.py's to pick at job start, so a resume's bound layout replaces the configured one (the
+    planner is told to keep it) instead of being reported as a mismatch."""
     from acemath_mcore.recipes import apply_overrides, get_recipe
     from acemath_mcore.recipes.checks import config_problems
     from acemath_mcore.recipes.config import OverrideError
-    from acemath_mcore.training.checkpoint_dirs import find_latest
+    from acemath_mcore.training.checkpoint_dirs import bound_model_parallel, find_latest
 
     name = f"{stage['recipe']} ({stage['kind']})"
     try:
         config = apply_overrides(get_recipe(stage["recipe"]), stage["overrides"])
     except KeyError as error:
-        return [f"{name}: RECIPE: {error.args[0]}"], name, None
+        return [f"{name}: RECIPE: {error.args[0]}"], name, None, None
     except OverrideError as error:
-        return [f"{name}: OVERRIDES: {error}"], name, None
+        return [f"{name}: OVERRIDES: {error}"], name, None, None
     errors = []
     if not config.data.prefixes:
         errors.append(f"{name}: DATA is not set: a comma-separated list of prefixes from launch/preprocess.py "
@@ -74,6 +76,11 @@ def check_stage(stage) -> tuple[list[str], str, object]:
         if parent is None or not parent.is_dir() or not _writable(parent):
             errors.append(f"{name}: CKPT_DIR: cannot create {save_dir} ({parent} is not a writable directory)")
     init = config.checkpoint.init_from
+    bound = bound_model_parallel(latest, config.optim.use_distributed_optimizer) if latest is not None else None
+    if planned and bound is not None:
+        config.parallel.tensor_parallel = bound["tensor_parallel"]
+        config.parallel.pipeline_parallel = bound["pipeline_parallel"]
+        config.parallel.virtual_pipeline_parallel = bound["virtual_pipeline"] if bound["virtual_pipeline"] > 1 else None
     if latest is not None:
         start = f"resumes from {latest}"
     elif init and stage["upstream"]:
@@ -98,7 +105,7 @@ def check_stage(stage) -> tuple[list[str], str, object]:
         errors.append(f"{name}: {ENV_FOR.get(key, 'OVERRIDES')}: {problem}")
     description = (f"{name}: model {config.model}, {len(config.data.prefixes)} data prefix(es), {start}, "
                    f"saves to {save_dir}")
-    return errors, description, config
+    return errors, description, config, bound
 
 
 def _writable(path: Path) -> bool:
@@ -128,13 +135,15 @@ def main(argv=None) -> int:
 def _check(planner, stages) -> int:
     all_errors = []
     for stage in stages:
-        errors, description, config = check_stage(stage)
+        errors, description, config, bound = check_stage(stage, planned=planner)
         all_errors += errors
         if not errors:
             print(f"preflight ok: {description}", file=sys.stderr)
         if planner and config is not None:  # the shape launch/plan.py needs, on stdout for the caller
+            keep = "" if bound is None else (
+                f" --model-parallel {bound['tensor_parallel']},{bound['pipeline_parallel']},{bound['virtual_pipeline']}")
             print(f"--model {config.model} --task {stage['kind']} --seq-length {config.data.seq_length} "
-                  f"--global-batch {config.global_batch_size} --micro-batch {config.micro_batch_size}")
+                  f"--global-batch {config.global_batch_size} --micro-batch {config.micro_batch_size}{keep}")
     for error in all_errors:
         print(f"preflight: error: {error}", file=sys.stderr)
     return 2 if all_errors else 0

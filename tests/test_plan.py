@@ -183,6 +183,30 @@ def test_smallest_cluster_for_72b_is_more_than_one_node():
         planner.recommend(planner.plan(dataclasses.replace(request, gpus=sized.gpus // 2)), request)
 
 
+def test_a_resumed_split_is_kept_when_the_gpu_count_changes(capsys):
+    """A run saved at 256 GPUs, resubmitted on 128: left free the planner picks another VPP there, which the
+    checkpoint's dp_reshardable optimizer state cannot take; with --model-parallel it keeps the saved split."""
+    at_256 = planner.request_for("qwen2.5-math-72b", gpus=256, seq_length=4096, global_batch=256)
+    saved = planner.recommend(planner.plan(at_256), at_256).layout
+    split = (saved.tensor_parallel, saved.pipeline_parallel, saved.virtual_pipeline_parallel)
+    at_128 = dataclasses.replace(at_256, gpus=128)
+    free = planner.recommend(planner.plan(at_128), at_128).layout
+    assert (free.tensor_parallel, free.pipeline_parallel, free.virtual_pipeline_parallel) != split
+    kept = dataclasses.replace(at_128, model_parallel=split)
+    estimates = planner.plan(kept)
+    assert {(e.layout.tensor_parallel, e.layout.pipeline_parallel, e.layout.virtual_pipeline_parallel)
+            for e in estimates} == {split}
+    best = planner.recommend(estimates, kept)
+    assert best.fits and best.layout.data_parallel == 128 // (split[0] * split[1])
+    main = load_cli()
+    args = ["--model", "qwen2.5-math-72b", "--gpus", "128", "--global-batch", "256", "--format", "overrides"]
+    assert main([*args, "--model-parallel", f"{split[0]},{split[1]},{split[2] or 1}"]) == 0
+    assert f"parallel.virtual_pipeline_parallel={split[2] or 'none'}" in capsys.readouterr().out.split()
+    with pytest.raises(planner.PlanError, match=f"on 24 GPUs with TP={split[0]}, PP={split[1]}, VPP={split[2] or 1} "
+                                                r"\(required: the checkpoint's optimizer state fits only that split\)"):
+        planner.plan(dataclasses.replace(kept, gpus=24))
+
+
 def test_cli_overrides_select_the_recommended_layout_in_a_recipe(capsys):
     from acemath_mcore.recipes import apply_overrides, get_recipe
 

@@ -171,15 +171,15 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
 def _resume_layout_problems(config: TrainConfig, checkpoint: Path) -> List[str]:
     """A resume whose optimizer state was saved for another model-parallel layout (the trainer would refuse it
     after building the model on every GPU)."""
-    from acemath_mcore.training.checkpoint_dirs import LAYOUT_BOUND_FORMAT, layout_bound_problem, read_optimizer_layout
+    from acemath_mcore.training.checkpoint_dirs import bound_model_parallel, layout_bound_problem
 
-    if checkpoint.parent != Path(config.checkpoint.save_dir or "") or not config.optim.use_distributed_optimizer:
-        return []  # a weights-only start, or no distributed-optimizer state to load
-    record = read_optimizer_layout(checkpoint)
-    if record is None or not record["distributed_optimizer"] or record["optimizer_format"] != LAYOUT_BOUND_FORMAT:
+    if checkpoint.parent != Path(config.checkpoint.save_dir or ""):
+        return []  # a weights-only start
+    bound = bound_model_parallel(checkpoint, config.optim.use_distributed_optimizer)
+    if bound is None:
         return []
     parallel = config.parallel
-    problem = layout_bound_problem(checkpoint, record["layout"], {
+    problem = layout_bound_problem(checkpoint, bound, {
         "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel,
         "virtual_pipeline": parallel.virtual_pipeline_parallel or 1})
     return [f"parallel: {problem}"] if problem else []

@@ -47,6 +47,16 @@ def read_optimizer_layout(checkpoint: Path) -> Optional[Dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def bound_model_parallel(checkpoint: Path, distributed_optimizer: bool) -> Optional[Dict[str, int]]:
+    """The TP/PP/VPP (MODEL_PARALLEL_KEYS) a resume of ``checkpoint`` must keep: that of its dp_reshardable
+    optimizer state, when it has such state and the run (``distributed_optimizer``) will load it; else None."""
+    record = read_optimizer_layout(checkpoint)
+    if (not distributed_optimizer or record is None or not record["distributed_optimizer"]
+            or record["optimizer_format"] != LAYOUT_BOUND_FORMAT):
+        return None
+    return {key: record["layout"].get(key, 1) for key in MODEL_PARALLEL_KEYS}
+
+
 def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[str, int]) -> Optional[str]:
     """Why ``checkpoint``'s dp_reshardable optimizer state cannot resume at ``current``, with the ways out; None
     when the model-parallel layout is the saved one (entries a record lacks count as unchanged)."""

@@ -124,6 +124,28 @@ def test_preflight_accepts_upstream_and_resume(preflight, tmp_path, capsys):
                                     "--micro-batch", "2"]
 
 
+def test_preflight_keeps_a_resumed_dp_reshardable_layout_or_reports_it(preflight, tmp_path, capsys):
+    """The checkpoint's optimizer state was saved at TP=1: a configured TP=2 is an error, except where the Slurm
+    planner picks the layout at job start, which is then told to keep TP=1 (and the check runs on that layout)."""
+    from acemath_mcore.training.checkpoint_dirs import write_optimizer_layout
+
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        (tmp_path / f"data{suffix}").write_bytes(b"")
+    checkpoint = tmp_path / "c" / "iter_0000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "metadata.json").write_text("{}")
+    (tmp_path / "c" / "latest").write_text("iter_0000005")
+    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
+                                        "data_parallel": 8}, "dp_reshardable", distributed_optimizer=True)
+    stage = ["--stage", "sft:tiny_sft", f"data.prefixes=[{tmp_path}/data]", f"checkpoint.save_dir={tmp_path}/c",
+             "optim.use_distributed_optimizer=true", "parallel.tensor_parallel=2"]
+    assert preflight.main(stage) == 2
+    assert (f"preflight: error: tiny_sft (sft): OVERRIDES: parallel: {checkpoint} holds its optimizer state in the "
+            "dp_reshardable format") in capsys.readouterr().err
+    assert preflight.main(["--planner-args", *stage]) == 0
+    assert capsys.readouterr().out.split()[-2:] == ["--model-parallel", "1,1,1"]
+
+
 def _submit_dry_run(tmp_path, stage, **env):
     import os
 
