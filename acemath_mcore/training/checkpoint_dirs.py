@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
 
@@ -57,10 +57,16 @@ def bound_model_parallel(checkpoint: Path, distributed_optimizer: bool) -> Optio
     return {key: record["layout"].get(key, 1) for key in MODEL_PARALLEL_KEYS}
 
 
+def same_layout(saved: Dict[str, int], current: Dict[str, int], keys: Iterable[str] = ()) -> bool:
+    """Whether ``saved`` is ``current`` in ``keys`` (default: all of current's); entries that older checkpoints
+    lack count as unchanged."""
+    return all(saved.get(key, current[key]) == current[key] for key in (keys or current))
+
+
 def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[str, int]) -> Optional[str]:
     """Why ``checkpoint``'s dp_reshardable optimizer state cannot resume at ``current``, with the ways out; None
-    when the model-parallel layout is the saved one (entries a record lacks count as unchanged)."""
-    if all(saved.get(key, current[key]) == current[key] for key in MODEL_PARALLEL_KEYS):
+    when the model-parallel layout is the saved one."""
+    if same_layout(saved, current, MODEL_PARALLEL_KEYS):
         return None
     return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, which resumes only at the "
             "layout that saved it: " + ", ".join(f"{key} {saved.get(key, current[key])}" for key in MODEL_PARALLEL_KEYS)

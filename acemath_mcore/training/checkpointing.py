@@ -38,7 +38,6 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import (
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from acemath_mcore.models.weights import unwrap_model
-from acemath_mcore.options import OPTIMIZER_CHECKPOINT_FORMATS
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.training.checkpoint_dirs import (
     FREE_LAYOUT_FORMAT,
@@ -49,6 +48,7 @@ from acemath_mcore.training.checkpoint_dirs import (
     fresh_start,
     iteration_dir,
     layout_bound_problem,
+    same_layout,
     write_optimizer_layout,
 )
 
@@ -61,9 +61,6 @@ logger = logging.getLogger("acemath_mcore")
 
 def _sharding_metadata(optimizer_format: str = FREE_LAYOUT_FORMAT) -> Dict[str, Any]:
     """A fresh dict per call: megatron caches process groups inside it, which would go stale across layouts."""
-    if optimizer_format not in OPTIMIZER_CHECKPOINT_FORMATS:
-        raise ValueError(f"unknown optimizer checkpoint format {optimizer_format!r}; choose one of "
-                         f"{', '.join(OPTIMIZER_CHECKPOINT_FORMATS)}")
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
@@ -131,11 +128,6 @@ def _layout() -> Dict[str, int]:
     }
 
 
-def _same_layout(saved: Dict[str, int], current: Dict[str, int]) -> bool:
-    """Whether the saved layout is the current one; entries older checkpoints lack count as unchanged."""
-    return all(saved.get(key, value) == value for key, value in current.items())
-
-
 def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, scheduler,
                     train_state: Dict[str, Any], keep_last: int = 2,
                     optimizer_format: str = LAYOUT_BOUND_FORMAT, fully_parallel: bool = True) -> Path:
@@ -152,12 +144,13 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     state = model_sharded_state_dict(model_chunks)
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_sharding_metadata(optimizer_format))
     state["scheduler"] = scheduler.state_dict()
-    state["train_state"] = dict(train_state, step=step, layout=_layout(), optimizer_format=optimizer_format)
+    layout = _layout()
+    state["train_state"] = dict(train_state, step=step, layout=layout, optimizer_format=optimizer_format)
     state["rng_state"] = _rng_sharded_object()
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel))
     torch.distributed.barrier()
     if rank == 0:
-        write_optimizer_layout(partial, _layout(), optimizer_format, _uses_distributed_optimizer(optimizer))
+        write_optimizer_layout(partial, layout, optimizer_format, _uses_distributed_optimizer(optimizer))
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -213,7 +206,7 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
         problem = layout_bound_problem(checkpoint, saved_layout, layout)
         if problem:
             raise ValueError(problem)
-    same_layout = _same_layout(saved_layout, layout)
+    unchanged = same_layout(saved_layout, layout)
     state = model_sharded_state_dict(model_chunks)
     configured_groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     with _reloadable_torch_adam_state(optimizer):
@@ -221,7 +214,7 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
                                                           metadata=_sharding_metadata(optimizer_format))
         if bucket_state:
             _check_bucket_shapes(checkpoint, state["optimizer"])
-        if same_layout:
+        if unchanged:
             state["rng_state"] = _rng_sharded_object()
         loaded = dist_checkpointing.load(state, str(checkpoint), sharded_strategy=_load_strategy(checkpoint, fully_parallel),
                                          strict=StrictHandling.ASSUME_OK_UNEXPECTED)
@@ -231,7 +224,7 @@ def load_checkpoint(checkpoint: Path, model_chunks, optimizer, scheduler, fully_
     _keep_configured_hyperparameters(checkpoint, optimizer, configured_groups, loaded["scheduler"],
                                      scheduler.state_dict())
     scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
+    if unchanged:
         _restore_rng(loaded["rng_state"])
     else:
         logger.info("resuming %s at a different layout (%s -> %s): RNG streams restart", checkpoint,
