@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The slurm/ templates on a real single-node Slurm (Debian's packages) with the tiny recipes on CPU, 2 tasks each:
-#   1. sbatch slurm/sft_stage1.sh (DP=2) is sent SIGUSR1 mid-run: it checkpoints, exits 75, requeues itself and
-#      finishes from that checkpoint; the loss falls over the whole run;
+#   1. sbatch slurm/sft_stage1.sh (DP=2, 2 loader workers per rank, a checkpoint every 2 steps) is sent SIGTERM
+#      mid-run, as a scheduler's preemption sends it to every process of the step: it checkpoints, exits 75,
+#      requeues itself and finishes from that checkpoint; the loss falls over the whole run;
 #   2. slurm/submit.sh rm_7b (--dependency=afterok on 1, INIT_FROM = 1's checkpoints, USE_PLANNER=1 and TP=2 on top)
 #      waits through the requeue, then trains the RM from the SFT weights; the loss falls;
 #   3. a missing path: submit.sh refuses before sbatch; a job submitted anyway fails at start with status 2;
@@ -189,9 +190,11 @@ bad=$(RECIPE=tiny_rm DATA=../data/missing sbatch --parsable --gpus-per-node=0 --
   --cpus-per-task=1 --time=5 "$REPO/slurm/rm_7b.sh")
 JOBS+=("$bad")
 
-# 1. SFT, DP=2, direct sbatch of the template; it is sent SIGUSR1 once training steps are logged.
+# 1. SFT, DP=2, direct sbatch of the template; it is sent SIGTERM once training steps are logged. The periodic
+# checkpoint before it starts megatron's writer-queue process, and the loader has worker processes: Slurm signals
+# those too, and neither may die of it (before, the preemption checkpoint failed with BrokenPipeError).
 sft=$(RECIPE=tiny_sft DATA=../data/sft CKPT_DIR=ckpt/sft INIT_FROM=none \
-  OVERRIDES="train_steps=$SFT_STEPS data.seq_length=256 global_batch_size=8 micro_batch_size=2 logging.output_dir=$WORK/runs" \
+  OVERRIDES="train_steps=$SFT_STEPS data.seq_length=256 global_batch_size=8 micro_batch_size=2 checkpoint.save_interval=2 data.num_workers=2 logging.output_dir=$WORK/runs" \
   sbatch --parsable "${cpu[@]}" "$REPO/slurm/sft_stage1.sh")
 JOBS+=("$sft")
 sft_log=$WORK/jobs/acemath-sft-stage1-$sft.out
@@ -231,12 +234,12 @@ grep -q "DATA: data.prefixes: prefix $WORK/data/missing is missing" "$bad_log" |
 say "job $bad failed at start: FAILED, exit 2 (not requeued), log names DATA"
 
 wait_for_line "$sft_log" 240 'step +3/'
-scancel --signal=USR1 "$sft"
-say "SFT job $sft: sent SIGUSR1 after '$(grep -oE 'step +[0-9]+/[0-9]+' "$sft_log" | tail -n1)'"
+scancel --signal=TERM "$sft"
+say "SFT job $sft: sent SIGTERM after '$(grep -oE 'step +[0-9]+/[0-9]+' "$sft_log" | tail -n1)'"
 wait_for_line "$sft_log" 120 'requeued \(restart 1\)'
 saved=$(grep -oE 'saved .*iter_[0-9]+' "$sft_log" | tail -n1 | grep -oE '[0-9]+$')
-grep -q "received signal 10" "$sft_log" || fail "the trainer did not log SIGUSR1"
-[[ -n $saved ]] || fail "no checkpoint was saved after SIGUSR1"
+grep -q "received signal 15" "$sft_log" || fail "the trainer did not log SIGTERM"
+[[ -n $saved ]] || fail "no checkpoint was saved after SIGTERM"
 ((10#$saved >= 3 && 10#$saved < SFT_STEPS)) || fail "preemption checkpoint at step $saved"
 wait_for "$sft" 60 PENDING
 [[ $(job_field "$sft" Restarts) == 1 ]] || fail "job $sft: Restarts=$(job_field "$sft" Restarts), expected 1"

@@ -137,3 +137,35 @@ def test_padded_dataloader_contract(prefixes):
 def test_documents_longer_than_seq_length_are_an_error(prefixes):
     with pytest.raises(ValueError, match="longer than seq_length 16"):
         build_sft_dataset(prefixes, seq_length=16)
+
+
+LOADER_WORKERS_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+from acemath_mcore.data.datasets import batch_loader
+
+loader = iter(batch_loader(list(range(100)), [[i] for i in range(100)], lambda rows: rows, num_workers=2))
+workers = multiprocessing.active_children()
+for worker in workers:  # as Slurm signals every process of a job step, here while the workers still start
+    os.kill(worker.pid, signal.SIGTERM)
+first = next(loader)
+for worker in workers:  # and once they run
+    os.kill(worker.pid, signal.SIGTERM)
+time.sleep(0.5)
+rest = [next(loader) for _ in range(5)]  # a worker that died would make this raise
+print(len(workers), first + [row for batch in rest for row in batch], flush=True)
+sys.exit(3)  # with the iterator, and so the workers, still alive
+"""
+
+
+def test_loader_workers_leave_sigterm_to_the_trainer_and_never_hold_up_the_exit(tmp_path):
+    """A worker with torch's SIGTERM handler dies of Slurm's preemption signal and the trainer then fails mid-step;
+    a worker that ignores SIGTERM would hang the exit (multiprocessing stops leftover daemonic children with
+    SIGTERM, then waits for them) unless it is killed first."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "loader.py"
+    script.write_text(LOADER_WORKERS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert done.stdout.split() == ["2", "[0,", "1,", "2,", "3,", "4,", "5]"]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -55,21 +56,26 @@ def _losses(summary):
 
 
 @contextlib.contextmanager
-def preempted_after(step, rank):
-    """Rank 0 alone receives SIGUSR1 after ``step``; every rank must then checkpoint and stop."""
+def preempted_after(step, rank, sig=signal.SIGUSR1, children_too=False):
+    """Rank 0 alone receives ``sig`` after ``step`` (``children_too``: its child processes as well, as Slurm
+    signals every process of a job step); every rank must then checkpoint and stop. Yields the names of the
+    child processes signalled."""
     from acemath_mcore.training.engine import Engine
 
-    original_step = Engine.train_step
+    original_step, signalled = Engine.train_step, []
 
     def step_then_signal(self, *args, **kwargs):
         metrics = original_step(self, *args, **kwargs)
         if self.step == step and rank == 0:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            for child in multiprocessing.active_children() if children_too else ():
+                os.kill(child.pid, sig)
+                signalled.append(child.name)
+            os.kill(os.getpid(), sig)
         return metrics
 
     Engine.train_step = step_then_signal
     try:
-        yield
+        yield signalled
     finally:
         Engine.train_step = original_step
 
@@ -92,6 +98,31 @@ def slow_summary_on_rank0(rank, seconds):
         yield finished_at
     finally:
         MetricsLogger.finish = original_finish
+
+
+@contextlib.contextmanager
+def signalled_while_the_data_is_built(rank):
+    """Rank 0 receives SIGUSR1 while its training set is being built, before the ranks meet."""
+    from acemath_mcore.data import datasets
+
+    original_build = datasets.build_sft_dataset
+
+    def signal_then_build(*args, **kwargs):
+        if rank == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original_build(*args, **kwargs)
+
+    datasets.build_sft_dataset = signal_then_build
+    try:
+        yield
+    finally:
+        datasets.build_sft_dataset = original_build
+
+
+def _default_signal_handlers():
+    """A preempted run returns with SIGTERM and SIGUSR1 ignored; this worker goes on training."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
 
 
 class _WarningRecorder(logging.Handler):
@@ -134,8 +165,21 @@ def _trainer_runs(rank, world_size, prefix, root):
                             "checkpoint": preempted["checkpoint"], "returned_at": time.monotonic(),
                             "summary_done_at": summary_done_at,
                             "handlers": [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)]}
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # this worker goes on training: back to the defaults
-        signal.signal(sig, signal.SIG_DFL)
+    _default_signal_handlers()
+    release_model_parallel()
+    # SIGTERM as a scheduler's preemption sends it: to every process of the step, the loader's workers included.
+    with preempted_after(2, rank, signal.SIGTERM, children_too=True) as signalled:
+        with_workers = train_sft(_config(prefix, f"{root}/workers", f"{root}/runs", STEPS,
+                                         extra=["data.num_workers=2"]))
+    results["preempted_with_loader_workers"] = {key: with_workers[key] for key in ("exit_code", "steps", "checkpoint")}
+    results["children"] = {"signalled": sorted(signalled),
+                           "left": sorted(child.name for child in multiprocessing.active_children())}
+    _default_signal_handlers()
+    release_model_parallel()
+    with signalled_while_the_data_is_built(rank):
+        early = train_sft(_config(prefix, f"{root}/early", f"{root}/runs", STEPS))
+    results["preempted_during_setup"] = {key: early[key] for key in ("exit_code", "steps", "checkpoint")}
+    _default_signal_handlers()
     release_model_parallel()
     if rank == 0:
         shutil.copytree(f"{root}/b", f"{root}/d")
@@ -243,6 +287,26 @@ def test_preemption_checkpoints_and_exits_with_distinct_code(trainer_results):
     assert preempted["exit_code"] == EXIT_PREEMPTED
     assert preempted["steps"] == 3
     assert preempted["checkpoint"].endswith("iter_0000003")
+
+
+def test_preemption_by_sigterm_to_every_process_with_loader_workers(trainer_results):
+    """A scheduler's SIGTERM reaches the loader's worker processes and megatron's checkpoint-queue process too:
+    they must leave it to the trainer, which checkpoints and then shuts the workers down (before, the workers died
+    and the step failed: "DataLoader worker exited unexpectedly"; the queue process died and the checkpoint failed
+    with BrokenPipeError)."""
+    preempted = trainer_results["preempted_with_loader_workers"]
+    assert (preempted["exit_code"], preempted["steps"]) == (75, 2)
+    assert preempted["checkpoint"].endswith("iter_0000002")
+    signalled, left = trainer_results["children"]["signalled"], trainer_results["children"]["left"]
+    queue_process = [name for name in signalled if name.startswith("SyncManager")]  # started at the first save
+    assert len(signalled) == len(queue_process) + 2, signalled  # and rank 0's two loader workers
+    assert queue_process and left == queue_process  # survived the signal; the workers were shut down
+
+
+def test_a_signal_while_the_data_is_built_stops_the_run_before_training(trainer_results):
+    """The handler is in place before the data is read and packed (minutes for a large blend): the run exits 75
+    without a step, leaving the latest checkpoint as it was (before, the default action killed the process)."""
+    assert trainer_results["preempted_during_setup"] == {"exit_code": 75, "steps": 0, "checkpoint": None}
 
 
 def test_preempted_run_returns_ignoring_the_kill_of_its_peers(trainer_results):

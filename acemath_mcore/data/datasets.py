@@ -7,14 +7,18 @@ indices without communication and a restart rebuilds them bit for bit.
 
 from __future__ import annotations
 
+import atexit
 import functools
-from typing import Iterator, Optional, Sequence
+import multiprocessing
+import signal
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
 from acemath_mcore.data.indexed import SFTIndexedDataset
 from acemath_mcore.data.packing import Document, best_fit_decreasing, collate_packed, collate_padded, fill_ratio
+from acemath_mcore.runtime.distributed import STOP_SIGNALS
 
 
 def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
@@ -176,4 +180,49 @@ def build_sft_dataloader(dataset: PackedSFTDataset | PaddedSFTDataset, pad_id: i
         collate = functools.partial(collate_packed, pad_id=pad_id, total_length=micro_batch_size * dataset.seq_length)
     else:
         collate = functools.partial(collate_padded, pad_id=pad_id, seq_length=dataset.seq_length)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return batch_loader(dataset, sampler, collate, num_workers)
+
+
+def batch_loader(dataset, batch_sampler, collate: Callable, num_workers: int) -> torch.utils.data.DataLoader:
+    """The DataLoader of the SFT and RM trainers. Its worker processes ignore the signals the trainer answers
+    (runtime.STOP_SIGNALS), which Slurm sends every process of the job step: a worker left with torch's SIGTERM
+    handler died of a preemption, and the trainer raised "DataLoader worker exited unexpectedly" in the middle of
+    a step instead of checkpointing. The trainer shuts its workers down itself when it returns."""
+    if num_workers:
+        _kill_leftover_workers_at_exit()
+    return _StopSignalDeafLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
+                                 worker_init_fn=_leave_signals_to_the_trainer if num_workers else None)
+
+
+class _StopSignalDeafLoader(torch.utils.data.DataLoader):
+    """Starts its workers with the stop signals blocked (a forked worker inherits the mask), so one that arrives
+    before a worker has run its ``worker_init_fn`` waits, and is then ignored, instead of killing it (measured:
+    10 of 10 loaders lost their workers to a SIGTERM sent right after ``iter`` without this, none with it). The
+    ``worker_init_fn`` still matters where workers are not forked from here (Python 3.14's forkserver default)."""
+
+    def _get_iterator(self):
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@functools.cache
+def _kill_leftover_workers_at_exit() -> None:
+    """multiprocessing stops the daemonic children still alive at exit (a loader whose iterator a traceback
+    keeps) with SIGTERM and then waits for them: a loader worker ignores SIGTERM, so the exit would hang. This
+    hook, registered after multiprocessing's, runs before it and kills them."""
+    atexit.register(_kill_daemonic_children)
+
+
+def _kill_daemonic_children() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join()

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
-from acemath_mcore.data.datasets import ResumableDistributedSampler
+from acemath_mcore.data.datasets import ResumableDistributedSampler, batch_loader
 from acemath_mcore.data.indexed import RMIndexedDataset, RMIndexedWriter
 from acemath_mcore.data.jsonl import DataError, Reason, iter_line_chunks, parse_json_line, validate_messages
 from acemath_mcore.data.packing import best_fit_decreasing, collate_packed, collate_padded
@@ -425,7 +425,7 @@ def rm_dataloader(dataset: RMGroupDataset | PackedRMDataset, pad_id: int, global
         collate = functools.partial(collate_rm_padded, pad_id=pad_id, seq_length=seq_length, num_rows=num_rows)
     sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                           seed, consumed_samples)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers)
+    return batch_loader(dataset, sampler, collate, num_workers)
 
 
 def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,

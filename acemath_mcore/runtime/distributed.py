@@ -84,6 +84,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+# What Slurm sends every process of a job step to stop it with time to spare: SIGUSR1 before the time limit
+# (``--signal``, ``scancel --signal=USR1``), SIGTERM at a preemption. The trainer answers them (checkpoint, exit 75);
+# its helper processes must not die of them.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def install_stack_dumps() -> None:
     """Every thread's Python stack to stderr when the process crashes (SIGSEGV, or SIGABRT from NCCL's watchdog
     after a collective timed out) and on SIGUSR2 (``scancel --signal=USR2 <job>``: where is each rank now?).

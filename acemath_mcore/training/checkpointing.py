@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import multiprocessing
+import multiprocessing.managers
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -39,6 +42,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from acemath_mcore.models.weights import unwrap_model
 from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime.distributed import STOP_SIGNALS
 from acemath_mcore.training.checkpoint_dirs import (
     FREE_LAYOUT_FORMAT,
     LATEST,
@@ -147,6 +151,7 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     layout = _layout()
     state["train_state"] = dict(train_state, step=step, layout=layout, optimizer_format=optimizer_format)
     state["rng_state"] = _rng_sharded_object()
+    _writer_queue_deaf_to_stop_signals()
     dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel))
     torch.distributed.barrier()
     if rank == 0:
@@ -160,6 +165,19 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
         _remove_old(Path(save_dir), keep_last, step)
     torch.distributed.barrier()
     return final
+
+
+def _writer_queue_deaf_to_stop_signals() -> None:
+    """megatron's checkpoint writers report through a queue served by a spawned multiprocessing manager, started
+    at the first save and kept for the job. Slurm signals every process of the step (runtime.STOP_SIGNALS): that
+    manager, with default signal handling, died of the signal and the checkpoint the signal asked for failed
+    (BrokenPipeError). Created here instead, the manager blocks those signals."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is None:  # megatron 0.16 - 0.19 keep it there
+        manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK, STOP_SIGNALS))
+        filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager running
 
 
 def _finish_param_gather(model_chunks) -> None:

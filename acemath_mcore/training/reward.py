@@ -38,7 +38,7 @@ from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.rm_losses import RM_LOSSES, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
-from acemath_mcore.training.trainer import TrainingData, run
+from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -126,11 +126,12 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
 
 def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
     """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
-    check_config(config, "rm", arch)
-    task = RewardTask(config.reward.loss, seed=config.seed)
-    validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
-    return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,
-               validation=validation)
+    with preemption_requests() as preemption:
+        check_config(config, "rm", arch)
+        task = RewardTask(config.reward.loss, seed=config.seed)
+        validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
+        return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,
+                   validation=validation, preemption=preemption)
 
 
 # ---------------------------------------------------------------------------------------------------------------

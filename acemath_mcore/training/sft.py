@@ -10,7 +10,7 @@ from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.training.engine import Batch
 from acemath_mcore.training.losses import masked_token_loss
-from acemath_mcore.training.trainer import TrainingData, run
+from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
 
 class SFTTask:
@@ -59,6 +59,7 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
 
 
 def train_sft(config: TrainConfig) -> Dict:
-    check_config(config, "sft")
-    validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
-    return run(config, SFTTask(), sft_training_data(config), validation=validation)
+    with preemption_requests() as preemption:
+        check_config(config, "sft")
+        validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
+        return run(config, SFTTask(), sft_training_data(config), validation=validation, preemption=preemption)

@@ -7,6 +7,7 @@ distributed set-up, resume or weights-only initialisation, the step loop, loggin
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,8 +34,9 @@ from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import build_model_chunk
 from acemath_mcore.models.specs import resolve_spec_name
 from acemath_mcore.recipes.config import TrainConfig
-from acemath_mcore.runtime import init_distributed
 from acemath_mcore.runtime import device as device_lib
+from acemath_mcore.runtime import init_distributed
+from acemath_mcore.runtime.distributed import STOP_SIGNALS
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, Engine, Task
 from acemath_mcore.training.flops import training_flops
@@ -59,13 +61,15 @@ class TrainingData:
     description: str = ""
 
 
-class _PreemptionFlag:
-    """SIGTERM / SIGUSR1 (Slurm's warning before time-out or preemption) request a checkpoint and a clean exit."""
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (Slurm's warning before time-out or preemption) request a checkpoint and a clean exit.
+    A stage's entry point creates it before it builds anything (:func:`preemption_requests`): a signal that
+    arrives while the data is read and packed, or while the ranks meet, is answered too, not fatal."""
 
     def __init__(self):
         self.requested = False
         self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -88,6 +92,18 @@ class _PreemptionFlag:
         job would not requeue); Slurm's SIGKILL still ends one that takes longer than its ``KillWait``."""
         for sig in self.previous:
             signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def preemption_requests() -> Iterator[PreemptionFlag]:
+    """A stage's preemption flag, from before its set-up (config checks, datasets) to :func:`run`, which takes it
+    over; the handlers are put back if the set-up fails."""
+    flag = PreemptionFlag()
+    try:
+        yield flag
+    except BaseException:
+        flag.restore()
+        raise
 
 
 class _IntervalWork:
@@ -153,11 +169,23 @@ def check_batch_arithmetic(config: TrainConfig, dp_size: int) -> int:
 
 
 def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch] = None,
-        model_chunk_builder: Callable = build_model_chunk, validation: Optional[TrainingData] = None) -> Dict:
+        model_chunk_builder: Callable = build_model_chunk, validation: Optional[TrainingData] = None,
+        preemption: Optional[PreemptionFlag] = None) -> Dict:
     """Train one stage; returns the summary (also written to ``<output_dir>/<name>/summary.json``).
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass);
-    ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end.
+    ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end;
+    ``preemption``, the flag the entry point installed before building the data (else one is installed here).
     A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now."""
+    preemption = preemption or PreemptionFlag()
+    try:
+        return _run(config, task, data, arch, model_chunk_builder, validation, preemption)
+    except BaseException:
+        preemption.restore()
+        raise
+
+
+def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch],
+         model_chunk_builder: Callable, validation: Optional[TrainingData], preemption: PreemptionFlag) -> Dict:
     launch = init_distributed(config.parallel, seed=config.seed)
     setup_console_logging(launch.rank)
     arch = arch or resolve_arch(config.model)
@@ -178,31 +206,29 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
 
-    # Installed before the slow set-up: a USR1 that arrives while the model builds still gets its checkpoint.
-    preemption = _PreemptionFlag()
-    try:
-        engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
-                        model_chunk_builder=model_chunk_builder)
-        options = config.model_options
-        logger.info("model %s: %s layer spec, %s%s%s", config.model, resolve_spec_name(options.spec),
-                    "bf16" if options.bf16 else "fp32", f", FP8 {options.fp8_recipe}" if options.fp8 else "",
-                    f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
-        resumed = _initialise(config, engine, data_order)
-        start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
-        loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
-        metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
-                                       launch.rank, config.logging.wandb_project, config.logging.wandb_mode,
-                                       wandb_run=config.logging.wandb_run, start_step=start_step)
-    except BaseException:
-        preemption.restore()
-        raise
+    engine = Engine(arch, config.parallel, config.model_options, config.optim, train_steps=steps,
+                    model_chunk_builder=model_chunk_builder)
+    options = config.model_options
+    logger.info("model %s: %s layer spec, %s%s%s", config.model, resolve_spec_name(options.spec),
+                "bf16" if options.bf16 else "fp32", f", FP8 {options.fp8_recipe}" if options.fp8 else "",
+                f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
+    resumed = _initialise(config, engine, data_order)
+    start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
+    metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
+                                   launch.rank, config.logging.wandb_project, config.logging.wandb_mode,
+                                   wandb_run=config.logging.wandb_run, start_step=start_step)
     peak = device_lib.bf16_peak_flops()
     step, exit_code, metrics, unlogged, work = start_step, 0, {}, IntervalMetrics(), _IntervalWork()
     # The stage's losses, carried through checkpoints so a resumed (or re-run, finished) stage reports them too.
     first_loss, final_loss = resumed.get("first_loss"), resumed.get("final_loss")
     started = time.perf_counter()
+    # Closed when the loop ends, however it ends: its worker processes exit with it (data/datasets.batch_loader).
+    loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
     try:
-        while step < steps:
+        if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
+            logger.warning("preemption requested before the first step: exiting without training")
+            exit_code = EXIT_PREEMPTED
+        while exit_code == 0 and step < steps:
             step_start = time.perf_counter()
             micro_batches = [next(loader) for _ in range(micro_batches_per_step)]
             data_seconds = time.perf_counter() - step_start
@@ -251,6 +277,7 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
             metrics_logger.log_step(step, unlogged.reduce())
         raise
     finally:
+        loader.close()
         if exit_code == EXIT_PREEMPTED:
             preemption.ignore_until_exit()
         else:
@@ -333,7 +360,10 @@ def _validate(engine: Engine, task: Task, validation: TrainingData, global_batch
     """One pass over the first ``global_batches`` global batches of the held-out data (the same ones every time)."""
     loader = within_vocabulary(validation.make_loader(0, dp_rank, dp_size), vocab_rows)
     batches = ([next(loader) for _ in range(micro_batches)] for _ in range(global_batches))
-    return {f"valid_{name}": value for name, value in engine.evaluate(task, batches).items()}
+    try:
+        return {f"valid_{name}": value for name, value in engine.evaluate(task, batches).items()}
+    finally:
+        loader.close()
 
 
 def within_vocabulary(loader: Iterator[Batch], vocab_rows: int) -> Iterator[Batch]:
