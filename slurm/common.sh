@@ -172,10 +172,15 @@ acemath_rendezvous() {
   local -a hosts
   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
   export MASTER_ADDR=${hosts[0]}
-  # Derived from the job id: two jobs sharing a node do not collide, and a requeued job gets the same port.
-  export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+  # Derived from the job id: two jobs sharing a node do not collide, and a requeued job gets the same port. Kept
+  # below Linux's ephemeral ports (32768-60999), which another socket may hold (the same as read_launch_env).
+  export MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
   # Torch's thread pools default to every core of the node; one task gets only its share.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  # One hardware work queue per GPU, the environment megatron-core is written for: its tensor-parallel
+  # (sequence-parallel) layers and its grad-reduce bucketing count on kernels starting in launch order to overlap
+  # communication with compute, and it warns on every rank without it (needed before Blackwell; not measured here).
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 }
 
 # --kill-on-bad-exit: a rank that dies (error, segfault, OOM kill) ends the step (SIGTERM, then SIGKILL after

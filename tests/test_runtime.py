@@ -26,7 +26,18 @@ def test_slurm_environment():
     launch = read_launch_env(env)
     assert (launch.rank, launch.world_size, launch.local_rank) == (13, 16, 5)
     assert launch.master_addr == "gpu-h100-007"
-    assert launch.master_port == 20000 + 123456 % 20000
+    assert launch.master_port == 10000 + 123456 % 20000
+
+
+def test_slurm_job_ports_stay_below_the_ephemeral_range():
+    """Linux hands out 32768-60999 to outgoing connections: a rendezvous port there may be held by another socket
+    on the first node (the old 20000 + job id % 20000 landed there for 36% of job ids)."""
+    from acemath_mcore.runtime import read_launch_env
+
+    ports = {read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": str(job),
+                              "SLURM_NODELIST": "n1"}).master_port for job in range(40_000)}
+    assert min(ports) >= 1024 and max(ports) < 32768
+    assert len(ports) == 20000  # jobs sharing a node still get different ports
 
 
 def test_a_batch_script_outside_srun_runs_one_process(caplog):

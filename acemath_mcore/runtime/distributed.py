@@ -66,8 +66,9 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             world_size=int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"])),
             local_rank=int(environ.get("SLURM_LOCALID", "0")),
             master_addr=environ.get("MASTER_ADDR") or first_slurm_host(environ.get("SLURM_NODELIST", "localhost")),
-            # A job-specific port lets several jobs share a node without colliding.
-            master_port=int(environ.get("MASTER_PORT", str(20000 + job_id % 20000))),
+            # A job-specific port lets several jobs share a node without colliding; below Linux's ephemeral
+            # ports (32768-60999), one of which another socket may hold (the same as slurm/common.sh).
+            master_port=int(environ.get("MASTER_PORT", str(10000 + job_id % 20000))),
         )
     if not in_step and int(environ.get("SLURM_NTASKS", "1")) > 1:
         logger.warning("running as one process: this is a Slurm job's batch script, not a step of its "

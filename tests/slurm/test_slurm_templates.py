@@ -183,6 +183,29 @@ def test_a_pipeline_sub_chain_starts_from_the_previous_stage_by_default(tmp_path
     assert starts == [str(tmp_path / f"qwen2.5-math-7b-{name}") for name in expected]
 
 
+@pytest.mark.parametrize("job_id", ["7", "123456", "2999999"])
+def test_rendezvous_port_is_the_one_python_derives(tmp_path, job_id):
+    """The batch script exports MASTER_PORT for srun's tasks; a task started without it derives the same one. It
+    also gives megatron-core its one-queue-per-GPU launch order."""
+    import os
+
+    from acemath_mcore.runtime import read_launch_env
+
+    scontrol = tmp_path / "scontrol"  # `scontrol show hostnames` names the job's nodes
+    scontrol.write_text("#!/bin/sh\necho node1\n")
+    scontrol.chmod(0o755)
+    script = (f'source "{SLURM}/common.sh"; acemath_rendezvous; '
+              'echo "$MASTER_ADDR $MASTER_PORT $CUDA_DEVICE_MAX_CONNECTIONS"')
+    env = {key: value for key, value in os.environ.items() if key not in ("MASTER_PORT", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**env, "PATH": f"{tmp_path}:{env['PATH']}", "SLURM_JOB_ID": job_id,
+                               "SLURM_JOB_NODELIST": "node1", "REPO_DIR": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    python = read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_JOB_ID": job_id,
+                              "SLURM_NODELIST": "node1"})
+    assert done.stdout.split() == ["node1", str(python.master_port), "1"]
+
+
 @pytest.mark.parametrize("env, bf16", [({}, True), ({"EVAL_ARGS": "--top-k 20"}, True), ({"EVAL_BF16": "0"}, False)])
 def test_eval_extra_arguments_do_not_change_the_precision(env, bf16):
     import os
