@@ -854,3 +854,28 @@ def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monke
         ("log", 2, {"lm_loss": 1.5, "lr": 0.5}),
         ("finish", {"final_loss": 1.5, "steps": 2}),
     ]
+
+
+def test_a_preemption_that_kills_wandbs_service_costs_only_wandb(tmp_path, monkeypatch, caplog):
+    """Slurm's SIGTERM reaches wandb's service process (wandb-core) too; the next wandb call then raised
+    ConnectionResetError, which failed rank 0 before its preemption checkpoint. The real wandb, offline."""
+    import psutil
+
+    from acemath_mcore.training.logging import MetricsLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics_logger = MetricsLogger("run", str(tmp_path), {"lr": 1.0}, total_steps=3, rank=0, wandb_project="p")
+    metrics_logger.log_step(1, {"lm_loss": 2.0})
+    services = [child for child in psutil.Process().children(recursive=True) if "wandb-core" in " ".join(child.cmdline())]
+    assert services, "no wandb service process to signal"
+    for service in services:
+        service.send_signal(signal.SIGTERM)
+    psutil.wait_procs(services, timeout=10)
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        metrics_logger.log_step(2, {"lm_loss": 1.5})
+        metrics_logger.log_step(3, {"lm_loss": 1.0})
+        metrics_logger.finish({"final_loss": 1.0, "steps": 3})
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_loss"] == 1.0
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == ["wandb failed"]

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -131,8 +131,8 @@ class MetricsLogger:
         logger.info(" | ".join(parts))
         if self.progress is not None:
             self.progress.update(step - self.progress.n)
-        if self.wandb is not None:
-            self.wandb.log({key: value for key, value in metrics.items() if key != "interval_steps"}, step=step)
+        self._to_wandb(lambda run: run.log({key: value for key, value in metrics.items() if key != "interval_steps"},
+                                           step=step))
 
     def finish(self, summary: Dict) -> Optional[Path]:
         if self.rank != 0:
@@ -142,8 +142,21 @@ class MetricsLogger:
         path = self.run_dir / "summary.json"
         path.write_text(json.dumps({**summary, "start_step": self.start_step, "history": self.history}, indent=2,
                                    default=str))
-        if self.wandb is not None:
-            self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
-            self.wandb.finish()
+        self._to_wandb(lambda run: run.summary.update({k: v for k, v in summary.items()
+                                                       if isinstance(v, (int, float, str))}))
+        self._to_wandb(lambda run: run.finish())
         logger.info("summary written to %s", path)
         return path
+
+    def _to_wandb(self, action: Callable) -> None:
+        """wandb is a copy of what metrics.jsonl holds: when it fails, it is dropped with a warning rather than
+        failing the run. A scheduler's preemption SIGTERMs every process of the job step, wandb's service process
+        too, whose next call then raises ConnectionResetError, before the preemption checkpoint is written."""
+        if self.wandb is None:
+            return
+        try:
+            action(self.wandb)
+        except Exception as error:  # any failure of the copy: the run goes on without it
+            logger.warning("wandb failed (%s: %s): logging to the console and %s only from here on",
+                           type(error).__name__, error, self.run_dir)
+            self.wandb = None
