@@ -191,10 +191,11 @@ bad=$(RECIPE=tiny_rm DATA=../data/missing sbatch --parsable --gpus-per-node=0 --
 JOBS+=("$bad")
 
 # 1. SFT, DP=2, direct sbatch of the template; it is sent SIGTERM once training steps are logged. The periodic
-# checkpoint before it starts megatron's writer-queue process, and the loader has worker processes: Slurm signals
-# those too, and neither may die of it (before, the preemption checkpoint failed with BrokenPipeError).
+# checkpoint before it starts megatron's writer-queue process, the loader has worker processes and rank 0 has
+# wandb's service (offline): Slurm signals those too, and the run must still checkpoint and requeue (before, the
+# preemption checkpoint failed with BrokenPipeError).
 sft=$(RECIPE=tiny_sft DATA=../data/sft CKPT_DIR=ckpt/sft INIT_FROM=none \
-  OVERRIDES="train_steps=$SFT_STEPS data.seq_length=256 global_batch_size=8 micro_batch_size=2 checkpoint.save_interval=2 data.num_workers=2 logging.output_dir=$WORK/runs" \
+  OVERRIDES="train_steps=$SFT_STEPS data.seq_length=256 global_batch_size=8 micro_batch_size=2 checkpoint.save_interval=2 data.num_workers=2 logging.wandb_project=ci logging.output_dir=$WORK/runs" \
   sbatch --parsable "${cpu[@]}" "$REPO/slurm/sft_stage1.sh")
 JOBS+=("$sft")
 sft_log=$WORK/jobs/acemath-sft-stage1-$sft.out
