@@ -281,7 +281,15 @@ acemath_eval_config() {
   local model=${MODEL:-$(acemath_model_for_size "$ACEMATH_SIZE")}
   local ckpt=${CKPT:-${CKPT_DIR:-$REPO_DIR/checkpoints/$model-math_sft}}  # math SFT's recipe save_dir
   ACEMATH_CKPT=$(acemath_abspath "$ckpt")
-  ACEMATH_EVAL_OUT=$(acemath_abspath "${EVAL_OUTPUT_DIR:-$REPO_DIR/eval/$(basename "$ACEMATH_CKPT")}")
+  local samples=${NUM_SAMPLES:-1} temperature=${TEMPERATURE:-0} top_p=${TOP_P:-1.0} max_new=${MAX_NEW_TOKENS:-2048}
+  # One folder per checkpoint and sampling settings: the harness regenerates results made with other settings,
+  # so a sampled run (rm@8) sharing the greedy run's folder deleted its results. iter_N dirs are named by their
+  # save dir too.
+  local label
+  label=$(basename "$ACEMATH_CKPT")
+  if [[ $label == iter_* ]]; then label="$(basename "$(dirname "$ACEMATH_CKPT")")-$label"; fi
+  label+="/n${samples}_t${temperature}_p${top_p}_len${max_new}"
+  ACEMATH_EVAL_OUT=$(acemath_abspath "${EVAL_OUTPUT_DIR:-$REPO_DIR/eval/$label}")
   ACEMATH_EVAL_DATA=$(acemath_abspath "${EVAL_DATA_DIR:-$REPO_DIR/../shared/data/eval}")
   ACEMATH_TOKENIZER=$(acemath_abspath "${TOKENIZER:-$REPO_DIR/../shared/tokenizers/qwen2}")
   local tp_default=2
@@ -294,8 +302,8 @@ acemath_eval_config() {
   if [[ -n ${MODEL:-} ]]; then model_args=(--model "$MODEL"); fi
   ACEMATH_EVAL_ARGS=(--backend megatron --checkpoint "$ACEMATH_CKPT" "${model_args[@]}"
     --tokenizer "$ACEMATH_TOKENIZER" --template "${TEMPLATE:-chatml}" --data-dir "$ACEMATH_EVAL_DATA"
-    --output-dir "$ACEMATH_EVAL_OUT" --num-samples "${NUM_SAMPLES:-1}" --temperature "${TEMPERATURE:-0}"
-    --top-p "${TOP_P:-1.0}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --tensor-parallel "${TP:-$tp_default}"
+    --output-dir "$ACEMATH_EVAL_OUT" --num-samples "$samples" --temperature "$temperature"
+    --top-p "$top_p" --max-new-tokens "$max_new" --tensor-parallel "${TP:-$tp_default}"
     "${precision[@]}" "${extra[@]}")
 }
 

@@ -206,6 +206,28 @@ def test_rendezvous_port_is_the_one_python_derives(tmp_path, job_id):
     assert done.stdout.split() == ["node1", str(python.master_port), "1"]
 
 
+def test_greedy_and_sampled_evaluations_of_a_checkpoint_get_their_own_folders():
+    """The harness regenerates (and so deletes) results made with other settings: the rm@8 run of a checkpoint
+    must not share the greedy run's default folder. An iter_N checkpoint is named with its save dir."""
+    import os
+
+    def output_dir(**env):
+        script = f'source "{SLURM}/common.sh"; acemath_eval_config; echo "$ACEMATH_EVAL_OUT"'
+        clean = {key: value for key, value in os.environ.items()
+                 if key not in ("NUM_SAMPLES", "TEMPERATURE", "TOP_P", "MAX_NEW_TOKENS", "EVAL_OUTPUT_DIR", "CKPT")}
+        done = subprocess.run(["bash", "-c", script], env={**clean, "REPO_DIR": str(REPO), **env},
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    greedy = output_dir(CKPT="/ckpt/qwen2.5-math-7b-math_sft")
+    sampled = output_dir(CKPT="/ckpt/qwen2.5-math-7b-math_sft", NUM_SAMPLES="8", TEMPERATURE="0.7", TOP_P="0.95")
+    assert greedy == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n1_t0_p1.0_len2048"
+    assert sampled == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
+    assert output_dir(CKPT="/ckpt/rm/iter_0000400") == f"{REPO}/eval/rm-iter_0000400/n1_t0_p1.0_len2048"
+    assert output_dir(CKPT="/ckpt/x", EVAL_OUTPUT_DIR="/out/mine") == "/out/mine"
+
+
 @pytest.mark.parametrize("env, bf16", [({}, True), ({"EVAL_ARGS": "--top-k 20"}, True), ({"EVAL_BF16": "0"}, False)])
 def test_eval_extra_arguments_do_not_change_the_precision(env, bf16):
     import os
