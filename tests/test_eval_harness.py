@@ -176,6 +176,52 @@ def test_prompts_over_the_context_are_scored_wrong_and_reported(tmp_path, encode
     assert f"gsm8k {sum(too_long)}" in format_summary(summary)
 
 
+class CutOffBackend(ScriptedBackend):
+    """Like ScriptedBackend, but the first sample of every odd-numbered problem runs into the token limit while
+    repeating a number."""
+
+    def generate(self, prompts, params, seed, progress):
+        generations = super().generate(prompts, params, seed, progress)
+        seen: dict[int, int] = {}
+        for row, prompt in enumerate(prompts):
+            text = self.encoder.tokenizer.decode(prompt)
+            number = next(i for question, i in self.index_of.items() if question in text)
+            seen[number] = seen.get(number, -1) + 1
+            if number % 2 and seen[number] == 0:
+                generations[row] = Generation(self.encoder.tokenizer.encode("so 19 = 19 = 19 = 19"), "length")
+        return generations
+
+
+def test_responses_cut_off_at_the_token_limit_are_counted_and_graded_on_their_last_number(tmp_path, encoder, gsm8k):
+    backend = CutOffBackend(encoder, gsm8k, right=lambda number, sample: True)
+    settings = _settings(tmp_path, num_samples=2, sampling=SamplingParams(max_new_tokens=64, temperature=0.7))
+    summary = run_evaluation(backend, encoder, settings, model_name="scripted")
+    rows = [json.loads(line) for line in (tmp_path / "gsm8k.jsonl").open()]
+    assert [row["pred"][0] == "19" for row in rows] == [bool(i % 2) for i in range(LIMIT)]
+    assert summary["benchmarks"]["gsm8k"]["responses_cut_off"] == LIMIT // 2
+    assert f"gsm8k {LIMIT // 2} of {2 * LIMIT}" in format_summary(summary)
+
+
+def test_the_paper_average_is_over_its_seven_benchmarks_when_more_ran(tmp_path):
+    """The Slurm array runs nine benchmarks; the paper's Table 3 average is over seven of them."""
+    from acemath_mcore.eval.harness import TABLE3_BENCHMARKS
+
+    accuracy = {name: 10.0 * (index + 1) for index, name in enumerate([*TABLE3_BENCHMARKS, "aime24", "amc23"])}
+    for name, percent in accuracy.items():  # ten problems, one response each, percent / 10 of them right
+        with open(tmp_path / f"{name}.jsonl", "w") as stream:
+            for idx in range(10):
+                stream.write(json.dumps({"idx": idx, "question": "q", "gt": "1", "code": ["x"], "pred": ["1"],
+                                         "score": [idx < percent / 10], "finish_reason": ["stop"]}) + "\n")
+        (tmp_path / f"{name}.meta.json").write_text("{}")
+    summary = summarize(tmp_path)
+    assert summary["average"] == pytest.approx(sum(accuracy.values()) / 9)
+    assert summary["table3_average"] == pytest.approx(sum(accuracy[name] for name in TABLE3_BENCHMARKS) / 7)
+    assert "| **Table 3 average** (7 benchmarks) | | | **40.00** |" in format_summary(summary)
+    (tmp_path / "aime24.meta.json").unlink()
+    (tmp_path / "amc23.meta.json").unlink()
+    assert "table3_average" not in summarize(tmp_path)  # the seven alone: the average is already theirs
+
+
 def test_greedy_with_several_samples_is_refused(tmp_path, encoder, gsm8k):
     backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
     with pytest.raises(ValueError, match="set a temperature"):

@@ -46,8 +46,9 @@ class Record:
 def group_answers(answers: Sequence[str], equivalent: Callable[[str, str], bool] | None = None) -> tuple[int, ...]:
     """Group id per answer, numbered in order of first appearance.  Identical strings always share a group; with
     `equivalent` (e.g. the grader's `is_equal`) an answer also joins the first earlier group it is equivalent to.
-    An empty answer (nothing extracted: a cut-off or answerless response) gets ``NO_ANSWER``; otherwise a handful of
-    truncated responses could outvote the real answers."""
+    An empty answer (nothing extracted: no boxed answer, answer phrase or number) gets ``NO_ANSWER``; otherwise a
+    handful of answerless responses could outvote the real answers. A cut-off response usually has one (the
+    extraction falls back to its last number) and votes, as in the Qwen2.5-Math toolkit."""
     representatives: list[str] = []
     groups = []
     for answer in answers:
