@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke tests)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together per process")
+    parser.add_argument("--chunk-problems", type=int, default=256,
+                        help="problems per generation call; each finished call is saved, so a killed run resumes "
+                             "after it (<benchmark>.jsonl.progress); 0: one call")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--timeout-minutes", type=int, default=30,
                         help="megatron: how long a rank waits in a collective for the others (rank 0 grades each "
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                               top_k=args.top_k)
     settings = EvalSettings(benchmarks=benchmarks, data_dir=args.data_dir, output_dir=args.output_dir,
                             sampling=sampling, num_samples=args.num_samples, seed=args.seed, limit=args.limit,
-                            instruction_role=args.instruction_role, overwrite=args.overwrite)
+                            instruction_role=args.instruction_role, overwrite=args.overwrite,
+                            chunk_problems=args.chunk_problems or None)
     if args.backend == "megatron":
         from acemath_mcore.eval.backends import MegatronBackend
         from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps

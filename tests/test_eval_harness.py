@@ -104,7 +104,11 @@ def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm
     run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
     finished = (tmp_path / "gsm8k.jsonl").read_text()
 
-    def killed(path, text):  # the job dies half-way through its first file
+    write = harness._write_atomically
+
+    def killed(path, text):  # the job dies half-way through its results file
+        if path.name != "gsm8k.jsonl":
+            return write(path, text)
         path.with_name(path.name + ".partial").write_text(text[: len(text) // 2])
         raise KeyboardInterrupt
 
@@ -115,8 +119,59 @@ def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm
     assert (tmp_path / "gsm8k.jsonl").read_text() == finished  # the complete old file, not a truncated one
     assert not (tmp_path / "gsm8k.meta.json").exists()
     run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
-    assert backend.calls == 3  # regenerated, not skipped
+    assert backend.calls == 2  # not skipped: graded and written again from the generations the killed run saved
     assert (tmp_path / "gsm8k.meta.json").is_file() and (tmp_path / "gsm8k.jsonl").read_text() == finished
+
+
+class DyingBackend(ScriptedBackend):
+    """ScriptedBackend whose process is killed during its ``dies_on``-th generate call."""
+
+    def __init__(self, *args, dies_on=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dies_on, self.prompts_seen, self.seeds = dies_on, [], []
+
+    def generate(self, prompts, params, seed, progress):
+        if self.calls + 1 == self.dies_on:
+            raise KeyboardInterrupt
+        self.prompts_seen.append(len(prompts))
+        self.seeds.append(seed)
+        return super().generate(prompts, params, seed, progress)
+
+
+def test_a_killed_run_resumes_after_its_last_finished_chunk(tmp_path, encoder, gsm8k):
+    """A 72B benchmark at 8 samples runs for hours: a run killed part-way keeps its finished chunks, and the
+    rerun generates only the rest, with the seeds an uninterrupted run uses, into the same results."""
+    from acemath_mcore.eval.harness import CHUNK_SEED_STRIDE
+
+    def right(number, sample):
+        return (number + sample) % 3 != 0
+
+    sampled = SamplingParams(max_new_tokens=64, temperature=0.7)
+    whole = DyingBackend(encoder, gsm8k, right)
+    run_evaluation(whole, encoder, _settings(tmp_path / "whole", num_samples=2, sampling=sampled, chunk_problems=2),
+                   model_name="scripted")
+    assert whole.prompts_seen == [4, 4, 4] and whole.seeds == [0, CHUNK_SEED_STRIDE, 2 * CHUNK_SEED_STRIDE]
+
+    settings = _settings(tmp_path / "cut", num_samples=2, sampling=sampled, chunk_problems=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(DyingBackend(encoder, gsm8k, right, dies_on=3), encoder, settings, model_name="scripted")
+    progress = tmp_path / "cut" / "gsm8k.jsonl.progress"
+    with open(progress, "a") as stream:
+        stream.write('{"chunk": 2, "generations": [[[1, 2')  # torn by the kill
+    resumed = DyingBackend(encoder, gsm8k, right)
+    run_evaluation(resumed, encoder, settings, model_name="scripted")
+    assert resumed.prompts_seen == [4] and resumed.seeds == [2 * CHUNK_SEED_STRIDE]
+    assert (tmp_path / "cut" / "gsm8k.jsonl").read_text() == (tmp_path / "whole" / "gsm8k.jsonl").read_text()
+    assert not progress.exists()
+
+    with pytest.raises(KeyboardInterrupt):  # other settings: the saved chunks are not theirs
+        run_evaluation(DyingBackend(encoder, gsm8k, right, dies_on=2), encoder,
+                       _settings(tmp_path / "other", num_samples=2, sampling=sampled, chunk_problems=2),
+                       model_name="scripted")
+    changed = DyingBackend(encoder, gsm8k, right)
+    run_evaluation(changed, encoder, _settings(tmp_path / "other", num_samples=2, sampling=sampled, chunk_problems=2,
+                                               seed=5), model_name="scripted")
+    assert changed.prompts_seen == [4, 4, 4]
 
 
 def test_the_table_names_benchmarks_made_with_other_settings(tmp_path, encoder, gsm8k):

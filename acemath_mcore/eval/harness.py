@@ -62,6 +62,9 @@ class EvalSettings:
     instruction: Optional[str] = DEFAULT_INSTRUCTION  # None: the problems' text is the whole user prompt
     instruction_role: str = "user"  # user: AceMath's template; system: Qwen2.5-Math-Instruct's
     overwrite: bool = False
+    # Problems per generate call; each call's generations are appended to ``<benchmark>.jsonl.progress`` so a run
+    # killed part-way (a time limit, a node failure) resumes after the last finished chunk. None: one call.
+    chunk_problems: Optional[int] = None
     # Choices made outside the harness that change the outputs too (backend, chat template, tokenizer, weight
     # precision, context limit): recorded in the fingerprint.
     setup: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -72,7 +75,8 @@ class EvalSettings:
         return {"benchmark": benchmark, "model": model, "sampling": dataclasses.asdict(self.sampling),
                 "num_samples": self.num_samples, "seed": self.seed, "limit": self.limit,
                 "instruction": self.instruction, "instruction_role": self.instruction_role,
-                "data_dir": str(Path(self.data_dir).resolve()), "setup": self.setup}
+                "data_dir": str(Path(self.data_dir).resolve()), "chunk_problems": self.chunk_problems,
+                "setup": self.setup}
 
 
 def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
@@ -136,8 +140,8 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
         log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong)",
                  benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
-    progress = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
-    generations = backend.generate(rows, settings.sampling, settings.seed, progress)
+    report = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
+    generations = _generate_in_chunks(backend, settings, rows, n, results_path, extra_meta or {}, benchmark, report)
     if not backend.is_writer:
         return None
     generated_tokens = sum(len(g.token_ids) for g in generations)
@@ -153,10 +157,77 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
         **(extra_meta or {}), "prompts_too_long": too_long, "generated_tokens": generated_tokens,
         "generation_seconds": round(seconds, 2), "tokens_per_second": round(generated_tokens / max(seconds, 1e-9), 1),
     }, indent=2) + "\n")
+    _progress_path(results_path).unlink(missing_ok=True)
     accuracy = 100.0 * sum(sum(r["score"]) for r in records) / max(1, n * len(records))
     log.info("%s: accuracy %.2f%% over %d responses, %d tokens in %.1f s -> %s", benchmark, accuracy,
              n * len(records), generated_tokens, seconds, results_path)
     return records
+
+
+# Chunk c samples with seed + c * CHUNK_SEED_STRIDE: a resumed run draws what an uninterrupted one would.
+CHUNK_SEED_STRIDE = 100_003
+
+
+def _progress_path(results_path: Path) -> Path:
+    return results_path.with_name(results_path.name + ".progress")
+
+
+def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows: List[List[int]], n: int,
+                        results_path: Path, identity: dict, benchmark: str,
+                        report: Callable[[int, int], None]) -> List[Generation]:
+    """Generations of ``rows``, ``settings.chunk_problems`` problems (x ``n`` rows) per generate call. The writer
+    appends each finished chunk to the progress file (first line: ``identity``, the results' fingerprint); a rerun
+    with the same identity reads the finished chunks back, a torn last line included, and generates the rest. Every
+    process reads the file before the first generate call, which the writer cannot finish alone, so all agree on
+    where to resume."""
+    size = len(rows) if not settings.chunk_problems else settings.chunk_problems * n
+    chunks = [rows[start:start + size] for start in range(0, len(rows), max(1, size))]
+    path = _progress_path(results_path)
+    finished = [] if settings.overwrite else _finished_chunks(path, identity, [len(chunk) for chunk in chunks])
+    if backend.is_writer:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, "".join(json.dumps(line) + "\n" for line in [identity, *(
+            {"chunk": index, "generations": [[g.token_ids, g.finish_reason] for g in chunk]}
+            for index, chunk in enumerate(finished))]))
+        if finished:
+            log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
+                     len(chunks), sum(map(len, finished)), len(rows), path)
+    generations = [generation for chunk in finished for generation in chunk]
+    for index in range(len(finished), len(chunks)):
+        done = len(generations)
+        part = backend.generate(chunks[index], settings.sampling, settings.seed + CHUNK_SEED_STRIDE * index,
+                                lambda count, total: report(done + count, len(rows)))
+        if backend.is_writer:
+            with open(path, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps({"chunk": index, "generations": [[g.token_ids, g.finish_reason]
+                                                                         for g in part]}) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+        generations += part
+    return generations
+
+
+def _finished_chunks(path: Path, identity: dict, sizes: List[int]) -> List[List[Generation]]:
+    """The chunks a progress file holds in order, up to the first one missing, torn or of the wrong size; none
+    when it belongs to other settings."""
+    if not path.is_file():
+        return []
+    finished = []
+    with open(path, encoding="utf-8") as stream:
+        for number, line in enumerate(stream):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if number == 0:
+                if record != identity:
+                    return []
+                continue
+            index = len(finished)
+            if index >= len(sizes) or record.get("chunk") != index or len(record["generations"]) != sizes[index]:
+                break
+            finished.append([Generation(list(ids), reason) for ids, reason in record["generations"]])
+    return finished
 
 
 def _write_atomically(path: Path, text: str) -> None:
