@@ -83,15 +83,16 @@ def _benchmarks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _setup(args, tokenizer_path: str, precision: str, backend) -> dict:
+def _setup(args, tokenizer_path: str, precision: str, max_sequence_length: int) -> dict:
     """The generation choices outside the harness's own settings, for the results' fingerprint."""
     return {"backend": args.backend, "template": args.template, "tokenizer": str(Path(tokenizer_path).resolve()),
-            "precision": precision, "max_sequence_length": backend.max_sequence_length}
+            "precision": precision, "max_sequence_length": max_sequence_length}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from acemath_mcore.eval.harness import EvalSettings, format_summary, run_evaluation, summarize, write_summary
+    from acemath_mcore.eval.harness import (EvalSettings, finished_with, format_summary, run_evaluation, summarize,
+                                            write_summary)
     from acemath_mcore.training.logging import setup_console_logging
 
     benchmarks = _benchmarks(args.benchmarks or "table3")
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                             chunk_problems=args.chunk_problems or None)
     if args.backend == "megatron":
         from acemath_mcore.eval.backends import MegatronBackend
-        from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
+        from acemath_mcore.runtime import (ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps,
+                                           read_launch_env)
 
         from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer
 
@@ -125,6 +127,19 @@ def main(argv: list[str] | None = None) -> int:
         # a newer iteration meanwhile).
         checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
         checkpoint = checkpoint.resolve()
+        context = args.max_sequence_length or arch.max_position_embeddings
+        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", context)
+        if all(finished_with(settings, name, str(checkpoint)) for name in benchmarks):
+            # A resubmitted array task whose benchmark is done: no process group, no weights (minutes at 72B).
+            setup_console_logging(read_launch_env().rank)
+            if read_launch_env().rank != 0:
+                return 0
+            print(f"{', '.join(benchmarks)}: results with these settings already in {args.output_dir}; "
+                  "skipped (--overwrite redoes them)", file=sys.stderr)
+            summary = summarize(args.output_dir, benchmarks)
+            write_summary(summary, args.output_dir)
+            print(format_summary(summary))
+            return 0
         install_stack_dumps()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel,
                                                  timeout_minutes=args.timeout_minutes), seed=args.seed)
@@ -134,8 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             check_vocab_fits(tokenizer, arch.padded_vocab_size)
             encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
             backend = MegatronBackend(str(checkpoint), arch, encoder.stop_ids, bf16=args.bf16,
-                                      max_batch_size=args.batch_size, max_sequence_length=args.max_sequence_length)
-            settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend)
+                                      max_batch_size=args.batch_size, max_sequence_length=context)
             summary = run_evaluation(backend, encoder, settings, model_name=str(checkpoint))
         finally:
             destroy_distributed()
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=dtype,
                                   tensor_parallel=args.tensor_parallel,
                                   max_sequence_length=args.max_sequence_length, seed=args.seed)
-        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend)
+        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend.max_sequence_length)
         summary = run_evaluation(backend, encoder, settings, model_name=str(Path(args.checkpoint).resolve()))
     if summary is not None:
         print(format_summary(summary))

@@ -144,6 +144,15 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
         assert [r["code"] for r in rows["megatron"]] == [r["code"] for r in rows["hf"]]
         assert all(len(r["code"][0]) > 0 and r["num_tokens"][0] > 0 for r in rows["megatron"])
     assert "| gsm8k | 3 | 1 |" in megatron.stdout and "**average**" in megatron.stdout
+    # Run again, as a resubmitted array task would: nothing to do, so no process group and no model (a TP of 2 in
+    # one process would fail at the rendezvous); the same table.
+    again = _evaluate("--checkpoint", checkpoint, "--output-dir", tmp_path / "megatron", "--tensor-parallel", 2, *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "results with these settings already in" in again.stderr
+    def table(out):
+        return [line for line in out.splitlines() if line.startswith("|")]
+
+    assert table(again.stdout) == table(megatron.stdout) and len(table(megatron.stdout)) == 5
 
 
 def test_hf_backend_gives_each_row_its_own_context_budget():

@@ -98,17 +98,26 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
     return summary
 
 
+def finished_with(settings: EvalSettings, benchmark: str, model_name: str) -> bool:
+    """Whether ``benchmark`` has complete results made with these settings (a run skips it; the CLI checks this
+    before it loads a model, so a resubmitted finished job costs no weight loading)."""
+    output_dir = Path(settings.output_dir)
+    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
+    return (not settings.overwrite and results_path.is_file() and meta_path.is_file()
+            and (json.loads(meta_path.read_text()).get("settings") or {}) == settings.fingerprint(benchmark, model_name))
+
+
 def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
                         benchmark: str, model_name: str, output_dir: Path) -> None:
     results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
     fingerprint = settings.fingerprint(benchmark, model_name)
+    if finished_with(settings, benchmark, model_name):
+        if backend.is_writer:
+            log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
+                     benchmark, results_path)
+        return
     if not settings.overwrite and results_path.is_file() and meta_path.is_file():
         stored = json.loads(meta_path.read_text()).get("settings") or {}
-        if stored == fingerprint:
-            if backend.is_writer:
-                log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
-                         benchmark, results_path)
-            return
         if backend.is_writer:
             changed = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
             log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, results_path,
