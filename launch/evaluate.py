@@ -83,23 +83,28 @@ def _benchmarks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _setup(args, tokenizer_path: str, precision: str, max_sequence_length: int) -> dict:
+def _setup(args, tokenizer_path: str, max_sequence_length: int) -> dict:
     """The generation choices outside the harness's own settings, for the results' fingerprint."""
     return {"backend": args.backend, "template": args.template, "tokenizer": str(Path(tokenizer_path).resolve()),
-            "precision": precision, "max_sequence_length": max_sequence_length}
+            "precision": "bf16" if args.bf16 else "fp32", "max_sequence_length": max_sequence_length}
+
+
+def _write_and_print_summary(output_dir: str, benchmarks) -> None:
+    from acemath_mcore.eval.harness import format_summary, summarize, write_summary
+
+    summary = summarize(output_dir, benchmarks)
+    write_summary(summary, output_dir)
+    print(format_summary(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from acemath_mcore.eval.harness import (EvalSettings, finished_with, format_summary, run_evaluation, summarize,
-                                            write_summary)
+    from acemath_mcore.eval.harness import EvalSettings, finished_with, format_summary, run_evaluation
     from acemath_mcore.training.logging import setup_console_logging
 
     benchmarks = _benchmarks(args.benchmarks or "table3")
     if args.summarize_only:
-        summary = summarize(args.output_dir, benchmarks if args.benchmarks else None)
-        write_summary(summary, args.output_dir)
-        print(format_summary(summary))
+        _write_and_print_summary(args.output_dir, benchmarks if args.benchmarks else None)
         return 0
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required")
@@ -128,17 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
         checkpoint = checkpoint.resolve()
         context = args.max_sequence_length or arch.max_position_embeddings
-        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", context)
+        settings.setup = _setup(args, tokenizer_path, context)
         if all(finished_with(settings, name, str(checkpoint)) for name in benchmarks):
             # A resubmitted array task whose benchmark is done: no process group, no weights (minutes at 72B).
-            setup_console_logging(read_launch_env().rank)
-            if read_launch_env().rank != 0:
-                return 0
-            print(f"{', '.join(benchmarks)}: results with these settings already in {args.output_dir}; "
-                  "skipped (--overwrite redoes them)", file=sys.stderr)
-            summary = summarize(args.output_dir, benchmarks)
-            write_summary(summary, args.output_dir)
-            print(format_summary(summary))
+            if read_launch_env().rank == 0:
+                print(f"{', '.join(benchmarks)}: results with these settings already in {args.output_dir}; "
+                      "skipped (--overwrite redoes them)", file=sys.stderr)
+                _write_and_print_summary(args.output_dir, benchmarks)
             return 0
         install_stack_dumps()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel,
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=dtype,
                                   tensor_parallel=args.tensor_parallel,
                                   max_sequence_length=args.max_sequence_length, seed=args.seed)
-        settings.setup = _setup(args, tokenizer_path, "bf16" if args.bf16 else "fp32", backend.max_sequence_length)
+        settings.setup = _setup(args, tokenizer_path, backend.max_sequence_length)
         summary = run_evaluation(backend, encoder, settings, model_name=str(Path(args.checkpoint).resolve()))
     if summary is not None:
         print(format_summary(summary))

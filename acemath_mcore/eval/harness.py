@@ -98,30 +98,35 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
     return summary
 
 
+def _stored_settings(settings: EvalSettings, benchmark: str) -> Optional[dict]:
+    """The fingerprint of ``benchmark``'s complete results in the output dir (None: none, or ``overwrite``)."""
+    output_dir = Path(settings.output_dir)
+    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
+    if settings.overwrite or not (results_path.is_file() and meta_path.is_file()):
+        return None
+    return json.loads(meta_path.read_text()).get("settings") or {}
+
+
 def finished_with(settings: EvalSettings, benchmark: str, model_name: str) -> bool:
     """Whether ``benchmark`` has complete results made with these settings (a run skips it; the CLI checks this
     before it loads a model, so a resubmitted finished job costs no weight loading)."""
-    output_dir = Path(settings.output_dir)
-    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
-    return (not settings.overwrite and results_path.is_file() and meta_path.is_file()
-            and (json.loads(meta_path.read_text()).get("settings") or {}) == settings.fingerprint(benchmark, model_name))
+    return _stored_settings(settings, benchmark) == settings.fingerprint(benchmark, model_name)
 
 
 def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
                         benchmark: str, model_name: str, output_dir: Path) -> None:
-    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
+    results_path = output_dir / f"{benchmark}.jsonl"
     fingerprint = settings.fingerprint(benchmark, model_name)
-    if finished_with(settings, benchmark, model_name):
+    stored = _stored_settings(settings, benchmark)
+    if stored == fingerprint:
         if backend.is_writer:
             log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
                      benchmark, results_path)
         return
-    if not settings.overwrite and results_path.is_file() and meta_path.is_file():
-        stored = json.loads(meta_path.read_text()).get("settings") or {}
-        if backend.is_writer:
-            changed = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
-            log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, results_path,
-                     ", ".join(changed))
+    if stored is not None and backend.is_writer:
+        changed = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
+        log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, results_path,
+                 ", ".join(changed))
     problems, gold_issues = load_benchmark(benchmark, settings.data_dir)
     if settings.limit is not None:
         problems = problems[: settings.limit]
@@ -195,9 +200,8 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows
     finished = [] if settings.overwrite else _finished_chunks(path, identity, [len(chunk) for chunk in chunks])
     if backend.is_writer:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, "".join(json.dumps(line) + "\n" for line in [identity, *(
-            {"chunk": index, "generations": [[g.token_ids, g.finish_reason] for g in chunk]}
-            for index, chunk in enumerate(finished))]))
+        _write_atomically(path, json.dumps(identity) + "\n" + "".join(
+            _chunk_line(index, chunk) for index, chunk in enumerate(finished)))
         if finished:
             log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
                      len(chunks), sum(map(len, finished)), len(rows), path)
@@ -208,12 +212,15 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows
                                 lambda count, total: report(done + count, len(rows)))
         if backend.is_writer:
             with open(path, "a", encoding="utf-8") as stream:
-                stream.write(json.dumps({"chunk": index, "generations": [[g.token_ids, g.finish_reason]
-                                                                         for g in part]}) + "\n")
+                stream.write(_chunk_line(index, part))
                 stream.flush()
                 os.fsync(stream.fileno())
         generations += part
     return generations
+
+
+def _chunk_line(index: int, generations: Sequence[Generation]) -> str:
+    return json.dumps({"chunk": index, "generations": [[g.token_ids, g.finish_reason] for g in generations]}) + "\n"
 
 
 def _finished_chunks(path: Path, identity: dict, sizes: List[int]) -> List[List[Generation]]:

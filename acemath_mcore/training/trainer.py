@@ -96,8 +96,9 @@ class PreemptionFlag:
 
 @contextlib.contextmanager
 def preemption_requests() -> Iterator[PreemptionFlag]:
-    """A stage's preemption flag, from before its set-up (config checks, datasets) to :func:`run`, which takes it
-    over; the handlers are put back if the set-up fails."""
+    """A stage's preemption flag, from before its set-up (config checks, datasets) through :func:`run`; the
+    handlers are put back if anything fails (a run that returns puts them back, or ignores the signals after a
+    preemption, itself)."""
     flag = PreemptionFlag()
     try:
         yield flag
@@ -176,12 +177,10 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end;
     ``preemption``, the flag the entry point installed before building the data (else one is installed here).
     A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now."""
-    preemption = preemption or PreemptionFlag()
-    try:
-        return _run(config, task, data, arch, model_chunk_builder, validation, preemption)
-    except BaseException:
-        preemption.restore()
-        raise
+    if preemption is None:
+        with preemption_requests() as preemption:
+            return _run(config, task, data, arch, model_chunk_builder, validation, preemption)
+    return _run(config, task, data, arch, model_chunk_builder, validation, preemption)
 
 
 def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[ModelArch],
