@@ -4,7 +4,8 @@
 #      mid-run, as a scheduler's preemption sends it to every process of the step: it checkpoints, exits 75,
 #      requeues itself and finishes from that checkpoint; the loss falls over the whole run;
 #   2. slurm/submit.sh rm_7b (--dependency=afterok on 1, INIT_FROM = 1's checkpoints, USE_PLANNER=1 and TP=2 on top)
-#      waits through the requeue, then trains the RM from the SFT weights; the loss falls;
+#      waits through the requeue, then trains the RM from the SFT weights, saving every 4 steps in the background;
+#      the loss falls;
 #   3. a missing path: submit.sh refuses before sbatch; a job submitted anyway fails at start with status 2;
 #   4. pipeline.sh DRY_RUN=1 prints the chained sbatch commands;
 #   5. slurm/submit.sh eval: a 2-task array (gsm8k, math; 4 problems each) on the SFT checkpoint, one table;
@@ -204,7 +205,7 @@ sft_log=$WORK/jobs/acemath-sft-stage1-$sft.out
 # USE_PLANNER=1: launch/plan.py's layout for the job's 2 GPUs goes first, OVERRIDES' TP=2 still wins.
 # global_batch_size=4: the 5 groups pack into 4 bins, so every step sees all of them and the loss falls smoothly.
 rm_overrides="train_steps=$RM_STEPS data.seq_length=4096 global_batch_size=4 optim.lr=3e-3 optim.warmup_steps=2"
-rm_overrides+=" parallel.tensor_parallel=2 logging.output_dir=$WORK/runs"
+rm_overrides+=" parallel.tensor_parallel=2 logging.output_dir=$WORK/runs checkpoint.save_interval=4 checkpoint.async_save=true"
 rm_job=$(RECIPE=tiny_rm DATA=../data/rm CKPT_DIR=ckpt/rm INIT_FROM=ckpt/sft LOG_DIR=logs USE_PLANNER=1 OVERRIDES=$rm_overrides \
   "$REPO/slurm/submit.sh" rm_7b "${cpu[@]}" --dependency="afterok:$sft" 2>"$WORK/log/submit_rm.err") ||
   { cat "$WORK/log/submit_rm.err"; fail "submit.sh rm_7b"; }
@@ -277,8 +278,13 @@ grep -q "planner layout for 2 GPUs: parallel.tensor_parallel=" "$rm_log" || fail
 grep -q "per rank, DP=1)" "$rm_log" || fail "OVERRIDES' TP=2 did not win over the planner's layout (DP should be 1)"
 [[ $(cat ckpt/rm/latest) == "iter_$(printf %07d "$RM_STEPS")" ]] || fail "ckpt/rm/latest is $(cat ckpt/rm/latest)"
 rm_losses=$(check_losses "$rm_log" "$RM_STEPS")
+for step in 4 8; do
+  grep -q "saving .*/ckpt/rm/iter_000000$step in the background" "$rm_log" ||
+    fail "the RM job did not start saving step $step in the background"
+  grep -q "saved .*/ckpt/rm/iter_000000$step (" "$rm_log" || fail "the RM job did not publish its step-$step checkpoint"
+done
 say "RM job $rm_job COMPLETED: from the SFT weights, planner layout + TP=2 override, $RM_STEPS steps," \
-  "loss $rm_losses, latest=$(cat ckpt/rm/latest)"
+  "loss $rm_losses, steps 4 and 8 saved in the background, latest=$(cat ckpt/rm/latest)"
 
 for task in 0 1; do wait_for "${eval_job}_$task" 300 COMPLETED; done
 for bench in gsm8k math; do

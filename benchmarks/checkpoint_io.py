@@ -1,5 +1,6 @@
-"""Checkpoint save and load with the distributed optimizer, per optimizer format and with or without megatron's
-fully parallel strategies: wall time, bytes each rank writes, and each rank's resident-memory rise while saving.
+"""Checkpoint save and load with the distributed optimizer, per optimizer format, with or without megatron's
+fully parallel strategies, and written in the foreground or by a background process (``checkpoint.async_save``):
+wall time, bytes each rank writes, and each rank's resident-memory rise while saving.
 
     python benchmarks/checkpoint_io.py                          # ~130M-parameter model, 2 CPU ranks (DP=2)
     python benchmarks/checkpoint_io.py --layers 2 --hidden 256  # quick
@@ -7,8 +8,10 @@ fully parallel strategies: wall time, bytes each rank writes, and each rank's re
 One process per data-parallel rank (gloo on CPU, NCCL on a GPU machine), fp32 weights, one training step first
 so the Adam state exists. Each setting saves into a fresh directory and loads that checkpoint back into the same
 model (the resume path: ``training/checkpointing.load_checkpoint``); times are the slowest rank's, from a barrier
-to a barrier, median of ``--repeats``. The memory rise is the largest resident size sampled every 5 ms during the
-save, minus the size just before it.
+to a barrier, median of ``--repeats``: "save s" is how long training would stop (for a background save, until
+the writer process has started), "published s" until ``latest`` names the checkpoint. The memory rise is the
+largest resident size of the rank's own process sampled every 5 ms during the save, minus the size just before
+it (a background writer's memory is its own process's, not counted).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-SETTINGS = [  # (optimizer format, fully parallel)
-    ("fully_reshardable", False),
-    ("fully_reshardable", True),
-    ("dp_reshardable", False),
-    ("dp_reshardable", True),
+SETTINGS = [  # (optimizer format, fully parallel, background)
+    ("fully_reshardable", False, False),
+    ("fully_reshardable", True, False),
+    ("dp_reshardable", False, False),
+    ("dp_reshardable", True, False),
+    ("dp_reshardable", True, True),
 ]
 
 
@@ -93,14 +97,16 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace, root: str) ->
         return float(elapsed)
 
     rows = []
-    for optimizer_format, fully_parallel in SETTINGS:
-        saves, loads, rises, written = [], [], [], []
+    for optimizer_format, fully_parallel, background in SETTINGS:
+        saves, published, loads, rises, written = [], [], [], [], []
         for repeat in range(args.repeats):
-            save_dir = Path(root) / f"{optimizer_format}-{fully_parallel}-{repeat}"
+            save_dir = Path(root) / f"{optimizer_format}-{fully_parallel}-{background}-{repeat}"
+            writer = checkpointing.CheckpointWriter(save_dir, keep_last=2, optimizer_format=optimizer_format,
+                                                    fully_parallel=fully_parallel, background=background)
             with PeakResidentMemory() as memory:
-                saves.append(timed(lambda: checkpointing.save_checkpoint(
-                    save_dir, 1, engine.model, engine.optimizer, engine.scheduler, {"consumed_samples": 0},
-                    optimizer_format=optimizer_format, fully_parallel=fully_parallel)))
+                saves.append(timed(lambda: writer.save(1, engine.model, engine.optimizer, engine.scheduler,
+                                                       {"consumed_samples": 0})))
+                published.append(saves[-1] + timed(writer.wait))
             rises.append(memory.rise)
             checkpoint = save_dir / "iter_0000001"
             written.append(sum(path.stat().st_size for path in checkpoint.glob(f"__{rank}_*.distcp")))
@@ -109,8 +115,9 @@ def _measure(rank: int, world_size: int, args: argparse.Namespace, root: str) ->
             torch.distributed.barrier()
             if rank == 0:
                 shutil.rmtree(save_dir)
-        rows.append({"optimizer_format": optimizer_format, "fully_parallel": fully_parallel,
-                     "save_s": statistics.median(saves), "load_s": statistics.median(loads),
+        rows.append({"optimizer_format": optimizer_format, "fully_parallel": fully_parallel, "background": background,
+                     "save_s": statistics.median(saves), "published_s": statistics.median(published),
+                     "load_s": statistics.median(loads),
                      "written_bytes": max(written), "save_rss_rise_bytes": max(rises)})
     return {"parameters": parameters, "rows": rows}
 
@@ -134,16 +141,17 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     parameters = per_rank[0]["parameters"]
     print(f"{parameters / 1e6:.0f}M parameters, fp32, distributed optimizer over {args.ranks} data-parallel ranks")
-    print(f"{'optimizer format':<18} {'fully parallel':>14} {'save s':>7} {'load s':>7} "
+    print(f"{'optimizer format':<18} {'fully parallel':>14} {'background':>10} {'save s':>7} {'published s':>11} "
+          f"{'load s':>7} "
           + " ".join(f"{'rank ' + str(r) + ' MB':>9}" for r in range(args.ranks))
           + " " + " ".join(f"{'rss+ r' + str(r) + ' MB':>12}" for r in range(args.ranks)))
     results = []
     for index, row in enumerate(per_rank[0]["rows"]):
         written = [rank_rows["rows"][index]["written_bytes"] for rank_rows in per_rank]
         rises = [rank_rows["rows"][index]["save_rss_rise_bytes"] for rank_rows in per_rank]
-        print(f"{row['optimizer_format']:<18} {str(row['fully_parallel']):>14} {row['save_s']:>7.2f} "
-              f"{row['load_s']:>7.2f} " + " ".join(f"{b / 1e6:>9.0f}" for b in written)
-              + " " + " ".join(f"{b / 1e6:>12.0f}" for b in rises))
+        print(f"{row['optimizer_format']:<18} {str(row['fully_parallel']):>14} {str(row['background']):>10} "
+              f"{row['save_s']:>7.2f} {row['published_s']:>11.2f} {row['load_s']:>7.2f} "
+              + " ".join(f"{b / 1e6:>9.0f}" for b in written) + " " + " ".join(f"{b / 1e6:>12.0f}" for b in rises))
         results.append(dict(row, written_bytes=written, save_rss_rise_bytes=rises))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,36 @@ def signalled_while_the_data_is_built(rank):
         datasets.build_sft_dataset = original_build
 
 
+@contextlib.contextmanager
+def slow_background_writer(seconds):
+    """A background save's writer process (forked by megatron from the rank) sleeps ``seconds`` before writing,
+    so that training certainly goes on while it writes. Yields the rank's children alive after each step."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from acemath_mcore.training.engine import Engine
+
+    original_write, original_step = FileSystemWriterAsync.write_preloaded_data_multiproc, Engine.train_step
+    rank_pid, children = os.getpid(), {}
+
+    def write_slowly(*args, **kwargs):
+        if os.getpid() != rank_pid:
+            time.sleep(seconds)
+        return original_write(*args, **kwargs)
+
+    def step_then_look(self, *args, **kwargs):
+        metrics = original_step(self, *args, **kwargs)
+        children[self.step] = sorted(child.name for child in multiprocessing.active_children())
+        return metrics
+
+    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_slowly)
+    Engine.train_step = step_then_look
+    try:
+        yield children
+    finally:
+        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(original_write)
+        Engine.train_step = original_step
+
+
 def _default_signal_handlers():
     """A preempted run returns with SIGTERM and SIGUSR1 ignored; this worker goes on training."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -174,6 +204,28 @@ def _trainer_runs(rank, world_size, prefix, root):
     results["preempted_with_loader_workers"] = {key: with_workers[key] for key in ("exit_code", "steps", "checkpoint")}
     results["children"] = {"signalled": sorted(signalled),
                            "left": sorted(child.name for child in multiprocessing.active_children())}
+    _default_signal_handlers()
+    release_model_parallel()
+    # Background saves every 2 steps, the step-2 one still being written when SIGTERM reaches every process
+    # after step 3 (so the writer too). Then the step-2 checkpoint alone is resumed.
+    background = _config(prefix, f"{root}/background", f"{root}/runs", STEPS,
+                         extra=["checkpoint.async_save=true", "checkpoint.save_interval=2"])
+    with slow_background_writer(3.0) as children_after_step:
+        with preempted_after(3, rank, signal.SIGTERM, children_too=True) as signalled:
+            summary = train_sft(background)
+    results["background"] = {**{key: summary[key] for key in ("exit_code", "steps", "checkpoint")},
+                             "children_after_step": children_after_step, "signalled": signalled,
+                             "saved": sorted(path.name for path in Path(f"{root}/background").iterdir())}
+    _default_signal_handlers()
+    release_model_parallel()
+    if rank == 0:
+        shutil.copytree(f"{root}/background", f"{root}/background_step2")
+        shutil.rmtree(f"{root}/background_step2/iter_0000003")
+        Path(f"{root}/background_step2/latest").write_text("iter_0000002\n")
+    torch.distributed.barrier()
+    with preempted_after(4, rank):
+        results["background_resumed"] = _losses(train_sft(dataclasses.replace(
+            background, checkpoint=dataclasses.replace(background.checkpoint, save_dir=f"{root}/background_step2"))))
     _default_signal_handlers()
     release_model_parallel()
     with signalled_while_the_data_is_built(rank):
@@ -301,6 +353,23 @@ def test_preemption_by_sigterm_to_every_process_with_loader_workers(trainer_resu
     queue_process = [name for name in signalled if name.startswith("SyncManager")]  # started at the first save
     assert len(signalled) == len(queue_process) + 2, signalled  # and rank 0's two loader workers
     assert queue_process and left == queue_process  # survived the signal; the workers were shut down
+
+
+def test_background_saves_let_training_go_on_and_hold_their_own_step(trainer_results):
+    """checkpoint.async_save: step 3 ran while the step-2 checkpoint was being written by its own process; the
+    preemption after step 3 (SIGTERM to every process, the writer included) waited for it, then saved step 3.
+    Resumed alone, the step-2 checkpoint reproduces steps 3 and 4 exactly: it holds step 2's state, not what
+    training changed while it was written."""
+    background = trainer_results["background"]
+    assert (background["exit_code"], background["steps"]) == (75, 3)
+    assert background["checkpoint"].endswith("iter_0000003")
+    assert background["saved"] == ["iter_0000002", "iter_0000003", "latest", "model_arch.json"]
+    writers = [name for name in background["children_after_step"][3] if name.startswith("ForkProcess")]
+    assert len(writers) == 1, background["children_after_step"]  # alive after step 3: still writing step 2
+    assert writers[0] in background["signalled"]
+    assert writers[0] not in background["children_after_step"][2]
+    uninterrupted, resumed = trainer_results["uninterrupted"], trainer_results["background_resumed"]
+    assert resumed == {3: uninterrupted[3], 4: uninterrupted[4]}
 
 
 def test_a_signal_while_the_data_is_built_stops_the_run_before_training(trainer_results):

@@ -46,6 +46,9 @@ class CheckpointConfig:
     # reading) of what they hold in common, instead of rank 0 writing all of it (and every rank reading all of it).
     fully_parallel_save: bool = True
     fully_parallel_load: bool = False  # measured slower on a local disk (docs/benchmarks.md)
+    # Periodic saves written by a background process per rank while training goes on; training pauses only to
+    # copy the state to host memory (docs/checkpoints.md). The end-of-run and preemption saves always wait.
+    async_save: bool = False
 
 
 @dataclasses.dataclass

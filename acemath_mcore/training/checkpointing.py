@@ -10,12 +10,17 @@ Which one a checkpoint holds is recorded in it, and a resume reads that one.
 Megatron's fully parallel strategies (``fully_parallel``) share the work of what data-parallel ranks hold in
 common: at save each writes a part instead of DP rank 0 writing it all, at load each reads a part and the ranks
 exchange them instead of every rank reading everything.
+
+A trainer's saves go through :class:`CheckpointWriter`, which can leave the writing to a background process per
+rank (megatron's asynchronous save); the publication is the same, only later.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import inspect
 import logging
 import multiprocessing
 import multiprocessing.managers
@@ -23,6 +28,7 @@ import os
 import random
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -34,6 +40,7 @@ from megatron.core.dist_checkpointing.serialization import (
     get_default_load_sharded_strategy,
     get_default_save_sharded_strategy,
 )
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelLoadStrategyWrapper,
     FullyParallelSaveStrategyWrapper,
@@ -137,10 +144,51 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
                     optimizer_format: str = LAYOUT_BOUND_FORMAT, fully_parallel: bool = True) -> Path:
     """Save everything needed to resume at ``step``; returns the published directory. ``optimizer_format`` and
     ``fully_parallel``: see the module docstring."""
+    save = _start_save(Path(save_dir), step, model_chunks, optimizer, scheduler, train_state, keep_last,
+                       optimizer_format, fully_parallel, background=False)
+    return save.publish()
+
+
+@dataclasses.dataclass
+class _Save:
+    """A save whose shards are written (or being written) into ``iter_N.partial``, to be published once every
+    rank's writing has finished: rank 0 renames it to ``iter_N`` and only then rewrites ``latest``."""
+
+    save_dir: Path
+    step: int
+    layout: Dict[str, int]
+    optimizer_format: str
+    distributed_optimizer: bool
+    keep_last: int
+    request: Any  # megatron's AsyncRequest for a background save, else None
+    started: float
+
+    def publish(self) -> Path:
+        """On every rank, after every rank's shards are written."""
+        final = iteration_dir(self.save_dir, self.step)
+        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        torch.distributed.barrier()
+        if torch.distributed.get_rank() == 0:
+            write_optimizer_layout(partial, self.layout, self.optimizer_format, self.distributed_optimizer)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            marker_tmp = self.save_dir / (LATEST + ".tmp")
+            marker_tmp.write_text(final.name + "\n")
+            os.replace(marker_tmp, self.save_dir / LATEST)
+            _remove_old(self.save_dir, self.keep_last, self.step)
+        torch.distributed.barrier()
+        return final
+
+
+def _start_save(save_dir: Path, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any],
+                keep_last: int, optimizer_format: str, fully_parallel: bool, background: bool) -> _Save:
+    """Write the shards of ``step`` into ``iter_N.partial``; with ``background``, only snapshot them into host
+    memory and return the request that writes them (``_Save.request``)."""
+    started = time.perf_counter()
     final = iteration_dir(save_dir, step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
-    rank = torch.distributed.get_rank()
-    if rank == 0:
+    if torch.distributed.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     torch.distributed.barrier()
@@ -152,19 +200,73 @@ def save_checkpoint(save_dir: str | Path, step: int, model_chunks, optimizer, sc
     state["train_state"] = dict(train_state, step=step, layout=layout, optimizer_format=optimizer_format)
     state["rng_state"] = _rng_sharded_object()
     _writer_queue_deaf_to_stop_signals()
-    dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel))
-    torch.distributed.barrier()
-    if rank == 0:
-        write_optimizer_layout(partial, layout, optimizer_format, _uses_distributed_optimizer(optimizer))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        marker_tmp = Path(save_dir) / (LATEST + ".tmp")
-        marker_tmp.write_text(final.name + "\n")
-        os.replace(marker_tmp, Path(save_dir) / LATEST)
-        _remove_old(Path(save_dir), keep_last, step)
-    torch.distributed.barrier()
-    return final
+    request = dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel),
+                                      **(_BACKGROUND_SAVE_ARGUMENTS if background else {}))
+    return _Save(save_dir, step, layout, optimizer_format, _uses_distributed_optimizer(optimizer), keep_last,
+                 request, started)
+
+
+# megatron-core 0.19 offers two background writers, its own (deprecated there, the only one in 0.16) and
+# nvidia-resiliency-ext's (not installed here, so never tested): ask for its own, which CI runs on 0.16.
+_BACKGROUND_SAVE_ARGUMENTS = {"async_sharded_save": True}
+if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters:
+    _BACKGROUND_SAVE_ARGUMENTS["async_strategy"] = "mcore"
+
+
+class CheckpointWriter:
+    """A run's saves. With ``background`` (``checkpoint.async_save``) a save stops training only while the state
+    is copied to host memory; a forked process per rank writes it while training goes on, and the checkpoint is
+    published (``latest`` names it) once every rank's writer has finished, as :meth:`publish_finished` finds at the
+    end of a step. One save is in flight at a time: the next save waits for the previous one. Every method is a
+    collective: all ranks call it at the same step."""
+
+    def __init__(self, save_dir: str | Path, keep_last: int, optimizer_format: str, fully_parallel: bool,
+                 background: bool):
+        self.save_dir, self.keep_last = Path(save_dir), keep_last
+        self.optimizer_format, self.fully_parallel = optimizer_format, fully_parallel
+        self._queue = AsyncCallsQueue() if background else None
+        self._in_flight: List[_Save] = []
+
+    def save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any],
+             wait: bool = False) -> None:
+        """Save ``step``; with ``wait`` (or without ``background``) return once it is published."""
+        self.wait()
+        background = self._queue is not None and not wait
+        save = _start_save(self.save_dir, step, model_chunks, optimizer, scheduler, train_state, self.keep_last,
+                           self.optimizer_format, self.fully_parallel, background)
+        if not background:
+            save.publish()
+            logger.info("saved %s in %.1f s", iteration_dir(self.save_dir, step), time.perf_counter() - save.started)
+            return
+        save.request.add_finalize_fn(functools.partial(self._publish, save))
+        self._queue.schedule_async_request(save.request)
+        self._in_flight.append(save)
+        logger.info("saving %s in the background (training paused %.1f s to copy the state)",
+                    iteration_dir(self.save_dir, step), time.perf_counter() - save.started)
+
+    def _publish(self, save: _Save) -> None:
+        path = save.publish()
+        self._in_flight.remove(save)
+        logger.info("saved %s (%.1f s after it started)", path, time.perf_counter() - save.started)
+
+    def publish_finished(self) -> None:
+        """Publish a background save whose writers have all finished; returns at once otherwise. A collective
+        only while a save is in flight (one all-reduce)."""
+        if self._in_flight:
+            self._queue.maybe_finalize_async_calls(blocking=False)
+
+    def wait(self) -> None:
+        """Return once no save is in flight (the last one published)."""
+        if self._in_flight:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+
+    def abandon(self) -> None:
+        """After a failure, on this rank alone: stop the background writers, leaving their ``.partial`` directory
+        unpublished (the next publication removes it). No collective: the other ranks may be gone."""
+        if self._in_flight:
+            for call in self._queue.async_calls:
+                call.async_caller.close(abort=True)
+            self._in_flight.clear()
 
 
 def _writer_queue_deaf_to_stop_signals() -> None:

@@ -223,6 +223,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     started = time.perf_counter()
     # Closed when the loop ends, however it ends: its worker processes exit with it (data/datasets.batch_loader).
     loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
+    checkpoints = _checkpoint_writer(config)
     try:
         if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
             logger.warning("preemption requested before the first step: exiting without training")
@@ -254,9 +255,11 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
                 metrics.update(_validate(engine, task, validation, valid_batches, micro_batches_per_step,
                                          dp_rank, dp_size, arch.padded_vocab_size))
             unlogged.add(metrics)
+            if checkpoints is not None:
+                checkpoints.publish_finished()
             preempted = preemption.any_rank_requested()
             interval = config.checkpoint.save_interval
-            saving = bool(config.checkpoint.save_dir) and (
+            saving = checkpoints is not None and (
                 preempted or (interval and step % interval == 0 and step < steps))
             # A line never spans a checkpoint: after a resume, the re-run steps' lines replace whole old lines only.
             if validated or saving or preempted or step % config.logging.log_interval == 0 or step == steps:
@@ -264,14 +267,17 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
                 rates = work.job_rates(peak, record)
                 metrics.update(rates)  # the summary's final_metrics: the last line's job-wide rates
                 metrics_logger.log_step(step, {**record, **rates})
-            if saving:
-                _save(config, engine, data_order, step, consumed_samples, first_loss, final_loss)
+            if saving:  # a preemption's save is published before the process exits
+                _save(checkpoints, config, engine, data_order, step, consumed_samples, first_loss, final_loss,
+                      wait=preempted)
             if preempted:
                 exit_code = EXIT_PREEMPTED
                 break
-        if exit_code == 0 and config.checkpoint.save_dir and step > start_step:
-            _save(config, engine, data_order, step, consumed_samples, first_loss, final_loss)
+        if exit_code == 0 and checkpoints is not None and step > start_step:
+            _save(checkpoints, config, engine, data_order, step, consumed_samples, first_loss, final_loss, wait=True)
     except BaseException:
+        if checkpoints is not None:
+            checkpoints.abandon()
         if unlogged.steps:  # the steps before a failure are worth reading (rank 0 only, no collective: estimates)
             metrics_logger.log_step(step, unlogged.reduce())
         raise
@@ -399,16 +405,20 @@ def _inherit_description(save_dir: Path, arch, hf_config: Optional[Dict], assets
         copy_assets(assets, save_dir / ASSETS_DIR)
 
 
-def _save(config: TrainConfig, engine: Engine, data_order: Dict, step: int, consumed_samples: int,
-          first_loss: Optional[float], final_loss: Optional[float]) -> None:
-    start = time.perf_counter()
+def _checkpoint_writer(config: TrainConfig) -> Optional[checkpointing.CheckpointWriter]:
+    checkpoint = config.checkpoint
+    if not checkpoint.save_dir:
+        return None
+    return checkpointing.CheckpointWriter(checkpoint.save_dir, checkpoint.keep_last, checkpoint.optimizer_format,
+                                          checkpoint.fully_parallel_save, background=checkpoint.async_save)
+
+
+def _save(checkpoints: checkpointing.CheckpointWriter, config: TrainConfig, engine: Engine, data_order: Dict,
+          step: int, consumed_samples: int, first_loss: Optional[float], final_loss: Optional[float],
+          wait: bool) -> None:
     train_state = {"consumed_samples": consumed_samples, "global_batch_size": config.global_batch_size,
                    "first_loss": first_loss, "final_loss": final_loss, "data": data_order,
                    "init_from": _absolute(config.checkpoint.init_from)}
-    path = checkpointing.save_checkpoint(config.checkpoint.save_dir, step, engine.model, engine.optimizer,
-                                         engine.scheduler, train_state, keep_last=config.checkpoint.keep_last,
-                                         optimizer_format=config.checkpoint.optimizer_format,
-                                         fully_parallel=config.checkpoint.fully_parallel_save)
+    checkpoints.save(step, engine.model, engine.optimizer, engine.scheduler, train_state, wait=wait)
     if torch.distributed.get_rank() == 0:  # the save dir describes its model: evaluation and export need no --model
         write_model_description(Path(config.checkpoint.save_dir), engine.arch)
-    logger.info("saved %s in %.1f s", path, time.perf_counter() - start)
