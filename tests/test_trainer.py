@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -888,7 +890,6 @@ def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
 def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monkeypatch):
     """Rank 0 opens one wandb run (offline unless WANDB_MODE says otherwise, so no network is needed), logs each
     line's metrics at its step, and closes it with the run's scalar summary; other ranks never touch wandb."""
-    import sys
     import types
 
     from acemath_mcore.training.logging import MetricsLogger
@@ -948,3 +949,7 @@ def test_a_preemption_that_kills_wandbs_service_costs_only_wandb(tmp_path, monke
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_loss"] == 1.0
     assert [record.getMessage().split(" (")[0] for record in caplog.records] == ["wandb failed"]
+    # The wandb run hooked the import of huggingface_hub (among ~100 modules); with its service gone, importing it
+    # raised ConnectionResetError. Imported afresh, whichever test imported it first.
+    monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)
+    importlib.import_module("huggingface_hub")

@@ -4,6 +4,7 @@ line), wandb (offline unless told otherwise), and a final JSON summary of this l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -160,3 +161,14 @@ class MetricsLogger:
             logger.warning("wandb failed (%s: %s): logging to the console and %s only from here on",
                            type(error).__name__, error, self.run_dir)
             self.wandb = None
+            _unhook_wandb()
+
+
+def _unhook_wandb() -> None:
+    """A wandb run hooks the imports of ~100 modules (transformers, huggingface_hub, ...) to report them to its
+    service: with the service gone, the first such import anywhere in the process raised ConnectionResetError.
+    ``wandb.teardown`` removes the hooks first, then fails to reach the service (ignored)."""
+    import wandb
+
+    with contextlib.suppress(Exception):
+        wandb.teardown()
