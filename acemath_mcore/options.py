@@ -21,6 +21,7 @@ LM_CROSS_ENTROPY_CHOICES = ("auto", *LM_CROSS_ENTROPY_KERNELS)
 DECAY_STYLES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")  # what a non-finite loss or gradient norm does: raise, or skip the update
 RM_LOSSES = ("listwise_bt", "pairwise_bt", "bce", "mse")
+PROFILERS = ("torch", "nsys")  # training/profiling.py
 # How a checkpoint stores the distributed optimizer's state (training/checkpointing.py): per-parameter tensors
 # that reload at any TP/PP/DP, or each data-parallel rank's own buffer slices (no gather; reload at the same TP/PP).
 OPTIMIZER_CHECKPOINT_FORMATS = ("fully_reshardable", "dp_reshardable")

@@ -63,7 +63,7 @@ def test_every_problem_is_listed_with_its_key():
     config = _tiny(["nan_policy=skp", "model_options.recompute=sel", "model_options.fp8=e5m2",
                     "model_options.fp8_recipe=delay", "model_options.cross_entropy=fused",
                     "model_options.cuda_graph=attn", "optim.decay_style=cos", "model_options.spec=tee",
-                    "checkpoint.optimizer_format=dp",
+                    "checkpoint.optimizer_format=dp", "profile.tool=perf", "profile.num_steps=0",
                     "reward.loss=listwise", "parallel.tensor_parallel=3", "parallel.pipeline_parallel=3",
                     "data.prefixes=[a,b]", "data.weights=[1]", "global_batch_size=6", "micro_batch_size=4"])
     assert config_problems(config, "rm") == [
@@ -76,7 +76,9 @@ def test_every_problem_is_listed_with_its_key():
         "optim.decay_style=cos: choose one of cosine, linear, constant",
         "nan_policy=skp: choose one of stop, skip",
         "checkpoint.optimizer_format=dp: choose one of fully_reshardable, dp_reshardable",
+        "profile.tool=perf: choose one of none, torch, nsys",
         "reward.loss=listwise: choose one of listwise_bt, pairwise_bt, bce, mse",
+        "profile.num_steps=0: must be at least 1",
         "global_batch_size=6 is not a multiple of micro_batch_size=4",
         "data.weights: 1 weight(s) for 2 prefix(es) in data.prefixes; give one per prefix, or none to blend in "
         "proportion to size",

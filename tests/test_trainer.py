@@ -3,8 +3,10 @@ stops on a non-finite loss."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import gzip
 import importlib
 import json
 import logging
@@ -187,9 +189,16 @@ def _trainer_runs(rank, world_size, prefix, root):
         0, parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     results["rank_tokens"] = [sum(next(loader)["num_tokens"] for _ in range(2)) for _ in range(STEPS)]
     release_model_parallel()
-    results["interval_history"] = train_sft(_config(prefix, f"{root}/interval", f"{root}/runs", STEPS,
-                                                     extra=["logging.log_interval=6",
-                                                            "checkpoint.save_interval=8"]))["history"]
+    results["interval_history"] = train_sft(_config(prefix, f"{root}/interval", f"{root}/profiled_runs", STEPS,
+                                                     extra=["logging.log_interval=6", "checkpoint.save_interval=8",
+                                                            "profile.tool=torch", "profile.start_step=2",
+                                                            "profile.num_steps=2", "profile.ranks=[1]"]))["history"]
+    profiles = Path(f"{root}/profiled_runs/tiny-sft/profile")
+    torch.distributed.barrier()
+    results["profile_files"] = sorted(path.name for path in profiles.iterdir())
+    if rank == 1:
+        events = json.loads(gzip.decompress((profiles / "rank1-steps2-3.json.gz").read_bytes()))["traceEvents"]
+        results["profiled_phases"] = collections.Counter(event.get("name") for event in events)
     release_model_parallel()
     with preempted_after(3, rank), slow_summary_on_rank0(rank, 1.5) as summary_done_at:
         preempted = train_sft(_config(prefix, f"{root}/b", f"{root}/runs", STEPS))
@@ -324,6 +333,7 @@ def trainer_results(sft_prefix, tmp_path_factory):
     results, peer_results = run_workers(_trainer_runs, 2, sft_prefix, str(root))
     results["peer_preempted"] = peer_results["preempted"]
     results["peer_rank_tokens"] = peer_results["rank_tokens"]
+    results["peer_profiled_phases"] = peer_results["profiled_phases"]
     results["resumed_tp2"] = run_workers(_resume_at_tp2, 2, sft_prefix, str(root))[0]
     return results
 
@@ -655,6 +665,27 @@ def test_tokens_per_second_counts_documents_not_padding(trainer_results):
     assert documents != peer_documents, "the ranks' documents must differ for this test to tell sum from share x DP"
     summary_rate, last_line_rate = trainer_results["final_tokens_per_s"]
     assert summary_rate == last_line_rate
+
+
+def test_profile_records_the_asked_steps_on_the_asked_ranks(trainer_results):
+    """profile.tool=torch, steps 2-3, rank 1 only: one trace and one operator table, holding each of the engine's
+    phases once per step (so neither step 1 nor step 4)."""
+    from acemath_mcore.training.engine import STEP_PHASES
+
+    assert trainer_results["profile_files"] == ["rank1-steps2-3.json.gz", "rank1-steps2-3.txt"]
+    phases = trainer_results["peer_profiled_phases"]
+    micro_batches = 2  # per rank and step: forward runs once per micro-batch
+    assert {phase: phases[phase] for phase in STEP_PHASES} == {
+        phase: 2 * (micro_batches if phase == "forward" else 1) for phase in STEP_PHASES}
+
+
+def test_nsys_profiling_without_cuda_is_refused_before_training(tmp_path):
+    from acemath_mcore.recipes.config import ProfileConfig
+    from acemath_mcore.training.profiling import StepProfiler
+
+    with pytest.raises(RuntimeError, match="profile.tool=nsys .* needs a CUDA device; use profile.tool=torch here"):
+        StepProfiler(ProfileConfig(tool="nsys"), rank=0, run_dir=tmp_path)
+    StepProfiler(ProfileConfig(tool="nsys", ranks=[1]), rank=0, run_dir=tmp_path)  # not profiled: no objection
 
 
 def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():

@@ -22,6 +22,7 @@ from acemath_mcore.options import (
     LM_CROSS_ENTROPY_CHOICES,
     NAN_POLICIES,
     OPTIMIZER_CHECKPOINT_FORMATS,
+    PROFILERS,
     RECOMPUTE_GRANULARITIES,
     RM_LOSSES,
     SPEC_CHOICES,
@@ -105,11 +106,16 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
         ("optim.decay_style", config.optim.decay_style, DECAY_STYLES),
         ("nan_policy", config.nan_policy, NAN_POLICIES),
         ("checkpoint.optimizer_format", config.checkpoint.optimizer_format, OPTIMIZER_CHECKPOINT_FORMATS),
+        ("profile.tool", config.profile.tool, (None, *PROFILERS)),
     ]
     if kind == "rm":
         choices.append(("reward.loss", config.reward.loss, RM_LOSSES))
-    return [f"{key}={_shown(value)}: choose one of {', '.join(_shown(c) for c in allowed)}"
-            for key, value, allowed in choices if value not in allowed]
+    problems = [f"{key}={_shown(value)}: choose one of {', '.join(_shown(c) for c in allowed)}"
+                for key, value, allowed in choices if value not in allowed]
+    if config.profile.tool is not None:
+        problems += [f"profile.{key}={value}: must be at least 1" for key, value in (
+            ("start_step", config.profile.start_step), ("num_steps", config.profile.num_steps)) if value < 1]
+    return problems
 
 
 def _batch_problems(config: TrainConfig) -> List[str]:

@@ -61,6 +61,16 @@ class LoggingConfig:
 
 
 @dataclasses.dataclass
+class ProfileConfig:
+    """A few steps of the run under a profiler (training/profiling.py); off unless ``tool`` is set."""
+
+    tool: Optional[str] = None  # None | torch (a trace and an operator table per rank) | nsys (CUDA only)
+    start_step: int = 5  # the first profiled step, as the log numbers steps (after the warm-up ones)
+    num_steps: int = 2
+    ranks: List[int] = dataclasses.field(default_factory=lambda: [0])
+
+
+@dataclasses.dataclass
 class RewardConfig:
     """Reward-model training only (launch/train_rm.py); ignored by SFT."""
 
@@ -80,6 +90,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
     global_batch_size: int = 128
     micro_batch_size: int = 1
     epochs: float = 1.0

@@ -6,6 +6,7 @@ CPU/GPU difference lives in a single place.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -79,6 +80,33 @@ def apex_available() -> bool:
 def synchronize() -> None:
     if cuda_available():
         torch.cuda.synchronize()
+
+
+def torch_profiler_settings() -> tuple:
+    """(torch-profiler activities, the key-averages column to sort an operator table by) for this machine."""
+    from torch.profiler import ProfilerActivity
+
+    if cuda_available():
+        return [ProfilerActivity.CPU, ProfilerActivity.CUDA], "self_cuda_time_total"
+    return [ProfilerActivity.CPU], "self_cpu_time_total"
+
+
+def require_cuda_profiler() -> None:
+    if not cuda_available():
+        raise RuntimeError("profile.tool=nsys brackets the steps with cudaProfilerStart/Stop and needs a CUDA "
+                           "device; use profile.tool=torch here")
+
+
+@contextlib.contextmanager
+def cuda_profiler_range():
+    """cudaProfilerStart ... cudaProfilerStop: what ``nsys profile --capture-range=cudaProfilerApi`` records."""
+    require_cuda_profiler()
+    torch.cuda.profiler.start()
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
 
 
 def peak_memory_bytes() -> int:

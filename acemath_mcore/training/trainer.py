@@ -41,6 +41,7 @@ from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, Engine, Task
 from acemath_mcore.training.flops import training_flops
 from acemath_mcore.training.logging import IntervalMetrics, MetricsLogger, setup_console_logging
+from acemath_mcore.training.profiling import StepProfiler
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -224,11 +225,13 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     # Closed when the loop ends, however it ends: its worker processes exit with it (data/datasets.batch_loader).
     loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
     checkpoints = _checkpoint_writer(config)
+    profiler = StepProfiler(config.profile, launch.rank, Path(config.logging.output_dir) / config.name)
     try:
         if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
             logger.warning("preemption requested before the first step: exiting without training")
             exit_code = EXIT_PREEMPTED
         while exit_code == 0 and step < steps:
+            profiler.before_step(step + 1)
             step_start = time.perf_counter()
             micro_batches = [next(loader) for _ in range(micro_batches_per_step)]
             data_seconds = time.perf_counter() - step_start
@@ -236,6 +239,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
             device_lib.synchronize()
             seconds = time.perf_counter() - step_start
             step += 1
+            profiler.after_step(step)
             consumed_samples += config.global_batch_size
             # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. A step's
             # own rates are this rank's share times DP; the logged lines' are summed over the ranks (_IntervalWork).
@@ -282,6 +286,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
             metrics_logger.log_step(step, unlogged.reduce())
         raise
     finally:
+        profiler.close(step)
         loader.close()
         if exit_code == EXIT_PREEMPTED:
             preemption.ignore_until_exit()
