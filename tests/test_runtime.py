@@ -67,6 +67,42 @@ def test_lone_process_takes_a_free_port_unless_told():
     assert read_launch_env({"MASTER_PORT": "6123"}).master_port == 6123
 
 
+@pytest.mark.parametrize("env,rank", [
+    ({"RANK": "3", "WORLD_SIZE": "8", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, 3),
+    ({"SLURM_PROCID": "13", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_NODELIST": "n1"}, 13),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_NODELIST": "n1"}, 0),  # a batch script, not a step task
+    ({}, 0),
+], ids=["torchrun", "slurm_step", "batch_script", "lone"])
+def test_the_rank_known_before_the_ranks_meet_is_the_rendezvous_rank(env, rank):
+    from acemath_mcore.runtime.distributed import launch_rank, read_launch_env
+
+    assert launch_rank(env) == read_launch_env(env).rank == rank
+
+
+def _console_lines(rank, world_size):
+    import io
+    import logging
+    import sys
+
+    from acemath_mcore.training.logging import setup_console_logging
+
+    sys.stdout = io.StringIO()
+    setup_console_logging(rank)
+    logger = logging.getLogger("acemath_mcore")
+    logger.info("step 1")
+    logger.warning("the data leaves samples out")
+    logger.error("this rank failed")
+    return [line.split(" ", 1)[1] for line in sys.stdout.getvalue().splitlines()]
+
+
+def test_only_rank_0_prints_progress_and_warnings_every_rank_prints_errors():
+    """Every rank sees the same config, data and checkpoints: a 256-GPU job printed each warning 256 times."""
+    assert run_workers(_console_lines, 2) == [
+        ["INFO step 1", "WARNING the data leaves samples out", "ERROR this rank failed"],
+        ["ERROR this rank failed"],
+    ]
+
+
 @pytest.mark.parametrize("nodelist,first", [
     ("node001", "node001"), ("a1,b2", "a1"), ("gpu[3-5]", "gpu3"), ("gpu[010,012-014]", "gpu010"),
 ])

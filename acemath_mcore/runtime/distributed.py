@@ -44,13 +44,29 @@ def first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
-    """torchrun variables win; otherwise Slurm's (one task per GPU under srun); otherwise a single process.
+def _launcher(environ: Mapping[str, str]) -> Optional[str]:
+    """Who started this process: "torchrun", "slurm" (a task of an srun step) or None (a lone process).
 
     Slurm's task variables count only inside a job step (``SLURM_STEP_ID``, set by srun): a batch script run
     with ``--ntasks=8`` also carries ``SLURM_PROCID=0`` and ``SLURM_NTASKS=8``, and a plain ``python`` there would
     wait for seven ranks that never start."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
+        return "torchrun"
+    if "SLURM_STEP_ID" in environ and "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return "slurm"
+    return None
+
+
+def launch_rank(environ: Mapping[str, str] = os.environ) -> int:
+    """This process's global rank, known before the ranks meet (read_launch_env's, without its free port)."""
+    launcher = _launcher(environ)
+    return int(environ["RANK"] if launcher == "torchrun" else environ["SLURM_PROCID"] if launcher == "slurm" else 0)
+
+
+def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
+    """torchrun variables win; otherwise Slurm's (one task per GPU under srun); otherwise a single process."""
+    launcher = _launcher(environ)
+    if launcher == "torchrun":
         return LaunchEnv(
             rank=int(environ["RANK"]),
             world_size=int(environ["WORLD_SIZE"]),
@@ -58,8 +74,7 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(environ.get("MASTER_PORT", "29500")),
         )
-    in_step = "SLURM_STEP_ID" in environ
-    if in_step and "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+    if launcher == "slurm":
         job_id = int(environ.get("SLURM_JOB_ID", "0"))
         return LaunchEnv(
             rank=int(environ["SLURM_PROCID"]),
@@ -70,7 +85,7 @@ def read_launch_env(environ: Mapping[str, str] = os.environ) -> LaunchEnv:
             # ports (32768-60999), one of which another socket may hold (the same as slurm/common.sh).
             master_port=int(environ.get("MASTER_PORT", str(10000 + job_id % 20000))),
         )
-    if not in_step and int(environ.get("SLURM_NTASKS", "1")) > 1:
+    if "SLURM_STEP_ID" not in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
         logger.warning("running as one process: this is a Slurm job's batch script, not a step of its "
                        "%s tasks (start them with srun)", environ["SLURM_NTASKS"])
     # A lone process: any free port, so two single-process runs on one machine never collide.

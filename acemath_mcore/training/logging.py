@@ -17,15 +17,17 @@ logger = logging.getLogger("acemath_mcore")
 
 
 def setup_console_logging(rank: int) -> None:
-    """Our progress at INFO on rank 0 only (an N-GPU job prints one copy of each line); megatron-core's own
-    INFO chatter (parameter lists, optimizer config dumps) is kept to warnings."""
+    """Our console lines on rank 0 only, from INFO up: what the other ranks would warn about (the config, the
+    data, the checkpoints, a stop signal) is the same on every rank, and a 256-GPU job printed each warning 256
+    times. They print errors. megatron-core's own INFO chatter (parameter lists, optimizer config dumps) is kept
+    to warnings."""
     if not any(getattr(h, "_acemath", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         handler._acemath = True
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
