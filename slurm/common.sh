@@ -227,6 +227,24 @@ acemath_require_job() {
   ACEMATH_IN_JOB=1
 }
 
+# NSYS=1: Nsight Systems around every training task, recording only the steps the trainer brackets with
+# cudaProfilerStart/Stop (profile.tool=nsys; profile.start_step, profile.num_steps and profile.ranks choose them):
+# one report per profiled rank in NSYS_DIR. Fills ACEMATH_PROFILER, the command srun runs the python under.
+acemath_profiler() {
+  ACEMATH_PROFILER=()
+  case ${NSYS:-0} in
+    0) return 0 ;;
+    1) ;;
+    *) acemath_die "NSYS=$NSYS: expected 1 or 0" ;;
+  esac
+  local dir
+  dir=$(acemath_abspath "${NSYS_DIR:-$REPO_DIR/logs/nsys}")
+  mkdir -p "$dir" || acemath_die "cannot create NSYS_DIR $dir"
+  ACEMATH_PROFILER=(nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop "--trace=cuda,nvtx,osrt"
+    --force-overwrite=true "--output=$dir/${SLURM_JOB_ID:-job}-rank%q{SLURM_PROCID}")
+  ACEMATH_ARGS=(profile.tool=nsys "${ACEMATH_ARGS[@]}")
+}
+
 # The body of sft_stage1.sh, sft_stage2.sh, math_sft.sh, rm_7b.sh and rm_72b.sh.
 acemath_train_job() {  # STAGE [key=value ...]
   local stage=$1
@@ -245,8 +263,9 @@ acemath_train_job() {  # STAGE [key=value ...]
     acemath_preflight --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}"
   fi
   acemath_rendezvous
+  acemath_profiler
   local rc=0
-  acemath_srun "$PYTHON" "$ACEMATH_ENTRY" --recipe "$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}" || rc=$?
+  acemath_srun "${ACEMATH_PROFILER[@]}" "$PYTHON" "$ACEMATH_ENTRY" --recipe "$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}" || rc=$?
   acemath_after_training "$rc"
 }
 

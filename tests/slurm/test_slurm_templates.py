@@ -241,3 +241,29 @@ def test_eval_extra_arguments_do_not_change_the_precision(env, bf16):
     assert arguments[arguments.index("--top-p") + 1] == "1.0"
     if "EVAL_ARGS" in env:
         assert arguments[-3:-1] == ["--top-k", "20"]
+
+
+@pytest.mark.parametrize("nsys", ["0", "1", "yes"])
+def test_nsys_wraps_the_training_tasks_and_asks_the_trainer_for_its_capture_range(tmp_path, nsys):
+    """NSYS=1: srun runs each task's python under nsys, which records from the trainer's cudaProfilerStart to
+    its cudaProfilerStop (profile.tool=nsys, before the user's overrides so that theirs win)."""
+    import os
+
+    script = (f'source "{SLURM}/common.sh"; ACEMATH_ARGS=(profile.start_step=20); acemath_profiler; '
+              'printf "%s\\n" "${ACEMATH_PROFILER[@]}" --- "${ACEMATH_ARGS[@]}"')
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "REPO_DIR": str(REPO), "NSYS": nsys, "NSYS_DIR": str(tmp_path / "nsys"),
+                               "SLURM_JOB_ID": "77"})
+    if nsys == "yes":
+        assert done.returncode == 2 and "NSYS=yes: expected 1 or 0" in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    profiler, arguments = done.stdout.split("---\n")
+    if nsys == "0":
+        assert (profiler, arguments.split()) == ("", ["profile.start_step=20"])
+        return
+    assert profiler.split()[:2] == ["nsys", "profile"]
+    assert "--capture-range=cudaProfilerApi" in profiler.split()
+    assert f"--output={tmp_path}/nsys/77-rank%q{{SLURM_PROCID}}" in profiler.split()
+    assert (tmp_path / "nsys").is_dir()
+    assert arguments.split() == ["profile.tool=nsys", "profile.start_step=20"]
