@@ -679,13 +679,24 @@ def test_profile_records_the_asked_steps_on_the_asked_ranks(trainer_results):
         phase: 2 * (micro_batches if phase == "forward" else 1) for phase in STEP_PHASES}
 
 
+def test_profiling_a_rank_the_job_does_not_have_is_reported(tmp_path, caplog):
+    from acemath_mcore.recipes.config import ProfileConfig
+    from acemath_mcore.training.profiling import StepProfiler
+
+    with caplog.at_level(logging.INFO, logger="acemath_mcore"):
+        StepProfiler(ProfileConfig(tool="torch", ranks=[0, 4]), rank=0, world_size=2, run_dir=tmp_path)
+    assert [record.getMessage() for record in caplog.records] == [
+        "profile.ranks=[0, 4]: this job's ranks are 0-1, so [4] profile(s) nothing",
+        f"profile: steps 5-6 with torch on ranks [0, 4], into {tmp_path / 'profile'}"]
+
+
 def test_nsys_profiling_without_cuda_is_refused_before_training(tmp_path):
     from acemath_mcore.recipes.config import ProfileConfig
     from acemath_mcore.training.profiling import StepProfiler
 
     with pytest.raises(RuntimeError, match="profile.tool=nsys .* needs a CUDA device; use profile.tool=torch here"):
-        StepProfiler(ProfileConfig(tool="nsys"), rank=0, run_dir=tmp_path)
-    StepProfiler(ProfileConfig(tool="nsys", ranks=[1]), rank=0, run_dir=tmp_path)  # not profiled: no objection
+        StepProfiler(ProfileConfig(tool="nsys"), rank=0, world_size=2, run_dir=tmp_path)
+    StepProfiler(ProfileConfig(tool="nsys", ranks=[1]), rank=0, world_size=2, run_dir=tmp_path)  # not profiled here
 
 
 def test_interval_metrics_weight_rates_by_time_and_keep_peaks_and_counts():

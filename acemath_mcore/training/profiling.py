@@ -27,7 +27,7 @@ class StepProfiler:
     first, keeping what it has). Steps are numbered as the log numbers them, so a run resumed past the window
     profiles nothing."""
 
-    def __init__(self, options: ProfileConfig, rank: int, run_dir: Path):
+    def __init__(self, options: ProfileConfig, rank: int, world_size: int, run_dir: Path):
         self.options = options
         self.first, self.last = options.start_step, options.start_step + options.num_steps - 1
         self.active = options.tool is not None and rank in options.ranks
@@ -36,6 +36,14 @@ class StepProfiler:
         self._torch_profiler = None
         if self.active and options.tool == "nsys":
             device_lib.require_cuda_profiler()
+        if options.tool is not None and rank == 0:  # the only rank whose log lines show (training/logging.py)
+            absent = [r for r in options.ranks if not 0 <= r < world_size]
+            if absent:
+                logger.warning("profile.ranks=%s: this job's ranks are 0-%d, so %s profile(s) nothing",
+                               options.ranks, world_size - 1, absent)
+            where = f"into {self.directory}" if options.tool == "torch" else "for nsys"
+            logger.info("profile: steps %d-%d with %s on ranks %s, %s", self.first, self.last, options.tool,
+                        options.ranks, where)
 
     def before_step(self, step: int) -> None:
         """``step``: the number of the step about to run."""
@@ -60,7 +68,6 @@ class StepProfiler:
         else:
             activities, _ = device_lib.torch_profiler_settings()
             self._torch_profiler = self._recording.enter_context(torch.profiler.profile(activities=activities))
-        logger.info("profiling steps %d-%d with %s on rank %d", self.first, self.last, self.options.tool, self.rank)
 
     def _stop(self, step: int) -> None:
         self._recording.close()

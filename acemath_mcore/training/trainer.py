@@ -225,7 +225,8 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     # Closed when the loop ends, however it ends: its worker processes exit with it (data/datasets.batch_loader).
     loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
     checkpoints = _checkpoint_writer(config)
-    profiler = StepProfiler(config.profile, launch.rank, Path(config.logging.output_dir) / config.name)
+    profiler = StepProfiler(config.profile, launch.rank, launch.world_size,
+                            Path(config.logging.output_dir) / config.name)
     try:
         if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
             logger.warning("preemption requested before the first step: exiting without training")
