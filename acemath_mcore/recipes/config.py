@@ -47,7 +47,7 @@ class CheckpointConfig:
     fully_parallel_save: bool = True
     fully_parallel_load: bool = False  # measured slower on a local disk (docs/benchmarks.md)
     # Periodic saves written by a background process per rank while training goes on; training pauses only to
-    # copy the state to host memory (docs/checkpoints.md). The end-of-run and preemption saves always wait.
+    # copy the state to host memory (docs/slurm.md). The end-of-run and preemption saves always wait.
     async_save: bool = False
 
 
