@@ -16,18 +16,26 @@ from typing import Callable, Dict, Optional
 logger = logging.getLogger("acemath_mcore")
 
 
+def log_on_rank_0(rank: int) -> None:
+    """Our messages on rank 0 only, from INFO up: what the other ranks would warn about (the config, the data, the
+    checkpoints, a stop signal) is the same on every rank, and a 256-GPU job printed each warning 256 times. They
+    print errors. Touches the other ranks' level alone, so that the trainers call it before their config checks
+    (rank 0 keeps its level until setup_console_logging)."""
+    if rank != 0:
+        logger.setLevel(logging.ERROR)
+
+
 def setup_console_logging(rank: int) -> None:
-    """Our console lines on rank 0 only, from INFO up: what the other ranks would warn about (the config, the
-    data, the checkpoints, a stop signal) is the same on every rank, and a 256-GPU job printed each warning 256
-    times. They print errors. megatron-core's own INFO chatter (parameter lists, optimizer config dumps) is kept
-    to warnings."""
+    """Our console lines (rank 0's, see log_on_rank_0) on stdout; megatron-core's own INFO chatter (parameter
+    lists, optimizer config dumps) is kept to warnings."""
     if not any(getattr(h, "_acemath", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
         handler._acemath = True
         logger.addHandler(handler)
         logger.propagate = False
-    logger.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    logger.setLevel(logging.INFO)
+    log_on_rank_0(rank)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 

@@ -10,7 +10,7 @@ from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime.distributed import launch_rank
 from acemath_mcore.training.engine import Batch
-from acemath_mcore.training.logging import setup_console_logging
+from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.losses import masked_token_loss
 from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
@@ -61,7 +61,7 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
 
 
 def train_sft(config: TrainConfig) -> Dict:
-    setup_console_logging(launch_rank())  # the checks' warnings, once per job
+    log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "sft")
         validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
