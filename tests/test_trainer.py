@@ -131,7 +131,10 @@ def slow_background_writer(seconds):
 
     from acemath_mcore.training.engine import Engine
 
-    original_write, original_step = FileSystemWriterAsync.write_preloaded_data_multiproc, Engine.train_step
+    # The writer's entry point: write_preloaded_data_multiproc in megatron-core 0.16, ..._multithread in 0.19.
+    name = next(name for name in ("write_preloaded_data_multiproc", "write_preloaded_data_multithread")
+                if hasattr(FileSystemWriterAsync, name))
+    original_write, original_step = getattr(FileSystemWriterAsync, name), Engine.train_step
     rank_pid, children = os.getpid(), {}
 
     def write_slowly(*args, **kwargs):
@@ -144,12 +147,12 @@ def slow_background_writer(seconds):
         children[self.step] = sorted(child.name for child in multiprocessing.active_children())
         return metrics
 
-    FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write_slowly)
+    setattr(FileSystemWriterAsync, name, staticmethod(write_slowly))
     Engine.train_step = step_then_look
     try:
         yield children
     finally:
-        FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(original_write)
+        setattr(FileSystemWriterAsync, name, staticmethod(original_write))
         Engine.train_step = original_step
 
 
