@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                             chunk_problems=args.chunk_problems or None)
     if args.backend == "megatron":
         from acemath_mcore.eval.backends import MegatronBackend
-        from acemath_mcore.runtime import (ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps,
-                                           read_launch_env)
+        from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
+        from acemath_mcore.runtime.distributed import launch_rank
 
         from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.setup = _setup(args, tokenizer_path, context)
         if all(finished_with(settings, name, str(checkpoint)) for name in benchmarks):
             # A resubmitted array task whose benchmark is done: no process group, no weights (minutes at 72B).
-            if read_launch_env().rank == 0:
+            if launch_rank() == 0:
                 print(f"{', '.join(benchmarks)}: results with these settings already in {args.output_dir}; "
                       "skipped (--overwrite redoes them)", file=sys.stderr)
                 _write_and_print_summary(args.output_dir, benchmarks)

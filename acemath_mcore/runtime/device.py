@@ -99,8 +99,8 @@ def require_cuda_profiler() -> None:
 
 @contextlib.contextmanager
 def cuda_profiler_range():
-    """cudaProfilerStart ... cudaProfilerStop: what ``nsys profile --capture-range=cudaProfilerApi`` records."""
-    require_cuda_profiler()
+    """cudaProfilerStart ... cudaProfilerStop: what ``nsys profile --capture-range=cudaProfilerApi`` records (CUDA
+    only: its user checks require_cuda_profiler before training)."""
     torch.cuda.profiler.start()
     try:
         yield

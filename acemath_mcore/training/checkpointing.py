@@ -166,7 +166,7 @@ class _Save:
     def publish(self) -> Path:
         """On every rank, after every rank's shards are written."""
         final = iteration_dir(self.save_dir, self.step)
-        partial = final.with_name(final.name + PARTIAL_SUFFIX)
+        partial = _partial_dir(final)
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             write_optimizer_layout(partial, self.layout, self.optimizer_format, self.distributed_optimizer)
@@ -186,8 +186,7 @@ def _start_save(save_dir: Path, step: int, model_chunks, optimizer, scheduler, t
     """Write the shards of ``step`` into ``iter_N.partial``; with ``background``, only snapshot them into host
     memory and return the request that writes them (``_Save.request``)."""
     started = time.perf_counter()
-    final = iteration_dir(save_dir, step)
-    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    partial = _partial_dir(iteration_dir(save_dir, step))
     if torch.distributed.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
@@ -204,6 +203,10 @@ def _start_save(save_dir: Path, step: int, model_chunks, optimizer, scheduler, t
                                       **(_BACKGROUND_SAVE_ARGUMENTS if background else {}))
     return _Save(save_dir, step, layout, optimizer_format, _uses_distributed_optimizer(optimizer), keep_last,
                  request, started)
+
+
+def _partial_dir(final: Path) -> Path:
+    return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
 # megatron-core 0.19 offers two background writers, its own (deprecated there, the only one in 0.16) and
@@ -225,7 +228,6 @@ class CheckpointWriter:
         self.save_dir, self.keep_last = Path(save_dir), keep_last
         self.optimizer_format, self.fully_parallel = optimizer_format, fully_parallel
         self._queue = AsyncCallsQueue() if background else None
-        self._in_flight: List[_Save] = []
 
     def save(self, step: int, model_chunks, optimizer, scheduler, train_state: Dict[str, Any],
              wait: bool = False) -> None:
@@ -240,33 +242,33 @@ class CheckpointWriter:
             return
         save.request.add_finalize_fn(functools.partial(self._publish, save))
         self._queue.schedule_async_request(save.request)
-        self._in_flight.append(save)
         logger.info("saving %s in the background (training paused %.1f s to copy the state)",
                     iteration_dir(self.save_dir, step), time.perf_counter() - save.started)
 
     def _publish(self, save: _Save) -> None:
         path = save.publish()
-        self._in_flight.remove(save)
         logger.info("saved %s (%.1f s after it started)", path, time.perf_counter() - save.started)
 
     def publish_finished(self) -> None:
         """Publish a background save whose writers have all finished; returns at once otherwise. A collective
         only while a save is in flight (one all-reduce)."""
-        if self._in_flight:
+        if self._in_flight():
             self._queue.maybe_finalize_async_calls(blocking=False)
 
     def wait(self) -> None:
         """Return once no save is in flight (the last one published)."""
-        if self._in_flight:
+        if self._in_flight():
             self._queue.maybe_finalize_async_calls(blocking=True)
 
     def abandon(self) -> None:
         """After a failure, on this rank alone: stop the background writers, leaving their ``.partial`` directory
         unpublished (the next publication removes it). No collective: the other ranks may be gone."""
-        if self._in_flight:
+        if self._in_flight():
             for call in self._queue.async_calls:
                 call.async_caller.close(abort=True)
-            self._in_flight.clear()
+
+    def _in_flight(self) -> bool:
+        return self._queue is not None and self._queue.get_num_unfinalized_calls() > 0
 
 
 def _writer_queue_deaf_to_stop_signals() -> None:

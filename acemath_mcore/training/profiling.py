@@ -33,7 +33,7 @@ class StepProfiler:
         self.active = options.tool is not None and rank in options.ranks
         self.rank, self.directory = rank, run_dir / "profile"
         self._recording: Optional[contextlib.ExitStack] = None
-        self._torch_profiler = None
+        self._torch_profiler, self._sort_by = None, None
         if self.active and options.tool == "nsys":
             device_lib.require_cuda_profiler()
         if options.tool is not None and rank == 0:  # the only rank whose log lines show (training/logging.py)
@@ -66,7 +66,7 @@ class StepProfiler:
             self._recording.enter_context(torch.autograd.profiler.emit_nvtx(record_shapes=False))
             self._recording.enter_context(device_lib.cuda_profiler_range())
         else:
-            activities, _ = device_lib.torch_profiler_settings()
+            activities, self._sort_by = device_lib.torch_profiler_settings()
             self._torch_profiler = self._recording.enter_context(torch.profiler.profile(activities=activities))
 
     def _stop(self, step: int) -> None:
@@ -79,9 +79,8 @@ class StepProfiler:
         stem = self.directory / f"rank{self.rank}-steps{self.first}-{step}"
         trace = stem.with_suffix(".json.gz")
         self._torch_profiler.export_chrome_trace(str(trace))
-        _, sort_by = device_lib.torch_profiler_settings()
         table = stem.with_suffix(".txt")
-        table.write_text(self._torch_profiler.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+        table.write_text(self._torch_profiler.key_averages().table(sort_by=self._sort_by, row_limit=40) + "\n")
         self._torch_profiler = None
         logger.info("profiled steps %d-%d on rank %d: trace %s (https://ui.perfetto.dev), top operators %s",
                     self.first, step, self.rank, trace, table)
