@@ -8,7 +8,8 @@
 #      the loss falls;
 #   3. a missing path: submit.sh refuses before sbatch; a job submitted anyway fails at start with status 2;
 #   4. pipeline.sh DRY_RUN=1 prints the chained sbatch commands;
-#   5. slurm/submit.sh eval: a 2-task array (gsm8k, math; 4 problems each) on the SFT checkpoint, one table;
+#   5. slurm/submit.sh eval: a 3-task array (gsm8k; math split in 2 parts; 4 problems each) on the SFT checkpoint,
+#      the parts merged, one table;
 #   6. a running job sent USR2 logs every rank's Python stacks and goes on; then a crashed rank: rank 1 is
 #      SIGKILLed while rank 0 is stopped (as if blocked in a collective); the job must end FAILED within seconds
 #      and not requeue itself (without srun --kill-on-bad-exit it would hang).
@@ -212,9 +213,10 @@ rm_job=$(RECIPE=tiny_rm DATA=../data/rm CKPT_DIR=ckpt/rm INIT_FROM=ckpt/sft LOG_
 JOBS+=("$rm_job")
 rm_log=$WORK/jobs/logs/acemath-rm-7b-$rm_job.out
 
-# 5. Evaluation of the SFT model, after it (the pipeline's order): a job array, one benchmark per task.
-eval_job=$(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math" TP=1 \
-  MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4" EVAL_OUTPUT_DIR=eval LOG_DIR=logs \
+# 5. Evaluation of the SFT model, after it (the pipeline's order): a job array, one benchmark per task, except math,
+# split over two (its 2 chunks of 2 problems, one per task).
+eval_job=$(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math:2" TP=1 \
+  MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4 --chunk-problems 2" EVAL_OUTPUT_DIR=eval LOG_DIR=logs \
   "$REPO/slurm/submit.sh" eval --gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1 --time=10 \
   --dependency="afterok:$sft" 2>"$WORK/log/submit_eval.err") || { cat "$WORK/log/submit_eval.err"; fail "submit.sh eval"; }
 JOBS+=("$eval_job")
@@ -286,12 +288,15 @@ done
 say "RM job $rm_job COMPLETED: from the SFT weights, planner layout + TP=2 override, $RM_STEPS steps," \
   "loss $rm_losses, steps 4 and 8 saved in the background, latest=$(cat ckpt/rm/latest)"
 
-for task in 0 1; do wait_for "${eval_job}_$task" 300 COMPLETED; done
+for task in 0 1 2; do wait_for "${eval_job}_$task" 300 COMPLETED; done
 for bench in gsm8k math; do
   [[ $(wc -l <"eval/$bench.jsonl") == 4 ]] || fail "eval/$bench.jsonl does not hold 4 graded problems"
   grep -q "^| $bench | 4 | 1 |" eval/summary.md || fail "eval/summary.md has no $bench row: $(cat eval/summary.md)"
 done
-say "eval array $eval_job COMPLETED: tasks 0 (gsm8k) and 1 (math), 4 problems each, one summary.md"
+grep -q '"shards": 2' eval/math.meta.json || fail "eval/math.meta.json does not say it merged 2 shards"
+[[ -z $(ls -A eval/shards) ]] || fail "the merged shards were left in eval/shards: $(ls eval/shards)"
+say "eval array $eval_job COMPLETED: tasks 0 (gsm8k), 1 and 2 (math's two parts, merged), 4 problems each," \
+  "one summary.md"
 
 # 6. A rank dies mid-run while its peer cannot notice (stopped, as if blocked in an NCCL collective, which never
 # learns of a dead peer): srun --kill-on-bad-exit must end the step, the job must fail and must not requeue.

@@ -8,7 +8,9 @@
     python launch/evaluate.py ... --num-samples 8 --temperature 0.7 --top-p 0.95 --benchmarks math
     # an exported HF checkpoint with transformers (or vLLM when installed)
     python launch/evaluate.py --backend hf --checkpoint exports/acemath-7b --benchmarks gsm8k --limit 50 ...
-    # merge the per-benchmark outputs of a Slurm array into one table
+    # one benchmark split over 4 jobs (each a node): job i runs part i; the last to finish merges them
+    torchrun ... launch/evaluate.py ... --benchmarks math --num-samples 8 --temperature 0.7 --shard 2/4
+    # merge the per-benchmark outputs of a Slurm array (finished shards included) into one table
     python launch/evaluate.py --summarize-only --output-dir eval/math_sft
 
 Outputs in --output-dir: <benchmark>.jsonl (responses, extracted answers, correctness), <benchmark>.meta.json,
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from acemath_mcore.data.chat_templates import TEMPLATE_NAMES  # noqa: E402
 from acemath_mcore.eval.benchmarks import BENCHMARKS  # noqa: E402
-from acemath_mcore.eval.harness import TABLE3_BENCHMARKS  # noqa: E402
+from acemath_mcore.eval.harness import TABLE3_BENCHMARKS, Shard  # noqa: E402
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 BENCHMARK_GROUPS = {"table3": TABLE3_BENCHMARKS, "all": TABLE3_BENCHMARKS + ("aime24", "amc23")}
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-problems", type=int, default=256,
                         help="problems per generation call; each finished call is saved, so a killed run resumes "
                              "after it (<benchmark>.jsonl.progress); 0: one call")
+    parser.add_argument("--shard", metavar="I/N",
+                        help="generate part I (0-based) of N of each benchmark (a run of its --chunk-problems "
+                             "chunks) into <output-dir>/shards/; the part that finds all N finished merges them "
+                             "into <benchmark>.jsonl, equal to an unsharded run's")
     parser.add_argument("--tensor-parallel", type=int, default=1)
     parser.add_argument("--timeout-minutes", type=int, default=30,
                         help="megatron: how long a rank waits in a collective for the others (rank 0 grades each "
@@ -68,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bf16 weights and activations, any backend (default fp32, so backends agree)")
     parser.add_argument("--overwrite", action="store_true", help="regenerate benchmarks that already have results")
     parser.add_argument("--summarize-only", action="store_true",
-                        help="only (re)build the table from the .jsonl files in --output-dir")
+                        help="only (re)build the table from the .jsonl files in --output-dir (merging finished "
+                             "shards first)")
+    parser.add_argument("--if-complete", action="store_true",
+                        help="with --summarize-only: if a named benchmark has no results yet, say which and exit 0 "
+                             "without a table (the Slurm array's tasks each try; the last one writes it)")
     return parser
 
 
@@ -89,9 +99,18 @@ def _setup(args, tokenizer_path: str, max_sequence_length: int) -> dict:
             "precision": "bf16" if args.bf16 else "fp32", "max_sequence_length": max_sequence_length}
 
 
-def _write_and_print_summary(output_dir: str, benchmarks) -> None:
-    from acemath_mcore.eval.harness import format_summary, summarize, write_summary
+def _write_and_print_summary(output_dir: str, benchmarks, if_complete: bool = False) -> None:
+    """Merge the named benchmarks' finished shards, then write and print the table (with ``if_complete``, only
+    once every named benchmark has results)."""
+    from acemath_mcore.eval.harness import format_summary, merge_shards, results_path, summarize, write_summary
 
+    for name in benchmarks or ():
+        if not results_path(output_dir, name).is_file():
+            merge_shards(output_dir, name)
+    missing = [name for name in benchmarks or () if not results_path(output_dir, name).is_file()]
+    if missing and if_complete:
+        print(f"no table yet: no results for {', '.join(missing)} in {output_dir}", file=sys.stderr)
+        return
     summary = summarize(output_dir, benchmarks)
     write_summary(summary, output_dir)
     print(format_summary(summary))
@@ -104,8 +123,17 @@ def main(argv: list[str] | None = None) -> int:
 
     benchmarks = _benchmarks(args.benchmarks or "table3")
     if args.summarize_only:
-        _write_and_print_summary(args.output_dir, benchmarks if args.benchmarks else None)
+        _write_and_print_summary(args.output_dir, benchmarks if args.benchmarks else None, args.if_complete)
         return 0
+    if args.if_complete:
+        raise SystemExit("--if-complete goes with --summarize-only")
+    try:
+        shard = Shard.parse(args.shard) if args.shard else None
+    except ValueError as error:
+        raise SystemExit(f"--shard: {error}") from None
+    if shard is not None and args.chunk_problems <= 0:
+        raise SystemExit("--shard splits a benchmark into runs of --chunk-problems problems: it needs "
+                         "--chunk-problems > 0")
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required")
     missing = [name for name in benchmarks if not (Path(args.data_dir) / name / "test.jsonl").is_file()]
@@ -120,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvalSettings(benchmarks=benchmarks, data_dir=args.data_dir, output_dir=args.output_dir,
                             sampling=sampling, num_samples=args.num_samples, seed=args.seed, limit=args.limit,
                             instruction_role=args.instruction_role, overwrite=args.overwrite,
-                            chunk_problems=args.chunk_problems or None)
+                            chunk_problems=args.chunk_problems or None, shard=shard)
     if args.backend == "megatron":
         from acemath_mcore.eval.backends import MegatronBackend
         from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
@@ -139,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             if launch_rank() == 0:
                 print(f"{', '.join(benchmarks)}: results with these settings already in {args.output_dir}; "
                       "skipped (--overwrite redoes them)", file=sys.stderr)
-                _write_and_print_summary(args.output_dir, benchmarks)
+                _write_and_print_summary(args.output_dir, benchmarks, if_complete=shard is not None)
             return 0
         install_stack_dumps()
         launch = init_distributed(ParallelConfig(tensor_parallel=args.tensor_parallel,

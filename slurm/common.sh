@@ -292,11 +292,27 @@ acemath_after_training() {
 
 # Evaluation (eval.sh) --------------------------------------------------------------------------------------
 
-# Sets ACEMATH_BENCH (array), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (everything but --benchmarks).
+# Sets ACEMATH_BENCH (the benchmark names), ACEMATH_EVAL_TASKS (one per array task: "NAME" or "NAME I/N" for part I
+# of a benchmark listed as NAME:N), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (all but --benchmarks).
 acemath_eval_config() {
   ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
   local benchmarks=${BENCHMARKS:-$ACEMATH_BENCHMARKS}
-  read -r -a ACEMATH_BENCH <<<"${benchmarks//,/ }"  # commas or spaces
+  local -a entries=()
+  read -r -a entries <<<"${benchmarks//,/ }"  # commas or spaces
+  ACEMATH_BENCH=() ACEMATH_EVAL_TASKS=()
+  local entry name shards shard
+  for entry in "${entries[@]}"; do
+    name=${entry%%:*} shards=1
+    if [[ $entry == *:* ]]; then shards=${entry#*:}; fi
+    [[ $shards =~ ^[1-9][0-9]*$ ]] ||
+      acemath_die "BENCHMARKS: '$entry': a benchmark, or NAME:N to split it over N array tasks (N >= 1)"
+    ACEMATH_BENCH+=("$name")
+    if ((shards == 1)); then
+      ACEMATH_EVAL_TASKS+=("$name")
+    else
+      for ((shard = 0; shard < shards; shard++)); do ACEMATH_EVAL_TASKS+=("$name $shard/$shards"); done
+    fi
+  done
   local model=${MODEL:-$(acemath_model_for_size "$ACEMATH_SIZE")}
   local ckpt=${CKPT:-${CKPT_DIR:-$REPO_DIR/checkpoints/$model-math_sft}}  # math SFT's recipe save_dir
   ACEMATH_CKPT=$(acemath_abspath "$ckpt")
@@ -339,7 +355,8 @@ acemath_check_eval() {  # now | upstream (the checkpoint is written by an earlie
   done
 }
 
-# The body of eval.sh: array task i evaluates the i-th benchmark; the task that completes the set writes the table.
+# The body of eval.sh: array task i evaluates the i-th benchmark (or benchmark part); each task then tries the table,
+# which only the one that completes the set writes.
 acemath_eval_job() {
   acemath_require_job eval
   acemath_init
@@ -348,24 +365,23 @@ acemath_eval_job() {
   acemath_container_args
   acemath_banner
   local index=${SLURM_ARRAY_TASK_ID:-0}
-  local count=${#ACEMATH_BENCH[@]}
-  ((index < count)) || acemath_die "array index $index, but BENCHMARKS has $count entries (--array=0-$((count - 1)))"
-  local bench=${ACEMATH_BENCH[index]}
+  local count=${#ACEMATH_EVAL_TASKS[@]}
+  ((index < count)) ||
+    acemath_die "array index $index, but BENCHMARKS makes $count array tasks (--array=0-$((count - 1)))"
+  local bench shard
+  read -r bench shard <<<"${ACEMATH_EVAL_TASKS[index]}"
+  local -a shard_args=()
+  if [[ -n $shard ]]; then shard_args=(--shard "$shard"); fi
   acemath_check_eval now
   acemath_rendezvous
-  acemath_log "benchmark $bench -> $ACEMATH_EVAL_OUT"
+  acemath_log "benchmark $bench${shard:+ part $shard} -> $ACEMATH_EVAL_OUT"
   local rc=0
-  acemath_srun "$PYTHON" launch/evaluate.py "${ACEMATH_EVAL_ARGS[@]}" --benchmarks "$bench" || rc=$?
-  ((rc == 0)) || acemath_die "launch/evaluate.py failed on $bench with status $rc"
-  local done_count=0 name
-  for name in "${ACEMATH_BENCH[@]}"; do
-    if [[ -f $ACEMATH_EVAL_OUT/$name.meta.json ]]; then done_count=$((done_count + 1)); fi
-  done
-  if ((done_count == ${#ACEMATH_BENCH[@]})); then
-    local list
-    list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
-    acemath_python launch/evaluate.py --summarize-only --benchmarks "$list" --output-dir "$ACEMATH_EVAL_OUT"
-  fi
+  acemath_srun "$PYTHON" launch/evaluate.py "${ACEMATH_EVAL_ARGS[@]}" --benchmarks "$bench" "${shard_args[@]}" ||
+    rc=$?
+  ((rc == 0)) || acemath_die "launch/evaluate.py failed on $bench${shard:+ part $shard} with status $rc"
+  local list
+  list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
+  acemath_python launch/evaluate.py --summarize-only --if-complete --benchmarks "$list" --output-dir "$ACEMATH_EVAL_OUT"
 }
 
 # Submit side -----------------------------------------------------------------------------------------------

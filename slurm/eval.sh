@@ -4,8 +4,9 @@
 # completes the set writes summary.md. Greedy pass@1 by default; NUM_SAMPLES/TEMPERATURE/TOP_P for sampled candidates.
 #   CKPT=checkpoints/qwen2.5-math-7b-math_sft sbatch slurm/eval.sh      # SIZE picks the preset and TP
 #   BENCHMARKS="gsm8k math500" slurm/submit.sh eval                      # submit.sh sizes --array to BENCHMARKS
-# A requeued task skips benchmarks already written with the same settings. No --signal: evaluation does not
-# checkpoint mid-benchmark, and SIGUSR1 would only kill it.
+#   BENCHMARKS="math:4 gsm8k" NUM_SAMPLES=8 TEMPERATURE=0.7 slurm/submit.sh eval   # math over 4 tasks: 5 in all
+# A requeued or resubmitted task skips benchmarks already written with the same settings and resumes a half-done
+# one after its last finished chunk. No --signal: only finished chunks are kept, so SIGUSR1 would only kill it.
 #SBATCH --job-name=acemath-eval
 #SBATCH --array=0-8
 #SBATCH --nodes=1

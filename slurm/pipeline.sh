@@ -96,7 +96,7 @@ for stage in "${stages[@]}"; do
   if [[ $stage == eval ]]; then
     acemath_eval_config
     if [[ ${upstream_for[eval]} == 1 ]]; then acemath_check_eval upstream; else acemath_check_eval now; fi
-    eval_array="0-$((${#ACEMATH_BENCH[@]} - 1))"
+    eval_array="0-$((${#ACEMATH_EVAL_TASKS[@]} - 1))"
   else
     acemath_training_spec "${template_for[$stage]}" "${upstream_for[$stage]}"
     specs+=("${ACEMATH_SPEC[@]}")

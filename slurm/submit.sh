@@ -25,7 +25,7 @@ case $stage in
   eval)
     acemath_eval_config
     if [[ $upstream == 1 ]]; then acemath_check_eval upstream; else acemath_check_eval now; fi
-    acemath_sbatch eval.sh --array="0-$((${#ACEMATH_BENCH[@]} - 1))" "$@"
+    acemath_sbatch eval.sh --array="0-$((${#ACEMATH_EVAL_TASKS[@]} - 1))" "$@"
     ;;
   *) acemath_die "$usage" ;;
 esac

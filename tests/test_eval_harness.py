@@ -308,3 +308,75 @@ def test_cli_input_errors_are_one_line_without_a_traceback(tmp_path):
     assert done.returncode == 2
     assert f"evaluate.py: error: no benchmark results (<benchmark>.jsonl with its .meta.json) in {tmp_path}" in \
         done.stderr and "Traceback" not in done.stderr
+
+
+def test_shards_merge_into_what_one_unsharded_run_writes(tmp_path, encoder, gsm8k, monkeypatch, capsys):
+    """A long benchmark split over jobs: each shard generates its run of chunks with the seeds an unsharded run
+    gives them, and whoever finds every part finished (the last shard, or ``--summarize-only``) merges them into
+    the unsharded run's results and settings, so a rerun of either kind skips it. Some prompts are over the
+    context, and 4 shards over 3 chunks leave shard 0 with none."""
+    from acemath_mcore.eval import harness
+    from acemath_mcore.eval.harness import Shard, finished_with
+
+    evaluate_main = launch_main("evaluate")
+    lengths = [len(encoder.encode([{"role": "user", "content": p.question}], True).input_ids) for p in gsm8k]
+    limit = sorted(lengths)[LIMIT // 2] + 20
+
+    def right(number, sample):
+        return (number + sample) % 3 != 0
+
+    def settings(output_dir, shard=None):
+        return _settings(output_dir, num_samples=2, sampling=SamplingParams(max_new_tokens=64, temperature=0.7),
+                         chunk_problems=2, shard=shard)
+
+    whole = DyingBackend(encoder, gsm8k, right, max_sequence_length=limit)
+    expected = run_evaluation(whole, encoder, settings(tmp_path / "whole"), model_name="scripted")
+    assert expected["benchmarks"]["gsm8k"]["prompts_too_long"] > 0
+
+    out, seeds = tmp_path / "sharded", []
+    for index in (2, 0, 3):
+        backend = DyingBackend(encoder, gsm8k, right, max_sequence_length=limit)
+        assert run_evaluation(backend, encoder, settings(out, Shard(index, 4)), model_name="scripted") is None
+        seeds += backend.seeds
+    assert (out / "shards" / "gsm8k.shard0-of-4.jsonl").read_text() == ""
+    assert not (out / "gsm8k.jsonl").exists()
+    assert evaluate_main(["--summarize-only", "--if-complete", "--benchmarks", "gsm8k", "--output-dir", str(out)]) == 0
+    assert "no table yet: no results for gsm8k" in capsys.readouterr().err and not (out / "summary.md").exists()
+
+    # The last shard finishes but does not merge (two shards finishing at once on a file system that shows
+    # neither the other's files): the array task's --summarize-only --if-complete merges.
+    with monkeypatch.context() as patched:
+        patched.setattr(harness, "merge_shards", lambda *args, **kwargs: False)
+        backend = DyingBackend(encoder, gsm8k, right, max_sequence_length=limit)
+        run_evaluation(backend, encoder, settings(out, Shard(1, 4)), model_name="scripted")
+        seeds += backend.seeds
+    assert sorted(seeds) == whole.seeds
+    assert not (out / "gsm8k.jsonl").exists()
+    assert evaluate_main(["--summarize-only", "--if-complete", "--benchmarks", "gsm8k", "--output-dir", str(out)]) == 0
+    assert "| gsm8k | 6 | 2 |" in capsys.readouterr().out
+    assert (out / "gsm8k.jsonl").read_text() == (tmp_path / "whole" / "gsm8k.jsonl").read_text()
+    meta, whole_meta = (json.loads((path / "gsm8k.meta.json").read_text()) for path in (out, tmp_path / "whole"))
+    assert meta["settings"] == whole_meta["settings"] and meta["shards"] == 4
+    assert meta["prompts_too_long"] == whole_meta["prompts_too_long"]
+    assert summarize(out)["benchmarks"] == expected["benchmarks"]
+    assert not list((out / "shards").iterdir())
+    assert finished_with(settings(out), "gsm8k", "scripted")
+    assert finished_with(settings(out, Shard(3, 4)), "gsm8k", "scripted")
+    again = DyingBackend(encoder, gsm8k, right, max_sequence_length=limit)
+    assert run_evaluation(again, encoder, settings(out, Shard(1, 4)), model_name="scripted") is not None
+    assert again.calls == 0
+
+
+def test_shard_arguments_are_checked(tmp_path, encoder, gsm8k):
+    from acemath_mcore.eval.harness import Shard
+
+    evaluate_main = launch_main("evaluate")
+    for bad, message in (("4/4", "need 0 <= index < count"), ("1of4", "expected INDEX/COUNT"),
+                         ("-1/2", "expected INDEX/COUNT")):
+        with pytest.raises(SystemExit, match=f"--shard: shard .*{message}"):
+            evaluate_main(["--output-dir", str(tmp_path), f"--shard={bad}"])
+    with pytest.raises(SystemExit, match="it needs --chunk-problems > 0"):
+        evaluate_main(["--output-dir", str(tmp_path), "--shard", "0/2", "--chunk-problems", "0"])
+    with pytest.raises(ValueError, match="set chunk_problems"):
+        run_evaluation(ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True), encoder,
+                       _settings(tmp_path, shard=Shard(0, 2)), model_name="scripted")

@@ -10,6 +10,10 @@ maj@n and pass@n.
 
 Prompts that leave no room to generate within the context are not sent to the model: they are kept with empty
 responses scored wrong (the denominator stays the benchmark's size) and counted in the log and summary.
+
+A long benchmark can be split over jobs (``Shard``): each shard generates a contiguous run of the benchmark's
+generation chunks into ``shards/``, and the shard that finds every part finished merges them into the ordinary
+``<benchmark>.jsonl`` (the same chunks with the same seeds, so the merge equals an unsharded run's results).
 """
 
 from __future__ import annotations
@@ -39,6 +43,30 @@ TABLE3_BENCHMARKS = ("gsm8k", "math", "minerva_math", "gaokao2023en", "olympiadb
 PROMPT_TOO_LONG = "prompt_too_long"
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """Part ``index`` (0-based) of ``count`` of each benchmark: the chunks ``index*C//count`` up to
+    ``(index+1)*C//count`` of its ``C`` generation chunks (a shard may get none when ``count > C``)."""
+
+    index: int
+    count: int
+
+    def __post_init__(self):
+        if not 0 <= self.index < self.count:
+            raise ValueError(f"shard {self.index}/{self.count}: need 0 <= index < count")
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """``"I/N"``, as ``--shard`` takes it."""
+        index, slash, count = text.partition("/")
+        if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+            raise ValueError(f"shard {text!r}: expected INDEX/COUNT, e.g. 0/4")
+        return cls(int(index), int(count))
+
+    def chunks(self, total: int) -> range:
+        return range(self.index * total // self.count, (self.index + 1) * total // self.count)
+
+
 class GenerationBackend(Protocol):
     """Something that continues token-id prompts; every process of a distributed backend calls ``generate`` with
     the same arguments and gets the full result list back."""
@@ -65,6 +93,7 @@ class EvalSettings:
     # Problems per generate call; each call's generations are appended to ``<benchmark>.jsonl.progress`` so a run
     # killed part-way (a time limit, a node failure) resumes after the last finished chunk. None: one call.
     chunk_problems: Optional[int] = None
+    shard: Optional[Shard] = None  # this job's part of each benchmark (None: all of it); needs chunk_problems
     # Choices made outside the harness that change the outputs too (backend, chat template, tokenizer, weight
     # precision, context limit): recorded in the fingerprint.
     setup: Dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -79,6 +108,17 @@ class EvalSettings:
                 "setup": self.setup}
 
 
+def results_path(output_dir: str | Path, benchmark: str, shard: Optional[Shard] = None) -> Path:
+    """Where a benchmark's results go: ``<benchmark>.jsonl``, or a shard's part under ``shards/``."""
+    if shard is None:
+        return Path(output_dir) / f"{benchmark}.jsonl"
+    return Path(output_dir) / "shards" / f"{benchmark}.shard{shard.index}-of-{shard.count}.jsonl"
+
+
+def _shard_fingerprint(fingerprint: dict, shard: Shard) -> dict:
+    return {**fingerprint, "shard": [shard.index, shard.count]}
+
+
 def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
                    model_name: str) -> Optional[dict]:
     """Evaluate every benchmark in ``settings``; the writer process returns the summary, the others None."""
@@ -86,6 +126,8 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
         raise ValueError(f"num_samples must be >= 1, got {settings.num_samples}")
     if settings.num_samples > 1 and settings.sampling.greedy:
         raise ValueError("num_samples > 1 with temperature 0 would repeat one greedy answer; set a temperature")
+    if settings.shard is not None and not settings.chunk_problems:
+        raise ValueError("a shard is a run of generation chunks: set chunk_problems (--chunk-problems > 0)")
     output_dir = Path(settings.output_dir)
     if backend.is_writer:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -93,69 +135,101 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
         _evaluate_benchmark(backend, encoder, settings, benchmark, model_name, output_dir)
     if not backend.is_writer:
         return None
+    unmerged = [name for name in settings.benchmarks if not results_path(output_dir, name).is_file()]
+    if unmerged:  # a shard finished before its siblings: the last of them writes the table
+        log.info("%s: waiting for the other shards; the shard that finishes last merges them and writes the table",
+                 ", ".join(unmerged))
+        return None
     summary = summarize(output_dir, settings.benchmarks)
     write_summary(summary, output_dir)
     return summary
 
 
-def _stored_settings(settings: EvalSettings, benchmark: str) -> Optional[dict]:
-    """The fingerprint of ``benchmark``'s complete results in the output dir (None: none, or ``overwrite``)."""
-    output_dir = Path(settings.output_dir)
-    results_path, meta_path = output_dir / f"{benchmark}.jsonl", output_dir / f"{benchmark}.meta.json"
-    if settings.overwrite or not (results_path.is_file() and meta_path.is_file()):
+def _stored_settings(path: Path, overwrite: bool = False) -> Optional[dict]:
+    """The fingerprint of the complete results at ``path`` (None: none, or ``overwrite``)."""
+    meta_path = path.with_suffix(".meta.json")
+    if overwrite or not (path.is_file() and meta_path.is_file()):
         return None
     return json.loads(meta_path.read_text()).get("settings") or {}
 
 
 def finished_with(settings: EvalSettings, benchmark: str, model_name: str) -> bool:
-    """Whether ``benchmark`` has complete results made with these settings (a run skips it; the CLI checks this
-    before it loads a model, so a resubmitted finished job costs no weight loading)."""
-    return _stored_settings(settings, benchmark) == settings.fingerprint(benchmark, model_name)
+    """Whether ``benchmark`` has complete results made with these settings, or, for a shard, whether its part
+    does (a run skips it; the CLI checks this before it loads a model, so a resubmitted finished job costs no
+    weight loading)."""
+    fingerprint = settings.fingerprint(benchmark, model_name)
+    if _stored_settings(results_path(settings.output_dir, benchmark), settings.overwrite) == fingerprint:
+        return True
+    shard = settings.shard
+    return shard is not None and _stored_settings(results_path(settings.output_dir, benchmark, shard),
+                                                  settings.overwrite) == _shard_fingerprint(fingerprint, shard)
 
 
 def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
                         benchmark: str, model_name: str, output_dir: Path) -> None:
-    results_path = output_dir / f"{benchmark}.jsonl"
     fingerprint = settings.fingerprint(benchmark, model_name)
-    stored = _stored_settings(settings, benchmark)
-    if stored == fingerprint:
+    merged_path, shard = results_path(output_dir, benchmark), settings.shard
+    path = results_path(output_dir, benchmark, shard)
+    if finished_with(settings, benchmark, model_name):
         if backend.is_writer:
+            done = merged_path if _stored_settings(merged_path, settings.overwrite) == fingerprint else path
             log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
-                     benchmark, results_path)
+                     benchmark, done)
+            if done == path:
+                merge_shards(output_dir, benchmark, fingerprint)
         return
+    stored = _stored_settings(merged_path, settings.overwrite)
     if stored is not None and backend.is_writer:
         changed = sorted(key for key in set(stored) | set(fingerprint) if stored.get(key) != fingerprint.get(key))
-        log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, results_path,
+        log.info("%s: %s was made with other settings (%s differ): regenerating", benchmark, merged_path,
                  ", ".join(changed))
     problems, gold_issues = load_benchmark(benchmark, settings.data_dir)
     if settings.limit is not None:
         problems = problems[: settings.limit]
         gold_issues = [issue for issue in gold_issues if issue.idx < settings.limit]
+    first_chunk, identity = 0, fingerprint
+    if shard is not None:
+        size, total = settings.chunk_problems, -(-len(problems) // settings.chunk_problems)
+        mine = shard.chunks(total)
+        first_chunk, identity = mine.start, _shard_fingerprint(fingerprint, shard)
+        problems = problems[mine.start * size: mine.stop * size]
+        ours = {problem.idx for problem in problems}
+        gold_issues = [issue for issue in gold_issues if issue.idx in ours]
+        if backend.is_writer:
+            log.info("%s: shard %d/%d takes chunks [%d, %d) of %d: %d problems", benchmark, shard.index,
+                     shard.count, mine.start, mine.stop, total, len(problems))
     if backend.is_writer and gold_issues:
         log.info("%s: %d gold answers flagged (kept, see load_benchmark): %s", benchmark, len(gold_issues),
                  "; ".join(f"idx {issue.idx}: {issue.reason}" for issue in gold_issues[:3]))
-    evaluate_problems(backend, encoder, settings, benchmark, problems, results_path,
-                      extra_meta={"settings": fingerprint})
+    evaluate_problems(backend, encoder, settings, benchmark, problems, path, extra_meta={"settings": identity},
+                      first_chunk=first_chunk)
+    if shard is not None and backend.is_writer:
+        merge_shards(output_dir, benchmark, fingerprint)
 
 
 def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
                       benchmark: str, problems: Sequence[Problem], results_path: Path,
-                      extra_meta: Optional[dict] = None) -> Optional[List[dict]]:
+                      extra_meta: Optional[dict] = None, first_chunk: int = 0) -> Optional[List[dict]]:
     """Generate ``settings.num_samples`` responses per problem, grade them with ``benchmark``'s extraction rules
-    and write ``results_path`` (+ ``.meta.json``); the writer process returns the records."""
+    and write ``results_path`` (+ ``.meta.json``); the writer process returns the records. ``first_chunk``: the
+    benchmark's chunk that ``problems`` starts at (a shard's), which picks the chunks' seeds."""
     prompts = [encoded.input_ids.tolist() for encoded in encoder.encode_batch(
         [build_messages(problem, settings.instruction, settings.instruction_role) for problem in problems],
         add_generation_prompt=True)]
     fits = [len(prompt) < backend.max_sequence_length for prompt in prompts]
     too_long = fits.count(False)
     n = settings.num_samples
-    rows = [prompt for prompt, ok in zip(prompts, fits) if ok for _ in range(n)]
+    size = settings.chunk_problems or max(1, len(problems))
+    # A chunk is a run of problems (those over the context send no rows), so shards cut the same chunks.
+    chunks = [[prompt for prompt, ok in zip(prompts[start:start + size], fits[start:start + size]) if ok
+               for _ in range(n)] for start in range(0, len(problems), size)]
     if backend.is_writer:
         log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong)",
                  benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
     report = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
-    generations = _generate_in_chunks(backend, settings, rows, n, results_path, extra_meta or {}, benchmark, report)
+    generations = _generate_in_chunks(backend, settings, chunks, first_chunk, results_path, extra_meta or {},
+                                      benchmark, report)
     if not backend.is_writer:
         return None
     generated_tokens = sum(len(g.token_ids) for g in generations)
@@ -186,16 +260,15 @@ def _progress_path(results_path: Path) -> Path:
     return results_path.with_name(results_path.name + ".progress")
 
 
-def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows: List[List[int]], n: int,
-                        results_path: Path, identity: dict, benchmark: str,
+def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chunks: List[List[List[int]]],
+                        first_chunk: int, results_path: Path, identity: dict, benchmark: str,
                         report: Callable[[int, int], None]) -> List[Generation]:
-    """Generations of ``rows``, ``settings.chunk_problems`` problems (x ``n`` rows) per generate call. The writer
-    appends each finished chunk to the progress file (first line: ``identity``, the results' fingerprint); a rerun
-    with the same identity reads the finished chunks back, a torn last line included, and generates the rest. Every
-    process reads the file before the first generate call, which the writer cannot finish alone, so all agree on
-    where to resume."""
-    size = len(rows) if not settings.chunk_problems else settings.chunk_problems * n
-    chunks = [rows[start:start + size] for start in range(0, len(rows), max(1, size))]
+    """Generations of every chunk's rows, one generate call per chunk, chunk ``c`` sampled with
+    ``seed + CHUNK_SEED_STRIDE * (first_chunk + c)``. The writer appends each finished chunk to the progress file
+    (first line: ``identity``, the results' fingerprint); a rerun with the same identity reads the finished chunks
+    back, a torn last line included, and generates the rest. Every process reads the file before the first generate
+    call, which the writer cannot finish alone, so all agree on where to resume."""
+    rows = sum(map(len, chunks))
     path = _progress_path(results_path)
     finished = [] if settings.overwrite else _finished_chunks(path, identity, [len(chunk) for chunk in chunks])
     if backend.is_writer:
@@ -204,12 +277,14 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows
             _chunk_line(index, chunk) for index, chunk in enumerate(finished)))
         if finished:
             log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
-                     len(chunks), sum(map(len, finished)), len(rows), path)
+                     len(chunks), sum(map(len, finished)), rows, path)
     generations = [generation for chunk in finished for generation in chunk]
     for index in range(len(finished), len(chunks)):
         done = len(generations)
-        part = backend.generate(chunks[index], settings.sampling, settings.seed + CHUNK_SEED_STRIDE * index,
-                                lambda count, total: report(done + count, len(rows)))
+        # A chunk whose prompts are all over the context has nothing to send (every process skips it alike).
+        part = backend.generate(chunks[index], settings.sampling,
+                                settings.seed + CHUNK_SEED_STRIDE * (first_chunk + index),
+                                lambda count, total: report(done + count, rows)) if chunks[index] else []
         if backend.is_writer:
             with open(path, "a", encoding="utf-8") as stream:
                 stream.write(_chunk_line(index, part))
@@ -217,6 +292,42 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, rows
                 os.fsync(stream.fileno())
         generations += part
     return generations
+
+
+def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[dict] = None) -> bool:
+    """Join ``benchmark``'s shards into ``<benchmark>.jsonl`` once every part of one split is finished with the
+    same settings (``fingerprint``'s, when given), then delete the parts. Returns whether it merged. Two shards
+    finishing at once may both merge: each write is a rename of identical contents."""
+    shard_dir = Path(output_dir) / "shards"
+    counts = sorted({int(path.stem.rpartition("-of-")[2]) for path in shard_dir.glob(f"{benchmark}.shard*-of-*.jsonl")})
+    for count in counts:
+        paths = [results_path(output_dir, benchmark, Shard(index, count)) for index in range(count)]
+        settings = [_stored_settings(path) for path in paths]
+        if any(stored is None for stored in settings):
+            continue
+        merged = {key: value for key, value in settings[0].items() if key != "shard"}
+        if fingerprint is not None and merged != fingerprint:
+            continue
+        if any(stored != _shard_fingerprint(merged, Shard(index, count)) for index, stored in enumerate(settings)):
+            log.warning("%s: its %d shards in %s were made with different settings; not merged", benchmark, count,
+                        shard_dir)
+            continue
+        metas = [json.loads(path.with_suffix(".meta.json").read_text()) for path in paths]
+        target = results_path(output_dir, benchmark)
+        target.with_suffix(".meta.json").unlink(missing_ok=True)
+        _write_atomically(target, "".join(path.read_text(encoding="utf-8") for path in paths))
+        totals = {key: sum(meta.get(key, 0) for meta in metas)
+                  for key in ("prompts_too_long", "generated_tokens", "generation_seconds")}
+        _write_atomically(target.with_suffix(".meta.json"), json.dumps({
+            "settings": merged, "shards": count, **totals,
+            "tokens_per_second": round(totals["generated_tokens"] / max(totals["generation_seconds"], 1e-9), 1),
+        }, indent=2) + "\n")
+        for path in paths:
+            path.with_suffix(".meta.json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+        log.info("%s: merged its %d shards into %s", benchmark, count, target)
+        return True
+    return False
 
 
 def _chunk_line(index: int, generations: Sequence[Generation]) -> str:

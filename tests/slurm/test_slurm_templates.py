@@ -243,6 +243,31 @@ def test_eval_extra_arguments_do_not_change_the_precision(env, bf16):
         assert arguments[-3:-1] == ["--top-k", "20"]
 
 
+@pytest.mark.parametrize("benchmarks, tasks", [
+    ("math:3 gsm8k,aime24:1", ["math 0/3", "math 1/3", "math 2/3", "gsm8k", "aime24"]),
+    ("gsm8k math:0", "BENCHMARKS: 'math:0': a benchmark, or NAME:N to split it over N array tasks (N >= 1)"),
+    ("math:two", "BENCHMARKS: 'math:two'"),
+])
+def test_a_benchmark_listed_as_name_colon_n_is_split_over_n_array_tasks(tmp_path, benchmarks, tasks):
+    """submit.sh sizes --array to the tasks, and each part's task passes --shard I/N to launch/evaluate.py."""
+    import os
+
+    script = (f'source "{SLURM}/common.sh"; acemath_eval_config; printf "%s\\n" "${{ACEMATH_EVAL_TASKS[@]}}" --- '
+              '"${ACEMATH_BENCH[@]}"')
+    environment = {**os.environ, "REPO_DIR": str(REPO), "BENCHMARKS": benchmarks, "CKPT": str(tmp_path)}
+    done = subprocess.run(["bash", "-c", script], env=environment, capture_output=True, text=True)
+    if isinstance(tasks, str):
+        assert done.returncode == 2 and tasks in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:-1] == [*tasks, "---", "math", "gsm8k", "aime24"]
+    (tmp_path / "latest").write_text("iter_0000001")
+    submitted = subprocess.run([str(SLURM / "submit.sh"), "eval"], capture_output=True, text=True,
+                               env={**environment, "DRY_RUN": "1"})
+    assert submitted.returncode == 0, submitted.stderr
+    assert "--array=0-4 " in submitted.stderr
+
+
 @pytest.mark.parametrize("nsys", ["0", "1", "yes"])
 def test_nsys_wraps_the_training_tasks_and_asks_the_trainer_for_its_capture_range(tmp_path, nsys):
     """NSYS=1: srun runs each task's python under nsys, which records from the trainer's cudaProfilerStart to
