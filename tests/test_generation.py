@@ -154,6 +154,20 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
 
     assert table(again.stdout) == table(megatron.stdout) and len(table(megatron.stdout)) == 5
 
+    # gsm8k in two parts (3 problems in chunks of 2): the second merges; its rerun is skipped before the
+    # rendezvous too, and the table it prints is the merged one.
+    sharded = ["--checkpoint", checkpoint, "--output-dir", tmp_path / "sharded", *common[:3], "gsm8k", *common[4:],
+               "--chunk-problems", 2]
+    for part in ("0/2", "1/2"):
+        done = _evaluate(*sharded, "--shard", part)
+        assert done.returncode == 0, done.stderr[-3000:]
+    merged = [json.loads(line) for line in (tmp_path / "sharded" / "gsm8k.jsonl").open()]
+    assert [r["code"] for r in merged] == [json.loads(line)["code"] for line in (tmp_path / "megatron" / "gsm8k.jsonl").open()]
+    assert "| gsm8k | 3 | 1 |" in done.stdout
+    again = _evaluate(*sharded, "--shard", "1/2", "--tensor-parallel", 2)
+    assert again.returncode == 0 and "results with these settings already in" in again.stderr, again.stderr[-3000:]
+    assert "| gsm8k | 3 | 1 |" in again.stdout
+
 
 def test_hf_backend_gives_each_row_its_own_context_budget():
     """Left-padded batches: a short prompt beside a long one may still fill the context on its own, exactly as it
