@@ -8,8 +8,9 @@
 #      the loss falls;
 #   3. a missing path: submit.sh refuses before sbatch; a job submitted anyway fails at start with status 2;
 #   4. pipeline.sh DRY_RUN=1 prints the chained sbatch commands;
-#   5. slurm/submit.sh eval: a 3-task array (gsm8k; math split in 2 parts; 4 problems each) on the SFT checkpoint,
-#      the parts merged, one table;
+#   5. slurm/submit.sh eval: a 3-task array (gsm8k; math split in 2 parts; 4 problems x 2 samples each) on the SFT
+#      checkpoint, the parts merged, one table; then slurm/submit.sh bestofn (afterok on 2 and the eval array):
+#      a 2-task array scores those candidates with the RM, rm@k / maj@k / pass@k and one table;
 #   6. a running job sent USR2 logs every rank's Python stacks and goes on; then a crashed rank: rank 1 is
 #      SIGKILLed while rank 0 is stopped (as if blocked in a collective); the job must end FAILED within seconds
 #      and not requeue itself (without srun --kill-on-bad-exit it would hang).
@@ -215,19 +216,26 @@ rm_log=$WORK/jobs/logs/acemath-rm-7b-$rm_job.out
 
 # 5. Evaluation of the SFT model, after it (the pipeline's order): a job array, one benchmark per task, except math,
 # split over two (its 2 chunks of 2 problems, one per task).
-eval_job=$(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math:2" TP=1 \
-  MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4 --chunk-problems 2" EVAL_OUTPUT_DIR=eval LOG_DIR=logs \
-  "$REPO/slurm/submit.sh" eval --gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1 --time=10 \
-  --dependency="afterok:$sft" 2>"$WORK/log/submit_eval.err") || { cat "$WORK/log/submit_eval.err"; fail "submit.sh eval"; }
+eval_env=(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math:2" TP=1 NUM_SAMPLES=2
+  TEMPERATURE=0.7 MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4 --chunk-problems 2" EVAL_OUTPUT_DIR=eval LOG_DIR=logs)
+one_task=(--gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1 --time=10)
+eval_job=$(env "${eval_env[@]}" "$REPO/slurm/submit.sh" eval "${one_task[@]}" --dependency="afterok:$sft" \
+  2>"$WORK/log/submit_eval.err") || { cat "$WORK/log/submit_eval.err"; fail "submit.sh eval"; }
 JOBS+=("$eval_job")
-say "submitted: job $bad (missing DATA), SFT job $sft, RM job $rm_job and eval array $eval_job (both afterok:$sft)"
+# Best-of-n of those candidates with the RM of 2 (the same variables find them; the RM data had no system prompt).
+bon_job=$(env "${eval_env[@]}" RM_CKPT=ckpt/rm RM_TP=1 RM_BF16=0 RM_SYSTEM_PROMPT=none \
+  "$REPO/slurm/submit.sh" bestofn "${one_task[@]}" --dependency="afterok:$rm_job:$eval_job" \
+  2>"$WORK/log/submit_bon.err") || { cat "$WORK/log/submit_bon.err"; fail "submit.sh bestofn"; }
+JOBS+=("$bon_job")
+say "submitted: job $bad (missing DATA), SFT job $sft, RM job $rm_job and eval array $eval_job (both afterok:$sft)," \
+  "best-of-n array $bon_job (afterok:$rm_job:$eval_job)"
 
 # 3a. A missing prefix is refused on the submit side: nothing is queued.
 if out=$(DATA=../data/nope RECIPE=tiny_sft INIT_FROM=none "$REPO/slurm/submit.sh" sft_stage1 "${cpu[@]}" 2>&1); then
   fail "submit.sh accepted a missing DATA prefix: $out"
 fi
 grep -q "DATA: data.prefixes: prefix $WORK/data/nope is missing" <<<"$out" || fail "submit.sh error does not name DATA: $out"
-! scontrol show job $((eval_job + 1)) >/dev/null 2>&1 || fail "submit.sh queued a job despite the error"
+! scontrol show job $((bon_job + 1)) >/dev/null 2>&1 || fail "submit.sh queued a job despite the error"
 say "submit.sh refused before sbatch: $(grep -m1 -o 'DATA: data.prefixes: prefix [^ ]* is missing' <<<"$out")"
 
 wait_for "$bad" 120 FAILED COMPLETED
@@ -291,12 +299,24 @@ say "RM job $rm_job COMPLETED: from the SFT weights, planner layout + TP=2 overr
 for task in 0 1 2; do wait_for "${eval_job}_$task" 300 COMPLETED; done
 for bench in gsm8k math; do
   [[ $(wc -l <"eval/$bench.jsonl") == 4 ]] || fail "eval/$bench.jsonl does not hold 4 graded problems"
-  grep -q "^| $bench | 4 | 1 |" eval/summary.md || fail "eval/summary.md has no $bench row: $(cat eval/summary.md)"
+  grep -q "^| $bench | 4 | 2 |" eval/summary.md || fail "eval/summary.md has no $bench row: $(cat eval/summary.md)"
 done
 grep -q '"shards": 2' eval/math.meta.json || fail "eval/math.meta.json does not say it merged 2 shards"
 [[ -z $(ls -A eval/shards) ]] || fail "the merged shards were left in eval/shards: $(ls eval/shards)"
-say "eval array $eval_job COMPLETED: tasks 0 (gsm8k), 1 and 2 (math's two parts, merged), 4 problems each," \
-  "one summary.md"
+say "eval array $eval_job COMPLETED: tasks 0 (gsm8k), 1 and 2 (math's two parts, merged), 4 problems x 2" \
+  "samples each, one summary.md"
+
+for task in 0 1; do wait_for "${bon_job}_$task" 300 COMPLETED; done
+for bench in gsm8k math; do
+  python - "eval/rm-rm/$bench.scored.jsonl" <<'PY' || fail "eval/rm-rm/$bench.scored.jsonl: not 4 records of 2 scores"
+import json, math, sys
+records = [json.loads(line) for line in open(sys.argv[1])]
+assert len(records) == 4 and all(len(r["pred_score"]) == 2 and all(map(math.isfinite, r["pred_score"])) for r in records)
+PY
+  grep -q "^| $bench | 4 | 2 | " eval/rm-rm/bestofn.md || fail "eval/rm-rm/bestofn.md has no $bench row"
+done
+say "best-of-n array $bon_job COMPLETED: the candidates scored by the RM, $(grep -c '^| ' eval/rm-rm/bestofn.md)-line" \
+  "table eval/rm-rm/bestofn.md"
 
 # 6. A rank dies mid-run while its peer cannot notice (stopped, as if blocked in an NCCL collective, which never
 # learns of a dead peer): srun --kill-on-bad-exit must end the step, the job must fail and must not requeue.

@@ -294,6 +294,17 @@ acemath_after_training() {
 
 # Sets ACEMATH_BENCH (the benchmark names), ACEMATH_EVAL_TASKS (one per array task: "NAME" or "NAME I/N" for part I
 # of a benchmark listed as NAME:N), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (all but --benchmarks).
+acemath_checkpoint_label() {  # a checkpoint's name in result folders: its dir, or <save dir>-iter_N
+  local label
+  label=$(basename "$1")
+  if [[ $label == iter_* ]]; then label="$(basename "$(dirname "$1")")-$label"; fi
+  echo "$label"
+}
+
+acemath_size_tp() {  # the default tensor-parallel size for generation or scoring at a size
+  case $1 in 1p5b) echo 1 ;; 72b) echo 8 ;; *) echo 2 ;; esac
+}
+
 acemath_eval_config() {
   ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
   local benchmarks=${BENCHMARKS:-$ACEMATH_BENCHMARKS}
@@ -317,18 +328,17 @@ acemath_eval_config() {
   local ckpt=${CKPT:-${CKPT_DIR:-$REPO_DIR/checkpoints/$model-math_sft}}  # math SFT's recipe save_dir
   ACEMATH_CKPT=$(acemath_abspath "$ckpt")
   local samples=${NUM_SAMPLES:-1} temperature=${TEMPERATURE:-0} top_p=${TOP_P:-1.0} max_new=${MAX_NEW_TOKENS:-2048}
+  ACEMATH_EVAL_SAMPLES=$samples
   # One folder per checkpoint and sampling settings: the harness regenerates results made with other settings,
   # so a sampled run (rm@8) sharing the greedy run's folder deleted its results. iter_N dirs are named by their
   # save dir too.
   local label
-  label=$(basename "$ACEMATH_CKPT")
-  if [[ $label == iter_* ]]; then label="$(basename "$(dirname "$ACEMATH_CKPT")")-$label"; fi
-  label+="/n${samples}_t${temperature}_p${top_p}_len${max_new}"
+  label=$(acemath_checkpoint_label "$ACEMATH_CKPT")/n${samples}_t${temperature}_p${top_p}_len${max_new}
   ACEMATH_EVAL_OUT=$(acemath_abspath "${EVAL_OUTPUT_DIR:-$REPO_DIR/eval/$label}")
   ACEMATH_EVAL_DATA=$(acemath_abspath "${EVAL_DATA_DIR:-$REPO_DIR/../shared/data/eval}")
   ACEMATH_TOKENIZER=$(acemath_abspath "${TOKENIZER:-$REPO_DIR/../shared/tokenizers/qwen2}")
-  local tp_default=2
-  case $ACEMATH_SIZE in 1p5b) tp_default=1 ;; 72b) tp_default=8 ;; esac
+  local tp_default
+  tp_default=$(acemath_size_tp "$ACEMATH_SIZE")
   local -a extra=() model_args=() precision=(--bf16)
   # Precision is its own knob: extra arguments (EVAL_ARGS="--top-k 20") must not turn bf16 off as a side effect.
   if [[ ${EVAL_BF16:-1} == 0 ]]; then precision=(); fi
@@ -384,6 +394,75 @@ acemath_eval_job() {
   acemath_python launch/evaluate.py --summarize-only --if-complete --benchmarks "$list" --output-dir "$ACEMATH_EVAL_OUT"
 }
 
+# Best-of-n (slurm/bestofn.sh): an eval run's sampled candidates scored by a reward model, then rm@k, maj@k, pass@k.
+# The eval variables (CKPT, NUM_SAMPLES, TEMPERATURE, ... or EVAL_OUTPUT_DIR) find the candidates, CANDIDATES
+# overrides. Sets those of acemath_eval_config and ACEMATH_CANDIDATES, ACEMATH_RM_CKPT, ACEMATH_BON_OUT
+# (CANDIDATES/rm-<RM name>, or BESTOFN_OUTPUT_DIR) and ACEMATH_SCORE_ARGS (launch/score.py but --input/--output).
+acemath_bestofn_config() {
+  acemath_eval_config
+  ACEMATH_CANDIDATES=$(acemath_abspath "${CANDIDATES:-$ACEMATH_EVAL_OUT}")
+  local rm_size
+  rm_size=$(acemath_size "${RM_SIZE:-7b}")
+  [[ $rm_size != 1p5b ]] || acemath_die "RM_SIZE=$RM_SIZE: AceMath's reward models are 7b and 72b"
+  ACEMATH_RM_CKPT=$(acemath_abspath "${RM_CKPT:-$REPO_DIR/checkpoints/$(acemath_model_for_size "$rm_size")-rm}")
+  ACEMATH_BON_OUT=$(acemath_abspath \
+    "${BESTOFN_OUTPUT_DIR:-$ACEMATH_CANDIDATES/rm-$(acemath_checkpoint_label "$ACEMATH_RM_CKPT")}")
+  local -a precision=(--bf16) system=(--system-prompt "${RM_SYSTEM_PROMPT:-acemath_rm}")
+  if [[ ${RM_BF16:-1} == 0 ]]; then precision=(); fi
+  if [[ ${RM_SYSTEM_PROMPT:-} == none ]]; then system=(); fi
+  ACEMATH_SCORE_ARGS=(--checkpoint "$ACEMATH_RM_CKPT" --tokenizer "$ACEMATH_TOKENIZER"
+    --template "${RM_TEMPLATE:-${TEMPLATE:-chatml}}" "${system[@]}"
+    --tensor-parallel "${RM_TP:-$(acemath_size_tp "$rm_size")}" "${precision[@]}" --no-progress)
+}
+
+acemath_check_bestofn() {  # now | upstream (the candidates or the RM are written by an earlier job)
+  [[ -f $REPO_DIR/launch/score.py ]] || acemath_die "$REPO_DIR/launch/score.py does not exist"
+  [[ -e $ACEMATH_TOKENIZER ]] || acemath_die "TOKENIZER: $ACEMATH_TOKENIZER does not exist"
+  [[ $1 == upstream ]] && return 0
+  if [[ ! -f $ACEMATH_RM_CKPT/latest && ! -f $ACEMATH_RM_CKPT/metadata.json ]]; then
+    acemath_die "RM_CKPT: $ACEMATH_RM_CKPT is neither a checkpoint nor a save dir with 'latest' (set RM_CKPT or RM_SIZE)"
+  fi
+  local bench
+  for bench in "${ACEMATH_BENCH[@]}"; do
+    [[ -f $ACEMATH_CANDIDATES/$bench.jsonl ]] || acemath_die "CANDIDATES: $ACEMATH_CANDIDATES/$bench.jsonl does" \
+      "not exist (slurm/eval.sh with the same CKPT, NUM_SAMPLES, TEMPERATURE, TOP_P, MAX_NEW_TOKENS writes it)"
+  done
+}
+
+# The body of bestofn.sh: array task i scores the i-th benchmark's candidates (all tasks of the allocation), then
+# computes its metrics; each task then tries the table, which only the one that completes the set writes.
+acemath_bestofn_job() {
+  acemath_require_job bestofn
+  acemath_init
+  cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
+  acemath_bestofn_config
+  acemath_container_args
+  acemath_banner
+  local index=${SLURM_ARRAY_TASK_ID:-0}
+  local count=${#ACEMATH_BENCH[@]}
+  ((index < count)) || acemath_die "array index $index, but BENCHMARKS has $count entries (--array=0-$((count - 1)))"
+  local bench=${ACEMATH_BENCH[index]}
+  acemath_check_bestofn now
+  local candidates=$ACEMATH_CANDIDATES/$bench.jsonl scored=$ACEMATH_BON_OUT/$bench.scored.jsonl
+  # A requeued task does not score again what a finished one scored with this RM checkpoint (a save dir's
+  # 'latest' moving on makes it stale).
+  if [[ -f $scored && $scored -nt $candidates && ! ($ACEMATH_RM_CKPT/latest -nt $scored) ]]; then
+    acemath_log "$scored is newer than the candidates and the RM checkpoint: not scored again"
+  else
+    acemath_rendezvous
+    acemath_log "scoring $candidates with $ACEMATH_RM_CKPT -> $scored"
+    local rc=0
+    acemath_srun "$PYTHON" launch/score.py "${ACEMATH_SCORE_ARGS[@]}" --input "$candidates" --output "$scored" ||
+      rc=$?
+    ((rc == 0)) || acemath_die "launch/score.py failed on $bench with status $rc"
+  fi
+  acemath_python launch/bestofn.py --input "$scored" --k "${BESTOFN_K:-$ACEMATH_EVAL_SAMPLES}" --table \
+    --json "$ACEMATH_BON_OUT/$bench.bestofn.json" || acemath_die "launch/bestofn.py failed on $scored"
+  local list
+  list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
+  acemath_python launch/bestofn.py --summarize "$ACEMATH_BON_OUT" --benchmarks "$list" --if-complete
+}
+
 # Submit side -----------------------------------------------------------------------------------------------
 
 # acemath_sbatch SCRIPT [sbatch args...]: sbatch --parsable with logs under LOG_DIR; prints the job id (or, with
@@ -394,9 +473,9 @@ acemath_sbatch() {
   local log_dir
   log_dir=$(acemath_abspath "${LOG_DIR:-$REPO_DIR/logs/slurm}")
   local pattern="%x-%j.out"
-  if [[ $script == eval.sh ]]; then pattern="%x-%A_%a.out"; fi  # one log per array task
+  if [[ $script == eval.sh || $script == bestofn.sh ]]; then pattern="%x-%A_%a.out"; fi  # one log per array task
   local -a cmd=(sbatch --parsable --export=ALL --output="$log_dir/$pattern")
-  if [[ ${ACEMATH_SIZE:-} == 72b && $script != rm_72b.sh && $script != eval.sh ]]; then
+  if [[ ${ACEMATH_SIZE:-} == 72b && $script != rm_72b.sh && $script != eval.sh && $script != bestofn.sh ]]; then
     cmd+=(--nodes="${NODES:-$ACEMATH_NODES_72B}")
   elif [[ -n ${NODES:-} ]]; then
     cmd+=(--nodes="$NODES")
@@ -404,7 +483,7 @@ acemath_sbatch() {
   cmd+=("$@" "$REPO_DIR/slurm/$script")
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     local var assignments=""
-    for var in REPO_DIR SIZE RECIPE DATA CKPT_DIR INIT_FROM OVERRIDES CKPT BENCHMARKS CONTAINER_IMAGE; do
+    for var in REPO_DIR SIZE RECIPE DATA CKPT_DIR INIT_FROM OVERRIDES CKPT BENCHMARKS RM_CKPT CANDIDATES CONTAINER_IMAGE; do
       if [[ -n ${!var:-} ]]; then assignments+="$var=$(printf '%q' "${!var}") "; fi
     done
     echo "${assignments}$(printf '%q ' "${cmd[@]}")" >&2

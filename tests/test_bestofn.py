@@ -161,3 +161,32 @@ def test_cli_refuses_an_unknown_benchmark(capsys):
     assert "argument --benchmark: invalid choice: 'mathh'" in capsys.readouterr().err
     assert build_parser().parse_args(["--input", "x.jsonl", "--k", "8", "--benchmark", "mmlu_stem"]).benchmark == \
         "mmlu_stem"
+
+
+def test_summarize_tabulates_benchmarks_at_k_equal_n_and_waits_for_missing_ones(math_cot_100, tmp_path, capsys):
+    """The Slurm best-of-n array writes one <benchmark>.bestofn.json per task; --summarize lays them side by side
+    (pass@1, and maj / rm / pass over all n candidates) with their mean, once every named benchmark is there."""
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(math_cot_100.read_text().splitlines(keepends=True)[:50]))
+    expected_half = evaluate(read_records(half), 8, seeds=5)
+    arguments = ["--summarize", str(tmp_path), "--benchmarks", "math,gsm8k"]
+    assert main(["--input", str(math_cot_100), "--k", "8", "--seeds", "5", "--json", str(tmp_path / "math.bestofn.json")]) == 0
+    assert main([*arguments, "--if-complete"]) == 0
+    assert f"no table yet: no best-of-n results for gsm8k in {tmp_path}" in capsys.readouterr().err
+    assert not (tmp_path / "bestofn.md").exists()
+    assert main(arguments) == 2 and "gsm8k.bestofn.json is missing" in capsys.readouterr().err
+
+    assert main(["--input", str(half), "--k", "8", "--seeds", "5", "--json", str(tmp_path / "gsm8k.bestofn.json")]) == 0
+    capsys.readouterr()
+    assert main([*arguments, "--if-complete"]) == 0
+    table = capsys.readouterr().out
+    assert table == (tmp_path / "bestofn.md").read_text()
+    lines = table.splitlines()
+    assert lines[0] == "| benchmark | problems | n | pass@1 | maj@n | rm@n | pass@n |"
+    full = json.loads((tmp_path / "math.bestofn.json").read_text())
+    assert lines[2] == f"| math | 100 | 8 | {full['pass@1']:.2f} | 93.00 | 94.00 | 96.00 |"
+    assert lines[3] == (f"| gsm8k | 50 | 8 | {expected_half['pass@1']:.2f} | {expected_half['maj@8']:.2f} | "
+                        f"{expected_half['rm@8']:.2f} | {expected_half['pass@8']:.2f} |")
+    summary = json.loads((tmp_path / "bestofn.json").read_text())
+    assert summary["average"]["rm@n"] == pytest.approx((94.0 + expected_half["rm@8"]) / 2)
+    assert lines[4].startswith(f"| **average** | | | **{summary['average']['pass@1']:.2f}** |")

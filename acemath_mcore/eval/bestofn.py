@@ -231,6 +231,49 @@ def format_table(metrics: dict[str, float], ks: Sequence[int]) -> str:
     return "\n".join(lines)
 
 
+def benchmark_summary(directory: str | Path, benchmarks: Sequence[str]) -> dict:
+    """Several benchmarks' results side by side (each ``<benchmark>.bestofn.json`` in ``directory``, as ``--json``
+    writes it): per benchmark pass@1 and, at k = n (all its candidates), maj@n, rm@n and pass@n; then their plain
+    means, and the means over the paper's Table 3 benchmarks when more than those ran."""
+    from acemath_mcore.eval.harness import TABLE3_BENCHMARKS
+
+    rows = {}
+    for name in benchmarks:
+        path = Path(directory) / f"{name}.bestofn.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no best-of-n results for {name!r}: {path} is missing")
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        ks = [int(key.partition("@")[2]) for key in stored if key.startswith("pass@")]
+        if not ks or "records" not in stored or "pass@1" not in stored:
+            raise ValueError(f"{path}: no 'records' or 'pass@k' fields (not written by launch/bestofn.py --json)")
+        n = max(ks)
+        rows[name] = {"problems": stored["records"], "n": n, "pass@1": stored["pass@1"],
+                      **{f"{metric}@n": stored[f"{metric}@{n}"] for metric in ("maj", "rm", "pass")
+                         if f"{metric}@{n}" in stored}}
+    columns = [key for key in ("pass@1", "maj@n", "rm@n", "pass@n") if all(key in row for row in rows.values())]
+    summary = {"benchmarks": rows, "average": {key: sum(row[key] for row in rows.values()) / len(rows)
+                                               for key in columns}}
+    if set(TABLE3_BENCHMARKS) < set(rows):
+        summary["table3_average"] = {key: sum(rows[name][key] for name in TABLE3_BENCHMARKS) / len(TABLE3_BENCHMARKS)
+                                     for key in columns}
+    return summary
+
+
+def format_benchmark_summary(summary: dict) -> str:
+    """Markdown: one row per benchmark, then the average row(s)."""
+    columns = list(summary["average"])
+    lines = ["| benchmark | problems | n | " + " | ".join(columns) + " |", "|---|---:|---:|" + "---:|" * len(columns)]
+    for name, row in summary["benchmarks"].items():
+        lines.append(f"| {name} | {row['problems']} | {row['n']} | "
+                     + " | ".join(f"{row[key]:.2f}" for key in columns) + " |")
+    averages = [("**average**", summary["average"])]
+    if "table3_average" in summary:
+        averages.append(("**Table 3 average** (7 benchmarks)", summary["table3_average"]))
+    for label, values in averages:
+        lines.append(f"| {label} | | | " + " | ".join(f"**{values[key]:.2f}**" for key in columns) + " |")
+    return "\n".join(lines)
+
+
 def save_plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path, title: str = "") -> None:
     """rm@k, maj@k and pass@k against k (log2 axis) as a PNG."""
     import matplotlib
@@ -257,10 +300,14 @@ def save_plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path, ti
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="rm@k / maj@k / pass@k from scored best-of-n samples.")
-    parser.add_argument(
-        "--input", required=True, type=Path, help="JSON lines with score, pred_score, pred (or code + gt)"
-    )
-    parser.add_argument("--k", required=True, type=int, help="largest k; results for 1, 2, 4, ..., k")
+    parser.add_argument("--input", type=Path, help="JSON lines with score, pred_score, pred (or code + gt)")
+    parser.add_argument("--k", type=int, help="largest k; results for 1, 2, 4, ..., k")
+    parser.add_argument("--summarize", type=Path, metavar="DIR",
+                        help="instead: tabulate the <benchmark>.bestofn.json files (--json) of --benchmarks in DIR "
+                             "into DIR/bestofn.md and bestofn.json")
+    parser.add_argument("--benchmarks", help="with --summarize: comma list of benchmarks, in table order")
+    parser.add_argument("--if-complete", action="store_true",
+                        help="with --summarize: when a benchmark has no results yet, say which and exit 0")
     parser.add_argument("--seeds", type=int, default=100, help="random draws averaged for k < n (default 100)")
     parser.add_argument("--json", type=Path, help="write metrics as JSON here")
     parser.add_argument("--plot", type=Path, help="write a PNG of the metrics against k here")
@@ -274,8 +321,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _summarize(args: argparse.Namespace) -> int:
+    if not args.benchmarks:
+        print("error: --summarize needs --benchmarks", file=sys.stderr)
+        return 2
+    names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+    missing = [name for name in names if not (args.summarize / f"{name}.bestofn.json").is_file()]
+    if missing and args.if_complete:
+        print(f"no table yet: no best-of-n results for {', '.join(missing)} in {args.summarize}", file=sys.stderr)
+        return 0
+    try:
+        summary = benchmark_summary(args.summarize, names)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    table = format_benchmark_summary(summary)
+    (args.summarize / "bestofn.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (args.summarize / "bestofn.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.summarize:
+        return _summarize(args)
+    if args.input is None or args.k is None:
+        print("error: --input and --k are required (or --summarize DIR --benchmarks ...)", file=sys.stderr)
+        return 2
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)

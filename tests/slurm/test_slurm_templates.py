@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
 TRAINING = ["sft_stage1.sh", "sft_stage2.sh", "math_sft.sh", "rm_7b.sh", "rm_72b.sh"]
-SCRIPTS = TRAINING + ["eval.sh", "submit.sh", "pipeline.sh", "common.sh"]
+SCRIPTS = TRAINING + ["eval.sh", "bestofn.sh", "submit.sh", "pipeline.sh", "common.sh"]
 
 
 def _sbatch(name: str) -> dict:
@@ -54,8 +54,9 @@ def test_exit_code_matches_the_trainer():
     assert int(_common_value("ACEMATH_EXIT_PREEMPTED")) == EXIT_PREEMPTED
 
 
-def test_eval_array_covers_the_benchmarks():
-    header = _sbatch("eval.sh")
+@pytest.mark.parametrize("name", ["eval.sh", "bestofn.sh"])
+def test_eval_array_covers_the_benchmarks(name):
+    header = _sbatch(name)
     benchmarks = _common_value("ACEMATH_BENCHMARKS").split()
     assert header["array"] == f"0-{len(benchmarks) - 1}"
     assert "signal" not in header, "evaluation does not checkpoint: USR1 would only kill it"
@@ -266,6 +267,65 @@ def test_a_benchmark_listed_as_name_colon_n_is_split_over_n_array_tasks(tmp_path
                                env={**environment, "DRY_RUN": "1"})
     assert submitted.returncode == 0, submitted.stderr
     assert "--array=0-4 " in submitted.stderr
+
+
+def _bestofn_config(**env) -> subprocess.CompletedProcess:
+    import os
+
+    script = (f'source "{SLURM}/common.sh"; acemath_bestofn_config; '
+              'printf "%s\\n" "$ACEMATH_CANDIDATES" "$ACEMATH_BON_OUT" "${ACEMATH_SCORE_ARGS[@]}"')
+    knobs = ("NUM_SAMPLES", "TEMPERATURE", "TOP_P", "MAX_NEW_TOKENS", "EVAL_OUTPUT_DIR", "CKPT", "CANDIDATES", "RM_CKPT",
+             "RM_SIZE", "RM_TP", "RM_SYSTEM_PROMPT", "RM_TEMPLATE", "TEMPLATE", "BESTOFN_OUTPUT_DIR", "BENCHMARKS")
+    clean = {key: value for key, value in os.environ.items() if key not in knobs}
+    return subprocess.run(["bash", "-c", script], env={**clean, "REPO_DIR": str(REPO), **env},
+                          capture_output=True, text=True)
+
+
+def test_best_of_n_scores_the_candidates_the_eval_variables_name():
+    """The sampled eval run's variables find its candidates; results go beside them, one folder per RM checkpoint;
+    the scorer gets the RM's size's TP and AceMath-RM's system prompt unless told otherwise."""
+    sampled = {"CKPT": "/ckpt/qwen2.5-math-7b-math_sft", "NUM_SAMPLES": "8", "TEMPERATURE": "0.7", "TOP_P": "0.95"}
+    done = _bestofn_config(**sampled, RM_SIZE="72b", RM_CKPT="/ckpt/rm72/iter_0000400")
+    assert done.returncode == 0, done.stderr
+    candidates, output, *arguments = done.stdout.split("\n")[:-1]
+    assert candidates == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
+    assert output == f"{candidates}/rm-rm72-iter_0000400"
+    assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", f"{REPO.parent}/shared/tokenizers/qwen2",
+                         "--template", "chatml", "--system-prompt", "acemath_rm", "--tensor-parallel", "8", "--bf16",
+                         "--no-progress"]
+    done = _bestofn_config(**sampled, CANDIDATES="/mine", RM_SYSTEM_PROMPT="none", RM_TEMPLATE="plain")
+    candidates, output, *arguments = done.stdout.split("\n")[:-1]
+    assert (candidates, output) == ("/mine", "/mine/rm-qwen2.5-math-7b-rm")
+    assert "--system-prompt" not in arguments and arguments[arguments.index("--template") + 1] == "plain"
+    assert arguments[arguments.index("--tensor-parallel") + 1] == "2"
+    done = _bestofn_config(RM_SIZE="1.5b")
+    assert done.returncode == 2 and "RM_SIZE=1.5b: AceMath's reward models are 7b and 72b" in done.stderr
+
+
+def test_submitting_best_of_n_checks_the_rm_and_the_candidates_first(tmp_path):
+    import os
+
+    environment = {**os.environ, "REPO_DIR": str(REPO), "DRY_RUN": "1", "BENCHMARKS": "gsm8k math",
+                   "CANDIDATES": str(tmp_path / "eval"), "RM_CKPT": str(tmp_path / "rm"), "LOG_DIR": str(tmp_path)}
+
+    def submit(*arguments):
+        return subprocess.run([str(SLURM / "submit.sh"), "bestofn", *arguments], env=environment,
+                              capture_output=True, text=True)
+
+    done = submit()
+    assert done.returncode == 2 and f"RM_CKPT: {tmp_path}/rm is neither a checkpoint nor a save dir" in done.stderr
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "latest").write_text("iter_0000010\n")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "gsm8k.jsonl").write_text("")
+    done = submit()
+    assert done.returncode == 2 and f"CANDIDATES: {tmp_path}/eval/math.jsonl does not exist" in done.stderr
+    (tmp_path / "eval" / "math.jsonl").write_text("")
+    for arguments in ((), ("--dependency=afterok:12",)):
+        done = submit(*arguments)
+        assert done.returncode == 0 and "--array=0-1 " in done.stderr and "bestofn.sh" in done.stderr, done.stderr
+    (tmp_path / "eval" / "math.jsonl").unlink()
+    assert submit("--dependency=afterok:12").returncode == 0  # the eval array it waits for writes them
 
 
 @pytest.mark.parametrize("nsys", ["0", "1", "yes"])
