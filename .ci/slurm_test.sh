@@ -216,14 +216,16 @@ rm_log=$WORK/jobs/logs/acemath-rm-7b-$rm_job.out
 
 # 5. Evaluation of the SFT model, after it (the pipeline's order): a job array, one benchmark per task, except math,
 # split over two (its 2 chunks of 2 problems, one per task).
-eval_env=(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" TEMPLATE=plain BENCHMARKS="gsm8k math:2" TP=1 NUM_SAMPLES=2
+# No TEMPLATE: the SFT save dir records its data's (plain), and generation uses it.
+eval_env=(CKPT=ckpt/sft MODEL=tiny TOKENIZER="$TOKENIZER" BENCHMARKS="gsm8k math:2" TP=1 NUM_SAMPLES=2
   TEMPERATURE=0.7 MAX_NEW_TOKENS=16 EVAL_BF16=0 EVAL_ARGS="--limit 4 --chunk-problems 2" EVAL_OUTPUT_DIR=eval LOG_DIR=logs)
 one_task=(--gpus-per-node=0 --ntasks-per-node=1 --cpus-per-task=1 --time=10)
 eval_job=$(env "${eval_env[@]}" "$REPO/slurm/submit.sh" eval "${one_task[@]}" --dependency="afterok:$sft" \
   2>"$WORK/log/submit_eval.err") || { cat "$WORK/log/submit_eval.err"; fail "submit.sh eval"; }
 JOBS+=("$eval_job")
-# Best-of-n of those candidates with the RM of 2 (the same variables find them; the RM data had no system prompt).
-bon_job=$(env "${eval_env[@]}" RM_CKPT=ckpt/rm RM_TP=1 RM_BF16=0 RM_SYSTEM_PROMPT=none \
+# Best-of-n of those candidates with the RM of 2 (the same variables find them; the RM save dir records its data's
+# prompt format: plain, no system turn).
+bon_job=$(env "${eval_env[@]}" RM_CKPT=ckpt/rm RM_TP=1 RM_BF16=0 \
   "$REPO/slurm/submit.sh" bestofn "${one_task[@]}" --dependency="afterok:$rm_job:$eval_job" \
   2>"$WORK/log/submit_bon.err") || { cat "$WORK/log/submit_bon.err"; fail "submit.sh bestofn"; }
 JOBS+=("$bon_job")
@@ -302,6 +304,7 @@ for bench in gsm8k math; do
   grep -q "^| $bench | 4 | 2 |" eval/summary.md || fail "eval/summary.md has no $bench row: $(cat eval/summary.md)"
 done
 grep -q '"shards": 2' eval/math.meta.json || fail "eval/math.meta.json does not say it merged 2 shards"
+grep -q '"template": "plain"' eval/math.meta.json || fail "the eval did not render with the SFT data's template"
 [[ -z $(ls -A eval/shards) ]] || fail "the merged shards were left in eval/shards: $(ls eval/shards)"
 say "eval array $eval_job COMPLETED: tasks 0 (gsm8k), 1 and 2 (math's two parts, merged), 4 problems x 2" \
   "samples each, one summary.md"
@@ -315,6 +318,8 @@ assert len(records) == 4 and all(len(r["pred_score"]) == 2 and all(map(math.isfi
 PY
   grep -q "^| $bench | 4 | 2 | " eval/rm-rm/bestofn.md || fail "eval/rm-rm/bestofn.md has no $bench row"
 done
+grep -q "rendering prompts for the reward model .* as its training data was: template 'plain', no system prompt" \
+  logs/acemath-bestofn-"${bon_job}"_0.out || fail "the RM did not score with its recorded prompt format"
 say "best-of-n array $bon_job COMPLETED: the candidates scored by the RM, $(grep -c '^| ' eval/rm-rm/bestofn.md)-line" \
   "table eval/rm-rm/bestofn.md"
 

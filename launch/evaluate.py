@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="megatron: a preset name or config.json (default: model_arch.json, written "
                                         "by the converter and the trainer)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: the HF dir, or the converter's assets)")
-    parser.add_argument("--template", choices=TEMPLATE_NAMES, default="chatml")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES,
+                        help="chat template (default: megatron, the one of the checkpoint's training data, recorded "
+                             "in its save dir; else chatml)")
     parser.add_argument("--instruction-role", choices=("user", "system"), default="user",
                         help="where the CoT instruction goes: user turn (AceMath) or system turn (Qwen2.5-Math)")
     parser.add_argument("--benchmarks",
@@ -93,9 +95,9 @@ def _benchmarks(spec: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _setup(args, tokenizer_path: str, max_sequence_length: int) -> dict:
+def _setup(args, template: str, tokenizer_path: str, max_sequence_length: int) -> dict:
     """The generation choices outside the harness's own settings, for the results' fingerprint."""
-    return {"backend": args.backend, "template": args.template, "tokenizer": str(Path(tokenizer_path).resolve()),
+    return {"backend": args.backend, "template": template, "tokenizer": str(Path(tokenizer_path).resolve()),
             "precision": "bf16" if args.bf16 else "fp32", "max_sequence_length": max_sequence_length}
 
 
@@ -154,14 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         from acemath_mcore.runtime import ParallelConfig, destroy_distributed, init_distributed, install_stack_dumps
         from acemath_mcore.runtime.distributed import launch_rank
 
-        from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer
+        from acemath_mcore.convert.megatron_files import checkpoint_model_and_tokenizer, find_prompt_format
+        from acemath_mcore.data.chat_templates import choose_prompt_format
+        from acemath_mcore.training.logging import log_on_rank_0
 
         # One resolution of a save dir's 'latest' for the weights and the results' label (a trainer may publish
         # a newer iteration meanwhile).
         checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
         checkpoint = checkpoint.resolve()
         context = args.max_sequence_length or arch.max_position_embeddings
-        settings.setup = _setup(args, tokenizer_path, context)
+        log_on_rank_0(launch_rank())
+        template = choose_prompt_format(find_prompt_format(checkpoint), args.template, None, f"the model {checkpoint}",
+                                        with_system_prompt=False).template
+        settings.setup = _setup(args, template, tokenizer_path, context)
         if all(finished_with(settings, name, str(checkpoint)) for name in benchmarks):
             # A resubmitted array task whose benchmark is done: no process group, no weights (minutes at 72B).
             if launch_rank() == 0:
@@ -176,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             tokenizer = load_tokenizer(tokenizer_path)
             check_vocab_fits(tokenizer, arch.padded_vocab_size)
-            encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
+            encoder = ConversationEncoder(tokenizer, build_template(template, tokenizer))
             backend = MegatronBackend(str(checkpoint), arch, encoder.stop_ids, bf16=args.bf16,
                                       max_batch_size=args.batch_size, max_sequence_length=context)
             summary = run_evaluation(backend, encoder, settings, model_name=str(checkpoint))
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_console_logging(0)
         tokenizer_path = args.tokenizer or args.checkpoint
         tokenizer = load_tokenizer(tokenizer_path)
-        encoder = ConversationEncoder(tokenizer, build_template(args.template, tokenizer))
+        template = args.template or "chatml"
+        encoder = ConversationEncoder(tokenizer, build_template(template, tokenizer))
         dtype = "bfloat16" if args.bf16 else "float32"
         if args.backend == "hf":
             from acemath_mcore.eval.backends import HFBackend
@@ -199,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             backend = VLLMBackend(args.checkpoint, encoder.stop_ids, dtype=dtype,
                                   tensor_parallel=args.tensor_parallel,
                                   max_sequence_length=args.max_sequence_length, seed=args.seed)
-        settings.setup = _setup(args, tokenizer_path, backend.max_sequence_length)
+        settings.setup = _setup(args, template, tokenizer_path, backend.max_sequence_length)
         summary = run_evaluation(backend, encoder, settings, model_name=str(Path(args.checkpoint).resolve()))
     if summary is not None:
         print(format_summary(summary))

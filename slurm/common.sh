@@ -339,14 +339,16 @@ acemath_eval_config() {
   ACEMATH_TOKENIZER=$(acemath_abspath "${TOKENIZER:-$REPO_DIR/../shared/tokenizers/qwen2}")
   local tp_default
   tp_default=$(acemath_size_tp "$ACEMATH_SIZE")
-  local -a extra=() model_args=() precision=(--bf16)
+  local -a extra=() model_args=() precision=(--bf16) template_args=()
   # Precision is its own knob: extra arguments (EVAL_ARGS="--top-k 20") must not turn bf16 off as a side effect.
   if [[ ${EVAL_BF16:-1} == 0 ]]; then precision=(); fi
   read -r -a extra <<<"${EVAL_ARGS:-}"
   # The checkpoint records its architecture (model_arch.json); an explicit MODEL is checked against it.
   if [[ -n ${MODEL:-} ]]; then model_args=(--model "$MODEL"); fi
+  # So does its training data's chat template (prompt_format.json); TEMPLATE overrides it.
+  if [[ -n ${TEMPLATE:-} ]]; then template_args=(--template "$TEMPLATE"); fi
   ACEMATH_EVAL_ARGS=(--backend megatron --checkpoint "$ACEMATH_CKPT" "${model_args[@]}"
-    --tokenizer "$ACEMATH_TOKENIZER" --template "${TEMPLATE:-chatml}" --data-dir "$ACEMATH_EVAL_DATA"
+    --tokenizer "$ACEMATH_TOKENIZER" "${template_args[@]}" --data-dir "$ACEMATH_EVAL_DATA"
     --output-dir "$ACEMATH_EVAL_OUT" --num-samples "$samples" --temperature "$temperature"
     --top-p "$top_p" --max-new-tokens "$max_new" --tensor-parallel "${TP:-$tp_default}"
     "${precision[@]}" "${extra[@]}")
@@ -407,11 +409,12 @@ acemath_bestofn_config() {
   ACEMATH_RM_CKPT=$(acemath_abspath "${RM_CKPT:-$REPO_DIR/checkpoints/$(acemath_model_for_size "$rm_size")-rm}")
   ACEMATH_BON_OUT=$(acemath_abspath \
     "${BESTOFN_OUTPUT_DIR:-$ACEMATH_CANDIDATES/rm-$(acemath_checkpoint_label "$ACEMATH_RM_CKPT")}")
-  local -a precision=(--bf16) system=(--system-prompt "${RM_SYSTEM_PROMPT:-acemath_rm}")
+  # The RM's training data's template and system prompt are recorded in its save dir; these override them.
+  local -a precision=(--bf16) format=()
   if [[ ${RM_BF16:-1} == 0 ]]; then precision=(); fi
-  if [[ ${RM_SYSTEM_PROMPT:-} == none ]]; then system=(); fi
-  ACEMATH_SCORE_ARGS=(--checkpoint "$ACEMATH_RM_CKPT" --tokenizer "$ACEMATH_TOKENIZER"
-    --template "${RM_TEMPLATE:-${TEMPLATE:-chatml}}" "${system[@]}"
+  if [[ -n ${RM_TEMPLATE:-} ]]; then format+=(--template "$RM_TEMPLATE"); fi
+  if [[ -n ${RM_SYSTEM_PROMPT:-} ]]; then format+=(--system-prompt "$RM_SYSTEM_PROMPT"); fi
+  ACEMATH_SCORE_ARGS=(--checkpoint "$ACEMATH_RM_CKPT" --tokenizer "$ACEMATH_TOKENIZER" "${format[@]}"
     --tensor-parallel "${RM_TP:-$(acemath_size_tp "$rm_size")}" "${precision[@]}" --no-progress)
 }
 

@@ -159,3 +159,45 @@ def test_special_token_text_in_content_is_found(qwen, llama2):
     # SentencePiece never parses special tokens in text, so nothing is rejected.
     assert ConversationEncoder(llama2, build_template("plain", llama2)).special_token_in(
         [{"role": "user", "content": "</s>"}]) is None
+
+
+def test_prompt_format_comes_from_the_record_unless_the_command_line_says_otherwise(tmp_path, caplog):
+    """A save dir records its data's template and system prompt (from the prefixes' _stats.json); scoring and
+    evaluation use them unless told otherwise, and warn when told otherwise."""
+    from acemath_mcore.convert.megatron_files import find_prompt_format, write_prompt_format
+    from acemath_mcore.data.chat_templates import ACEMATH_RM_SYSTEM_PROMPT, PromptFormat, choose_prompt_format
+    from acemath_mcore.recipes.checks import data_prompt_format
+
+    def stats(name, template, system_prompt):
+        (tmp_path / f"{name}_stats.json").write_text(json.dumps(
+            {"tokenizer": {}, "config": {"template": template, "system_prompt": system_prompt}}))
+        return str(tmp_path / name)
+
+    rm_a, rm_b = stats("a", "chatml", ACEMATH_RM_SYSTEM_PROMPT), stats("b", "chatml", ACEMATH_RM_SYSTEM_PROMPT)
+    recorded = PromptFormat("chatml", ACEMATH_RM_SYSTEM_PROMPT)
+    assert data_prompt_format([rm_a, rm_b]) == recorded
+    with caplog.at_level("WARNING"):
+        assert data_prompt_format([rm_a, stats("c", "plain", None)]) is None
+        assert "rendered with different prompt formats" in caplog.text
+        assert data_prompt_format([rm_a, str(tmp_path / "no_stats")]) is None
+        assert "no_stats has no _stats.json: the save dir records no prompt format" in caplog.text
+
+    save_dir = tmp_path / "rm"
+    write_prompt_format(save_dir, recorded, [rm_a, rm_b])
+    (save_dir / "iter_0000004").mkdir()
+    assert find_prompt_format(save_dir / "iter_0000004") == recorded  # a checkpoint reads its save dir's
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert choose_prompt_format(recorded, None, None, "the RM") == recorded
+        assert choose_prompt_format(None, None, None, "the RM") == PromptFormat("chatml", None)
+        assert not caplog.text
+        assert choose_prompt_format(recorded, "chatml", "none", "the RM") == PromptFormat("chatml", None)
+        assert ("the RM was trained on data rendered with system prompt 'Please reason step by step, and check "
+                "your final answer w...'; rendering with no system prompt instead") in caplog.text
+        caplog.clear()
+        # Generation places the benchmark's instruction itself: only the template is taken and compared.
+        assert choose_prompt_format(recorded, "plain", None, "the model", with_system_prompt=False) == \
+            PromptFormat("plain", None)
+        assert "rendered with template 'chatml'; rendering with template 'plain' instead" in caplog.text
+    write_prompt_format(save_dir, None, [rm_a])  # a later run on data of no one format: no stale record
+    assert find_prompt_format(save_dir) is None

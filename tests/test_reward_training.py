@@ -75,9 +75,10 @@ def _train_and_score(rank, world_size, tmp, prefix, held_out):
     spec = importlib.util.spec_from_file_location("score_cli", REPO / "launch" / "score.py")
     score_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(score_cli)
-    # No --model: the shapes are the ones the trainer recorded beside the checkpoint.
+    # No --model and no --template: the shapes and the data's prompt format (plain, no system turn) are the ones
+    # the trainer recorded beside the checkpoint.
     score_cli.main(["--checkpoint", f"{tmp}/rm", "--tokenizer", TOKENIZER,
-                    "--template", "plain", "--input", held_out, "--output", f"{tmp}/scored.jsonl",
+                    "--input", held_out, "--output", f"{tmp}/scored.jsonl",
                     "--tokens-per-row", "512"])
     return summary, torch.distributed.is_initialized()
 

@@ -229,7 +229,8 @@ def _trainer_runs(rank, world_size, prefix, root):
             summary = train_sft(background)
     results["background"] = {**{key: summary[key] for key in ("exit_code", "steps", "checkpoint")},
                              "children_after_step": children_after_step, "signalled": signalled,
-                             "saved": sorted(path.name for path in Path(f"{root}/background").iterdir())}
+                             "saved": sorted(path.name for path in Path(f"{root}/background").iterdir()),
+                             "prompt_format": json.loads(Path(f"{root}/background/prompt_format.json").read_text())}
     _default_signal_handlers()
     release_model_parallel()
     if rank == 0:
@@ -378,7 +379,7 @@ def test_background_saves_let_training_go_on_and_hold_their_own_step(trainer_res
     background = trainer_results["background"]
     assert (background["exit_code"], background["steps"]) == (75, 3)
     assert background["checkpoint"].endswith("iter_0000003")
-    assert background["saved"] == ["iter_0000002", "iter_0000003", "latest", "model_arch.json"]
+    assert background["saved"] == ["iter_0000002", "iter_0000003", "latest", "model_arch.json", "prompt_format.json"]
     writers = [name for name in background["children_after_step"][3] if name.startswith("ForkProcess")]
     assert len(writers) == 1, background["children_after_step"]  # alive after step 3: still writing step 2
     assert writers[0] in background["signalled"]
@@ -998,3 +999,10 @@ def test_a_preemption_that_kills_wandbs_service_costs_only_wandb(tmp_path, monke
     # raised ConnectionResetError. Imported afresh, whichever test imported it first.
     monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)
     importlib.import_module("huggingface_hub")
+
+
+def test_the_save_dir_records_its_datas_prompt_format(trainer_results, sft_prefix):
+    """Scoring and evaluation default to the chat template and system prompt the training data was rendered with
+    (here plain, no system turn), read from the prefix's _stats.json."""
+    assert trainer_results["background"]["prompt_format"] == {"template": "plain", "system_prompt": None,
+                                                              "data": [sft_prefix]}

@@ -20,11 +20,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from acemath_mcore.data.chat_templates import PromptFormat
 from acemath_mcore.models.arch import ModelArch
 
 ARCH_FILE = "model_arch.json"
 HF_CONFIG_FILE = "hf_config.json"
 ASSETS_DIR = "hf_assets"
+PROMPT_FORMAT_FILE = "prompt_format.json"
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
@@ -61,6 +63,27 @@ def find_model_description(checkpoint: Path) -> Tuple[Optional[ModelArch], Optio
             assets = directory / ASSETS_DIR
             return arch, hf_config, assets if assets.is_dir() else None
     return None, None, None
+
+
+def write_prompt_format(directory: Path, prompt_format: Optional[PromptFormat], prefixes: List[str]) -> None:
+    """Record the format of the data a save dir's model is trained on (None: not one known format, and an
+    earlier stage's record is removed), for scoring and evaluation to default to."""
+    path = directory / PROMPT_FORMAT_FILE
+    if prompt_format is None:
+        path.unlink(missing_ok=True)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**dataclasses.asdict(prompt_format), "data": prefixes}, indent=2) + "\n")
+
+
+def find_prompt_format(checkpoint: Path) -> Optional[PromptFormat]:
+    """The training data's format recorded in the checkpoint or its save dir (None: not recorded)."""
+    for directory in (checkpoint, checkpoint.parent):
+        path = directory / PROMPT_FORMAT_FILE
+        if path.is_file():
+            record = json.loads(path.read_text())
+            return PromptFormat(record["template"], record.get("system_prompt"))
+    return None
 
 
 def checkpoint_model_and_tokenizer(checkpoint: str | Path, model: Optional[str] = None,

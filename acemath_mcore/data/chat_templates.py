@@ -15,6 +15,7 @@ model has to emit it to produce the answer.
 from __future__ import annotations
 
 import itertools
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -24,6 +25,8 @@ import numpy as np
 from acemath_mcore.data.jsonl import DataError, Reason
 from acemath_mcore.data.tokenizers import QWEN_IM_END, QWEN_IM_START, Tokenizer
 
+logger = logging.getLogger(__name__)
+
 # The system prompt the AceMath / Qwen2.5-Math instruct models are evaluated with.
 MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 # The one AceMath-RM's model card renders (problem, response) pairs with for scoring.
@@ -31,9 +34,55 @@ ACEMATH_RM_SYSTEM_PROMPT = "Please reason step by step, and check your final ans
 SYSTEM_PROMPT_PRESETS = {"math": MATH_SYSTEM_PROMPT, "acemath_rm": ACEMATH_RM_SYSTEM_PROMPT}
 
 
+NO_SYSTEM_PROMPT = "none"  # --system-prompt none: no system turn, whatever the checkpoint records
+
+
 def resolve_system_prompt(value: Optional[str]) -> Optional[str]:
-    """A preset's text (``math``, ``acemath_rm``), or ``value`` itself as a literal prompt."""
-    return SYSTEM_PROMPT_PRESETS.get(value, value)
+    """A preset's text (``math``, ``acemath_rm``), ``none`` for no system turn, or ``value`` itself as a literal
+    prompt."""
+    return None if value == NO_SYSTEM_PROMPT else SYSTEM_PROMPT_PRESETS.get(value, value)
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a model's training data was rendered: the chat template, and the system turn given to conversations
+    without one. A model (a reward model above all) scores best what reads like its training data, so the save
+    dir records its data's format and scoring and evaluation default to it."""
+
+    template: str
+    system_prompt: Optional[str] = None
+
+
+def choose_prompt_format(recorded: Optional[PromptFormat], template: Optional[str], system_prompt: Optional[str],
+                         where: str, with_system_prompt: bool = True) -> PromptFormat:
+    """The command line's template and system prompt (None: not given), else the ones ``recorded`` for the
+    checkpoint at ``where``, else chatml without a system turn. A choice that differs from the recorded format is
+    allowed but logged as a warning naming both. ``with_system_prompt=False``: only the template matters (generation
+    puts the benchmark's instruction where its protocol says)."""
+    chosen = PromptFormat(
+        template if template is not None else recorded.template if recorded else "chatml",
+        None if not with_system_prompt
+        else resolve_system_prompt(system_prompt) if system_prompt is not None
+        else recorded.system_prompt if recorded else None)
+    if recorded is None:
+        return chosen
+    names = ("template", "system_prompt") if with_system_prompt else ("template",)
+    differs = [name for name in names if getattr(chosen, name) != getattr(recorded, name)]
+    if not differs:
+        logger.info("rendering prompts for %s as its training data was: %s", where, _describe_format(chosen, names))
+    else:
+        logger.warning(
+            "%s was trained on data rendered with %s; rendering with %s instead (a model reads its own training "
+            "format best)", where, _describe_format(recorded, differs), _describe_format(chosen, differs))
+    return chosen
+
+
+def _describe_format(prompt_format: PromptFormat, names: Sequence[str]) -> str:
+    def system_turn(text: Optional[str]) -> str:
+        return "no system prompt" if text is None else f"system prompt {text if len(text) <= 60 else text[:57] + '...'!r}"
+
+    return ", ".join(f"template {prompt_format.template!r}" if name == "template"
+                     else system_turn(prompt_format.system_prompt) for name in names)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, List, Optional
 
+from acemath_mcore.data.chat_templates import PromptFormat
 from acemath_mcore.options import (
     CUDA_GRAPH_SCOPES,
     DECAY_STYLES,
@@ -209,17 +210,41 @@ def starting_checkpoint(config: TrainConfig) -> Optional[Path]:
     return find_latest(path) if path.is_dir() else None
 
 
-def prefix_tokenizer(prefix: str) -> Optional[dict]:
-    """The tokenizer description launch/preprocess.py recorded in ``<prefix>_stats.json``; None when the prefix
-    has no stats file (data written by another tool)."""
+def _prefix_stats(prefix: str, key: str):
+    """``key`` of what launch/preprocess.py recorded in ``<prefix>_stats.json``; None when the prefix has no stats
+    file (data written by another tool)."""
     path = Path(prefix + "_stats.json")
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())["tokenizer"]
+        return json.loads(path.read_text())[key]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: not a stats file of launch/preprocess.py (no 'tokenizer' entry: {error!r})") \
-            from None
+        raise ValueError(f"{path}: not a stats file of launch/preprocess.py (no {key!r} entry: {error!r})") from None
+
+
+def prefix_tokenizer(prefix: str) -> Optional[dict]:
+    """The tokenizer description recorded for ``prefix`` (None: no stats file)."""
+    return _prefix_stats(prefix, "tokenizer")
+
+
+def data_prompt_format(prefixes: Iterable[str]) -> Optional[PromptFormat]:
+    """The chat template and system prompt every prefix was rendered with, as their stats files record; None (and
+    a warning) when some prefix has no record or they differ: then no format is recorded for the model."""
+    formats = {}
+    for prefix in prefixes:
+        config = _prefix_stats(prefix, "config")
+        if config is None:
+            logger.warning("%s has no _stats.json: the save dir records no prompt format (scoring and evaluation "
+                           "then need --template / --system-prompt)", prefix)
+            return None
+        formats[prefix] = PromptFormat(config["template"], config.get("system_prompt"))
+    if len(set(formats.values())) > 1:
+        logger.warning("the data prefixes were rendered with different prompt formats (%s): the save dir records "
+                       "none, so scoring and evaluation need --template / --system-prompt",
+                       "; ".join(f"{prefix}: {fmt.template}, system prompt {fmt.system_prompt!r}"
+                                 for prefix, fmt in formats.items()))
+        return None
+    return next(iter(formats.values()), None)
 
 
 def data_tokenizer_problems(prefixes: Iterable[str], arch: ModelArch, assets: Optional[Path]) -> List[str]:

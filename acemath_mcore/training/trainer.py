@@ -28,11 +28,13 @@ from acemath_mcore.convert.megatron_files import (
     find_model_description,
     resolve_checkpoint_dir,
     write_model_description,
+    write_prompt_format,
 )
 from acemath_mcore.models import resolve_arch
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import build_model_chunk
 from acemath_mcore.models.specs import resolve_spec_name
+from acemath_mcore.recipes.checks import data_prompt_format
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime import init_distributed
@@ -213,6 +215,9 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
                 "bf16" if options.bf16 else "fp32", f", FP8 {options.fp8_recipe}" if options.fp8 else "",
                 f", loss kernel {engine.config.lm_cross_entropy}" if task.head_outputs is None else "")
     resumed = _initialise(config, engine, data_order)
+    if config.checkpoint.save_dir and launch.rank == 0:  # what the scorer and the evaluator render prompts with
+        write_prompt_format(Path(config.checkpoint.save_dir), data_prompt_format(config.data.prefixes),
+                            [_absolute(prefix) for prefix in config.data.prefixes])
     start_step, consumed_samples = resumed["step"], resumed["consumed_samples"]
     metrics_logger = MetricsLogger(config.name, config.logging.output_dir, config.to_dict(), steps,
                                    launch.rank, config.logging.wandb_project, config.logging.wandb_mode,

@@ -283,7 +283,7 @@ def _bestofn_config(**env) -> subprocess.CompletedProcess:
 
 def test_best_of_n_scores_the_candidates_the_eval_variables_name():
     """The sampled eval run's variables find its candidates; results go beside them, one folder per RM checkpoint;
-    the scorer gets the RM's size's TP and AceMath-RM's system prompt unless told otherwise."""
+    the scorer gets the RM's size's TP, and the prompt format the RM records unless told otherwise."""
     sampled = {"CKPT": "/ckpt/qwen2.5-math-7b-math_sft", "NUM_SAMPLES": "8", "TEMPERATURE": "0.7", "TOP_P": "0.95"}
     done = _bestofn_config(**sampled, RM_SIZE="72b", RM_CKPT="/ckpt/rm72/iter_0000400")
     assert done.returncode == 0, done.stderr
@@ -291,12 +291,11 @@ def test_best_of_n_scores_the_candidates_the_eval_variables_name():
     assert candidates == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
     assert output == f"{candidates}/rm-rm72-iter_0000400"
     assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", f"{REPO.parent}/shared/tokenizers/qwen2",
-                         "--template", "chatml", "--system-prompt", "acemath_rm", "--tensor-parallel", "8", "--bf16",
-                         "--no-progress"]
+                         "--tensor-parallel", "8", "--bf16", "--no-progress"]
     done = _bestofn_config(**sampled, CANDIDATES="/mine", RM_SYSTEM_PROMPT="none", RM_TEMPLATE="plain")
     candidates, output, *arguments = done.stdout.split("\n")[:-1]
     assert (candidates, output) == ("/mine", "/mine/rm-qwen2.5-math-7b-rm")
-    assert "--system-prompt" not in arguments and arguments[arguments.index("--template") + 1] == "plain"
+    assert arguments[arguments.index("--template"):][:4] == ["--template", "plain", "--system-prompt", "none"]
     assert arguments[arguments.index("--tensor-parallel") + 1] == "2"
     done = _bestofn_config(RM_SIZE="1.5b")
     assert done.returncode == 2 and "RM_SIZE=1.5b: AceMath's reward models are 7b and 72b" in done.stderr
