@@ -418,13 +418,14 @@ acemath_bestofn_config() {
     --tensor-parallel "${RM_TP:-$(acemath_size_tp "$rm_size")}" "${precision[@]}" --no-progress)
 }
 
-acemath_check_bestofn() {  # now | upstream (the candidates or the RM are written by an earlier job)
+# acemath_check_bestofn RM [CANDIDATES]: each now | upstream (written by an earlier job; CANDIDATES defaults to RM's)
+acemath_check_bestofn() {
   [[ -f $REPO_DIR/launch/score.py ]] || acemath_die "$REPO_DIR/launch/score.py does not exist"
   [[ -e $ACEMATH_TOKENIZER ]] || acemath_die "TOKENIZER: $ACEMATH_TOKENIZER does not exist"
-  [[ $1 == upstream ]] && return 0
-  if [[ ! -f $ACEMATH_RM_CKPT/latest && ! -f $ACEMATH_RM_CKPT/metadata.json ]]; then
+  if [[ $1 != upstream && ! -f $ACEMATH_RM_CKPT/latest && ! -f $ACEMATH_RM_CKPT/metadata.json ]]; then
     acemath_die "RM_CKPT: $ACEMATH_RM_CKPT is neither a checkpoint nor a save dir with 'latest' (set RM_CKPT or RM_SIZE)"
   fi
+  [[ ${2:-$1} == upstream ]] && return 0
   local bench
   for bench in "${ACEMATH_BENCH[@]}"; do
     [[ -f $ACEMATH_CANDIDATES/$bench.jsonl ]] || acemath_die "CANDIDATES: $ACEMATH_CANDIDATES/$bench.jsonl does" \
@@ -486,7 +487,8 @@ acemath_sbatch() {
   cmd+=("$@" "$REPO_DIR/slurm/$script")
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     local var assignments=""
-    for var in REPO_DIR SIZE RECIPE DATA CKPT_DIR INIT_FROM OVERRIDES CKPT BENCHMARKS RM_CKPT CANDIDATES CONTAINER_IMAGE; do
+    for var in REPO_DIR SIZE RECIPE DATA CKPT_DIR INIT_FROM OVERRIDES CKPT BENCHMARKS NUM_SAMPLES TEMPERATURE TOP_P \
+      RM_CKPT CANDIDATES CONTAINER_IMAGE; do
       if [[ -n ${!var:-} ]]; then assignments+="$var=$(printf '%q' "${!var}") "; fi
     done
     echo "${assignments}$(printf '%q ' "${cmd[@]}")" >&2

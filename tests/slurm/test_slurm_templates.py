@@ -184,6 +184,32 @@ def test_a_pipeline_sub_chain_starts_from_the_previous_stage_by_default(tmp_path
     assert starts == [str(tmp_path / f"qwen2.5-math-7b-{name}") for name in expected]
 
 
+def test_the_pipelines_best_of_n_samples_the_math_sft_model_and_scores_with_the_chains_rm(tmp_path):
+    """STAGES with bestofn: a sampled eval array after math SFT (its own sampling; the eval stage stays greedy),
+    then bestofn.sh after both it and the RM job, with the RM the chain trains."""
+    import os
+
+    environment = {**os.environ, "DRY_RUN": "1", "PREFLIGHT": "0", "STAGES": "math_sft rm eval bestofn",
+                   "CKPT_ROOT": str(tmp_path), "INIT_FROM": str(tmp_path / "init"), "DATA_MATH_SFT": str(tmp_path),
+                   "DATA_RM": str(tmp_path), "BESTOFN_TEMPERATURE": "0.6", "LOG_DIR": str(tmp_path)}
+    for var in ("NUM_SAMPLES", "TEMPERATURE", "TOP_P", "RM_CKPT", "RM_SIZE", "BESTOFN_SAMPLES", "CKPT"):
+        environment.pop(var, None)
+    done = subprocess.run(["bash", str(SLURM / "pipeline.sh")], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["math_sft", "DRYRUN_math_sft", "rm", "DRYRUN_rm_7b", "eval", "DRYRUN_eval",
+                                   "bestofn_gen", "DRYRUN_eval", "bestofn", "DRYRUN_bestofn"]
+    commands = [line for line in done.stderr.splitlines() if " sbatch " in line]
+    greedy, sampled, scoring = commands[2:]
+    assert "NUM_SAMPLES" not in greedy and "--dependency=afterok:DRYRUN_math_sft " in greedy
+    assert "NUM_SAMPLES=8 TEMPERATURE=0.6 TOP_P=0.95 " in sampled and "--dependency=afterok:DRYRUN_math_sft " in sampled
+    assert f"RM_CKPT={tmp_path}/qwen2.5-math-7b-rm " in scoring
+    assert "--dependency=afterok:DRYRUN_eval:DRYRUN_rm_7b " in scoring and scoring.endswith("slurm/bestofn.sh ")
+    done = subprocess.run(["bash", str(SLURM / "pipeline.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**environment, "BESTOFN_SAMPLES": "1"})
+    assert done.returncode == 2 and "BESTOFN_SAMPLES=1: best-of-n needs more than one candidate" in done.stderr
+
+
 @pytest.mark.parametrize("job_id", ["7", "123456", "2999999"])
 def test_rendezvous_port_is_the_one_python_derives(tmp_path, job_id):
     """The batch script exports MASTER_PORT for srun's tasks; a task started without it derives the same one. It
