@@ -81,6 +81,9 @@ def fresh_start(checkpoint: Path) -> str:
             f"checkpoint.init_from={checkpoint} (fresh optimizer)")
 
 
+_REPORTED_PARTIALS: set = set()
+
+
 def find_latest(save_dir: str | Path) -> Optional[Path]:
     """The checkpoint ``latest`` names; unfinished saves are reported and ignored.
 
@@ -89,7 +92,9 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
     from its initial weights without anyone noticing."""
     save_dir = Path(save_dir)
     for partial in sorted(save_dir.glob(f"iter_*{PARTIAL_SUFFIX}")):
-        logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", partial)
+        if partial.resolve() not in _REPORTED_PARTIALS:  # once per process (the config checks look first)
+            _REPORTED_PARTIALS.add(partial.resolve())
+            logger.warning("ignoring incomplete checkpoint %s (a save that did not finish)", partial)
     marker = save_dir / LATEST
     if not marker.is_file():
         if any(save_dir.glob("iter_*")):
