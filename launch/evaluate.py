@@ -106,7 +106,9 @@ def _write_and_print_summary(output_dir: str, benchmarks, if_complete: bool = Fa
     once every named benchmark has results)."""
     from acemath_mcore.eval.harness import format_summary, merge_shards, results_path, summarize, write_summary
 
-    for name in benchmarks or ():
+    # Without a list: every benchmark with parts in shards/ too.
+    parted = {path.name.partition(".shard")[0] for path in (Path(output_dir) / "shards").glob("*.shard*-of-*.jsonl")}
+    for name in benchmarks or sorted(parted):
         if not results_path(output_dir, name).is_file():
             merge_shards(output_dir, name)
     missing = [name for name in benchmarks or () if not results_path(output_dir, name).is_file()]

@@ -344,7 +344,7 @@ def test_shards_merge_into_what_one_unsharded_run_writes(tmp_path, encoder, gsm8
     assert "no table yet: no results for gsm8k" in capsys.readouterr().err and not (out / "summary.md").exists()
 
     # The last shard finishes but does not merge (two shards finishing at once on a file system that shows
-    # neither the other's files): the array task's --summarize-only --if-complete merges.
+    # neither the other's files): --summarize-only, which every array task runs, merges.
     with monkeypatch.context() as patched:
         patched.setattr(harness, "merge_shards", lambda *args, **kwargs: False)
         backend = DyingBackend(encoder, gsm8k, right, max_sequence_length=limit)
@@ -352,7 +352,7 @@ def test_shards_merge_into_what_one_unsharded_run_writes(tmp_path, encoder, gsm8
         seeds += backend.seeds
     assert sorted(seeds) == whole.seeds
     assert not (out / "gsm8k.jsonl").exists()
-    assert evaluate_main(["--summarize-only", "--if-complete", "--benchmarks", "gsm8k", "--output-dir", str(out)]) == 0
+    assert evaluate_main(["--summarize-only", "--output-dir", str(out)]) == 0  # no list: the parts name it
     assert "| gsm8k | 6 | 2 |" in capsys.readouterr().out
     assert (out / "gsm8k.jsonl").read_text() == (tmp_path / "whole" / "gsm8k.jsonl").read_text()
     meta, whole_meta = (json.loads((path / "gsm8k.meta.json").read_text()) for path in (out, tmp_path / "whole"))
