@@ -246,15 +246,20 @@ acemath_profiler() {
 }
 
 # The body of sft_stage1.sh, sft_stage2.sh, math_sft.sh, rm_7b.sh and rm_72b.sh.
-acemath_train_job() {  # STAGE [key=value ...]
-  local stage=$1
-  shift
-  acemath_require_job "$stage"
+# acemath_job_start NAME CONFIG [args...]: how every job begins: inside Slurm, in the checkout, configured by
+# CONFIG (a function, given the args), with its container and a banner.
+acemath_job_start() {
+  acemath_require_job "$1"
   acemath_init
   cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
-  acemath_stage_config "$stage" "$@"
+  "${@:2}"
   acemath_container_args
   acemath_banner
+}
+
+acemath_train_job() {  # STAGE [key=value ...]
+  local stage=$1
+  acemath_job_start "$stage" acemath_stage_config "$@"
   if acemath_use_planner; then
     local shape
     shape=$(acemath_preflight --planner-args --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}")
@@ -370,12 +375,7 @@ acemath_check_eval() {  # now | upstream (the checkpoint is written by an earlie
 # The body of eval.sh: array task i evaluates the i-th benchmark (or benchmark part); each task then tries the table,
 # which only the one that completes the set writes.
 acemath_eval_job() {
-  acemath_require_job eval
-  acemath_init
-  cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
-  acemath_eval_config
-  acemath_container_args
-  acemath_banner
+  acemath_job_start eval acemath_eval_config
   local index=${SLURM_ARRAY_TASK_ID:-0}
   local count=${#ACEMATH_EVAL_TASKS[@]}
   ((index < count)) ||
@@ -436,12 +436,7 @@ acemath_check_bestofn() {
 # The body of bestofn.sh: array task i scores the i-th benchmark's candidates (all tasks of the allocation), then
 # computes its metrics; each task then tries the table, which only the one that completes the set writes.
 acemath_bestofn_job() {
-  acemath_require_job bestofn
-  acemath_init
-  cd "$REPO_DIR" || acemath_die "cannot cd to $REPO_DIR"
-  acemath_bestofn_config
-  acemath_container_args
-  acemath_banner
+  acemath_job_start bestofn acemath_bestofn_config
   local index=${SLURM_ARRAY_TASK_ID:-0}
   local count=${#ACEMATH_BENCH[@]}
   ((index < count)) || acemath_die "array index $index, but BENCHMARKS has $count entries (--array=0-$((count - 1)))"
