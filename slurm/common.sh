@@ -245,7 +245,6 @@ acemath_profiler() {
   ACEMATH_ARGS=(profile.tool=nsys "${ACEMATH_ARGS[@]}")
 }
 
-# The body of sft_stage1.sh, sft_stage2.sh, math_sft.sh, rm_7b.sh and rm_72b.sh.
 # acemath_job_start NAME CONFIG [args...]: how every job begins: inside Slurm, in the checkout, configured by
 # CONFIG (a function, given the args), with its container and a banner.
 acemath_job_start() {
@@ -257,6 +256,7 @@ acemath_job_start() {
   acemath_banner
 }
 
+# The body of sft_stage1.sh, sft_stage2.sh, math_sft.sh, rm_7b.sh and rm_72b.sh.
 acemath_train_job() {  # STAGE [key=value ...]
   local stage=$1
   acemath_job_start "$stage" acemath_stage_config "$@"
@@ -297,8 +297,6 @@ acemath_after_training() {
 
 # Evaluation (eval.sh) --------------------------------------------------------------------------------------
 
-# Sets ACEMATH_BENCH (the benchmark names), ACEMATH_EVAL_TASKS (one per array task: "NAME" or "NAME I/N" for part I
-# of a benchmark listed as NAME:N), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (all but --benchmarks).
 acemath_checkpoint_label() {  # a checkpoint's name in result folders: its dir, or <save dir>-iter_N
   local label
   label=$(basename "$1")
@@ -310,6 +308,8 @@ acemath_size_tp() {  # the default tensor-parallel size for generation or scorin
   case $1 in 1p5b) echo 1 ;; 72b) echo 8 ;; *) echo 2 ;; esac
 }
 
+# Sets ACEMATH_BENCH (the benchmark names), ACEMATH_EVAL_TASKS (one per array task: "NAME" or "NAME I/N" for part I
+# of a benchmark listed as NAME:N), ACEMATH_CKPT, ACEMATH_EVAL_OUT and ACEMATH_EVAL_ARGS (all but --benchmarks).
 acemath_eval_config() {
   ACEMATH_SIZE=$(acemath_size "${SIZE:-7b}")
   local benchmarks=${BENCHMARKS:-$ACEMATH_BENCHMARKS}
