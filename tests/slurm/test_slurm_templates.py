@@ -316,7 +316,8 @@ def test_best_of_n_scores_the_candidates_the_eval_variables_name():
     candidates, output, *arguments = done.stdout.split("\n")[:-1]
     assert candidates == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
     assert output == f"{candidates}/rm-rm72-iter_0000400"
-    assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", f"{REPO.parent}/shared/tokenizers/qwen2",
+    tokenizer = str((REPO.parent / "shared" / "tokenizers" / "qwen2").resolve())  # ../shared may be a link
+    assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", tokenizer,
                          "--tensor-parallel", "8", "--bf16", "--no-progress"]
     done = _bestofn_config(**sampled, CANDIDATES="/mine", RM_SYSTEM_PROMPT="none", RM_TEMPLATE="plain")
     candidates, output, *arguments = done.stdout.split("\n")[:-1]
