@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "by the converter and the trainer)")
     parser.add_argument("--tokenizer", help="tokenizer path (default: the HF dir, or the converter's assets)")
     parser.add_argument("--template", choices=TEMPLATE_NAMES,
-                        help="chat template (default: megatron, the one of the checkpoint's training data, recorded "
-                             "in its save dir; else chatml)")
+                        help="chat template (default: the one of the checkpoint's training data, recorded in its "
+                             "save dir or HF export as prompt_format.json; else chatml)")
     parser.add_argument("--instruction-role", choices=("user", "system"), default="user",
                         help="where the CoT instruction goes: user turn (AceMath) or system turn (Qwen2.5-Math)")
     parser.add_argument("--benchmarks",
@@ -194,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         setup_console_logging(0)
         tokenizer_path = args.tokenizer or args.checkpoint
+        from acemath_mcore.convert.megatron_files import find_prompt_format
+        from acemath_mcore.data.chat_templates import choose_prompt_format
+
         tokenizer = load_tokenizer(tokenizer_path)
-        template = args.template or "chatml"
+        # An exported model carries its training data's format (convert_to_hf copies prompt_format.json).
+        template = choose_prompt_format(find_prompt_format(Path(args.checkpoint), with_save_dir=False), args.template,
+                                        None, f"the model {args.checkpoint}", with_system_prompt=False).template
         encoder = ConversationEncoder(tokenizer, build_template(template, tokenizer))
         dtype = "bfloat16" if args.bf16 else "float32"
         if args.backend == "hf":

@@ -182,14 +182,23 @@ def test_export_round_trip_is_bit_identical(converted, name):
 
 def test_export_of_trainer_checkpoint_ignores_optimizer_state(converted):
     from acemath_mcore.convert import export_megatron_to_hf
-    from acemath_mcore.convert.megatron_files import DistCheckpointReader, resolve_checkpoint_dir
+    from acemath_mcore.convert.megatron_files import (
+        DistCheckpointReader,
+        find_prompt_format,
+        resolve_checkpoint_dir,
+        write_prompt_format,
+    )
+    from acemath_mcore.data.chat_templates import PromptFormat
 
     root, hf_dirs, _, _ = converted
     hf_dir = hf_dirs[("qwen2-untied", 2)]
     keys = DistCheckpointReader(resolve_checkpoint_dir(root / "trainer")).keys()
     assert any(key.startswith("optimizer.") for key in keys)
+    # The trainer records its data's prompt format in the save dir; the export carries it for the HF backends.
+    write_prompt_format(root / "trainer", PromptFormat("chatml", "Be brief."), ["data/sft"])
     out = export_megatron_to_hf(root / "trainer", root / "exported" / "trainer", hf_template=hf_dir, dtype="fp32",
                                 max_shard_bytes=40_000, progress=False)
+    assert find_prompt_format(out, with_save_dir=False) == PromptFormat("chatml", "Be brief.")
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2  # bounded shards
     exported, original = read_hf_tensors(out), read_original_tensors(Path(hf_dir))
     assert exported.keys() == original.keys()

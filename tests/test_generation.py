@@ -129,14 +129,20 @@ def _evaluate(*args) -> subprocess.CompletedProcess:
 def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generations, tmp_path):
     import json
 
+    import shutil
+
     checkpoint = stories_generations[0]
     common = ["--template", "plain", "--benchmarks", "gsm8k,math", "--limit", "3", "--max-new-tokens", "24",
               "--data-dir", shared_path("data/eval")]
     megatron = _evaluate("--checkpoint", checkpoint, "--output-dir", tmp_path / "megatron", *common)
     assert megatron.returncode == 0, megatron.stderr[-3000:]
-    hf = _evaluate("--backend", "hf", "--checkpoint", stories_dir(),
-                   "--output-dir", tmp_path / "hf", *common)
+    # An exported model carries its training data's prompt format (convert_to_hf copies prompt_format.json): the
+    # HF backend takes the plain template from it, with no --template.
+    exported = shutil.copytree(stories_dir(), tmp_path / "exported")
+    (exported / "prompt_format.json").write_text(json.dumps({"template": "plain", "system_prompt": None}))
+    hf = _evaluate("--backend", "hf", "--checkpoint", exported, "--output-dir", tmp_path / "hf", *common[2:])
     assert hf.returncode == 0, hf.stderr[-3000:]
+    assert json.loads((tmp_path / "hf" / "gsm8k.meta.json").read_text())["settings"]["setup"]["template"] == "plain"
     for benchmark in ("gsm8k", "math"):
         rows = {name: [json.loads(line) for line in (tmp_path / name / f"{benchmark}.jsonl").open()]
                 for name in ("megatron", "hf")}

@@ -76,14 +76,22 @@ def write_prompt_format(directory: Path, prompt_format: Optional[PromptFormat], 
     path.write_text(json.dumps({**dataclasses.asdict(prompt_format), "data": prefixes}, indent=2) + "\n")
 
 
-def find_prompt_format(checkpoint: Path) -> Optional[PromptFormat]:
-    """The training data's format recorded in the checkpoint or its save dir (None: not recorded)."""
-    for directory in (checkpoint, checkpoint.parent):
-        path = directory / PROMPT_FORMAT_FILE
-        if path.is_file():
-            record = json.loads(path.read_text())
-            return PromptFormat(record["template"], record.get("system_prompt"))
+def prompt_format_file(checkpoint: Path, with_save_dir: bool = True) -> Optional[Path]:
+    """The ``prompt_format.json`` of a checkpoint (an exported HF dir included), else, with ``with_save_dir``, of
+    its save dir (a trainer's ``iter_N``); None when there is none."""
+    for directory in (checkpoint, checkpoint.parent) if with_save_dir else (checkpoint,):
+        if (directory / PROMPT_FORMAT_FILE).is_file():
+            return directory / PROMPT_FORMAT_FILE
     return None
+
+
+def find_prompt_format(checkpoint: Path, with_save_dir: bool = True) -> Optional[PromptFormat]:
+    """The training data's format recorded for a checkpoint (None: not recorded)."""
+    path = prompt_format_file(checkpoint, with_save_dir)
+    if path is None:
+        return None
+    record = json.loads(path.read_text())
+    return PromptFormat(record["template"], record.get("system_prompt"))
 
 
 def checkpoint_model_and_tokenizer(checkpoint: str | Path, model: Optional[str] = None,

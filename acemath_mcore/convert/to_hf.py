@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -19,8 +20,10 @@ import torch
 
 from acemath_mcore.convert.hf_files import CONFIG_FILE, ShardedSafetensorsWriter, copy_assets, read_hf_config
 from acemath_mcore.convert.megatron_files import (
+    PROMPT_FORMAT_FILE,
     DistCheckpointReader,
     find_model_description,
+    prompt_format_file,
     reading_process_group,
     resolve_checkpoint_dir,
 )
@@ -43,7 +46,8 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, hf_temp
 
     The architecture comes from ``preset``, else from the converter's ``model_arch.json`` beside the checkpoint,
     else from ``hf_template``'s config.json. ``dtype`` (fp32 / bf16) defaults to the stored precision.
-    Tokenizer and generation files come from ``hf_template``, else from those the converter kept.
+    Tokenizer and generation files come from ``hf_template``, else from those the converter kept; the training
+    data's ``prompt_format.json``, when the checkpoint records one, is copied too.
     """
     checkpoint = resolve_checkpoint_dir(megatron_dir)
     arch, base_config, assets = _describe(checkpoint, hf_template, preset)
@@ -65,6 +69,9 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, hf_temp
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if assets is not None:
             copy_assets(assets, staging)
+        recorded_format = prompt_format_file(checkpoint)
+        if recorded_format is not None:  # the HF and vLLM evaluation backends read it there too
+            shutil.copy2(recorded_format, staging / PROMPT_FORMAT_FILE)
     logger.info("wrote %s: %.2f GB of %s tensors%s", out_dir, writer.total_bytes / 1e9, out_dtype,
                 " (reward model)" if reward_head else "")
     return Path(out_dir)
