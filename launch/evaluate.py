@@ -107,8 +107,9 @@ def _write_and_print_summary(output_dir: str, benchmarks, if_complete: bool = Fa
     from acemath_mcore.eval.harness import format_summary, merge_shards, results_path, summarize, write_summary
 
     # Without a list: every benchmark with parts in shards/ too.
-    parted = {path.name.partition(".shard")[0] for path in (Path(output_dir) / "shards").glob("*.shard*-of-*.jsonl")}
-    for name in benchmarks or sorted(parted):
+    parted = benchmarks or sorted({path.name.partition(".shard")[0]
+                                   for path in (Path(output_dir) / "shards").glob("*.shard*-of-*.jsonl")})
+    for name in parted:
         if not results_path(output_dir, name).is_file():
             merge_shards(output_dir, name)
     missing = [name for name in benchmarks or () if not results_path(output_dir, name).is_file()]

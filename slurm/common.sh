@@ -304,6 +304,11 @@ acemath_checkpoint_label() {  # a checkpoint's name in result folders: its dir, 
   echo "$label"
 }
 
+acemath_bench_list() {  # the benchmark names, comma-separated, as the table-writing tools take them
+  local IFS=,
+  echo "${ACEMATH_BENCH[*]}"
+}
+
 acemath_size_tp() {  # the default tensor-parallel size for generation or scoring at a size
   case $1 in 1p5b) echo 1 ;; 72b) echo 8 ;; *) echo 2 ;; esac
 }
@@ -391,9 +396,8 @@ acemath_eval_job() {
   acemath_srun "$PYTHON" launch/evaluate.py "${ACEMATH_EVAL_ARGS[@]}" --benchmarks "$bench" "${shard_args[@]}" ||
     rc=$?
   ((rc == 0)) || acemath_die "launch/evaluate.py failed on $bench${shard:+ part $shard} with status $rc"
-  local list
-  list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
-  acemath_python launch/evaluate.py --summarize-only --if-complete --benchmarks "$list" --output-dir "$ACEMATH_EVAL_OUT"
+  acemath_python launch/evaluate.py --summarize-only --if-complete --benchmarks "$(acemath_bench_list)" \
+    --output-dir "$ACEMATH_EVAL_OUT"
 }
 
 # Best-of-n (slurm/bestofn.sh): an eval run's sampled candidates scored by a reward model, then rm@k, maj@k, pass@k.
@@ -457,9 +461,7 @@ acemath_bestofn_job() {
   fi
   acemath_python launch/bestofn.py --input "$scored" --k "${BESTOFN_K:-$ACEMATH_EVAL_SAMPLES}" --table \
     --json "$ACEMATH_BON_OUT/$bench.bestofn.json" || acemath_die "launch/bestofn.py failed on $scored"
-  local list
-  list=$(IFS=,; echo "${ACEMATH_BENCH[*]}")
-  acemath_python launch/bestofn.py --summarize "$ACEMATH_BON_OUT" --benchmarks "$list" --if-complete
+  acemath_python launch/bestofn.py --summarize "$ACEMATH_BON_OUT" --benchmarks "$(acemath_bench_list)" --if-complete
 }
 
 # Submit side -----------------------------------------------------------------------------------------------

@@ -145,24 +145,37 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
     return summary
 
 
-def _stored_settings(path: Path, overwrite: bool = False) -> Optional[dict]:
-    """The fingerprint of the complete results at ``path`` (None: none, or ``overwrite``)."""
+def _stored_meta(path: Path, overwrite: bool = False) -> Optional[dict]:
+    """The ``.meta.json`` of the complete results at ``path`` (None: none, or ``overwrite``)."""
     meta_path = path.with_suffix(".meta.json")
     if overwrite or not (path.is_file() and meta_path.is_file()):
         return None
-    return json.loads(meta_path.read_text()).get("settings") or {}
+    return json.loads(meta_path.read_text())
+
+
+def _stored_settings(path: Path, overwrite: bool = False) -> Optional[dict]:
+    """The fingerprint of the complete results at ``path`` (None: none, or ``overwrite``)."""
+    meta = _stored_meta(path, overwrite)
+    return None if meta is None else meta.get("settings") or {}
+
+
+def _finished_results(settings: EvalSettings, benchmark: str, model_name: str) -> Optional[Path]:
+    """The file holding ``benchmark``'s complete results made with these settings, or, for a shard, its part's;
+    None when there is none."""
+    fingerprint, shard = settings.fingerprint(benchmark, model_name), settings.shard
+    merged = results_path(settings.output_dir, benchmark)
+    if _stored_settings(merged, settings.overwrite) == fingerprint:
+        return merged
+    part = None if shard is None else results_path(settings.output_dir, benchmark, shard)
+    if part is not None and _stored_settings(part, settings.overwrite) == _shard_fingerprint(fingerprint, shard):
+        return part
+    return None
 
 
 def finished_with(settings: EvalSettings, benchmark: str, model_name: str) -> bool:
-    """Whether ``benchmark`` has complete results made with these settings, or, for a shard, whether its part
-    does (a run skips it; the CLI checks this before it loads a model, so a resubmitted finished job costs no
-    weight loading)."""
-    fingerprint = settings.fingerprint(benchmark, model_name)
-    if _stored_settings(results_path(settings.output_dir, benchmark), settings.overwrite) == fingerprint:
-        return True
-    shard = settings.shard
-    return shard is not None and _stored_settings(results_path(settings.output_dir, benchmark, shard),
-                                                  settings.overwrite) == _shard_fingerprint(fingerprint, shard)
+    """Whether ``benchmark`` (a shard: its part) is finished with these settings (a run skips it; the CLI checks
+    this before it loads a model, so a resubmitted finished job costs no weight loading)."""
+    return _finished_results(settings, benchmark, model_name) is not None
 
 
 def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder, settings: EvalSettings,
@@ -170,12 +183,12 @@ def _evaluate_benchmark(backend: GenerationBackend, encoder: ConversationEncoder
     fingerprint = settings.fingerprint(benchmark, model_name)
     merged_path, shard = results_path(output_dir, benchmark), settings.shard
     path = results_path(output_dir, benchmark, shard)
-    if finished_with(settings, benchmark, model_name):
+    done = _finished_results(settings, benchmark, model_name)
+    if done is not None:
         if backend.is_writer:
-            done = merged_path if _stored_settings(merged_path, settings.overwrite) == fingerprint else path
             log.info("%s: %s already holds results with these settings; skipped (--overwrite redoes it)",
                      benchmark, done)
-            if done == path:
+            if done != merged_path:  # this part is done: perhaps the last one, whose merge was lost
                 merge_shards(output_dir, benchmark, fingerprint)
         return
     stored = _stored_settings(merged_path, settings.overwrite)
@@ -302,9 +315,10 @@ def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[d
     counts = sorted({int(path.stem.rpartition("-of-")[2]) for path in shard_dir.glob(f"{benchmark}.shard*-of-*.jsonl")})
     for count in counts:
         paths = [results_path(output_dir, benchmark, Shard(index, count)) for index in range(count)]
-        settings = [_stored_settings(path) for path in paths]
-        if any(stored is None for stored in settings):
+        metas = [_stored_meta(path) for path in paths]
+        if any(meta is None for meta in metas):
             continue
+        settings = [meta.get("settings") or {} for meta in metas]
         merged = {key: value for key, value in settings[0].items() if key != "shard"}
         if fingerprint is not None and merged != fingerprint:
             continue
@@ -312,7 +326,6 @@ def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[d
             log.warning("%s: its %d shards in %s were made with different settings; not merged", benchmark, count,
                         shard_dir)
             continue
-        metas = [json.loads(path.with_suffix(".meta.json").read_text()) for path in paths]
         target = results_path(output_dir, benchmark)
         target.with_suffix(".meta.json").unlink(missing_ok=True)
         _write_atomically(target, "".join(path.read_text(encoding="utf-8") for path in paths))
