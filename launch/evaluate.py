@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="context limit for prompt + response (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, help="first N problems of each benchmark (smoke tests)")
-    parser.add_argument("--batch-size", type=int, default=32, help="rows decoded together per process")
+    parser.add_argument("--batch-size", type=_batch_size, default=32,
+                        help="rows decoded together per process; megatron backend: 'auto' sizes each batch to "
+                             "the memory the weights leave (key/value cache and activations estimated per row)")
     parser.add_argument("--chunk-problems", type=int, default=256,
                         help="problems per generation call; each finished call is saved, so a killed run resumes "
                              "after it (<benchmark>.jsonl.progress); 0: one call")
@@ -82,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --summarize-only: if a named benchmark has no results yet, say which and exit 0 "
                              "without a table (the Slurm array's tasks each try; the last one writes it)")
     return parser
+
+
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of rows or 'auto', got {value!r}")
+    return int(value)
 
 
 def _benchmarks(spec: str) -> list[str]:
@@ -141,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                          "--chunk-problems > 0")
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required")
+    if args.batch_size == "auto" and args.backend == "hf":
+        raise SystemExit("--batch-size auto sizes the megatron backend's batches; give --backend hf a number of rows")
     missing = [name for name in benchmarks if not (Path(args.data_dir) / name / "test.jsonl").is_file()]
     if missing:
         raise SystemExit(f"no test.jsonl under {args.data_dir} for: {', '.join(missing)}")

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from acemath_mcore.eval.generation import Generation, SamplingParams, sample_next
+from acemath_mcore.eval.generation import DecodeMemory, Generation, SamplingParams, memory_sized_batches, sample_next
 from distributed_helpers import run_workers
+from launch_scripts import launch_main
 from shared_data import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,35 @@ def _generate_worker(rank, world_size, checkpoint, prompts, stop_id, tensor_para
     sampled = [backend.generate(prompts, SamplingParams(NEW_TOKENS, temperature=1.0, top_p=0.9), seed,
                                 lambda *_: None) for seed in (5, 5, 6)]
     top1 = backend.generate(prompts, SamplingParams(NEW_TOKENS, temperature=0.7, top_k=1), 9, lambda *_: None)
-    return {"greedy": greedy, "sampled": sampled, "top1": top1}
+    return {"greedy": greedy, "sampled": sampled, "top1": top1,
+            **_memory_sized_runs(checkpoint, backend, arch, prompts, stop_id)}
+
+
+def _memory_sized_runs(checkpoint, backend, arch, prompts, stop_id) -> dict:
+    """The cache megatron allocates against DecodeMemory's count of it, and greedy decoding in batches sized to a
+    memory budget: one that splits these prompts, and --batch-size auto's."""
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from acemath_mcore.eval.backends import MegatronBackend
+    from acemath_mcore.eval.generation import MegatronGenerator
+
+    fixed = backend.generator
+    context = StaticInferenceContext(3, 11)
+    with torch.no_grad():
+        fixed.model(torch.ones(3, 4, dtype=torch.long), torch.arange(4).expand(3, 4), None, inference_context=context,
+                    runtime_gather_output=True)
+    allocated = sum(t.numel() * t.element_size() for pair in context.key_value_memory_dict.values() for t in pair)
+    longest = max(len(p) for p in prompts)
+    budget = 2 * fixed.memory.row_bytes(longest, longest + NEW_TOKENS) + 1  # two rows of the longest prompt
+    backend.generator = MegatronGenerator(fixed.model, arch, [stop_id], 512, memory_budget=budget)
+    mine = sorted(len(p) for p in prompts[backend.dp_rank::backend.dp_size])
+    budgeted = backend.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None)
+    auto = MegatronBackend(checkpoint, arch, [stop_id], max_batch_size="auto")
+    return {"cache_bytes": (allocated, 3 * 11 * fixed.memory.cache_bytes_per_position),
+            "budget_batches": [list(b) for b in backend.generator.batches(mine, NEW_TOKENS)],
+            "budgeted": budgeted,
+            "auto": auto.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None),
+            "auto_budget": auto.generator.memory_budget}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +113,20 @@ def test_kv_cached_batched_greedy_equals_transformers(stories_generations, layou
     assert by_layout[layout]["greedy"] == expected
 
 
+@pytest.mark.parametrize("layout", ["tp2", "dp2"])
+def test_memory_sized_batches_count_the_cache_megatron_allocates_and_decode_alike(stories_generations, layout):
+    _, prompts, _, by_layout = stories_generations
+    result = by_layout[layout]
+    allocated, predicted = result["cache_bytes"]
+    assert allocated == predicted > 0
+    # A budget of two rows of the longest prompt: several batches, shorter prompts more to a batch.
+    batches = result["budget_batches"]
+    assert len(batches) >= 2 and all(len(batch) >= 2 for batch in batches[:-1])
+    assert [i for batch in batches for i in batch] == list(range(len(prompts) // (2 if layout == "dp2" else 1)))
+    assert result["budgeted"] == result["greedy"] == result["auto"]
+    assert result["auto_budget"] > 0
+
+
 def test_sampling_is_seeded_reproducible_and_top1_is_greedy(stories_generations):
     _, _, _, by_layout = stories_generations
     same_seed, again, other_seed = by_layout["tp2"]["sampled"]
@@ -115,6 +158,30 @@ def test_sample_next_cuts_to_top_k_and_nucleus():
     assert sample_next(logits[:2], SamplingParams(), None).tolist() == [0, 0]
 
 
+def test_memory_sized_batches_fill_the_budget_and_no_more():
+    memory = DecodeMemory(cache_bytes_per_position=10, prefill_bytes_per_token=3, logits_bytes=100)
+    # A row of prompt n decoded to min(n + 50, 120) positions: 5 -> 665 bytes, 8 -> 704, 20 -> 860, 40 -> 1120,
+    # 90 -> 1570 (the context caps it at 120 positions). Budget 3000: [5, 5, 8] (3 x 704), then 4 x 860 > 3000.
+    lengths = [5, 5, 8, 20, 20, 40, 90]
+    batches = memory_sized_batches(lengths, 50, 120, memory, budget=3000, max_rows=4)
+    assert [list(b) for b in batches] == [[0, 1, 2], [3, 4], [5], [6]]
+    assert [list(b) for b in memory_sized_batches([5] * 6, 50, 120, memory, 3000, max_rows=4)] == [[0, 1, 2, 3], [4, 5]]
+    with pytest.raises(MemoryError, match=r"90-token prompt and up to 50 new tokens needs 0.00 GiB .* lower "
+                                          r"--max-new-tokens, raise --tensor-parallel"):
+        memory_sized_batches(lengths, 50, 120, memory, budget=1500, max_rows=4)
+
+
+def test_decode_memory_of_qwen25_72b_at_tp8():
+    """The key/value cache per position against the model card's shapes: 80 layers x 8 KV heads x 128 x (K, V) x
+    2 bytes = 320 KiB per token, an eighth of it per TP rank."""
+    from acemath_mcore.models.presets import get_preset
+
+    memory = DecodeMemory.of(get_preset("qwen2.5-math-72b"), tensor_parallel=8, dtype=torch.bfloat16)
+    assert memory.cache_bytes_per_position == 80 * 8 * 128 * 2 * 2 // 8 == 40 * 1024
+    fp32 = DecodeMemory.of(get_preset("qwen2.5-math-72b"), tensor_parallel=8, dtype=torch.float32)
+    assert fp32.cache_bytes_per_position == 2 * memory.cache_bytes_per_position
+
+
 def test_sampling_params_reject_bad_values():
     for bad in ({"temperature": -1.0}, {"top_p": 0.0}, {"top_k": -2}, {"max_new_tokens": 0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -134,8 +201,10 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
     checkpoint = stories_generations[0]
     common = ["--template", "plain", "--benchmarks", "gsm8k,math", "--limit", "3", "--max-new-tokens", "24",
               "--data-dir", shared_path("data/eval")]
-    megatron = _evaluate("--checkpoint", checkpoint, "--output-dir", tmp_path / "megatron", *common)
+    megatron = _evaluate("--checkpoint", checkpoint, "--output-dir", tmp_path / "megatron", "--batch-size", "auto",
+                         *common)
     assert megatron.returncode == 0, megatron.stderr[-3000:]
+    assert "--batch-size auto: " in megatron.stdout and "rows per batch" in megatron.stdout
     # An exported model carries its training data's prompt format (convert_to_hf copies prompt_format.json): the
     # HF backend takes the plain template from it, with no --template.
     exported = shutil.copytree(stories_dir(), tmp_path / "exported")
@@ -173,6 +242,17 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
     again = _evaluate(*sharded, "--shard", "1/2", "--tensor-parallel", 2)
     assert again.returncode == 0 and "results with these settings already in" in again.stderr, again.stderr[-3000:]
     assert "| gsm8k | 3 | 1 |" in again.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size: expected a positive number of rows or 'auto', got '0'"),
+    (["--batch-size", "many"], "--batch-size: expected a positive number of rows or 'auto', got 'many'"),
+    (["--batch-size", "auto", "--backend", "hf"], "--batch-size auto sizes the megatron backend's batches"),
+])
+def test_evaluate_cli_refuses_bad_batch_sizes(args, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        launch_main("evaluate")(["--checkpoint", str(tmp_path), "--output-dir", str(tmp_path), *args])
+    assert message in f"{stop.value.code} {capsys.readouterr().err}"
 
 
 def test_hf_backend_gives_each_row_its_own_context_budget():

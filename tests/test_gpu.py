@@ -236,3 +236,31 @@ def test_mlp_cuda_graphs_train_like_eager_layers(single_rank, fp8):
     tolerance = 1e-3 if fp8 is None else 2e-2  # FP8: the capture's warm-up passes feed the amax history
     assert losses["mlp"] == pytest.approx(losses[None], rel=tolerance), losses
     assert losses["mlp"][-1] < losses["mlp"][0]
+
+
+def test_memory_sized_decoding_stays_within_its_budget(single_rank):
+    """--batch-size auto's per-row estimate (DecodeMemory) against the caching allocator: what decoding allocates
+    beyond the weights stays under the budget its batches were cut for, with rows that never stop early."""
+    from acemath_mcore.eval.generation import MegatronGenerator, SamplingParams
+    from acemath_mcore.models import ModelOptions, build_model, get_preset
+    from acemath_mcore.runtime import ParallelConfig
+
+    arch, new_tokens, budget = get_preset("qwen2.5-1.5b"), 512, 2 * 2**30
+    model = build_model(arch, ParallelConfig(), ModelOptions(spec="native", bf16=True))[0].eval()
+    generator = MegatronGenerator(model, arch, stop_ids=[arch.vocab_size], max_batch_size=512,
+                                  max_sequence_length=4096, memory_budget=budget)
+    random = torch.Generator().manual_seed(0)
+    lengths = sorted(torch.randint(50, 1500, (64,), generator=random).tolist())
+    prompts = [torch.randint(0, arch.vocab_size, (n,), generator=random).tolist() for n in lengths]
+    batches = generator.batches(lengths, new_tokens)
+    assert len(batches) >= 2 and len(batches[0]) > 8, batches
+    predicted = max(len(b) * generator.memory.row_bytes(lengths[b[-1]], lengths[b[-1]] + new_tokens) for b in batches)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    weights_and_rest = torch.cuda.memory_allocated()
+    generations = generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
+    used = torch.cuda.max_memory_allocated() - weights_and_rest
+    print(f"decoding allocated at most {used / 2**30:.2f} GiB; largest batch predicted {predicted / 2**30:.2f} GiB; "
+          f"budget {budget / 2**30:.2f} GiB; batches {[len(b) for b in batches]}")
+    assert all(len(g.token_ids) == new_tokens for g in generations)
+    assert used <= predicted <= budget

@@ -7,12 +7,15 @@ whichever backend runs it, and return :class:`~acemath_mcore.eval.generation.Gen
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from acemath_mcore.eval.generation import Generation, MegatronGenerator, SamplingParams
+from acemath_mcore.eval.generation import MAX_AUTO_BATCH_ROWS, Generation, MegatronGenerator, SamplingParams
 from acemath_mcore.models.arch import ModelArch
+
+logger = logging.getLogger(__name__)
 
 # Seeds of different data-parallel ranks (and of the HF backend's batches) are this far apart, so no two ranks
 # ever draw from the same generator state.
@@ -27,19 +30,33 @@ def _truncate_at_stop(token_ids: Sequence[int], stop_ids: Sequence[int], budget:
     return Generation(list(token_ids[:budget]), "length")
 
 
+# The share of the memory left after loading the weights that ``--batch-size auto`` lets decoding take; the rest
+# absorbs what the estimate leaves out (allocator fragmentation as batch shapes change, kernel workspaces).
+AUTO_BATCH_MEMORY_FRACTION = 0.8
+
+
 class MegatronBackend:
     """A trainer or converter checkpoint loaded at the current TP size; prompts are split over data-parallel
-    ranks and the results gathered on every rank. Must run inside an initialised parallel state."""
+    ranks and the results gathered on every rank. Must run inside an initialised parallel state.
+
+    ``max_batch_size="auto"``: each batch takes as many rows as fit in ``AUTO_BATCH_MEMORY_FRACTION`` of the
+    memory the weights leave on the fullest rank (:class:`~acemath_mcore.eval.generation.DecodeMemory`)."""
 
     def __init__(self, checkpoint: str, arch: ModelArch, stop_ids: Sequence[int], bf16: bool = False,
-                 max_batch_size: int = 32, max_sequence_length: Optional[int] = None):
+                 max_batch_size: int | str = 32, max_sequence_length: Optional[int] = None):
         from megatron.core import parallel_state
 
         from acemath_mcore.convert.megatron_model import load_for_inference
 
         self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
         model = load_for_inference(checkpoint, arch, bf16=bf16)
-        self.generator = MegatronGenerator(model, arch, stop_ids, max_batch_size, self.max_sequence_length)
+        if max_batch_size == "auto":
+            budget = _decoding_memory_budget(next(model.parameters()).device)
+            self.generator = MegatronGenerator(model, arch, stop_ids, MAX_AUTO_BATCH_ROWS, self.max_sequence_length,
+                                               memory_budget=budget)
+            _log_auto_batch_size(self.generator)
+        else:
+            self.generator = MegatronGenerator(model, arch, stop_ids, max_batch_size, self.max_sequence_length)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self._dp_group = parallel_state.get_data_parallel_group()
@@ -60,6 +77,25 @@ class MegatronBackend:
             for index, generation in zip(indices, rank_generations):
                 results[index] = generation
         return results  # type: ignore[return-value]
+
+
+def _decoding_memory_budget(device: torch.device) -> int:
+    """Bytes every rank may use for decoding: the same number on all ranks (the smallest), so the ranks of a
+    tensor-parallel group cut identical batches."""
+    from acemath_mcore.runtime.device import free_memory_bytes
+
+    budget = torch.tensor([int(free_memory_bytes() * AUTO_BATCH_MEMORY_FRACTION)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(budget, op=torch.distributed.ReduceOp.MIN)
+    return int(budget.item())
+
+
+def _log_auto_batch_size(generator: MegatronGenerator) -> None:
+    memory, context = generator.memory, generator.max_sequence_length
+    full_rows = min(generator.max_batch_size, generator.memory_budget // memory.row_bytes(context, context))
+    logger.info("--batch-size auto: %.1f GiB per rank for decoding (%.0f%% of the memory left after loading), "
+                "key/value cache %.1f KiB per position: at least %d rows per batch (rows filling the %d-token "
+                "context), at most %d", generator.memory_budget / 2**30, 100 * AUTO_BATCH_MEMORY_FRACTION,
+                memory.cache_bytes_per_position / 1024, full_rows, context, generator.max_batch_size)
 
 
 class HFBackend:

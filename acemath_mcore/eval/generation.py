@@ -73,11 +73,79 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: Optiona
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+# Rows of one memory-sized batch at most: the sampling's per-row work grows with the rows while the weights are
+# read once per step either way, so past a few hundred rows a decoding step gains little.
+MAX_AUTO_BATCH_ROWS = 512
+
+# Bytes per vocabulary entry of one row's last-position logits beyond the model's own output: the fp32 copy, the
+# temperature-scaled copy, the top-p sort's values and int64 indices, its softmax, cumulative sum and masks.
+_SAMPLING_BYTES_PER_LOGIT = 40
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeMemory:
+    """Device bytes one row of a batch needs on one tensor-parallel rank while it is decoded, so a batch can be
+    sized to the memory the weights leave (``--batch-size auto``).
+
+    ``cache_bytes_per_position``: the keys and values megatron's ``StaticInferenceContext`` preallocates for
+    every layer and position (exact). ``prefill_bytes_per_token``: the activations one layer keeps alive while the
+    prompt runs through it (estimated: residual stream, norm, projections, rotary copies, SwiGLU input and output).
+    ``logits_bytes``: the last position's logits, gathered over TP, and the sampling's copies of them."""
+
+    cache_bytes_per_position: int
+    prefill_bytes_per_token: int
+    logits_bytes: int
+
+    @classmethod
+    def of(cls, arch: ModelArch, tensor_parallel: int, dtype: torch.dtype) -> "DecodeMemory":
+        element = torch.finfo(dtype).bits // 8
+        heads = arch.num_attention_heads // tensor_parallel
+        groups = arch.num_query_groups // tensor_parallel
+        qkv = (heads + 2 * groups) * arch.kv_channels
+        activations = 4 * arch.hidden_size + 2 * qkv + 3 * arch.ffn_hidden_size // tensor_parallel
+        vocab = arch.padded_vocab_size
+        return cls(cache_bytes_per_position=2 * arch.num_layers * groups * arch.kv_channels * element,
+                   prefill_bytes_per_token=activations * element,
+                   logits_bytes=vocab // tensor_parallel * element + vocab * (element + _SAMPLING_BYTES_PER_LOGIT))
+
+    def row_bytes(self, prompt_length: int, total_length: int) -> int:
+        """One row whose prompt has ``prompt_length`` tokens, decoded up to ``total_length`` positions."""
+        return (total_length * self.cache_bytes_per_position + prompt_length * self.prefill_bytes_per_token
+                + self.logits_bytes)
+
+
+def memory_sized_batches(sorted_lengths: Sequence[int], max_new_tokens: int, max_sequence_length: int,
+                         memory: DecodeMemory, budget: int, max_rows: int) -> List[range]:
+    """Cut length-sorted prompts (ascending) into consecutive batches of at most ``max_rows``, each as long as
+    its rows fit ``budget`` bytes, every row counted at the cost of the batch's longest (the cache is allocated
+    for the longest row's positions in every row)."""
+    batches: List[range] = []
+    start = 0
+    for end, length in enumerate(sorted_lengths, start=1):
+        row_bytes = memory.row_bytes(length, min(length + max_new_tokens, max_sequence_length))
+        if row_bytes > budget:
+            raise MemoryError(
+                f"one row of a {length}-token prompt and up to {max_new_tokens} new tokens needs "
+                f"{row_bytes / 2**30:.2f} GiB on each rank for its key/value cache and activations, and "
+                f"{budget / 2**30:.2f} GiB are left for decoding: lower --max-new-tokens, raise --tensor-parallel, "
+                "or give --batch-size a number")
+        if end - start > max_rows or (end - start) * row_bytes > budget:
+            batches.append(range(start, end - 1))
+            start = end - 1
+    if start < len(sorted_lengths):
+        batches.append(range(start, len(sorted_lengths)))
+    return batches
+
+
 class MegatronGenerator:
-    """Generates with one evaluation-mode GPT model chunk (PP=1, any TP) inside an initialised parallel state."""
+    """Generates with one evaluation-mode GPT model chunk (PP=1, any TP) inside an initialised parallel state.
+
+    Batches hold ``max_batch_size`` rows, or, with a ``memory_budget`` (bytes per rank), as many rows (up to
+    ``max_batch_size``) as :class:`DecodeMemory` says fit in it: short prompts and budgets then decode in larger
+    batches than long ones."""
 
     def __init__(self, model: torch.nn.Module, arch: ModelArch, stop_ids: Sequence[int], max_batch_size: int = 32,
-                 max_sequence_length: Optional[int] = None):
+                 max_sequence_length: Optional[int] = None, memory_budget: Optional[int] = None):
         from megatron.core import parallel_state
 
         if parallel_state.get_pipeline_model_parallel_world_size() != 1:
@@ -88,15 +156,17 @@ class MegatronGenerator:
         self.stop_ids = sorted(set(stop_ids))
         self.max_batch_size = max_batch_size
         self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
+        self.memory_budget = memory_budget
         self._tp_group = parallel_state.get_tensor_model_parallel_group()
         self._tp_source = parallel_state.get_tensor_model_parallel_src_rank()
         self._tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.memory = DecodeMemory.of(arch, self._tp_size, next(model.parameters()).dtype)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int = 0,
                  progress: Optional[Callable[[int, int], None]] = None) -> List[Generation]:
         """One generation per prompt, in prompt order. Batches are formed from length-sorted prompts, and batch
-        ``i`` samples from a generator seeded with ``seed + i``, so a run is reproducible for the same inputs.
-        ``progress(done, total)`` is called after each batch."""
+        ``i`` samples from a generator seeded with ``seed + i``, so a run is reproducible for the same inputs (and
+        the same ``memory_budget``). ``progress(done, total)`` is called after each batch."""
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise ValueError(f"prompt {index} is empty")
@@ -105,14 +175,24 @@ class MegatronGenerator:
                                  f"{self.max_sequence_length}, leaving no room to generate")
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: List[Optional[Generation]] = [None] * len(prompts)
-        for batch_number, start in enumerate(range(0, len(order), self.max_batch_size)):
-            rows = order[start:start + self.max_batch_size]
+        done = 0
+        for batch_number, rows in enumerate(self.batches([len(prompts[i]) for i in order], params.max_new_tokens)):
+            rows = [order[position] for position in rows]
             for row, generation in zip(rows, self._generate_batch([prompts[i] for i in rows], params,
                                                                   seed + batch_number)):
                 results[row] = generation
+            done += len(rows)
             if progress is not None:
-                progress(min(start + self.max_batch_size, len(order)), len(order))
+                progress(done, len(order))
         return results  # type: ignore[return-value]
+
+    def batches(self, sorted_lengths: Sequence[int], max_new_tokens: int) -> List[range]:
+        """Positions in ``sorted_lengths`` (prompt lengths, ascending) of each batch."""
+        if self.memory_budget is None:
+            return [range(start, min(start + self.max_batch_size, len(sorted_lengths)))
+                    for start in range(0, len(sorted_lengths), self.max_batch_size)]
+        return memory_sized_batches(sorted_lengths, max_new_tokens, self.max_sequence_length, self.memory,
+                                    self.memory_budget, self.max_batch_size)
 
     @torch.no_grad()
     def _generate_batch(self, prompts: Sequence[Sequence[int]], params: SamplingParams,

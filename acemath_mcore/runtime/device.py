@@ -118,6 +118,18 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def free_memory_bytes() -> int:
+    """Memory this process could still allocate: on CUDA the device's free memory plus what torch's caching
+    allocator holds unused; on CPU its share of the host memory the OS reports available (torchrun's
+    ``LOCAL_WORLD_SIZE`` processes share it)."""
+    if cuda_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+    import psutil
+
+    return psutil.virtual_memory().available // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def fusion_options(use_transformer_engine: bool) -> dict:
     """TransformerConfig kernel-fusion flags that are valid on this machine.
 

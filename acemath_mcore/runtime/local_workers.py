@@ -47,8 +47,9 @@ def _worker_entry(rank: int, world_size: int, port: int, environment: dict, targ
     # The fork server's environment is the caller's at the first call; later changes arrive here.
     os.environ.clear()
     os.environ.update(environment)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), ACEMATH_FORCE_CPU="1")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      ACEMATH_FORCE_CPU="1")
     import torch
 
     torch.set_num_threads(max(1, usable_cpus() // world_size))
