@@ -1,10 +1,14 @@
 """Generation throughput: our KV-cached batched Megatron loop vs transformers ``generate`` on the same prompts.
 
     python benchmarks/generation_speed.py [--hf ../shared/models/stories260K_hf] [--prompts 64] [--new-tokens 128]
+    # a real model's shapes with random weights, bf16, ours only; 'auto' = launch/evaluate.py --batch-size auto
+    python benchmarks/generation_speed.py --model qwen2.5-7b --prompts 512 --new-tokens 512 --batch-sizes 32,auto
 
 Converts the HF model to a megatron checkpoint in a temp dir, then times greedy generation of ``--new-tokens``
-tokens (no stop token) for ``--prompts`` story openings at a few batch sizes, on CUDA when present. Prints one
-JSON line per run; results go to docs/benchmarks.md.
+tokens (no stop token) for ``--prompts`` story openings at a few batch sizes, on CUDA when present. With
+``--model`` the prompts are random tokens of ``--prompt-lengths`` (uniform), like the benchmarks' chat prompts,
+and each run also reports its batches and peak memory. Prints one JSON line per run; results go to
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -24,24 +28,44 @@ OPENINGS = ["Once upon a time", "Lily had a big red ball", "The dog ran to the",
             "One day, a little bird", "The sun was hot, so"]
 
 
-def _megatron_worker(rank, world_size, checkpoint, prompts, new_tokens, batch_sizes):
+def _megatron_worker(rank, world_size, source, prompts, new_tokens, batch_sizes):
+    """``source``: a checkpoint dir (its weights, fp32) or a preset name (random weights, bf16)."""
     from acemath_mcore.convert.megatron_files import find_model_description
     from acemath_mcore.convert.megatron_model import load_for_inference
-    from acemath_mcore.eval.generation import MegatronGenerator, SamplingParams
-    from acemath_mcore.runtime import ParallelConfig, init_distributed
+    from acemath_mcore.eval.backends import decoding_memory_budget
+    from acemath_mcore.eval.generation import MAX_AUTO_BATCH_ROWS, MegatronGenerator, SamplingParams
+    from acemath_mcore.models import ModelOptions, build_model, get_preset
+    from acemath_mcore.runtime import ParallelConfig, init_distributed, peak_memory_bytes, synchronize
 
     init_distributed(ParallelConfig())
-    arch = find_model_description(Path(checkpoint))[0]
-    model = load_for_inference(checkpoint, arch)
+    if Path(source).is_dir():
+        arch = find_model_description(Path(source))[0]
+        model = load_for_inference(source, arch)
+    else:
+        arch = get_preset(source)
+        model = build_model(arch, ParallelConfig(), ModelOptions(spec="native", bf16=True))[0].eval()
+    device = next(model.parameters()).device
+    never = [arch.padded_vocab_size]  # no stop token: every row decodes new_tokens
     rows = []
     for batch_size in batch_sizes:
-        generator = MegatronGenerator(model, arch, stop_ids=[-1], max_batch_size=batch_size)
-        generator.generate(prompts[:batch_size], SamplingParams(max_new_tokens=8))  # warm-up
+        if batch_size == "auto":
+            generator = MegatronGenerator(model, arch, never, MAX_AUTO_BATCH_ROWS,
+                                          memory_budget=decoding_memory_budget(device))
+        else:
+            generator = MegatronGenerator(model, arch, never, max_batch_size=int(batch_size))
+        generator.generate(prompts[:8], SamplingParams(max_new_tokens=8))  # warm-up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         out = generator.generate(prompts, SamplingParams(max_new_tokens=new_tokens))
+        synchronize()
         seconds = time.perf_counter() - started
+        batches = [len(b) for b in generator.batches(sorted(map(len, prompts)), new_tokens)]
         rows.append({"impl": "megatron-kv-cache", "batch": batch_size, "seconds": round(seconds, 2),
-                     "tokens_per_s": round(sum(len(g.token_ids) for g in out) / seconds, 1)})
+                     "tokens_per_s": round(sum(len(g.token_ids) for g in out) / seconds, 1),
+                     "batches": len(batches), "largest_batch": max(batches),
+                     "budget_gib": round(generator.memory_budget / 2**30, 2) if generator.memory_budget else None,
+                     "peak_gib": round(peak_memory_bytes() / 2**30, 2)})
     return rows
 
 
@@ -74,16 +98,32 @@ def main() -> None:
     parser.add_argument("--hf", default=str(REPO.parent / "shared" / "models" / "stories260K_hf"))
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--batch-sizes", default="1,16,64", help="comma list of row counts or 'auto'")
+    parser.add_argument("--model", help="a preset's shapes with random weights instead of --hf (ours only)")
+    parser.add_argument("--prompt-lengths", default="100,400", help="with --model: MIN,MAX prompt tokens")
     args = parser.parse_args()
+    from acemath_mcore.runtime.local_workers import run_local_workers
+
+    batch_sizes = args.batch_sizes.split(",")
+    if args.model:
+        from acemath_mcore.models import get_preset
+
+        vocab, random = get_preset(args.model).vocab_size, torch.Generator().manual_seed(0)
+        low, high = map(int, args.prompt_lengths.split(","))
+        prompts = [torch.randint(0, vocab, (int(n),), generator=random).tolist()
+                   for n in torch.randint(low, high + 1, (args.prompts,), generator=random)]
+        rows = run_local_workers(_megatron_worker, 1, args.model, prompts, args.new_tokens, batch_sizes)[0]
+        for row in rows:
+            print(json.dumps({"model": args.model, "prompts": args.prompts, "prompt_lengths": args.prompt_lengths,
+                              "new_tokens": args.new_tokens, "device": _device_name(), **row}))
+        return
     import sentencepiece
 
     from acemath_mcore.convert import convert_hf_to_megatron
-    from acemath_mcore.runtime.local_workers import run_local_workers
 
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(Path(args.hf) / "tokenizer.model"))
     prompts = [[tokenizer.bos_id()] + tokenizer.encode(OPENINGS[i % len(OPENINGS)]) for i in range(args.prompts)]
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batch_sizes = [int(b) for b in batch_sizes]
     with tempfile.TemporaryDirectory() as scratch:
         convert_hf_to_megatron(args.hf, Path(scratch) / "megatron")
         rows = run_local_workers(_megatron_worker, 1, str(Path(scratch) / "megatron"), prompts, args.new_tokens,
@@ -91,7 +131,11 @@ def main() -> None:
     rows += _transformers(args.hf, prompts, args.new_tokens, batch_sizes)
     for row in rows:
         print(json.dumps({"model": Path(args.hf).name, "prompts": args.prompts, "new_tokens": args.new_tokens,
-                          "device": "cuda" if torch.cuda.is_available() else "cpu", **row}))
+                          "device": _device_name(), **row}))
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 if __name__ == "__main__":

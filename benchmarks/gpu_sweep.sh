@@ -24,7 +24,10 @@
 #   rmgroups  the reward model with several problem groups per micro-batch: 2 padded, 2, 3 and 4 packed (4 x 1 and
 #          4 x 2 micro-batches; 4 padded runs out of memory on an 80 GB H100)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
-# One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .), the printed tables to $OUT/sweep.log.
+#   decode generation with our Megatron loop, qwen2.5-7b shapes (random weights, bf16): 256 prompts of 100-400
+#          tokens, 512 new tokens each, batches of 32 rows and --batch-size auto (tokens/s, batches, peak memory)
+# One JSON line per run goes to $OUT/throughput.jsonl ($OUT defaults to .; decode: $OUT/generation.jsonl), the printed
+# tables to $OUT/sweep.log.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 out=${OUT:-.}
@@ -36,7 +39,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-groups="tests headline idle graphs wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf"
+groups="tests headline idle graphs wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf decode"
 [ $# -gt 0 ] || { echo "usage: $0 GROUP... ($groups)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
@@ -79,6 +82,8 @@ for group in "$@"; do
             rm_bench --impls te,native --micro-batches 1 --groups 4 --packed
             rm_bench --impls te,native --micro-batches 2 --groups 4 --packed ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
+        decode) python3 benchmarks/generation_speed.py --model qwen2.5-7b --prompts 256 --new-tokens 512 \
+            --batch-sizes 32,auto 2>&1 | tee -a "$out/sweep.log" | grep '^{' >>"$out/generation.jsonl" || failed=1 ;;
         *) echo "unknown group '$group'; choose from: $groups" >&2; exit 2 ;;
     esac
 done

@@ -51,7 +51,7 @@ class MegatronBackend:
         self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
         model = load_for_inference(checkpoint, arch, bf16=bf16)
         if max_batch_size == "auto":
-            budget = _decoding_memory_budget(next(model.parameters()).device)
+            budget = decoding_memory_budget(next(model.parameters()).device)
             self.generator = MegatronGenerator(model, arch, stop_ids, MAX_AUTO_BATCH_ROWS, self.max_sequence_length,
                                                memory_budget=budget)
             _log_auto_batch_size(self.generator)
@@ -79,7 +79,7 @@ class MegatronBackend:
         return results  # type: ignore[return-value]
 
 
-def _decoding_memory_budget(device: torch.device) -> int:
+def decoding_memory_budget(device: torch.device) -> int:
     """Bytes every rank may use for decoding: the same number on all ranks (the smallest), so the ranks of a
     tensor-parallel group cut identical batches."""
     from acemath_mcore.runtime.device import free_memory_bytes
