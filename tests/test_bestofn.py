@@ -163,6 +163,20 @@ def test_cli_refuses_an_unknown_benchmark(capsys):
         "mmlu_stem"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--input", "x.jsonl", "--k", "8", "--regrade", "--benchmarks", "gsm8k"],
+     "--benchmarks goes with --summarize DIR (the regrading rules of --input's benchmark are --benchmark NAME)"),
+    (["--input", "x.jsonl", "--k", "8", "--if-complete"], "--if-complete goes with --summarize DIR"),
+    (["--summarize", "out", "--benchmarks", "math", "--k", "8", "--benchmark", "gsm8k"],
+     "--k, --benchmark score an --input file; --summarize only tabulates"),
+])
+def test_cli_refuses_an_option_of_the_other_mode(args, message, capsys):
+    """Scoring a file and tabulating finished results take different options; one given to the wrong mode used to
+    be ignored (a --benchmarks typo regraded with the MATH rules)."""
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_summarize_tabulates_benchmarks_at_k_equal_n_and_waits_for_missing_ones(math_cot_100, tmp_path, capsys):
     """The Slurm best-of-n array writes one <benchmark>.bestofn.json per task; --summarize lays them side by side
     (pass@1, and maj / rm / pass over all n candidates) with their mean, once every named benchmark is there."""

@@ -342,8 +342,29 @@ def _summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+# The options of each mode, so that one given to the other mode is refused instead of ignored.
+_SCORING_ONLY = ("input", "k", "json", "plot", "table", "regrade", "group_by_equivalence", "benchmark")
+_SUMMARIZE_ONLY = ("benchmarks", "if_complete")
+
+
+def _misplaced_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The options given (not at their defaults) that belong to the mode not chosen."""
+    other = _SCORING_ONLY if args.summarize else _SUMMARIZE_ONLY
+    return ["--" + name.replace("_", "-") for name in other if getattr(args, name) != parser.get_default(name)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    misplaced = _misplaced_options(args, parser)
+    if misplaced and args.summarize:
+        print(f"error: {', '.join(misplaced)} score an --input file; --summarize only tabulates the finished "
+              "<benchmark>.bestofn.json files", file=sys.stderr)
+        return 2
+    if misplaced:
+        print(f"error: {', '.join(misplaced)} {'go' if len(misplaced) > 1 else 'goes'} with --summarize DIR (the "
+              "regrading rules of --input's benchmark are --benchmark NAME)", file=sys.stderr)
+        return 2
     if args.summarize:
         return _summarize(args)
     if args.input is None or args.k is None:
