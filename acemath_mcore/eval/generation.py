@@ -89,7 +89,8 @@ class DecodeMemory:
 
     ``cache_bytes_per_position``: the keys and values megatron's ``StaticInferenceContext`` preallocates for
     every layer and position (exact). ``prefill_bytes_per_token``: the activations one layer keeps alive while the
-    prompt runs through it (estimated: residual stream, norm, projections, rotary copies, SwiGLU input and output).
+    prompt runs through it (estimated: residual stream, norm, projections, rotary copies, SwiGLU's input, SiLU and
+    product).
     ``logits_bytes``: the last position's logits, gathered over TP, and the sampling's copies of them."""
 
     cache_bytes_per_position: int
@@ -102,7 +103,8 @@ class DecodeMemory:
         heads = arch.num_attention_heads // tensor_parallel
         groups = arch.num_query_groups // tensor_parallel
         qkv = (heads + 2 * groups) * arch.kv_channels
-        activations = 4 * arch.hidden_size + 2 * qkv + 3 * arch.ffn_hidden_size // tensor_parallel
+        # fc1's output holds SwiGLU's two halves; SiLU of one and its product with the other are two more.
+        activations = 4 * arch.hidden_size + 2 * qkv + 4 * arch.ffn_hidden_size // tensor_parallel
         vocab = arch.padded_vocab_size
         return cls(cache_bytes_per_position=2 * arch.num_layers * groups * arch.kv_channels * element,
                    prefill_bytes_per_token=activations * element,
