@@ -65,9 +65,18 @@ def _memory_sized_runs(checkpoint, backend, arch, prompts, stop_id) -> dict:
     backend.generator = MegatronGenerator(fixed.model, arch, [stop_id], 512, memory_budget=budget)
     mine = sorted(len(p) for p in prompts[backend.dp_rank::backend.dp_size])
     budgeted = backend.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None)
+    budget_batches = [list(b) for b in backend.generator.batches(mine, NEW_TOKENS)]
+    # A budget one byte short of the longest prompt's row: every rank stops, also the data-parallel rank whose
+    # share does not hold that prompt (alone, the other would wait in the gather for ever).
+    backend.generator = MegatronGenerator(fixed.model, arch, [stop_id], 512, memory_budget=budget // 2 - 1)
+    try:
+        backend.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None)
+        too_long = None
+    except ValueError as error:
+        too_long = str(error)
     auto = MegatronBackend(checkpoint, arch, [stop_id], max_batch_size="auto")
-    return {"cache_bytes": (allocated, 3 * 11 * fixed.memory.cache_bytes_per_position),
-            "budget_batches": [list(b) for b in backend.generator.batches(mine, NEW_TOKENS)],
+    return {"too_long": too_long,"cache_bytes": (allocated, 3 * 11 * fixed.memory.cache_bytes_per_position),
+            "budget_batches": budget_batches,
             "budgeted": budgeted,
             "auto": auto.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None),
             "auto_budget": auto.generator.memory_budget}
@@ -125,6 +134,8 @@ def test_memory_sized_batches_count_the_cache_megatron_allocates_and_decode_alik
     assert [i for batch in batches for i in batch] == list(range(len(prompts) // (2 if layout == "dp2" else 1)))
     assert result["budgeted"] == result["greedy"] == result["auto"]
     assert result["auto_budget"] > 0
+    longest = max(len(p) for p in prompts)
+    assert f"one row of a {longest}-token prompt and up to {NEW_TOKENS} new tokens needs" in result["too_long"]
 
 
 def test_sampling_is_seeded_reproducible_and_top1_is_greedy(stories_generations):
@@ -166,7 +177,7 @@ def test_memory_sized_batches_fill_the_budget_and_no_more():
     batches = memory_sized_batches(lengths, 50, 120, memory, budget=3000, max_rows=4)
     assert [list(b) for b in batches] == [[0, 1, 2], [3, 4], [5], [6]]
     assert [list(b) for b in memory_sized_batches([5] * 6, 50, 120, memory, 3000, max_rows=4)] == [[0, 1, 2, 3], [4, 5]]
-    with pytest.raises(MemoryError, match=r"90-token prompt and up to 50 new tokens needs 0.00 GiB .* lower "
+    with pytest.raises(ValueError, match=r"90-token prompt and up to 50 new tokens needs 0.00 GiB .* lower "
                                           r"--max-new-tokens, raise --tensor-parallel"):
         memory_sized_batches(lengths, 50, 120, memory, budget=1500, max_rows=4)
 

@@ -12,7 +12,13 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from acemath_mcore.eval.generation import MAX_AUTO_BATCH_ROWS, Generation, MegatronGenerator, SamplingParams
+from acemath_mcore.eval.generation import (
+    MAX_AUTO_BATCH_ROWS,
+    Generation,
+    MegatronGenerator,
+    SamplingParams,
+    check_row_fits,
+)
 from acemath_mcore.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
@@ -64,6 +70,11 @@ class MegatronBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
                  progress: Callable[[int, int], None]) -> List[Generation]:
+        if self.generator.memory_budget is not None and prompts:
+            # Every rank checks the longest prompt of all, so all stop together (a data-parallel rank stopping
+            # alone would leave the others waiting in the gather below).
+            check_row_fits(max(map(len, prompts)), params.max_new_tokens, self.max_sequence_length,
+                           self.generator.memory, self.generator.memory_budget)
         mine = list(range(self.dp_rank, len(prompts), self.dp_size))
         generations = self.generator.generate(
             [prompts[i] for i in mine], params, seed=seed + _SEED_STRIDE * self.dp_rank,

@@ -116,6 +116,20 @@ class DecodeMemory:
                 + self.logits_bytes)
 
 
+def check_row_fits(prompt_length: int, max_new_tokens: int, max_sequence_length: int, memory: DecodeMemory,
+                   budget: int) -> int:
+    """The bytes of one row of ``prompt_length`` prompt tokens; a ValueError naming the numbers and what to change
+    when that alone exceeds ``budget``."""
+    row_bytes = memory.row_bytes(prompt_length, min(prompt_length + max_new_tokens, max_sequence_length))
+    if row_bytes > budget:
+        raise ValueError(
+            f"one row of a {prompt_length}-token prompt and up to {max_new_tokens} new tokens needs "
+            f"{row_bytes / 2**30:.2f} GiB on each rank for its key/value cache and activations, and "
+            f"{budget / 2**30:.2f} GiB are left for decoding: lower --max-new-tokens, raise --tensor-parallel, "
+            "or give --batch-size a number")
+    return row_bytes
+
+
 def memory_sized_batches(sorted_lengths: Sequence[int], max_new_tokens: int, max_sequence_length: int,
                          memory: DecodeMemory, budget: int, max_rows: int) -> List[range]:
     """Cut length-sorted prompts (ascending) into consecutive batches of at most ``max_rows``, each as long as
@@ -124,13 +138,7 @@ def memory_sized_batches(sorted_lengths: Sequence[int], max_new_tokens: int, max
     batches: List[range] = []
     start = 0
     for end, length in enumerate(sorted_lengths, start=1):
-        row_bytes = memory.row_bytes(length, min(length + max_new_tokens, max_sequence_length))
-        if row_bytes > budget:
-            raise MemoryError(
-                f"one row of a {length}-token prompt and up to {max_new_tokens} new tokens needs "
-                f"{row_bytes / 2**30:.2f} GiB on each rank for its key/value cache and activations, and "
-                f"{budget / 2**30:.2f} GiB are left for decoding: lower --max-new-tokens, raise --tensor-parallel, "
-                "or give --batch-size a number")
+        row_bytes = check_row_fits(length, max_new_tokens, max_sequence_length, memory, budget)
         if end - start > max_rows or (end - start) * row_bytes > budget:
             batches.append(range(start, end - 1))
             start = end - 1
