@@ -380,3 +380,26 @@ def test_shard_arguments_are_checked(tmp_path, encoder, gsm8k):
     with pytest.raises(ValueError, match="set chunk_problems"):
         run_evaluation(ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True), encoder,
                        _settings(tmp_path, shard=Shard(0, 2)), model_name="scripted")
+
+
+def test_progress_lines_give_the_rate_of_this_run_and_the_time_left(monkeypatch, caplog):
+    """A resumed run's restored responses count as done, not toward the rate (800 left at 200 / 40 s = 5/s: 160 s);
+    lines come at most every interval, and when the benchmark completes."""
+    import logging
+
+    from acemath_mcore.eval import harness
+
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
+    progress = harness.ProgressLog("math", enabled=True, interval=30)
+    progress.start(100)
+    with caplog.at_level(logging.INFO, logger="acemath_mcore"):
+        for seconds, done in ((10, 150), (40, 300), (50, 400), (75, 1100)):
+            clock["now"] = 1000.0 + seconds
+            progress(done, 1100)
+        silent = harness.ProgressLog("math", enabled=False)
+        silent(1100, 1100)
+    assert [record.getMessage() for record in caplog.records] == [
+        "math: generated 300/1100 responses (40 s, 5.00 responses/s, 2 min 40 s left)",
+        "math: generated 1100/1100 responses (1 min 15 s, 13.33 responses/s)",
+    ]

@@ -920,6 +920,13 @@ def test_logged_rates_sum_the_data_parallel_ranks_work():
     assert second == pytest.approx({"tokens_per_s": 20.0, "data_s_max": 0.01})
 
 
+def test_durations_read_as_a_person_says_them():
+    from acemath_mcore.training.logging import format_duration
+
+    assert [format_duration(s) for s in (0.4, 42, 425, 3599.6, 11_520, 200_000)] == [
+        "0 s", "42 s", "7 min 5 s", "1 h 0 min", "3 h 12 min", "55 h 33 min"]
+
+
 def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
     """The slowest rank's wait for data shows on the console from 5% of the step time on (metrics.jsonl always)."""
     from acemath_mcore.training.logging import MetricsLogger
@@ -929,8 +936,8 @@ def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
         metrics_logger.log_step(1, {"lm_loss": 1.0, "step_s": 2.0, "data_s_max": 0.05})
         metrics_logger.log_step(2, {"lm_loss": 1.0, "step_s": 2.0, "data_s_max": 0.5})
     first, second = [record.getMessage() for record in caplog.records]
-    assert "for data" not in first
-    assert second.endswith("waited 0.50 s/step for data (slowest rank)")
+    assert "for data" not in first and first.endswith("2.00 s/step | 2 s left")  # one step of 2 s to go
+    assert second.endswith("waited 0.50 s/step for data (slowest rank)")  # the last step: nothing left
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [row["data_s_max"] for row in rows] == [0.05, 0.5]
 

@@ -35,6 +35,7 @@ from acemath_mcore.eval.benchmarks import (
     load_benchmark,
 )
 from acemath_mcore.eval.generation import Generation, SamplingParams
+from acemath_mcore.training.logging import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
         log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong)",
                  benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
-    report = _progress_logger(benchmark, started) if backend.is_writer else (lambda done, total: None)
+    report = ProgressLog(benchmark, enabled=backend.is_writer)
     generations = _generate_in_chunks(backend, settings, chunks, first_chunk, results_path, extra_meta or {},
                                       benchmark, report)
     if not backend.is_writer:
@@ -275,7 +276,7 @@ def _progress_path(results_path: Path) -> Path:
 
 def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chunks: List[List[List[int]]],
                         first_chunk: int, results_path: Path, identity: dict, benchmark: str,
-                        report: Callable[[int, int], None]) -> List[Generation]:
+                        report: ProgressLog) -> List[Generation]:
     """Generations of every chunk's rows, one generate call per chunk, chunk ``c`` sampled with
     ``seed + CHUNK_SEED_STRIDE * (first_chunk + c)``. The writer appends each finished chunk to the progress file
     (first line: ``identity``, the results' fingerprint); a rerun with the same identity reads the finished chunks
@@ -292,6 +293,7 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chun
             log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
                      len(chunks), sum(map(len, finished)), rows, path)
     generations = [generation for chunk in finished for generation in chunk]
+    report.start(len(generations))
     for index in range(len(finished), len(chunks)):
         done = len(generations)
         # A chunk whose prompts are all over the context has nothing to send (every process skips it alike).
@@ -376,16 +378,28 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _progress_logger(benchmark: str, started: float) -> Callable[[int, int], None]:
-    state = {"next_report": 0.0}
+class ProgressLog:
+    """A benchmark's generation progress, logged at most every ``interval`` seconds and when it completes: the
+    responses done, the rate since generation started in this process and the time left at that rate. Responses a
+    resumed run read back (``start(restored)``) count as done but not toward the rate."""
 
-    def report(done: int, total: int) -> None:
-        now = time.perf_counter() - started
-        if done == total or now >= state["next_report"]:
-            log.info("%s: generated %d/%d responses (%.0f s)", benchmark, done, total, now)
-            state["next_report"] = now + 30.0
+    def __init__(self, benchmark: str, enabled: bool, interval: float = 30.0):
+        self.benchmark, self.enabled, self.interval = benchmark, enabled, interval
+        self.start(0)
 
-    return report
+    def start(self, restored: int) -> None:
+        self.restored, self.started, self.next_report = restored, time.perf_counter(), self.interval
+
+    def __call__(self, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - self.started
+        if not self.enabled or (done < total and elapsed < self.next_report):
+            return
+        self.next_report = elapsed + self.interval
+        rate = (done - self.restored) / max(elapsed, 1e-9)
+        left = f", {format_duration((total - done) / rate)} left" if done < total and rate > 0 else ""
+        log.info("%s: generated %d/%d responses (%s, %.2f responses/s%s)", self.benchmark, done, total,
+                 format_duration(elapsed), rate, left)
+
 
 
 def _grade(problems, fits: Sequence[bool], generations: Sequence[Generation], encoder: ConversationEncoder,

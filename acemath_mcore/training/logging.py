@@ -39,6 +39,16 @@ def setup_console_logging(rank: int) -> None:
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
 
+def format_duration(seconds: float) -> str:
+    """``42 s``, ``7 min 5 s``, ``3 h 12 min``: a duration as a progress line's reader wants it."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
 class IntervalMetrics:
     """The steps since the last logged one, reduced to one record the way a reader of the log expects: tokens/s and
     MFU over the interval's wall time, memory at its peak, skipped updates counted, learning rate and consumed
@@ -133,6 +143,8 @@ class MetricsLogger:
         data_wait, step_time = metrics.get("data_s_max"), metrics.get("step_s")
         if data_wait and step_time and data_wait > 0.05 * step_time:  # the loader no longer keeps up
             parts.append(f"waited {data_wait:.2f} s/step for data (slowest rank)")
+        if step_time and step < self.total_steps:  # Slurm logs have no progress bar: say when the run ends
+            parts.append(f"{format_duration(step_time * (self.total_steps - step))} left")
         steps = metrics.get("interval_steps", 1)
         if metrics.get("skipped"):
             parts.append("(optimizer step skipped)" if steps == 1
