@@ -387,17 +387,17 @@ def test_progress_lines_give_the_rate_of_this_run_and_the_time_left(monkeypatch,
     lines come at most every interval, and when the benchmark completes."""
     import logging
 
-    from acemath_mcore.eval import harness
+    from acemath_mcore import progress as progress_lines
 
     clock = {"now": 1000.0}
-    monkeypatch.setattr(harness.time, "perf_counter", lambda: clock["now"])
-    progress = harness.ProgressLog("math", enabled=True, interval=30)
+    monkeypatch.setattr(progress_lines.time, "perf_counter", lambda: clock["now"])
+    progress = progress_lines.ProgressLog("math", "generated", "responses", interval=30)
     progress.start(100)
     with caplog.at_level(logging.INFO, logger="acemath_mcore"):
         for seconds, done in ((10, 150), (40, 300), (50, 400), (75, 1100)):
             clock["now"] = 1000.0 + seconds
             progress(done, 1100)
-        silent = harness.ProgressLog("math", enabled=False)
+        silent = progress_lines.ProgressLog("math", "generated", "responses", enabled=False)
         silent(1100, 1100)
     assert [record.getMessage() for record in caplog.records] == [
         "math: generated 300/1100 responses (40 s, 5.00 responses/s, 2 min 40 s left)",

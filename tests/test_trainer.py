@@ -921,7 +921,7 @@ def test_logged_rates_sum_the_data_parallel_ranks_work():
 
 
 def test_durations_read_as_a_person_says_them():
-    from acemath_mcore.training.logging import format_duration
+    from acemath_mcore.progress import format_duration
 
     assert [format_duration(s) for s in (0.4, 42, 425, 3599.6, 11_520, 200_000)] == [
         "0 s", "42 s", "7 min 5 s", "1 h 0 min", "3 h 12 min", "55 h 33 min"]

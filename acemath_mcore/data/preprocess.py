@@ -38,6 +38,7 @@ from acemath_mcore.data.curation import (
 from acemath_mcore.data.indexed import SFTIndexedWriter
 from acemath_mcore.data.jsonl import DataError, LineChunk, iter_line_chunks, parse_conversation
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
+from acemath_mcore.progress import format_duration
 from acemath_mcore.runtime.local_workers import usable_cpus
 
 OVERFLOW_POLICIES = ("truncate", "drop")
@@ -201,13 +202,14 @@ def _process_in_worker(chunk: LineChunk) -> ChunkResult:
 
 
 class _Progress:
-    """tqdm over input bytes when importable, else a line every ``interval`` seconds."""
+    """tqdm over input bytes on a terminal; elsewhere (a Slurm log, where tqdm's redrawn bar piles up) a line every
+    ``interval`` seconds with the time left at the rate so far."""
 
     def __init__(self, total_bytes: int, enabled: bool, interval: float = 10.0):
         self.total, self.done, self.enabled, self.interval = total_bytes, 0, enabled, interval
         self.started = self.last_line = time.monotonic()
         self._bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -221,9 +223,10 @@ class _Progress:
             self._bar.update(num_bytes)
         elif self.enabled and time.monotonic() - self.last_line >= self.interval:
             self.last_line = time.monotonic()
-            rate = tokens / max(self.last_line - self.started, 1e-9)
-            print(f"preprocess: {self.done}/{self.total} bytes, {tokens} tokens, {rate:,.0f} tokens/s",
-                  file=sys.stderr, flush=True)
+            elapsed = max(self.last_line - self.started, 1e-9)
+            left = (self.total - self.done) * elapsed / max(self.done, 1)
+            print(f"preprocess: {self.done / 2**20:,.0f}/{self.total / 2**20:,.0f} MiB read, {tokens:,} tokens, "
+                  f"{tokens / elapsed:,.0f} tokens/s, {format_duration(left)} left", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

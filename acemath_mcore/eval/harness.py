@@ -35,7 +35,7 @@ from acemath_mcore.eval.benchmarks import (
     load_benchmark,
 )
 from acemath_mcore.eval.generation import Generation, SamplingParams
-from acemath_mcore.training.logging import format_duration
+from acemath_mcore.progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
         log.info("%s: %d problems x %d samples (%d prompts over the %d-token context are scored wrong)",
                  benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
-    report = ProgressLog(benchmark, enabled=backend.is_writer)
+    report = ProgressLog(benchmark, "generated", "responses", enabled=backend.is_writer)
     generations = _generate_in_chunks(backend, settings, chunks, first_chunk, results_path, extra_meta or {},
                                       benchmark, report)
     if not backend.is_writer:
@@ -376,29 +376,6 @@ def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text, encoding="utf-8")
     os.replace(partial, path)
-
-
-class ProgressLog:
-    """A benchmark's generation progress, logged at most every ``interval`` seconds and when it completes: the
-    responses done, the rate since generation started in this process and the time left at that rate. Responses a
-    resumed run read back (``start(restored)``) count as done but not toward the rate."""
-
-    def __init__(self, benchmark: str, enabled: bool, interval: float = 30.0):
-        self.benchmark, self.enabled, self.interval = benchmark, enabled, interval
-        self.start(0)
-
-    def start(self, restored: int) -> None:
-        self.restored, self.started, self.next_report = restored, time.perf_counter(), self.interval
-
-    def __call__(self, done: int, total: int) -> None:
-        elapsed = time.perf_counter() - self.started
-        if not self.enabled or (done < total and elapsed < self.next_report):
-            return
-        self.next_report = elapsed + self.interval
-        rate = (done - self.restored) / max(elapsed, 1e-9)
-        left = f", {format_duration((total - done) / rate)} left" if done < total and rate > 0 else ""
-        log.info("%s: generated %d/%d responses (%s, %.2f responses/s%s)", self.benchmark, done, total,
-                 format_duration(elapsed), rate, left)
 
 
 

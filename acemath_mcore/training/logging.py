@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from acemath_mcore.progress import format_duration
+
 logger = logging.getLogger("acemath_mcore")
 
 
@@ -37,16 +39,6 @@ def setup_console_logging(rank: int) -> None:
     logger.setLevel(logging.INFO)
     log_on_rank_0(rank)
     logging.getLogger("megatron").setLevel(logging.WARNING)
-
-
-def format_duration(seconds: float) -> str:
-    """``42 s``, ``7 min 5 s``, ``3 h 12 min``: a duration as a progress line's reader wants it."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 class IntervalMetrics:

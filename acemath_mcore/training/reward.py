@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import time
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -30,6 +28,7 @@ from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
 from acemath_mcore.models.reward import RewardGPTModel, build_reward_model_chunk, response_scores
 from acemath_mcore.models.specs import packed_qkv_format
+from acemath_mcore.progress import ProgressLog
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
@@ -197,50 +196,24 @@ class RewardScorer:
         rows = self._rows(sequences, mine)
         rows += [[] for _ in range(-len(rows) % self.rows_per_call)]  # whole calls (interleaved schedules need them)
         task = ScoringTask()
-        progress = _Progress(len(mine), enabled=show_progress and torch.distributed.get_rank() == 0)
+        progress = ProgressLog("reward model (rank 0's share)", "scored", "responses",
+                               enabled=show_progress and torch.distributed.get_rank() == 0)
         results: Dict[int, float] = {}
+        done = 0
         for start in range(0, len(rows), self.rows_per_call):
             call = rows[start:start + self.rows_per_call]
             reports = run_schedule(self.chunks, task, [self._row_batch(sequences, row) for row in call],
                                    self.qkv_format, forward_only=True)
             for row, report in zip(call, reports):  # reports exist on the last pipeline stage only
                 results.update(zip(row, report["scores"][:len(row)].tolist()))
-            progress.update(sum(len(row) for row in call))
-        progress.close()
+            done += sum(len(row) for row in call)
+            progress(done, len(mine))
         keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                 and parallel_state.get_tensor_model_parallel_rank() == 0)
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, results if keep else {})
         merged = {index: score for part in gathered for index, score in part.items()}
         return [merged[index] for index in range(len(sequences))]
-
-
-class _Progress:
-    """tqdm over scored sequences when importable, else a log line every ``interval`` seconds."""
-
-    def __init__(self, total: int, enabled: bool, interval: float = 10.0):
-        self.total, self.done, self.enabled, self.interval = total, 0, enabled, interval
-        self.last_line = time.monotonic()
-        self._bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self._bar = tqdm(total=total, unit="seq", desc="score", file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, count: int) -> None:
-        self.done += count
-        if self._bar is not None:
-            self._bar.update(count)
-        elif self.enabled and time.monotonic() - self.last_line >= self.interval:
-            self.last_line = time.monotonic()
-            logger.info("scored %d/%d sequences", self.done, self.total)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def candidate_group(record: dict, where: str) -> RMGroup:
