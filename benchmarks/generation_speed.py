@@ -69,6 +69,17 @@ def _megatron_worker(rank, world_size, source, prompts, new_tokens, batch_sizes)
     return rows
 
 
+def _run_megatron(source, prompts, new_tokens, batch_sizes):
+    """On a GPU in this process; on CPU in a worker process (run_local_workers installs the CPU shim there, and
+    forces the CPU path, so it cannot measure a GPU)."""
+    from acemath_mcore.runtime.device import cuda_available
+    from acemath_mcore.runtime.local_workers import run_local_workers
+
+    if cuda_available():
+        return _megatron_worker(0, 1, source, prompts, new_tokens, batch_sizes)
+    return run_local_workers(_megatron_worker, 1, source, prompts, new_tokens, batch_sizes)[0]
+
+
 def _transformers(hf_dir, prompts, new_tokens, batch_sizes):
     import transformers
 
@@ -102,8 +113,6 @@ def main() -> None:
     parser.add_argument("--model", help="a preset's shapes with random weights instead of --hf (ours only)")
     parser.add_argument("--prompt-lengths", default="100,400", help="with --model: MIN,MAX prompt tokens")
     args = parser.parse_args()
-    from acemath_mcore.runtime.local_workers import run_local_workers
-
     batch_sizes = args.batch_sizes.split(",")
     if args.model:
         from acemath_mcore.models import get_preset
@@ -112,7 +121,7 @@ def main() -> None:
         low, high = map(int, args.prompt_lengths.split(","))
         prompts = [torch.randint(0, vocab, (int(n),), generator=random).tolist()
                    for n in torch.randint(low, high + 1, (args.prompts,), generator=random)]
-        rows = run_local_workers(_megatron_worker, 1, args.model, prompts, args.new_tokens, batch_sizes)[0]
+        rows = _run_megatron(args.model, prompts, args.new_tokens, batch_sizes)
         for row in rows:
             print(json.dumps({"model": args.model, "prompts": args.prompts, "prompt_lengths": args.prompt_lengths,
                               "new_tokens": args.new_tokens, "device": _device_name(), **row}))
@@ -126,8 +135,7 @@ def main() -> None:
     batch_sizes = [int(b) for b in batch_sizes]
     with tempfile.TemporaryDirectory() as scratch:
         convert_hf_to_megatron(args.hf, Path(scratch) / "megatron")
-        rows = run_local_workers(_megatron_worker, 1, str(Path(scratch) / "megatron"), prompts, args.new_tokens,
-                                 batch_sizes)[0]
+        rows = _run_megatron(str(Path(scratch) / "megatron"), prompts, args.new_tokens, batch_sizes)
     rows += _transformers(args.hf, prompts, args.new_tokens, batch_sizes)
     for row in rows:
         print(json.dumps({"model": Path(args.hf).name, "prompts": args.prompts, "new_tokens": args.new_tokens,

@@ -378,7 +378,6 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-
 def _grade(problems, fits: Sequence[bool], generations: Sequence[Generation], encoder: ConversationEncoder,
            n: int, benchmark: str) -> List[dict]:
     from acemath_mcore.eval.grader import extract_answer, is_equal
