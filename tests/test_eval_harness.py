@@ -163,6 +163,13 @@ def test_a_killed_run_resumes_after_its_last_finished_chunk(tmp_path, encoder, g
     assert resumed.prompts_seen == [4] and resumed.seeds == [2 * CHUNK_SEED_STRIDE]
     assert (tmp_path / "cut" / "gsm8k.jsonl").read_text() == (tmp_path / "whole" / "gsm8k.jsonl").read_text()
     assert not progress.exists()
+    # The rate counts what this run generated in its time: the last chunk's two problems, not the restored ones.
+    records = [json.loads(line) for line in (tmp_path / "cut" / "gsm8k.jsonl").open()]
+    meta = json.loads((tmp_path / "cut" / "gsm8k.meta.json").read_text())
+    assert meta["generated_tokens"] == sum(sum(r["num_tokens"]) for r in records)
+    assert meta["timed_tokens"] == sum(sum(r["num_tokens"]) for r in records[4:]) < meta["generated_tokens"]
+    whole_meta = json.loads((tmp_path / "whole" / "gsm8k.meta.json").read_text())
+    assert whole_meta["timed_tokens"] == whole_meta["generated_tokens"] == meta["generated_tokens"]
 
     with pytest.raises(KeyboardInterrupt):  # other settings: the saved chunks are not theirs
         run_evaluation(DyingBackend(encoder, gsm8k, right, dies_on=2), encoder,

@@ -242,11 +242,12 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
                  benchmark, len(problems), n, too_long, backend.max_sequence_length)
     started = time.perf_counter()
     report = ProgressLog(benchmark, "generated", "responses", enabled=backend.is_writer)
-    generations = _generate_in_chunks(backend, settings, chunks, first_chunk, results_path, extra_meta or {},
-                                      benchmark, report)
+    generations, restored = _generate_in_chunks(backend, settings, chunks, first_chunk, results_path,
+                                                extra_meta or {}, benchmark, report)
     if not backend.is_writer:
         return None
     generated_tokens = sum(len(g.token_ids) for g in generations)
+    timed_tokens = sum(len(g.token_ids) for g in generations[restored:])  # a killed run's seconds are not known
     seconds = time.perf_counter() - started
     records = _grade(problems, fits, generations, encoder, n, benchmark)
     results_path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +258,8 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
     _write_atomically(results_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     _write_atomically(meta_path, json.dumps({
         **(extra_meta or {}), "prompts_too_long": too_long, "generated_tokens": generated_tokens,
-        "generation_seconds": round(seconds, 2), "tokens_per_second": round(generated_tokens / max(seconds, 1e-9), 1),
+        "timed_tokens": timed_tokens, "generation_seconds": round(seconds, 2),
+        "tokens_per_second": round(timed_tokens / max(seconds, 1e-9), 1),
     }, indent=2) + "\n")
     _progress_path(results_path).unlink(missing_ok=True)
     accuracy = 100.0 * sum(sum(r["score"]) for r in records) / max(1, n * len(records))
@@ -276,8 +278,9 @@ def _progress_path(results_path: Path) -> Path:
 
 def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chunks: List[List[List[int]]],
                         first_chunk: int, results_path: Path, identity: dict, benchmark: str,
-                        report: ProgressLog) -> List[Generation]:
-    """Generations of every chunk's rows, one generate call per chunk, chunk ``c`` sampled with
+                        report: ProgressLog) -> tuple[List[Generation], int]:
+    """Generations of every chunk's rows, and how many of them were read back rather than generated (the first
+    ones); one generate call per chunk, chunk ``c`` sampled with
     ``seed + CHUNK_SEED_STRIDE * (first_chunk + c)``. The writer appends each finished chunk to the progress file
     (first line: ``identity``, the results' fingerprint); a rerun with the same identity reads the finished chunks
     back, a torn last line included, and generates the rest. Every process reads the file before the first generate
@@ -293,7 +296,8 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chun
             log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
                      len(chunks), sum(map(len, finished)), rows, path)
     generations = [generation for chunk in finished for generation in chunk]
-    report.start(len(generations))
+    restored = len(generations)
+    report.start(restored)
     for index in range(len(finished), len(chunks)):
         done = len(generations)
         # A chunk whose prompts are all over the context has nothing to send (every process skips it alike).
@@ -306,7 +310,7 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chun
                 stream.flush()
                 os.fsync(stream.fileno())
         generations += part
-    return generations
+    return generations, restored
 
 
 def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[dict] = None) -> bool:
@@ -333,9 +337,10 @@ def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[d
         _write_atomically(target, "".join(path.read_text(encoding="utf-8") for path in paths))
         totals = {key: sum(meta.get(key, 0) for meta in metas)
                   for key in ("prompts_too_long", "generated_tokens", "generation_seconds")}
+        totals["timed_tokens"] = sum(meta.get("timed_tokens", meta.get("generated_tokens", 0)) for meta in metas)
         _write_atomically(target.with_suffix(".meta.json"), json.dumps({
             "settings": merged, "shards": count, **totals,
-            "tokens_per_second": round(totals["generated_tokens"] / max(totals["generation_seconds"], 1e-9), 1),
+            "tokens_per_second": round(totals["timed_tokens"] / max(totals["generation_seconds"], 1e-9), 1),
         }, indent=2) + "\n")
         for path in paths:
             path.with_suffix(".meta.json").unlink(missing_ok=True)
