@@ -216,6 +216,9 @@ def test_evaluate_cli_megatron_and_transformers_backends_agree(stories_generatio
                          *common)
     assert megatron.returncode == 0, megatron.stderr[-3000:]
     assert "--batch-size auto: " in megatron.stdout and "rows per batch" in megatron.stdout
+    # 3 problems per call where 512 rows fit: the log says the chunk, not the memory, sizes the batches (once).
+    assert megatron.stdout.count("a generation call gives each rank 3 prompts, one batch, where the memory holds "
+                                 "512 rows") == 1
     # An exported model carries its training data's prompt format (convert_to_hf copies prompt_format.json): the
     # HF backend takes the plain template from it, with no --template.
     exported = shutil.copytree(stories_dir(), tmp_path / "exported")

@@ -67,15 +67,22 @@ class MegatronBackend:
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self._dp_group = parallel_state.get_data_parallel_group()
         self.is_writer = torch.distributed.get_rank() == 0
+        self._told_chunk_bounds_batches = False
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int,
                  progress: Callable[[int, int], None]) -> List[Generation]:
+        mine = list(range(self.dp_rank, len(prompts), self.dp_size))
         if self.generator.memory_budget is not None and prompts:
             # Every rank checks the longest prompt of all, so all stop together (a data-parallel rank stopping
             # alone would leave the others waiting in the gather below).
-            check_row_fits(max(map(len, prompts)), params.max_new_tokens, self.max_sequence_length,
-                           self.generator.memory, self.generator.memory_budget)
-        mine = list(range(self.dp_rank, len(prompts), self.dp_size))
+            row_bytes = check_row_fits(max(map(len, prompts)), params.max_new_tokens, self.max_sequence_length,
+                                       self.generator.memory, self.generator.memory_budget)
+            room = min(self.generator.max_batch_size, self.generator.memory_budget // row_bytes)
+            if not self._told_chunk_bounds_batches and len(mine) < room // 2:
+                self._told_chunk_bounds_batches = True
+                logger.info("--batch-size auto: a generation call gives each rank %d prompts, one batch, where the "
+                            "memory holds %d rows of the longest: a larger --chunk-problems decodes more rows per "
+                            "step (docs/eval.md, Batch size)", len(mine), room)
         generations = self.generator.generate(
             [prompts[i] for i in mine], params, seed=seed + _SEED_STRIDE * self.dp_rank,
             progress=lambda done, total: progress(min(len(prompts), done * self.dp_size), len(prompts)))
