@@ -75,9 +75,8 @@ def _memory_sized_runs(checkpoint, backend, arch, prompts, stop_id) -> dict:
     except ValueError as error:
         too_long = str(error)
     auto = MegatronBackend(checkpoint, arch, [stop_id], max_batch_size="auto")
-    return {"too_long": too_long,"cache_bytes": (allocated, 3 * 11 * fixed.memory.cache_bytes_per_position),
-            "budget_batches": budget_batches,
-            "budgeted": budgeted,
+    return {"cache_bytes": (allocated, 3 * 11 * fixed.memory.cache_bytes_per_position),
+            "budget_batches": budget_batches, "budgeted": budgeted, "too_long": too_long,
             "auto": auto.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), 0, lambda *_: None),
             "auto_budget": auto.generator.memory_budget}
 
@@ -128,7 +127,7 @@ def test_memory_sized_batches_count_the_cache_megatron_allocates_and_decode_alik
     result = by_layout[layout]
     allocated, predicted = result["cache_bytes"]
     assert allocated == predicted > 0
-    # A budget of two rows of the longest prompt: several batches, shorter prompts more to a batch.
+    # A budget of two rows of the longest prompt: several batches of two rows or more, in prompt-length order.
     batches = result["budget_batches"]
     assert len(batches) >= 2 and all(len(batch) >= 2 for batch in batches[:-1])
     assert [i for batch in batches for i in batch] == list(range(len(prompts) // (2 if layout == "dp2" else 1)))
