@@ -32,8 +32,8 @@ def _megatron_worker(rank, world_size, source, prompts, new_tokens, batch_sizes)
     """``source``: a checkpoint dir (its weights, fp32) or a preset name (random weights, bf16)."""
     from acemath_mcore.convert.megatron_files import find_model_description
     from acemath_mcore.convert.megatron_model import load_for_inference
-    from acemath_mcore.eval.backends import decoding_memory_budget
-    from acemath_mcore.eval.generation import MAX_AUTO_BATCH_ROWS, MegatronGenerator, SamplingParams
+    from acemath_mcore.eval.backends import megatron_generator
+    from acemath_mcore.eval.generation import SamplingParams
     from acemath_mcore.models import ModelOptions, build_model, get_preset
     from acemath_mcore.runtime import ParallelConfig, init_distributed, peak_memory_bytes, synchronize
 
@@ -48,11 +48,7 @@ def _megatron_worker(rank, world_size, source, prompts, new_tokens, batch_sizes)
     never = [arch.padded_vocab_size]  # no stop token: every row decodes new_tokens
     rows = []
     for batch_size in batch_sizes:
-        if batch_size == "auto":
-            generator = MegatronGenerator(model, arch, never, MAX_AUTO_BATCH_ROWS,
-                                          memory_budget=decoding_memory_budget(device))
-        else:
-            generator = MegatronGenerator(model, arch, never, max_batch_size=int(batch_size))
+        generator = megatron_generator(model, arch, never, batch_size if batch_size == "auto" else int(batch_size))
         generator.generate(prompts[:8], SamplingParams(max_new_tokens=8))  # warm-up
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

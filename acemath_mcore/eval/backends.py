@@ -17,7 +17,6 @@ from acemath_mcore.eval.generation import (
     Generation,
     MegatronGenerator,
     SamplingParams,
-    check_row_fits,
 )
 from acemath_mcore.models.arch import ModelArch
 
@@ -56,13 +55,7 @@ class MegatronBackend:
 
         self.max_sequence_length = max_sequence_length or arch.max_position_embeddings
         model = load_for_inference(checkpoint, arch, bf16=bf16)
-        if max_batch_size == "auto":
-            budget = decoding_memory_budget(next(model.parameters()).device)
-            self.generator = MegatronGenerator(model, arch, stop_ids, MAX_AUTO_BATCH_ROWS, self.max_sequence_length,
-                                               memory_budget=budget)
-            _log_auto_batch_size(self.generator)
-        else:
-            self.generator = MegatronGenerator(model, arch, stop_ids, max_batch_size, self.max_sequence_length)
+        self.generator = megatron_generator(model, arch, stop_ids, max_batch_size, self.max_sequence_length)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self._dp_group = parallel_state.get_data_parallel_group()
@@ -75,9 +68,7 @@ class MegatronBackend:
         if self.generator.memory_budget is not None and prompts:
             # Every rank checks the longest prompt of all, so all stop together (a data-parallel rank stopping
             # alone would leave the others waiting in the gather below).
-            row_bytes = check_row_fits(max(map(len, prompts)), params.max_new_tokens, self.max_sequence_length,
-                                       self.generator.memory, self.generator.memory_budget)
-            room = min(self.generator.max_batch_size, self.generator.memory_budget // row_bytes)
+            room = self.generator.rows_that_fit(max(map(len, prompts)), params.max_new_tokens)
             if not self._told_chunk_bounds_batches and len(mine) < room // 2:
                 self._told_chunk_bounds_batches = True
                 logger.info("--batch-size auto: a generation call gives each rank %d prompts, one batch, where the "
@@ -95,6 +86,19 @@ class MegatronBackend:
             for index, generation in zip(indices, rank_generations):
                 results[index] = generation
         return results  # type: ignore[return-value]
+
+
+def megatron_generator(model: torch.nn.Module, arch: ModelArch, stop_ids: Sequence[int], batch_size: int | str,
+                       max_sequence_length: Optional[int] = None) -> MegatronGenerator:
+    """A generator decoding ``batch_size`` rows at a time, or, for ``"auto"``, batches cut to
+    ``AUTO_BATCH_MEMORY_FRACTION`` of the memory the weights leave on the fullest rank (a collective)."""
+    if batch_size != "auto":
+        return MegatronGenerator(model, arch, stop_ids, batch_size, max_sequence_length)
+    budget = decoding_memory_budget(next(model.parameters()).device)
+    generator = MegatronGenerator(model, arch, stop_ids, MAX_AUTO_BATCH_ROWS, max_sequence_length,
+                                  memory_budget=budget)
+    _log_auto_batch_size(generator)
+    return generator
 
 
 def decoding_memory_budget(device: torch.device) -> int:

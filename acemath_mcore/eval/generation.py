@@ -196,6 +196,13 @@ class MegatronGenerator:
                 progress(done, len(order))
         return results  # type: ignore[return-value]
 
+    def rows_that_fit(self, prompt_length: int, max_new_tokens: int) -> int:
+        """Rows of ``prompt_length`` prompt tokens one batch may hold under the ``memory_budget`` (a ValueError
+        when not even one fits)."""
+        row_bytes = check_row_fits(prompt_length, max_new_tokens, self.max_sequence_length, self.memory,
+                                   self.memory_budget)
+        return min(self.max_batch_size, self.memory_budget // row_bytes)
+
     def batches(self, sorted_lengths: Sequence[int], max_new_tokens: int) -> List[range]:
         """Positions in ``sorted_lengths`` (prompt lengths, ascending) of each batch."""
         if self.memory_budget is None:
