@@ -43,10 +43,14 @@ def test_unknown_architecture(tiny_dirs, tmp_path):
         convert(hf_dir, tmp_path / "out")
 
 
-def test_reward_model_input_is_refused(tiny_dirs, tmp_path):
+def test_classifier_with_several_labels_is_refused(tiny_dirs, tmp_path):
     hf_dir = copy_of(tiny_dirs / "single", tmp_path / "hf")
+    # transformers gives a classifier two labels when config.json names none
     edit_config(hf_dir, architectures=["LlamaForSequenceClassification"])
-    with pytest.raises(ValueError, match="reward model"):
+    with pytest.raises(ValueError, match="a LlamaForSequenceClassification with 2 labels; only one-label"):
+        convert(hf_dir, tmp_path / "out")
+    edit_config(hf_dir, id2label={"0": "A", "1": "B", "2": "C"})
+    with pytest.raises(ValueError, match="with 3 labels"):
         convert(hf_dir, tmp_path / "out")
 
 

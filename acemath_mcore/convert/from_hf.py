@@ -3,6 +3,8 @@
 One CPU process per TP x PP rank builds its model chunk(s) with the project's builder, fills them with its
 shards of the HF tensors (read one at a time, fused and padded by the family's weight rules) and all ranks
 save through ``dist_checkpointing``. The result stores global tensors, so it loads at any TP/PP/VPP layout.
+A one-label ``*ForSequenceClassification`` input (a published reward model) becomes our reward model, its
+``score`` head the scalar head.
 
 Output directory::
 
@@ -40,9 +42,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tensor_paral
     source.arch.check_layout(parallel)
     bf16 = _wants_bf16(dtype, source)
     world_size = tensor_parallel * pipeline_parallel
-    logger.info("converting %s (%s, %d layers) with %d CPU process(es): TP=%d PP=%d VPP=%s, %s parameters",
-                source.path, source.arch.family, source.arch.num_layers, world_size, tensor_parallel,
-                pipeline_parallel, virtual_pipeline_parallel, "bf16" if bf16 else "fp32")
+    logger.info("converting %s (%s%s, %d layers) with %d CPU process(es): TP=%d PP=%d VPP=%s, %s parameters",
+                source.path, source.arch.family, " reward model" if source.reward_model else "",
+                source.arch.num_layers, world_size, tensor_parallel, pipeline_parallel, virtual_pipeline_parallel,
+                "bf16" if bf16 else "fp32")
     with staged_output_dir(out_dir, overwrite) as staging:
         run_local_workers(_convert_worker, world_size, str(source.path), str(staging), parallel, bf16)
         write_model_description(staging, source.arch, source.config)
@@ -82,7 +85,7 @@ def save_rank_shards(source: HFCheckpoint, out_dir: str | Path, parallel: Parall
     from acemath_mcore.models.weights import load_full_weights
     from acemath_mcore.training.checkpointing import model_sharded_state_dict
 
-    chunks = build_weightless_model(source.arch, parallel, bf16=bf16)
+    chunks = build_weightless_model(source.arch, parallel, bf16=bf16, reward=source.reward_model)
     weights = source.megatron_weights()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for chunk in chunks:

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.families import Family, family_for_hf_config
+from acemath_mcore.models.families import REWARD_HEAD_WEIGHT, Family, family_for_hf_config
 from acemath_mcore.models.weights import hf_shapes
 
 logger = logging.getLogger("acemath_mcore")
@@ -42,15 +42,19 @@ def read_hf_config(directory: Path) -> Dict:
 
 
 class HFCheckpoint:
-    """A Hugging Face causal-LM directory (config.json + safetensors, single file or sharded with an index)."""
+    """A Hugging Face model directory (config.json + safetensors, single file or sharded with an index): a causal
+    LM, or a reward model (``*ForSequenceClassification`` with one label, the form AceMath-RM is published in),
+    whose trunk and scalar ``score`` head become the reward model of :mod:`acemath_mcore.models.reward`."""
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory)
         self.config = read_hf_config(self.path)
         self.family: Family = family_for_hf_config(self.config)
-        if any(a.endswith("ForSequenceClassification") for a in self.config.get("architectures") or []):
-            raise ValueError(f"{self.path} is a {self.config['architectures'][0]} (reward model); only causal LMs "
-                             "are imported - convert the base model and train the reward head with the trainer")
+        architecture = (self.config.get("architectures") or ["?"])[0]
+        self.reward_model = architecture.endswith("ForSequenceClassification")
+        if self.reward_model and _num_labels(self.config) != 1:
+            raise ValueError(f"{self.path / CONFIG_FILE}: a {architecture} with {_num_labels(self.config)} labels; "
+                             "only one-label classifiers (a reward model's scalar score) are imported")
         self.arch: ModelArch = self.family.arch_from_hf(self.config)
         self._file_of = self._locate_tensors()
         self._handles: Dict[Path, object] = {}  # headers only: tensor data is read by tensor()
@@ -85,7 +89,7 @@ class HFCheckpoint:
 
     def _check_tensors(self) -> None:
         """Every tensor config.json implies must exist with its shape; the vocabulary must match."""
-        expected = hf_shapes(self.arch)
+        expected = hf_shapes(self.arch, self.reward_model)
         missing = [name for name in expected if name not in self._file_of]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
@@ -101,9 +105,10 @@ class HFCheckpoint:
             raise ValueError(f"{name} has shape {actual} in {self._file_of[name].name}, but config.json implies "
                              f"{tuple(shape)}")
         unused = sorted(set(self._file_of) - set(expected))
-        # A layer weight the mapping does not know would be dropped silently (e.g. a bias the config did not
-        # announce); RoPE inverse-frequency buffers some checkpoints store are recomputed, so they may go.
-        dropped = [name for name in unused if name.startswith("model.layers.") and not name.endswith("inv_freq")]
+        # A layer or head weight the mapping does not know would be dropped silently (e.g. a bias the config did
+        # not announce, or a score head's); RoPE inverse-frequency buffers some checkpoints store are recomputed.
+        kept_prefixes = ("model.layers.", "score.") if self.reward_model else ("model.layers.",)
+        dropped = [name for name in unused if name.startswith(kept_prefixes) and not name.endswith("inv_freq")]
         if dropped:
             more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
             raise ValueError(f"{self.path}: layer tensor(s) {', '.join(dropped[:3])}{more} have no place in a "
@@ -131,12 +136,19 @@ class HFCheckpoint:
         return LazyMegatronWeights(self)
 
 
+def _num_labels(config: Mapping) -> int:
+    """A classifier's label count as transformers reads config.json (two when nothing says otherwise)."""
+    return len(config["id2label"]) if config.get("id2label") else int(config.get("num_labels", 2))
+
+
 class LazyMegatronWeights(Mapping):
     """Canonical megatron tensors built from HF tensors on access, one at a time (for ``load_full_weights``)."""
 
     def __init__(self, checkpoint: HFCheckpoint):
         self._checkpoint = checkpoint
-        self._rules = {rule.megatron_name: rule for rule in checkpoint.family.tensor_rules(checkpoint.arch)}
+        reward_head = REWARD_HEAD_WEIGHT if checkpoint.reward_model else None
+        self._rules = {rule.megatron_name: rule
+                       for rule in checkpoint.family.tensor_rules(checkpoint.arch, reward_head=reward_head)}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         rule = self._rules[name]

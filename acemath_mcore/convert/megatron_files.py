@@ -44,6 +44,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return latest
 
 
+def holds_reward_head(checkpoint: Path) -> bool:
+    """Whether a dist checkpoint is a reward model's (its scalar head, where a language model has its LM head)."""
+    from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
+
+    return DistCheckpointReader(checkpoint).global_shape(REWARD_HEAD_WEIGHT) is not None
+
+
 def write_model_description(directory: Path, arch: ModelArch, hf_config: Optional[Dict] = None) -> None:
     """Record the architecture (and the source HF config, when converting) beside the weights, so export and
     evaluation need no other input."""

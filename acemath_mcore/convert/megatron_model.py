@@ -46,10 +46,15 @@ def load_for_inference(checkpoint: str | Path, arch: ModelArch, bf16: bool = Fal
     loaded through the trainer's own :func:`~acemath_mcore.training.checkpointing.load_weights`."""
     from megatron.core import parallel_state
 
+    from acemath_mcore.convert.megatron_files import holds_reward_head, resolve_checkpoint_dir
     from acemath_mcore.training.checkpointing import load_weights
 
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError("inference here runs without pipeline parallelism (PP=1); use TP to split the model")
+    if not reward and holds_reward_head(resolve_checkpoint_dir(checkpoint)):
+        # With tied embeddings the trunk alone would load and generate: refuse rather than decode with an RM.
+        raise ValueError(f"{checkpoint} is a reward model (a scalar head, no LM head): it scores responses "
+                         "(launch/score.py) and does not generate")
     parallel = ParallelConfig(tensor_parallel=parallel_state.get_tensor_model_parallel_world_size())
     (model,) = build_weightless_model(arch, parallel, bf16=bf16, reward=reward)
     load_weights(checkpoint, [model])

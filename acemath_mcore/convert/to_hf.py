@@ -29,7 +29,7 @@ from acemath_mcore.convert.megatron_files import (
 )
 from acemath_mcore.convert.output_dir import staged_output_dir
 from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.families import FAMILIES, HF_REWARD_HEAD, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
+from acemath_mcore.models.families import FAMILIES, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
 from acemath_mcore.models.weights import hf_shapes
 
 logger = logging.getLogger("acemath_mcore")
@@ -108,7 +108,7 @@ def _check_shapes(reader: DistCheckpointReader, rules: List[TensorRule], arch: M
     stacked = reader.num_stacked_layers()
     if stacked != arch.num_layers:
         raise ValueError(f"{checkpoint} holds {stacked} decoder layers, the architecture has {arch.num_layers}")
-    shapes = {**hf_shapes(arch), HF_REWARD_HEAD: (1, arch.hidden_size)}
+    shapes = {**hf_shapes(arch), **hf_shapes(arch, reward_model=True)}
     for rule in rules:
         stored = reader.global_shape(rule.megatron_name)
         if stored is None:

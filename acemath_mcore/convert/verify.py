@@ -15,11 +15,7 @@ import torch
 
 from acemath_mcore.convert.hf_files import read_hf_config
 from acemath_mcore.runtime.local_workers import run_local_workers
-from acemath_mcore.convert.megatron_files import (
-    DistCheckpointReader,
-    find_model_description,
-    resolve_checkpoint_dir,
-)
+from acemath_mcore.convert.megatron_files import find_model_description, holds_reward_head, resolve_checkpoint_dir
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import family_for_hf_config
 from acemath_mcore.runtime.distributed import ParallelConfig
@@ -93,12 +89,6 @@ def megatron_arch(checkpoint: Path, hf_config: Dict) -> ModelArch:
     return hf_arch
 
 
-def is_reward_checkpoint(checkpoint: Path) -> bool:
-    from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
-
-    return DistCheckpointReader(checkpoint).global_shape(REWARD_HEAD_WEIGHT) is not None
-
-
 def hf_outputs(hf_dir: str | Path, prompts: List[List[int]], dtype: str = "fp32",
                reward: bool = False) -> List[torch.Tensor]:
     """Per-prompt ``[seq, vocab]`` logits, or for a reward model one ``[1, prompts]`` row of scores."""
@@ -141,7 +131,7 @@ def verify_conversion(hf_dir: str | Path, megatron_dir: str | Path, prompts: Opt
     checkpoint = resolve_checkpoint_dir(megatron_dir)
     hf_config = read_hf_config(Path(hf_dir))
     arch = megatron_arch(checkpoint, hf_config)
-    reward = is_reward_checkpoint(checkpoint)
+    reward = holds_reward_head(checkpoint)
     prompts = prompts or random_prompts(arch.vocab_size)
     for number, prompt in enumerate(prompts, 1):
         if not prompt:

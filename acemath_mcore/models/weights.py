@@ -14,6 +14,7 @@ from typing import Dict, Iterator, Mapping, Tuple
 import torch
 
 from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.families import FAMILIES, HF_REWARD_HEAD
 
 # Native (local) spec names -> canonical (TE) names; the same table megatron uses for dist-checkpoint keys.
 _LOCAL_TO_CANONICAL = {
@@ -99,8 +100,6 @@ def load_full_weights(model: torch.nn.Module, full: Mapping[str, torch.Tensor], 
 
 def random_full_weights(arch: ModelArch, seed: int = 0, std: float = 0.02) -> Dict[str, torch.Tensor]:
     """Random canonical weights (norm weights around 1), for tests that need the same model at any layout."""
-    from acemath_mcore.models.families import FAMILIES
-
     generator = torch.Generator().manual_seed(seed)
     hf = {}
     for name, shape in hf_shapes(arch).items():
@@ -111,12 +110,15 @@ def random_full_weights(arch: ModelArch, seed: int = 0, std: float = 0.02) -> Di
     return FAMILIES[arch.family].hf_to_megatron(arch, hf)
 
 
-def hf_shapes(arch: ModelArch) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of every tensor in the HF checkpoint of ``arch``."""
+def hf_shapes(arch: ModelArch, reward_model: bool = False) -> Dict[str, Tuple[int, ...]]:
+    """Shapes of every tensor in the HF checkpoint of ``arch``: a causal LM's, or with ``reward_model`` a
+    ``*ForSequenceClassification``'s with one label (the scalar ``score`` head in place of the LM head)."""
     h, d, ffn = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
     q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
     shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    if not arch.tie_embeddings:
+    if reward_model:
+        shapes[HF_REWARD_HEAD] = (1, h)
+    elif not arch.tie_embeddings:
         shapes["lm_head.weight"] = (arch.vocab_size, h)
     for i in range(arch.num_layers):
         p = f"model.layers.{i}."

@@ -1,0 +1,166 @@
+"""Importing a Hugging Face reward model (``*ForSequenceClassification``, one label: how AceMath-RM is published).
+
+Two inputs: the real pretrained stories260K trunk under a seeded scalar head (Llama, tied embeddings), converted
+at TP=2 by the command-line tool, and a tiny random Qwen2 (q/k/v biases, untied) converted at PP=2. transformers'
+own classifier is the reference: verify.py's scores at another layout, launch/score.py's packed scoring of
+rendered conversations, and the export back to HF, bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared_data import shared_path
+from test_families import tiny_hf_model
+
+REPO = Path(__file__).resolve().parents[1]
+STORIES = shared_path("models/stories260K_hf")
+CANDIDATES = [
+    {"prompt": "Once upon a time, there was a little girl named Lily.",
+     "responses": ["She liked to play in the park with her dog.", "The sun was big and the cat ran away.",
+                   "Lily"]},
+    {"prompt": "Tom had a red ball.", "responses": ["He gave it to his friend Sue, and they played all day."]},
+]
+
+
+def seeded_head(model) -> None:
+    """A score head of useful scale (transformers initialises it near zero), the same on every run."""
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=generator) * 0.5)
+
+
+def stories_reward_model(directory: Path) -> Path:
+    import transformers
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(STORIES, num_labels=1,
+                                                                            dtype=torch.float32)
+    seeded_head(model)
+    model.save_pretrained(directory)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copyfile(STORIES / name, directory / name)
+    return directory
+
+
+def qwen2_reward_model(directory: Path) -> Path:
+    import transformers
+
+    language_model, _ = tiny_hf_model("qwen2-untied")
+    config = copy.deepcopy(language_model.config)
+    config.num_labels = 1
+    model = transformers.Qwen2ForSequenceClassification(config)
+    model.model.load_state_dict(language_model.model.state_dict())
+    seeded_head(model)
+    model.save_pretrained(directory)
+    return directory
+
+
+def run_tool(script: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    from acemath_mcore.convert import convert_hf_to_megatron
+
+    root = tmp_path_factory.mktemp("reward_import")
+    stories = stories_reward_model(root / "stories_hf")
+    qwen2 = qwen2_reward_model(root / "qwen2_hf")
+    tool = run_tool("checkpoints_tools/convert_from_hf.py", "--hf", stories, "--out", root / "stories_mc", "--tp", 2)
+    assert tool.returncode == 0, tool.stderr[-3000:]
+    assert "llama reward model" in tool.stderr
+    convert_hf_to_megatron(qwen2, root / "qwen2_mc", pipeline_parallel=2)
+    return root
+
+
+@pytest.mark.parametrize("name, tensor_parallel", [("stories", 1), ("qwen2", 2)])
+def test_imported_scores_equal_transformers_at_another_layout(imported, name, tensor_parallel):
+    from acemath_mcore.convert.verify import verify_conversion
+
+    prompts = [[1, 200, 22, 87, 9, 251, 5], [1, 17], list(range(3, 60))]
+    result = verify_conversion(imported / f"{name}_hf", imported / f"{name}_mc", prompts=prompts,
+                               tensor_parallel=tensor_parallel)
+    assert result.max_abs_diff <= 1e-5 and result.greedy_agreement == 1.0, result
+
+
+def test_score_tool_on_the_imported_model_gives_transformers_scores(imported):
+    """launch/score.py packs several rendered conversations into one row; each score must be the one the HF
+    classifier gives that conversation alone."""
+    import transformers
+
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.tokenizers import load_tokenizer
+
+    candidates, scored = imported / "candidates.jsonl", imported / "scored.jsonl"
+    candidates.write_text("".join(json.dumps(record) + "\n" for record in CANDIDATES))
+    tool = run_tool("launch/score.py", "--checkpoint", imported / "stories_mc", "--template", "plain",
+                    "--input", candidates, "--output", scored, "--tokens-per-row", 256, "--no-progress")
+    assert tool.returncode == 0, tool.stdout[-3000:] + tool.stderr[-3000:]
+    records = [json.loads(line) for line in scored.read_text().splitlines()]
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(imported / "stories_hf",
+                                                                            dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(imported / "stories_hf")
+    encoder = ConversationEncoder(tokenizer, build_template("plain", tokenizer))
+    scores, expected = [], []
+    for record in records:
+        for response, score in zip(record["responses"], record["pred_score"], strict=True):
+            ids = encoder.encode([{"role": "user", "content": record["prompt"]},
+                                  {"role": "assistant", "content": response}]).input_ids
+            with torch.no_grad():
+                expected.append(model(torch.tensor([ids.tolist()])).logits[0, 0].item())
+            scores.append(score)
+    assert len(scores) == 4
+    assert scores == pytest.approx(expected, abs=1e-5)
+    assert max(expected) - min(expected) > 0.1  # the responses are told apart, so the comparison means something
+
+
+def test_export_gives_back_the_imported_model_bit_for_bit(imported):
+    from acemath_mcore.convert import export_megatron_to_hf
+
+    out = export_megatron_to_hf(imported / "qwen2_mc", imported / "qwen2_exported", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForSequenceClassification"] and config["id2label"] == {"0": "LABEL_0"}
+    original = load_file(imported / "qwen2_hf" / "model.safetensors")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    exported = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        exported.update(load_file(out / shard))
+    assert exported.keys() == original.keys() and "score.weight" in exported
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+def test_head_tensors_that_would_be_dropped_are_refused(imported, tmp_path):
+    from acemath_mcore.convert import convert_hf_to_megatron
+
+    hf_dir = shutil.copytree(imported / "qwen2_hf", tmp_path / "hf")
+    tensors = load_file(hf_dir / "model.safetensors")
+    tensors["score.bias"] = torch.zeros(1)
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="score.bias have no place"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out")
+    del tensors["score.bias"], tensors["score.weight"]
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="score.weight missing"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "out")
+
+
+def test_evaluation_refuses_a_reward_model(imported, tmp_path):
+    """With tied embeddings an RM's trunk would load into a language model and generate: refused by name."""
+    done = run_tool("launch/evaluate.py", "--checkpoint", imported / "stories_mc", "--template", "plain",
+                    "--benchmarks", "gsm8k", "--limit", 1, "--max-new-tokens", 4, "--output-dir", tmp_path,
+                    "--data-dir", shared_path("data/eval"))
+    assert done.returncode != 0
+    assert "is a reward model (a scalar head, no LM head): it scores responses (launch/score.py)" in \
+        done.stdout + done.stderr
