@@ -606,13 +606,13 @@ def test_fully_parallel_save_shares_the_writing_between_data_parallel_ranks(dist
 
 def test_non_finite_loss_stops_before_the_update_naming_the_step(trainer_results):
     assert trainer_results["nan_error"] is not None
-    assert "lm_loss is not finite at step 2" in trainer_results["nan_error"]
+    assert "not finite at step 2: lm_loss" in trainer_results["nan_error"]
     logged = trainer_results["nan_logged"]  # log_interval=5: the step before the failure is written on the way out
     assert [(row["step"], row["interval_steps"]) for row in logged] == [(1, 1)] and math.isfinite(logged[0]["lm_loss"])
 
 
 def test_non_finite_gradient_with_a_finite_loss_never_reaches_the_weights(trainer_results):
-    assert "grad_norm is not finite at step 2" in trainer_results["inf_grad_stop"]
+    assert "not finite at step 2: grad_norm (" in trainer_results["inf_grad_stop"]
     history = trainer_results["inf_grad_skip"]
     assert [row["skipped"] for row in history] == [0.0, 1.0, 0.0]
     assert not math.isfinite(history[1]["grad_norm"])

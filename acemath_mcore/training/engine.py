@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -156,7 +156,8 @@ class Engine:
 
         A non-finite loss, or a finite loss with a non-finite gradient norm (bf16 has no loss scaler to catch it,
         and megatron's clipping lets NaN through), is known on every rank before the optimizer touches the weights:
-        it raises (``nan_policy="stop"``) or skips this update (``"skip"``).
+        it raises (``nan_policy="stop"``) or skips this update (``"skip"``). The host waits for the device once
+        before the update, for the gradient norm; the losses are reduced on the device meanwhile.
         """
         for chunk in self.model:
             chunk.train()
@@ -170,19 +171,15 @@ class Engine:
         with record_function("forward_backward"):
             reports = self.forward_backward(task, micro_batches)
         with record_function("loss_reduction"):
-            metrics = reduce_reports(reports)
+            names, totals = reduce_report_totals(reports)  # queued on the device: no wait here
+        with record_function("grad_norm"):
+            grad_norm = self._gradient_norm()  # megatron returns a float: the step's wait for the device
+        metrics = report_means(names, totals)  # computed by now: a copy, not a second wait
+        metrics["grad_norm"] = grad_norm
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (the scheduler moves on after it)
         non_finite = [k for k, v in metrics.items() if not math.isfinite(v)]
-        grad_norm = None
-        if not non_finite:
-            with record_function("grad_norm"):
-                grad_norm = self._gradient_norm()
-            if not math.isfinite(grad_norm):
-                non_finite.append("grad_norm")
-        if grad_norm is not None:  # not computed after a non-finite loss
-            metrics["grad_norm"] = grad_norm
         if non_finite and nan_policy == "stop":
-            raise FloatingPointError(f"{', '.join(non_finite)} is not finite at step {self.step + 1}: {metrics}; "
+            raise FloatingPointError(f"not finite at step {self.step + 1}: {', '.join(non_finite)} ({metrics}); "
                                      "stopping before the optimizer step (set nan_policy=skip to skip such steps)")
         success = False
         if not non_finite:
@@ -324,8 +321,14 @@ def _activation_shape(batch: Batch) -> tuple:
 
 
 def reduce_reports(reports: List[Dict]) -> Dict[str, float]:
-    """Global-batch means of every ``[sum, count]`` report: summed over micro-batches on the last pipeline
-    stage, all-reduced over data-parallel ranks, then broadcast to every pipeline stage so all ranks log it."""
+    """Global-batch means of every ``[sum, count]`` report (see :func:`reduce_report_totals`)."""
+    return report_means(*reduce_report_totals(reports))
+
+
+def reduce_report_totals(reports: List[Dict]) -> Tuple[List[str], torch.Tensor]:
+    """(report names, ``[names, 2]`` device tensor of sums and counts): summed over micro-batches on the last
+    pipeline stage, all-reduced over data-parallel ranks, then broadcast to every pipeline stage so all ranks log
+    them. Nothing here waits for the device (with PP, the names' broadcast does)."""
     keys = sorted(reports[0]) if reports else []
     is_last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     names = _broadcast_object(keys, is_last)
@@ -339,7 +342,13 @@ def reduce_reports(reports: List[Dict]) -> Dict[str, float]:
     if torch.distributed.get_world_size(pp_group) > 1:
         last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(totals, src=last_rank, group=pp_group)
-    return {name.replace(" ", "_"): (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+    return names, totals
+
+
+def report_means(names: List[str], totals: torch.Tensor) -> Dict[str, float]:
+    """``{name: sum / count}`` with log-friendly names, in one device-to-host copy."""
+    means = (totals[:, 0] / totals[:, 1].clamp(min=1)).tolist()
+    return {name.replace(" ", "_"): mean for name, mean in zip(names, means)}
 
 
 def _broadcast_object(obj, is_source: bool):
