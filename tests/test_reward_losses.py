@@ -110,7 +110,7 @@ def test_a_nan_score_gives_a_nan_loss_not_an_error(kind):
     # pairwise_bt's one sampled pair per group: (0, 1) holds the NaN, (3, 4) is clean.
     sampled = torch.zeros(6, 6, dtype=torch.bool)
     sampled[0, 1] = sampled[3, 4] = True
-    assert torch.equal(sampled & preference_pairs(labels, group_ids(sizes)), sampled)
+    assert torch.equal(sampled & preference_pairs(labels, group_ids(sizes, len(labels))), sampled)
     loss_sum, _, report = rm_loss(kind, scores, labels, sizes, sampled_pairs=sampled)
     assert math.isnan(loss_sum.item())
     assert math.isnan(report["best correct"][0].item()) and report["best correct"][1].item() == 2
@@ -163,3 +163,24 @@ def test_unknown_loss_is_rejected():
 
     with pytest.raises(ValueError, match="listwise_bt"):
         RewardTask("hinge")
+
+
+@pytest.mark.parametrize("kind", RM_LOSSES)
+def test_loss_metrics_and_gradient_never_wait_for_the_device(kind):
+    """On CUDA a wait here would stall every micro-batch between its forward and its backward."""
+    from device_waits import DeviceWaits
+
+    scores, labels, sizes = random_groups(4)
+    scores.requires_grad_(True)
+    pairs = preference_pairs(labels, group_ids(sizes, len(labels))) if kind == "pairwise_bt" else None
+    with DeviceWaits() as waits:
+        loss_sum, num_units, report = rm_loss(kind, scores, labels, sizes, pairs)
+        loss_sum.backward()
+    assert waits.seen == []
+    assert torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
+    # The probe itself sees the waits it is meant to see.
+    with DeviceWaits() as waits:
+        scores.detach()[labels > 0.5].sum().item()
+        torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    assert waits.seen == ["aten.index.Tensor with a boolean mask", "aten._local_scalar_dense.default",
+                          "aten.repeat_interleave.Tensor without output_size"]

@@ -13,6 +13,9 @@ or data-parallel size. For group g with positives P and negatives N (k = |P|, n 
 The Bradley-Terry losses count groups that have at least one positive and one negative; BCE and MSE count all.
 Reported metrics (``[sum, count]``, over groups with both labels): pairwise accuracy over all positive-negative
 pairs (a tie counts half), the margin mean(s_P) - mean(s_N), and whether the top-scored response is correct.
+
+Nothing here waits for the device: no boolean-mask indexing (its output size is data-dependent), sizes that are
+known on the host are passed along, so a micro-batch's backward is launched while its forward still runs.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import torch.nn.functional as F
 from acemath_mcore.options import RM_LOSSES
 
 
-def group_ids(group_sizes: torch.Tensor) -> torch.Tensor:
-    """Group index of every response, ``[R]``."""
-    return torch.repeat_interleave(torch.arange(len(group_sizes), device=group_sizes.device), group_sizes)
+def group_ids(group_sizes: torch.Tensor, num_responses: int) -> torch.Tensor:
+    """Group index of every response, ``[R]`` (``R = num_responses``, the sum of ``group_sizes``, given so that
+    the device need not be asked for it)."""
+    return torch.repeat_interleave(torch.arange(len(group_sizes), device=group_sizes.device), group_sizes,
+                                   output_size=num_responses)
 
 
 def preference_pairs(labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ def rm_loss(kind: str, scores: torch.Tensor, labels: torch.Tensor, group_sizes: 
         raise ValueError(f"unknown reward-model loss {kind!r}; choose one of {RM_LOSSES}")
     labels = labels.to(scores.device, scores.dtype)
     group_sizes = group_sizes.to(scores.device)
-    groups, num_groups = group_ids(group_sizes), len(group_sizes)
+    groups, num_groups = group_ids(group_sizes, len(scores)), len(group_sizes)
     all_pairs = preference_pairs(labels, groups)
     if kind == "listwise_bt":
         per_group, counted = bradley_terry(scores, all_pairs, groups, num_groups)
@@ -72,7 +77,7 @@ def rm_loss(kind: str, scores: torch.Tensor, labels: torch.Tensor, group_sizes: 
             per_response = (scores - labels) ** 2
         per_group = _per_group_sum(per_response, groups, num_groups) / group_sizes.to(scores.dtype)
         counted = torch.ones(num_groups, dtype=torch.bool, device=scores.device)
-    loss_sum = per_group[counted].sum()
+    loss_sum = torch.where(counted, per_group, 0.0).sum()
     num_units = counted.sum().to(torch.int)
     report = {"rm loss": torch.stack([loss_sum.detach(), num_units.to(scores.dtype)])}
     report.update(ranking_metrics(scores.detach(), labels, groups, num_groups, all_pairs))
@@ -94,12 +99,13 @@ def ranking_metrics(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Te
     group_max = scores.new_full((num_groups,), -torch.inf).scatter_reduce(0, groups, scores, "amax")
     index = torch.arange(len(scores), device=scores.device)
     is_max = scores == group_max[groups]
-    first_best = torch.full((num_groups,), len(scores) - 1, device=scores.device).scatter_reduce(
-        0, groups[is_max], index[is_max], "amin")
+    last = len(scores) - 1
+    first_best = torch.full((num_groups,), last, device=scores.device).scatter_reduce(
+        0, groups, torch.where(is_max, index, last), "amin")
     best_correct = torch.where(group_max.isnan(), torch.nan, positive[first_best].to(dtype))
     groups_counted = mixed.sum().to(dtype)
     return {
         "pairwise accuracy": torch.stack([(wins * pairs).sum(), pairs.sum().to(wins.dtype)]),
-        "score margin": torch.stack([(mean_positive - mean_negative)[mixed].sum(), groups_counted]),
-        "best correct": torch.stack([best_correct[mixed].sum(), groups_counted]),
+        "score margin": torch.stack([torch.where(mixed, mean_positive - mean_negative, 0.0).sum(), groups_counted]),
+        "best correct": torch.stack([torch.where(mixed, best_correct, 0.0).sum(), groups_counted]),
     }
