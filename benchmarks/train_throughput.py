@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS  # noqa: E402
 from acemath_mcore.training.engine import STEP_PHASES  # noqa: E402
 from acemath_mcore.options import LM_CROSS_ENTROPY_CHOICES  # noqa: E402
-from acemath_mcore.runtime.device import BF16_PEAK_FLOPS  # noqa: E402
+from acemath_mcore.runtime.device import BF16_PEAK_FLOPS, host_waits  # noqa: E402
 
 IMPLS = ("te", "te-fp8", "native", "hf")
 
@@ -280,7 +280,8 @@ def gpu_idle_by_phase(kernels, phases, window) -> dict:
 def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
     """One more step under the torch profiler: the top CUDA kernels and CPU ops, then how much of the step's
     wall time the GPU was busy and on what (a busy share well under 100% means the host is the bottleneck), and
-    in which of the engine's phases the GPU sat idle."""
+    in which of the engine's phases the GPU sat idle. Then one more step, unprofiled, counting where the host
+    waited for the GPU."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
@@ -312,6 +313,13 @@ def profile_step(args, step, vocab: int, generator: torch.Generator) -> None:
     print(f"IDLE GPU idle {sum(idle.values()) / 1e3:.1f} ms, by host phase ('forward_backward' outside 'forward' is "
           "mostly the backward pass): "
           + ", ".join(f"{name} {micros / 1e3:.1f} ms" for name, micros in idle.items()), flush=True)
+    micro_batches = [make_micro_batch(args, vocab, generator, "cuda") for _ in range(args.micro_batches)]
+    waits = host_waits(lambda: step(micro_batches))
+    if waits is None:
+        print("WAITS not counted: no CUDA device", flush=True)
+    else:
+        print(f"WAITS the host waited for the GPU {sum(waits.values())} times in one more step: "
+              + ", ".join(f"{site} x{count}" for site, count in waits.most_common()), flush=True)
 
 
 def worker(args) -> None:

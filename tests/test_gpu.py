@@ -167,19 +167,22 @@ def test_triton_cross_entropy_matches_float64_reference_on_cuda(single_rank):
 def test_reward_loss_never_waits_for_the_device(single_rank, kind):
     """CUDA's own sync check on what tests/device_waits.py checks on CPU: the RM loss, its metrics and its
     backward launch without the host waiting for the GPU."""
+    from acemath_mcore.runtime.device import host_waits
     from acemath_mcore.training.rm_losses import rm_loss
 
     sizes = torch.tensor([6, 6, 3, 5], device="cuda")
     labels = (torch.arange(20, device="cuda") % 3 == 0).float()
     scores = torch.randn(20, device="cuda", requires_grad=True)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    results = []
+
+    def loss_and_backward():
         loss_sum, _, report = rm_loss(kind, scores, labels, sizes)
         loss_sum.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(scores.grad).all() and report["pairwise accuracy"][1].item() > 0
+        results.append(report)
+
+    assert host_waits(loss_and_backward) == {}
+    assert torch.isfinite(scores.grad).all() and results[0]["pairwise accuracy"][1].item() > 0
+    assert sum(host_waits(lambda: scores.sum().item()).values()) == 1  # the count sees a wait where there is one
 
 
 def test_triton_and_megatron_language_model_losses_agree_on_cuda(single_rank):

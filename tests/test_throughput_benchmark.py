@@ -96,3 +96,4 @@ def test_profiled_step_names_the_engine_phases(tmp_path):
     for phase in ("forward_backward", "forward", "loss_reduction", "grad_norm", "optimizer_step"):
         assert phase in parts, idle_line
     assert sum(parts.values()) == pytest.approx(step_ms, abs=0.05 * len(parts) + 0.1)
+    assert "WAITS not counted: no CUDA device" in lines

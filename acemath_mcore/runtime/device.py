@@ -6,11 +6,14 @@ CPU/GPU difference lives in a single place.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib.util
 import logging
 import os
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -107,6 +110,27 @@ def cuda_profiler_range():
     finally:
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
+
+
+def host_waits(work) -> Optional[collections.Counter]:
+    """Run ``work()`` and count, by source line, the calls in it that made the host wait for the GPU (CUDA's
+    sync debug mode warns at each one). None on CPU, where there is no device to wait for."""
+    if not cuda_available():
+        work()
+        return None
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            work()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return collections.Counter(f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}" for w in caught
+                               if "synchroniz" in str(w.message))
 
 
 def peak_memory_bytes() -> int:
