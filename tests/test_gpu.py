@@ -163,6 +163,23 @@ def test_triton_cross_entropy_matches_float64_reference_on_cuda(single_rank):
     assert relative_error(actual_logits.grad, reference.grad) < 1e-2  # bf16 gradient rounding
 
 
+def test_training_batches_arrive_in_page_locked_memory(tmp_path):
+    """So the engine's non_blocking copies to the GPU do not make the host wait (data/datasets.batch_loader)."""
+    import numpy as np
+
+    from acemath_mcore.data.datasets import build_sft_dataloader, build_sft_dataset
+    from acemath_mcore.data.indexed import SFTIndexedWriter
+
+    rng = np.random.default_rng(0)
+    with SFTIndexedWriter(tmp_path / "data", vocab_size=100) as writer:
+        for length in (40, 70, 25, 90):
+            writer.add(rng.integers(0, 100, length).astype(np.int32), np.ones(length, dtype=np.uint8))
+    dataset = build_sft_dataset([str(tmp_path / "data")], seq_length=128, packed=True)
+    loader = build_sft_dataloader(dataset, pad_id=0, global_batch_size=1, micro_batch_size=1, dp_rank=0, dp_size=1)
+    batch = next(iter(loader))
+    assert all(value.is_pinned() for value in batch.values() if isinstance(value, torch.Tensor))
+
+
 @pytest.mark.parametrize("kind", ["listwise_bt", "bce"])
 def test_reward_loss_never_waits_for_the_device(single_rank, kind):
     """CUDA's own sync check on what tests/device_waits.py checks on CPU: the RM loss, its metrics and its

@@ -18,6 +18,7 @@ import torch
 
 from acemath_mcore.data.indexed import SFTIndexedDataset
 from acemath_mcore.data.packing import Document, best_fit_decreasing, collate_packed, collate_padded, fill_ratio
+from acemath_mcore.runtime.device import cuda_available
 from acemath_mcore.runtime.distributed import STOP_SIGNALS
 
 
@@ -187,11 +188,15 @@ def batch_loader(dataset, batch_sampler, collate: Callable, num_workers: int) ->
     """The DataLoader of the SFT and RM trainers. Its worker processes ignore the signals the trainer answers
     (runtime.STOP_SIGNALS), which Slurm sends every process of the job step: a worker left with torch's SIGTERM
     handler died of a preemption, and the trainer raised "DataLoader worker exited unexpectedly" in the middle of
-    a step instead of checkpointing. The trainer shuts its workers down itself when it returns."""
+    a step instead of checkpointing. The trainer shuts its workers down itself when it returns.
+
+    On CUDA the batches come in page-locked memory: the engine's ``non_blocking`` copies to the GPU are then
+    queued without the host waiting for the device (from pageable memory the driver may wait for the stream)."""
     if num_workers:
         _kill_leftover_workers_at_exit()
     return _StopSignalDeafLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
-                                 worker_init_fn=_leave_signals_to_the_trainer if num_workers else None)
+                                 worker_init_fn=_leave_signals_to_the_trainer if num_workers else None,
+                                 pin_memory=cuda_available())
 
 
 class _StopSignalDeafLoader(torch.utils.data.DataLoader):
