@@ -206,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             destroy_distributed()
     else:
         setup_console_logging(0)
+        from acemath_mcore.convert.hf_files import is_reward_model_config, read_hf_config
+
+        if is_reward_model_config(read_hf_config(Path(args.checkpoint))):
+            raise SystemExit(f"{args.checkpoint} is a reward model (*ForSequenceClassification): it scores responses "
+                             "(launch/score.py, after checkpoints_tools/convert_from_hf.py) and does not generate")
         tokenizer_path = args.tokenizer or args.checkpoint
         from acemath_mcore.convert.megatron_files import find_prompt_format
         from acemath_mcore.data.chat_templates import choose_prompt_format

@@ -164,3 +164,9 @@ def test_evaluation_refuses_a_reward_model(imported, tmp_path):
     assert done.returncode != 0
     assert "is a reward model (a scalar head, no LM head): it scores responses (launch/score.py)" in \
         done.stdout + done.stderr
+    # ... and so does the transformers backend, given the HF reward model itself
+    done = run_tool("launch/evaluate.py", "--backend", "hf", "--checkpoint", imported / "stories_hf", "--template",
+                    "plain", "--benchmarks", "gsm8k", "--limit", 1, "--max-new-tokens", 4, "--output-dir", tmp_path,
+                    "--data-dir", shared_path("data/eval"))
+    assert done.returncode != 0
+    assert "is a reward model (*ForSequenceClassification): it scores responses" in done.stderr

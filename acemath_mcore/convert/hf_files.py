@@ -51,7 +51,7 @@ class HFCheckpoint:
         self.config = read_hf_config(self.path)
         self.family: Family = family_for_hf_config(self.config)
         architecture = (self.config.get("architectures") or ["?"])[0]
-        self.reward_model = architecture.endswith("ForSequenceClassification")
+        self.reward_model = is_reward_model_config(self.config)
         if self.reward_model and _num_labels(self.config) != 1:
             raise ValueError(f"{self.path / CONFIG_FILE}: a {architecture} with {_num_labels(self.config)} labels; "
                              "only one-label classifiers (a reward model's scalar score) are imported")
@@ -134,6 +134,11 @@ class HFCheckpoint:
 
     def megatron_weights(self) -> "LazyMegatronWeights":
         return LazyMegatronWeights(self)
+
+
+def is_reward_model_config(config: Mapping) -> bool:
+    """Whether an HF config.json describes a scoring model (``*ForSequenceClassification``), not a causal LM."""
+    return any(name.endswith("ForSequenceClassification") for name in config.get("architectures") or [])
 
 
 def _num_labels(config: Mapping) -> int:
