@@ -189,8 +189,16 @@ def test_prompt_format_comes_from_the_record_unless_the_command_line_says_otherw
     caplog.clear()
     with caplog.at_level("WARNING"):
         assert choose_prompt_format(recorded, None, None, "the RM") == recorded
-        assert choose_prompt_format(None, None, None, "the RM") == PromptFormat("chatml", None)
+        assert choose_prompt_format(None, "chatml", "acemath_rm", "an imported RM") == recorded
         assert not caplog.text
+        # Nothing recorded (a converted Hugging Face model) and nothing given: the default is a guess, said so.
+        assert choose_prompt_format(None, None, None, "the RM") == PromptFormat("chatml", None)
+        assert ("the RM records no prompt format (prompt_format.json): rendering with template 'chatml', no system "
+                "prompt by default; pass --template and --system-prompt as the model was trained") in caplog.text
+        caplog.clear()
+        choose_prompt_format(None, "chatml", None, "the RM")
+        assert "by default; pass --system-prompt as the model was trained" in caplog.text
+        caplog.clear()
         assert choose_prompt_format(recorded, "chatml", "none", "the RM") == PromptFormat("chatml", None)
         assert ("the RM was trained on data rendered with system prompt 'Please reason step by step, and check "
                 "your final answer w...'; rendering with no system prompt instead") in caplog.text

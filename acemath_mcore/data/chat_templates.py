@@ -64,9 +64,17 @@ def choose_prompt_format(recorded: Optional[PromptFormat], template: Optional[st
         None if not with_system_prompt
         else resolve_system_prompt(system_prompt) if system_prompt is not None
         else recorded.system_prompt if recorded else None)
-    if recorded is None:
-        return chosen
     names = ("template", "system_prompt") if with_system_prompt else ("template",)
+    if recorded is None:
+        given = {"template": template, "system_prompt": system_prompt}
+        defaulted = [name for name in names if given[name] is None]
+        if defaulted:  # e.g. a converted Hugging Face model: nothing says how it was trained to read prompts
+            logger.warning("%s records no prompt format (prompt_format.json): rendering with %s by default; pass "
+                           "%s as the model was trained", where, _describe_format(chosen, names),
+                           " and ".join("--" + name.replace("_", "-") for name in defaulted))
+        else:
+            logger.info("rendering prompts for %s with %s", where, _describe_format(chosen, names))
+        return chosen
     differs = [name for name in names if getattr(chosen, name) != getattr(recorded, name)]
     if not differs:
         logger.info("rendering prompts for %s as its training data was: %s", where, _describe_format(chosen, names))
