@@ -80,7 +80,8 @@ def _transformers(hf_dir, prompts, new_tokens, batch_sizes):
     import transformers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, use_safetensors=True, trust_remote_code=False).to(device).eval()
     rows = []
     for batch_size in batch_sizes:
         started, produced = time.perf_counter(), 0

@@ -95,7 +95,8 @@ def hf_outputs(hf_dir: str | Path, prompts: List[List[int]], dtype: str = "fp32"
     import transformers
 
     auto_class = transformers.AutoModelForSequenceClassification if reward else transformers.AutoModelForCausalLM
-    model = auto_class.from_pretrained(str(hf_dir), dtype=_TORCH_DTYPES[dtype]).eval()
+    model = auto_class.from_pretrained(str(hf_dir), dtype=_TORCH_DTYPES[dtype], use_safetensors=True,
+                                       trust_remote_code=False, local_files_only=True).eval()
     with torch.no_grad():
         outputs = [model(torch.tensor([prompt])).logits[0].float() for prompt in prompts]
     return [torch.cat(outputs)[None]] if reward else outputs

@@ -132,7 +132,8 @@ class HFBackend:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True).to(self.device).eval()
+            hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True,
+            local_files_only=True).to(self.device).eval()
         # Decode with exactly the requested settings, like the other backends: transformers fills every setting
         # left unset from the checkpoint's generation_config.json (Qwen2.5-Instruct's has repetition_penalty 1.05
         # and top_k 20), then from its global defaults (top_k 50).
