@@ -79,7 +79,7 @@ def test_a_layer_tensor_the_mapping_would_drop_is_an_error(tiny_dirs, tmp_path):
     tensors["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # recomputed: may be left behind
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"layer tensor\(s\) model.layers.0.self_attn.o_proj.bias have no place in "
+    with pytest.raises(ValueError, match=r"tensor\(s\) model.layers.0.self_attn.o_proj.bias have no place in "
                                          r"a llama model"):
         convert(hf_dir, tmp_path / "out")
 

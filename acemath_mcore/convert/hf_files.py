@@ -111,7 +111,7 @@ class HFCheckpoint:
         dropped = [name for name in unused if name.startswith(kept_prefixes) and not name.endswith("inv_freq")]
         if dropped:
             more = f" and {len(dropped) - 3} more" if len(dropped) > 3 else ""
-            raise ValueError(f"{self.path}: layer tensor(s) {', '.join(dropped[:3])}{more} have no place in a "
+            raise ValueError(f"{self.path}: tensor(s) {', '.join(dropped[:3])}{more} have no place in a "
                              f"{self.arch.family} model with this config.json; converting would drop them")
         if unused:
             logger.info("%s: %d tensor(s) not used by the conversion: %s", self.path, len(unused),
