@@ -8,8 +8,9 @@
 #          our cross-entropy kernel vs float64 and vs megatron's in a model)
 #   headline  issue 9's configuration: qwen2.5-1.5b packed, mbs 4 x 4 (64k tokens), TE bf16, TE FP8, native;
 #          then the loss kernels alone (benchmarks/cross_entropy_speed.py)
-#   idle   the headline's TE bf16 and FP8 steps profiled: GPU busy time per kernel class and the GPU's idle time
-#          per host phase of the engine (what FP8's remaining gap to 1.25x bf16 is made of)
+#   idle   the headline's TE bf16 and FP8 steps profiled: GPU busy time per kernel class, the GPU's idle time
+#          per host phase of the engine, and where a step makes the host wait for the GPU (WAITS): what FP8's
+#          remaining gap to 1.25x bf16 is made of
 #   graphs the headline's TE bf16 and FP8 steps with CUDA graphs of every layer's MLP, profiled (compare with idle)
 #   wgrad  qwen2.5-1.5b packed, mbs 2 x 2, TE and native specs, gradient-accumulation fusion on, then off
 #   accum  the training-shaped step: mbs 2 x 8 micro-batches (64k tokens, one of 8 GPUs' share of 128 x 4096),
