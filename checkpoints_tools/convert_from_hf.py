@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from acemath_mcore.convert import convert_hf_to_megatron
 from acemath_mcore.convert.from_hf import PARAM_DTYPES
+from acemath_mcore.convert.hf_files import is_reward_model_config, read_hf_config
 
 
 def main(argv=None) -> int:
@@ -26,7 +27,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp, args.dtype, args.overwrite)
-    print(f"wrote {out}")
+    if is_reward_model_config(read_hf_config(Path(args.hf))):
+        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out} (its prompt format is not "
+              "recorded: pass --template and --system-prompt), or continue training with checkpoint.init_from")
+    else:
+        print(f"wrote {out}")
     return 0
 
 

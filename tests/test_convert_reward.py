@@ -79,6 +79,7 @@ def imported(tmp_path_factory):
     tool = run_tool("checkpoints_tools/convert_from_hf.py", "--hf", stories, "--out", root / "stories_mc", "--tp", 2)
     assert tool.returncode == 0, tool.stderr[-3000:]
     assert "llama reward model" in tool.stderr
+    assert f"wrote {root / 'stories_mc'}: a reward model; score with launch/score.py" in tool.stdout
     convert_hf_to_megatron(qwen2, root / "qwen2_mc", pipeline_parallel=2)
     return root
 
