@@ -1003,7 +1003,9 @@ def test_a_preemption_that_kills_wandbs_service_costs_only_wandb(tmp_path, monke
         metrics_logger.finish({"final_loss": 1.0, "steps": 3})
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_loss"] == 1.0
-    assert [record.getMessage().split(" (")[0] for record in caplog.records] == ["wandb failed"]
+    # wandb's own loggers may add records (its version and the handlers set up before decide which): ours only.
+    ours = [record for record in caplog.records if record.name.startswith("acemath_mcore")]
+    assert [record.getMessage().split(" (")[0] for record in ours] == ["wandb failed"]
     # The wandb run hooked the import of huggingface_hub (among ~100 modules); with its service gone, importing it
     # raised ConnectionResetError. Imported afresh, whichever test imported it first.
     monkeypatch.delitem(sys.modules, "huggingface_hub", raising=False)
