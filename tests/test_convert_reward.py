@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,57 @@ def test_head_tensors_that_would_be_dropped_are_refused(imported, tmp_path):
     save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="score.weight missing"):
         convert_hf_to_megatron(hf_dir, tmp_path / "out")
+
+
+def _first_training_loss(rank, world_size, checkpoint, prefix, root):
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.training.reward import train_reward_model
+
+    model_config = Path(checkpoint).parent / "stories_hf" / "config.json"  # the HF RM's own config.json
+    config = apply_overrides(get_recipe("tiny_rm"), [
+        f"model={model_config}", f"data.prefixes=[{prefix}]", "data.seq_length=480",
+        f"checkpoint.init_from={checkpoint}", f"checkpoint.save_dir={root}/rm", f"logging.output_dir={root}/runs",
+        "train_steps=1", "global_batch_size=1",  # one packed bin holds both groups
+    ])
+    return train_reward_model(config)["first_loss"]
+
+
+def test_rm_training_continues_from_the_imported_head(imported, tmp_path):
+    """init_from an imported RM keeps its score head (a fresh head would give another loss): the first step's
+    listwise Bradley-Terry loss, computed at the initial weights, is the one transformers' scores give."""
+    import transformers
+
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.rm_data import RMGroup, RMPreprocessConfig, encode_rm_group, preprocess_rm
+    from acemath_mcore.data.tokenizers import load_tokenizer
+    from distributed_helpers import run_workers
+
+    groups = [("Lily had a red ball.", ["She played with it all day.", "The ball was blue.", "Lily ran home."],
+               [1, 0, 1]),
+              ("Tom saw a big dog.", ["The dog was happy.", "Tom was a cat.", "It barked at him.", "No."],
+               [1, 0, 1, 0])]
+    data = tmp_path / "groups.jsonl"
+    data.write_text("".join(json.dumps({"prompt": prompt, "responses": responses, "labels": labels}) + "\n"
+                            for prompt, responses, labels in groups))
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[str(data)], output_prefix=str(tmp_path / "rm"),
+                                             tokenizer=str(imported / "stories_hf"), template="plain"))
+    assert stats["groups"] == 2
+    (first_loss,) = run_workers(_first_training_loss, 1, str(imported / "stories_mc"), str(tmp_path / "rm"),
+                                str(tmp_path))
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(imported / "stories_hf",
+                                                                            dtype=torch.float64).eval()
+    tokenizer = load_tokenizer(imported / "stories_hf")
+    encoder = ConversationEncoder(tokenizer, build_template("plain", tokenizer))
+    expected = 0.0
+    for prompt, responses, labels in groups:
+        group = RMGroup("test", [{"role": "user", "content": prompt}], responses, labels)
+        with torch.no_grad():
+            scores = [model(torch.tensor([sequence.tolist()])).logits[0, 0].item()
+                      for sequence in encode_rm_group(encoder, group)]
+        pairs = [(p, q) for p in range(len(labels)) for q in range(len(labels)) if labels[p] and not labels[q]]
+        expected += -sum(math.log(1 / (1 + math.exp(scores[q] - scores[p]))) for p, q in pairs) / len(pairs)
+    assert first_loss == pytest.approx(expected / len(groups), abs=1e-5)
 
 
 def test_evaluation_refuses_a_reward_model(imported, tmp_path):
