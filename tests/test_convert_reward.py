@@ -3,7 +3,8 @@
 Two inputs: the real pretrained stories260K trunk under a seeded scalar head (Llama, tied embeddings), converted
 at TP=2 by the command-line tool, and a tiny random Qwen2 (q/k/v biases, untied) converted at PP=2. transformers'
 own classifier is the reference: verify.py's scores at another layout, launch/score.py's packed scoring of
-rendered conversations, and the export back to HF, bit for bit.
+rendered conversations, the first loss of an RM training stage started from the import, and the export back to
+HF, bit for bit. Evaluation refuses the reward model, as a megatron checkpoint and as an HF directory.
 """
 
 from __future__ import annotations
