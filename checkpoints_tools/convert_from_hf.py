@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from acemath_mcore.convert import convert_hf_to_megatron
 from acemath_mcore.convert.from_hf import PARAM_DTYPES
 from acemath_mcore.convert.hf_files import is_reward_model_config, read_hf_config
+from acemath_mcore.data.chat_templates import NO_SYSTEM_PROMPT, TEMPLATE_NAMES, PromptFormat, resolve_system_prompt
 
 
 def main(argv=None) -> int:
@@ -24,14 +25,28 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=PARAM_DTYPES, default="auto",
                         help="parameter dtype (auto: the HF weights' own)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--template", choices=TEMPLATE_NAMES,
+                        help="record the chat template the model was trained with (prompt_format.json), so scoring "
+                             "and evaluation default to it, e.g. chatml for AceMath-RM")
+    parser.add_argument("--system-prompt", default=None,
+                        help="with --template: the system turn it was trained with, literal text or a preset "
+                             "('acemath_rm', 'math'; default: none)")
     args = parser.parse_args(argv)
+    if args.system_prompt is not None and args.template is None:
+        parser.error("--system-prompt is recorded with a --template; give both")
+    prompt_format = (PromptFormat(args.template, resolve_system_prompt(args.system_prompt or NO_SYSTEM_PROMPT))
+                     if args.template else None)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    out = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp, args.dtype, args.overwrite)
-    if is_reward_model_config(read_hf_config(Path(args.hf))):
-        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out} (its prompt format is not "
-              "recorded: pass --template and --system-prompt), or continue training with checkpoint.init_from")
-    else:
+    out = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp, args.dtype, args.overwrite,
+                                 prompt_format)
+    if not is_reward_model_config(read_hf_config(Path(args.hf))):
         print(f"wrote {out}")
+    elif prompt_format is None:
+        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out} (no prompt format "
+              "recorded: pass --template and --system-prompt there), or continue training with checkpoint.init_from")
+    else:
+        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out}, or continue training "
+              "with checkpoint.init_from")
     return 0
 
 

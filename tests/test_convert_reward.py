@@ -78,7 +78,9 @@ def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("reward_import")
     stories = stories_reward_model(root / "stories_hf")
     qwen2 = qwen2_reward_model(root / "qwen2_hf")
-    tool = run_tool("checkpoints_tools/convert_from_hf.py", "--hf", stories, "--out", root / "stories_mc", "--tp", 2)
+    # Recorded with the weights: how the model reads prompts (here the plain template, no system turn).
+    tool = run_tool("checkpoints_tools/convert_from_hf.py", "--hf", stories, "--out", root / "stories_mc", "--tp", 2,
+                    "--template", "plain")
     assert tool.returncode == 0, tool.stderr[-3000:]
     assert "llama reward model" in tool.stderr
     assert f"wrote {root / 'stories_mc'}: a reward model; score with launch/score.py" in tool.stdout
@@ -106,9 +108,10 @@ def test_score_tool_on_the_imported_model_gives_transformers_scores(imported):
 
     candidates, scored = imported / "candidates.jsonl", imported / "scored.jsonl"
     candidates.write_text("".join(json.dumps(record) + "\n" for record in CANDIDATES))
-    tool = run_tool("launch/score.py", "--checkpoint", imported / "stories_mc", "--template", "plain",
-                    "--input", candidates, "--output", scored, "--tokens-per-row", 256, "--no-progress")
+    tool = run_tool("launch/score.py", "--checkpoint", imported / "stories_mc", "--input", candidates,
+                    "--output", scored, "--tokens-per-row", 256, "--no-progress")
     assert tool.returncode == 0, tool.stdout[-3000:] + tool.stderr[-3000:]
+    assert "in its recorded format: template 'plain', no system prompt" in tool.stdout  # no --template needed
     records = [json.loads(line) for line in scored.read_text().splitlines()]
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(imported / "stories_hf",
@@ -224,3 +227,10 @@ def test_evaluation_refuses_a_reward_model(imported, tmp_path):
                     "--data-dir", shared_path("data/eval"))
     assert done.returncode != 0
     assert "is a reward model (*ForSequenceClassification): it scores responses" in done.stderr
+
+
+def test_a_system_prompt_is_recorded_only_with_its_template(tmp_path):
+    done = run_tool("checkpoints_tools/convert_from_hf.py", "--hf", STORIES, "--out", tmp_path / "out",
+                    "--system-prompt", "acemath_rm")
+    assert done.returncode == 2 and "--system-prompt is recorded with a --template; give both" in done.stderr
+    assert not (tmp_path / "out").exists()

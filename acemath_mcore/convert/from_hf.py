@@ -11,6 +11,7 @@ Output directory::
     OUT/  metadata.json .metadata common.pt __*.distcp   the dist checkpoint (pass OUT as init_from)
           model_arch.json  hf_config.json                  what convert_to_hf needs to rebuild the HF model
           hf_assets/                                       tokenizer / generation config copied from the input
+          prompt_format.json                               when given: the chat template and system prompt
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import List, Optional
 import torch
 
 from acemath_mcore.convert.hf_files import HFCheckpoint, copy_assets
-from acemath_mcore.convert.megatron_files import ASSETS_DIR, write_model_description
+from acemath_mcore.convert.megatron_files import ASSETS_DIR, write_model_description, write_prompt_format
 from acemath_mcore.convert.output_dir import staged_output_dir
+from acemath_mcore.data.chat_templates import PromptFormat
 from acemath_mcore.options import ParallelConfig
 from acemath_mcore.runtime.local_workers import run_local_workers
 
@@ -34,8 +36,11 @@ PARAM_DTYPES = ("auto", "fp32", "bf16")
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tensor_parallel: int = 1,
                            pipeline_parallel: int = 1, virtual_pipeline_parallel: Optional[int] = None,
-                           dtype: str = "auto", overwrite: bool = False) -> Path:
-    """Convert and return the checkpoint directory. ``dtype`` is fp32, bf16 or auto (the HF weights' own)."""
+                           dtype: str = "auto", overwrite: bool = False,
+                           prompt_format: Optional[PromptFormat] = None) -> Path:
+    """Convert and return the checkpoint directory. ``dtype`` is fp32, bf16 or auto (the HF weights' own).
+    ``prompt_format``: how the model was trained to read prompts (e.g. AceMath-RM: chatml with its system
+    prompt), recorded as a trainer records its data's, so scoring and evaluation default to it."""
     source = HFCheckpoint(hf_dir)  # every input error surfaces here, before any process starts
     parallel = ParallelConfig(tensor_parallel=tensor_parallel, pipeline_parallel=pipeline_parallel,
                               virtual_pipeline_parallel=virtual_pipeline_parallel)
@@ -50,6 +55,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, tensor_paral
         run_local_workers(_convert_worker, world_size, str(source.path), str(staging), parallel, bf16)
         write_model_description(staging, source.arch, source.config)
         copy_assets(source.path, staging / ASSETS_DIR)
+        if prompt_format is not None:
+            write_prompt_format(staging, prompt_format, [])
     return Path(out_dir)
 
 

@@ -77,7 +77,7 @@ def choose_prompt_format(recorded: Optional[PromptFormat], template: Optional[st
         return chosen
     differs = [name for name in names if getattr(chosen, name) != getattr(recorded, name)]
     if not differs:
-        logger.info("rendering prompts for %s as its training data was: %s", where, _describe_format(chosen, names))
+        logger.info("rendering prompts for %s in its recorded format: %s", where, _describe_format(chosen, names))
     else:
         logger.warning(
             "%s was trained on data rendered with %s; rendering with %s instead (a model reads its own training "
