@@ -318,7 +318,7 @@ assert len(records) == 4 and all(len(r["pred_score"]) == 2 and all(map(math.isfi
 PY
   grep -q "^| $bench | 4 | 2 | " eval/rm-rm/bestofn.md || fail "eval/rm-rm/bestofn.md has no $bench row"
 done
-grep -q "rendering prompts for the reward model .* as its training data was: template 'plain', no system prompt" \
+grep -q "rendering prompts for the reward model .* in its recorded format: template 'plain', no system prompt" \
   logs/acemath-bestofn-"${bon_job}"_0.out || fail "the RM did not score with its recorded prompt format"
 say "best-of-n array $bon_job COMPLETED: the candidates scored by the RM, $(grep -c '^| ' eval/rm-rm/bestofn.md)-line" \
   "table eval/rm-rm/bestofn.md"
