@@ -141,11 +141,12 @@ def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) ->
 
 
 class ScoringTask(RewardTask):
-    """Forward only: the 'report' of each micro-batch carries its response scores."""
+    """Forward only: the 'report' of each micro-batch carries its response scores (on the device: the scorer
+    reads them all back at the end)."""
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
         scores = response_scores(output, batch["score_index"], packed="cu_seqlens" in batch)
-        return output.sum() * 0.0, torch.ones((), dtype=torch.int), {"scores": scores.detach().float().cpu()}
+        return output.sum() * 0.0, torch.ones((), dtype=torch.int), {"scores": scores.detach().float()}
 
 
 class RewardScorer:
@@ -198,16 +199,21 @@ class RewardScorer:
         task = ScoringTask()
         progress = ProgressLog("reward model (rank 0's share)", "scored", "responses",
                                enabled=show_progress and torch.distributed.get_rank() == 0)
-        results: Dict[int, float] = {}
+        scored_rows, row_scores = [], []
         done = 0
         for start in range(0, len(rows), self.rows_per_call):
             call = rows[start:start + self.rows_per_call]
             reports = run_schedule(self.chunks, task, [self._row_batch(sequences, row) for row in call],
                                    self.qkv_format, forward_only=True)
             for row, report in zip(call, reports):  # reports exist on the last pipeline stage only
-                results.update(zip(row, report["scores"][:len(row)].tolist()))
+                scored_rows.append(row)
+                row_scores.append(report["scores"][:len(row)])
             done += sum(len(row) for row in call)
             progress(done, len(mine))
+        # Read back once, at the end: a read per call would make the host wait for the GPU before building the
+        # next rows, leaving the GPU idle meanwhile.
+        flat = torch.cat(row_scores).tolist() if row_scores else []
+        results: Dict[int, float] = dict(zip((index for row in scored_rows for index in row), flat))
         keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
                 and parallel_state.get_tensor_model_parallel_rank() == 0)
         gathered = [None] * torch.distributed.get_world_size()
