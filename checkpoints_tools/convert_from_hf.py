@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from acemath_mcore.convert import convert_hf_to_megatron
 from acemath_mcore.convert.from_hf import PARAM_DTYPES
 from acemath_mcore.convert.hf_files import is_reward_model_config, read_hf_config
-from acemath_mcore.data.chat_templates import NO_SYSTEM_PROMPT, TEMPLATE_NAMES, PromptFormat, resolve_system_prompt
+from acemath_mcore.data.chat_templates import TEMPLATE_NAMES, PromptFormat, resolve_system_prompt
 
 
 def main(argv=None) -> int:
@@ -34,19 +34,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.system_prompt is not None and args.template is None:
         parser.error("--system-prompt is recorded with a --template; give both")
-    prompt_format = (PromptFormat(args.template, resolve_system_prompt(args.system_prompt or NO_SYSTEM_PROMPT))
-                     if args.template else None)
+    prompt_format = PromptFormat(args.template, resolve_system_prompt(args.system_prompt)) if args.template else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     out = convert_hf_to_megatron(args.hf, args.out, args.tp, args.pp, args.vpp, args.dtype, args.overwrite,
                                  prompt_format)
-    if not is_reward_model_config(read_hf_config(Path(args.hf))):
-        print(f"wrote {out}")
-    elif prompt_format is None:
-        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out} (no prompt format "
-              "recorded: pass --template and --system-prompt there), or continue training with checkpoint.init_from")
-    else:
-        print(f"wrote {out}: a reward model; score with launch/score.py --checkpoint {out}, or continue training "
-              "with checkpoint.init_from")
+    next_steps = ""
+    if is_reward_model_config(read_hf_config(Path(args.hf))):
+        unrecorded = "" if prompt_format else " (no prompt format recorded: pass --template and --system-prompt there)"
+        next_steps = (f": a reward model; score with launch/score.py --checkpoint {out}{unrecorded}, or continue "
+                      "training with checkpoint.init_from")
+    print(f"wrote {out}{next_steps}")
     return 0
 
 

@@ -50,10 +50,10 @@ class HFCheckpoint:
         self.path = Path(directory)
         self.config = read_hf_config(self.path)
         self.family: Family = family_for_hf_config(self.config)
-        architecture = (self.config.get("architectures") or ["?"])[0]
         self.reward_model = is_reward_model_config(self.config)
-        if self.reward_model and _num_labels(self.config) != 1:
-            raise ValueError(f"{self.path / CONFIG_FILE}: a {architecture} with {_num_labels(self.config)} labels; "
+        labels = _num_labels(self.config) if self.reward_model else 1
+        if labels != 1:
+            raise ValueError(f"{self.path / CONFIG_FILE}: a {self.config['architectures'][0]} with {labels} labels; "
                              "only one-label classifiers (a reward model's scalar score) are imported")
         self.arch: ModelArch = self.family.arch_from_hf(self.config)
         self._file_of = self._locate_tensors()
