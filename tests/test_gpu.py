@@ -88,6 +88,28 @@ def test_native_spec_on_cuda_matches_cpu_reference_and_packing(single_rank):
     assert relative_error(separate[start:end], reference) < 3e-2
 
 
+def test_native_packed_forward_reads_no_document_bounds_back(single_rank):
+    """Built from the loader's host batch (as the engine does), the packing parameters give the native
+    attention its document boundaries: no layer makes the host wait for the GPU to read ``cu_seqlens``."""
+    from acemath_mcore.models import ModelOptions, build_model, get_preset
+    from acemath_mcore.runtime import ParallelConfig
+    from acemath_mcore.runtime.device import host_waits
+    from acemath_mcore.training.engine import packed_seq_params
+
+    arch = dataclasses.replace(get_preset("qwen2.5-0.5b"), num_layers=2)
+    model = build_model(arch, ParallelConfig(), ModelOptions(spec="native", bf16=True))[0].eval()
+    tokens = torch.randint(0, arch.vocab_size, (1, sum(DOC_LENGTHS)), generator=torch.Generator().manual_seed(0))
+    host = {"tokens": tokens, "cu_seqlens": torch.tensor([0, *torch.tensor(DOC_LENGTHS).cumsum(0).tolist()])}
+    device_tokens = tokens.cuda()
+
+    def forward():
+        with torch.no_grad():
+            model(device_tokens, None, None, packed_seq_params=packed_seq_params(host, "sbhd", torch.device("cuda")))
+
+    waits = host_waits(forward)
+    assert not {line: n for line, n in waits.items() if "acemath_mcore" in line}, waits
+
+
 def test_transformer_engine_spec_trains_a_step(single_rank):
     from acemath_mcore.runtime import transformer_engine_available
 

@@ -123,3 +123,20 @@ def test_packed_model_equals_documents_run_separately(packed_results, qkv_format
 @pytest.fixture(scope="module")
 def packed_results():
     return run_workers(_packed_model_worker, 1)[0]
+
+
+@pytest.mark.parametrize("qkv_format", ["thd", "sbhd"])
+def test_packing_parameters_from_a_host_batch_carry_its_document_bounds(qkv_format):
+    """The engine builds PackedSeqParams from the loader's host batch: the attention then finds the document
+    boundaries there instead of reading ``cu_seqlens`` back from the GPU in every micro-batch."""
+    from acemath_mcore.models.attention import _document_bounds
+    from acemath_mcore.training.engine import packed_seq_params
+
+    bounds = [0, *torch.tensor(DOC_LENGTHS).cumsum(0).tolist()]
+    host = {"tokens": torch.zeros(1, bounds[-1], dtype=torch.long), "cu_seqlens": torch.tensor(bounds)}
+    params = packed_seq_params(host, qkv_format, device=torch.device("cpu"))
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_q.tolist() == bounds
+    # Overwriting the tensor shows the attention reads the host's copy, not the tensor.
+    params.cu_seqlens_q = params.cu_seqlens_kv = torch.zeros_like(params.cu_seqlens_q)
+    assert _document_bounds(params) == bounds
+    assert params.max_seqlen_q == (bounds[-1] if qkv_format == "sbhd" else max(DOC_LENGTHS))

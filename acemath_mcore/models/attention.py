@@ -193,8 +193,15 @@ def _documents_by_length(params: PackedSeqParams, device: torch.device) -> _Docu
     return cached
 
 
+def remember_document_bounds(params: PackedSeqParams, bounds: List[int]) -> None:
+    """Hand every layer's attention the document boundaries the host already holds (the loader built them), so
+    none reads ``cu_seqlens`` back from the device."""
+    params._acemath_bounds = list(bounds)
+
+
 def _document_bounds(params: PackedSeqParams) -> List[int]:
-    """Document boundaries as Python ints: one host sync per packed batch, shared by every layer."""
+    """Document boundaries as Python ints, shared by every layer: those remembered when the batch was built, or
+    else read back from ``cu_seqlens`` once per packed batch (a host wait on CUDA)."""
     cached = getattr(params, "_acemath_bounds", None)
     if cached is None:
         cached = params.cu_seqlens_q.tolist()

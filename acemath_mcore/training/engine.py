@@ -23,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 from torch.profiler import record_function
 
 from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.models.attention import remember_document_bounds
 from acemath_mcore.models.builder import (
     CUDA_GRAPH_WARMUP_STEPS,
     ModelOptions,
@@ -48,20 +49,31 @@ class Task(Protocol):
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple: ...
 
 
-def packed_seq_params(batch: Batch, qkv_format: str = "thd") -> Optional[PackedSeqParams]:
-    """PackedSeqParams for a packed micro-batch (document boundaries in ``cu_seqlens``), None for a padded one."""
+def packed_seq_params(batch: Batch, qkv_format: str = "thd",
+                      device: Optional[torch.device] = None) -> Optional[PackedSeqParams]:
+    """PackedSeqParams for a packed micro-batch (document boundaries in ``cu_seqlens``), None for a padded one.
+    Given the host batch a loader yields, it reads the boundaries there and moves only ``cu_seqlens`` to
+    ``device``: nothing in the forward pass then reads them back from the GPU."""
     if "cu_seqlens" not in batch:
         return None
     cu_seqlens = batch["cu_seqlens"].to(torch.int32).reshape(-1)
+    bounds = cu_seqlens.tolist() if cu_seqlens.device.type == "cpu" else None
+    if device is not None:
+        cu_seqlens = cu_seqlens.to(device, non_blocking=True)
     if qkv_format == "sbhd":
         # megatron sizes the RoPE table by max_seqlen for packed input; sbhd rows use row positions.
         max_seqlen = batch["tokens"].shape[-1]
     elif "max_seqlen" in batch:
         max_seqlen = int(batch["max_seqlen"])
+    elif bounds is not None:
+        max_seqlen = max(end - start for start, end in zip(bounds[:-1], bounds[1:]))
     else:
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-                           max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    params = PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                             max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen)
+    if bounds is not None:
+        remember_document_bounds(params, bounds)
+    return params
 
 
 class Engine:
@@ -285,10 +297,12 @@ def run_schedule(model: Sequence[torch.nn.Module], task: Task, micro_batches: Se
     device = device_lib.current_device()
 
     def forward_step(data_iterator: Iterable[Batch], chunk: torch.nn.Module):
-        # Loaders yield host tensors; move them (cu_seqlens included) to this rank's device here, once.
+        # Loaders yield host tensors; move them to this rank's device here, once. The packing parameters are
+        # built from the host batch, whose document boundaries need no read-back from the device.
+        host_batch = next(data_iterator)
         batch = {key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-                 for key, value in next(data_iterator).items()}
-        batch["packed_seq_params"] = packed_seq_params(batch, packed_qkv_format)
+                 for key, value in host_batch.items()}
+        batch["packed_seq_params"] = packed_seq_params(host_batch, packed_qkv_format, device)
         with record_function("forward"):  # the backward passes run under megatron's schedule, outside this range
             output = task.forward(chunk, batch)
         return output, lambda out: task.loss(batch, out)
