@@ -95,6 +95,17 @@ def test_every_problem_is_listed_with_its_key():
         f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"]
 
 
+def test_transformer_engine_options_on_the_native_spec_are_refused_on_any_machine():
+    """A login node without TE can tell: spec=native never builds TE's layers, whatever machine the job runs on
+    (spec=auto is only resolved there)."""
+    from acemath_mcore.recipes.checks import config_problems
+
+    te_only = ["model_options.fp8=hybrid", "model_options.cuda_graph=mlp"]
+    assert config_problems(_tiny(["model_options.spec=native", *te_only]), "sft") == [
+        f"{option} needs Transformer Engine's layer spec, not model_options.spec=native" for option in te_only]
+    assert config_problems(_tiny(["model_options.spec=auto", *te_only]), "sft") == []
+
+
 def test_trainer_refuses_a_bad_config_before_any_set_up(tmp_path):
     import torch
 

@@ -113,6 +113,10 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
         choices.append(("reward.loss", config.reward.loss, RM_LOSSES))
     problems = [f"{key}={_shown(value)}: choose one of {', '.join(_shown(c) for c in allowed)}"
                 for key, value, allowed in choices if value not in allowed]
+    if options.spec == "native":  # on any machine; spec=auto resolves where the job runs
+        problems += [f"{key}={_shown(value)} needs Transformer Engine's layer spec, not model_options.spec=native"
+                     for key, value in (("model_options.fp8", options.fp8), ("model_options.cuda_graph", options.cuda_graph))
+                     if value]
     if config.profile.tool is not None:
         problems += [f"profile.{key}={value}: must be at least 1" for key, value in (
             ("start_step", config.profile.start_step), ("num_steps", config.profile.num_steps)) if value < 1]
