@@ -448,16 +448,24 @@ TIE_FRACTION = 0.01
 
 def recommend(estimates: Sequence[Estimate], request: PlanRequest) -> Estimate:
     """The fastest layout that fits with the headroom; among layouts within ``TIE_FRACTION`` of it, the one with
-    the least model parallelism (fewer ranks to coordinate, more data parallelism to scale with)."""
-    fitting = [e for e in estimates if e.fits]
+    the least model parallelism (fewer ranks to coordinate, more data parallelism to scale with). Layouts with
+    context parallelism are estimates only: the trainer refuses them, so they are never recommended."""
+    fitting = [e for e in estimates if e.fits and e.layout.context_parallel == 1]
     if not fitting:
-        leanest = min(estimates, key=lambda e: e.memory.total)
         remedies = ["more GPUs (launch/plan.py without --gpus finds the smallest count that fits)",
                     "a GPU with more memory"]
         if "full" not in request.recompute:
             remedies.append("full recompute")
         if request.micro_batch > 1:
             remedies.append("a smaller micro-batch")
+        with_cp = [e for e in estimates if e.fits]
+        if with_cp:
+            lean = min(with_cp, key=lambda e: (e.layout.model_parallel_size, e.time.step_s))
+            raise PlanError(
+                f"only layouts with context parallelism fit {request.gpus} x {request.gpu.name} (e.g. "
+                f"{lean.layout.describe()}), and the trainer refuses CP > 1 (its loaders do not split sequences "
+                f"across CP ranks). Use {', or '.join(remedies)}.")
+        leanest = min(estimates, key=lambda e: e.memory.total)
         raise PlanError(
             f"no layout of {request.model_name} fits {request.gpus} x {request.gpu.name} "
             f"({request.gpu.memory_bytes / GIB:.1f} GiB, {request.usable_bytes / GIB:.1f} GiB usable with "

@@ -65,7 +65,9 @@ def test_every_problem_is_listed_with_its_key():
                     "model_options.cuda_graph=attn", "optim.decay_style=cos", "model_options.spec=tee",
                     "checkpoint.optimizer_format=dp", "profile.tool=perf", "profile.num_steps=0",
                     "reward.loss=listwise", "parallel.tensor_parallel=3", "parallel.pipeline_parallel=3",
-                    "data.prefixes=[a,b]", "data.weights=[1]", "global_batch_size=6", "micro_batch_size=4"])
+                    "data.prefixes=[a,b]", "data.weights=[1]", "global_batch_size=6", "micro_batch_size=4",
+                    "logging.log_interval=0", "eval_interval=-1", "checkpoint.save_interval=-5",
+                    "parallel.context_parallel=2"])
     assert config_problems(config, "rm") == [
         "model_options.spec=tee: choose one of auto, te, native",
         "model_options.recompute=sel: choose one of none, selective, full",
@@ -78,6 +80,9 @@ def test_every_problem_is_listed_with_its_key():
         "checkpoint.optimizer_format=dp: choose one of fully_reshardable, dp_reshardable",
         "profile.tool=perf: choose one of none, torch, nsys",
         "reward.loss=listwise: choose one of listwise_bt, pairwise_bt, bce, mse",
+        "logging.log_interval=0: must be at least 1",
+        "eval_interval=-1: must be at least 0 (0: only after the last step)",
+        "checkpoint.save_interval=-5: must be at least 0 (0: only at the end)",
         "profile.num_steps=0: must be at least 1",
         "global_batch_size=6 is not a multiple of micro_batch_size=4",
         "data.weights: 1 weight(s) for 2 prefix(es) in data.prefixes; give one per prefix, or none to blend in "
@@ -88,6 +93,8 @@ def test_every_problem_is_listed_with_its_key():
         "--output b)",
         "parallel.tensor_parallel=3 does not divide num_attention_heads=4 of this qwen2 model",
         "parallel.pipeline_parallel=3 does not divide the model's num_layers=4",
+        "parallel.context_parallel=2: context parallelism is not supported (the data path does not split sequences "
+        "across CP ranks); use 1, and tensor parallelism with sequence parallelism or recompute for long sequences",
     ]
     assert "reward.loss" not in " ".join(config_problems(config, "sft"))  # SFT ignores the reward section
     assert config_problems(_tiny([]), "sft") == config_problems(_tiny([], "rm"), "rm") == []

@@ -170,6 +170,24 @@ def test_qwen25_72b_on_256_h100s():
     assert best.tokens_per_s > 0 and 0 <= best.time.bubble_fraction < 0.1
 
 
+def test_context_parallel_layouts_are_estimated_but_never_recommended():
+    """The trainer refuses CP > 1, so asking for CP candidates shows their estimates without recommending one."""
+    request = dataclasses.replace(planner.request_for("qwen2.5-7b", gpus=8, seq_length=32768, global_batch=8),
+                                  context_parallel=(1, 2, 4))
+    estimates = planner.plan(request)
+    assert any(e.fits and e.layout.context_parallel > 1 for e in estimates)
+    fastest = min((e for e in estimates if e.fits), key=lambda e: e.time.step_s)
+    assert fastest.layout.context_parallel > 1  # what the estimates alone would pick
+    best = planner.recommend(estimates, request)
+    assert best.fits and best.layout.context_parallel == 1
+    assert "parallel.context_parallel=1" in planner.recipe_overrides(best, request)
+
+    at_64k = dataclasses.replace(request, seq_length=65536, recompute=("none",))
+    with pytest.raises(planner.PlanError, match=r"only layouts with context parallelism fit 8 x h100-80gb \(e.g. TP=4 "
+                                                r"PP=1 VPP=- CP=2 DP=1 recompute=none\), and the trainer refuses CP > 1"):
+        planner.recommend(planner.plan(at_64k), at_64k)
+
+
 def test_small_model_on_one_node_is_pure_data_parallel():
     request = planner.request_for("qwen2.5-math-1.5b", gpus=8, seq_length=4096, global_batch=128)
     assert planner.recommend(planner.plan(request), request).layout.tensor_parallel == 1

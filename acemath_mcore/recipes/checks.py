@@ -117,6 +117,11 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
         problems += [f"{key}={_shown(value)} needs Transformer Engine's layer spec, not model_options.spec=native"
                      for key, value in (("model_options.fp8", options.fp8), ("model_options.cuda_graph", options.cuda_graph))
                      if value]
+    intervals = (("logging.log_interval", config.logging.log_interval, 1, ""),
+                 ("eval_interval", config.eval_interval, 0, " (0: only after the last step)"),
+                 ("checkpoint.save_interval", config.checkpoint.save_interval, 0, " (0: only at the end)"))
+    problems += [f"{key}={value}: must be at least {least}{meaning}" for key, value, least, meaning in intervals
+                 if value < least]
     if config.profile.tool is not None:
         problems += [f"profile.{key}={value}: must be at least 1" for key, value in (
             ("start_step", config.profile.start_step), ("num_steps", config.profile.num_steps)) if value < 1]
@@ -176,6 +181,10 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
                         + f" does not divide the model's num_layers={arch.num_layers}")
     if parallel.virtual_pipeline_parallel is not None and pp < 2:
         problems.append("parallel.virtual_pipeline_parallel needs pipeline_parallel >= 2")
+    if parallel.context_parallel != 1:
+        problems.append(f"parallel.context_parallel={parallel.context_parallel}: context parallelism is not supported "
+                        "(the data path does not split sequences across CP ranks); use 1, and tensor parallelism "
+                        "with sequence parallelism or recompute for long sequences")
     return problems
 
 
