@@ -106,7 +106,7 @@ def test_hf_config_round_trip_through_transformers():
 
 def test_unsupported_inputs_give_clear_errors():
     from acemath_mcore.models import get_preset
-    from acemath_mcore.models.families import LLAMA, family_for_hf_config
+    from acemath_mcore.models.families import LLAMA, QWEN2, family_for_hf_config
 
     with pytest.raises(ValueError, match="unsupported architecture.*MistralForCausalLM"):
         family_for_hf_config({"architectures": ["MistralForCausalLM"], "model_type": "mistral"})
@@ -120,6 +120,11 @@ def test_unsupported_inputs_give_clear_errors():
         LLAMA.arch_from_hf({**base, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="attention_bias=true .* not supported"):  # o_proj would lose its bias
         LLAMA.arch_from_hf({**base, "attention_bias": True})
+    with pytest.raises(ValueError, match=r"qwen2: use_sliding_window=true \(sliding-window attention\) is not"):
+        QWEN2.arch_from_hf({**base, "use_sliding_window": True, "sliding_window": 32})
+    assert QWEN2.arch_from_hf({**base, "use_sliding_window": False, "sliding_window": 32}).num_layers == 2
+    with pytest.raises(ValueError, match=r"rope_theta=10000.5 is not a whole number"):
+        LLAMA.arch_from_hf({**base, "rope_theta": 10000.5})
     with pytest.raises(ValueError, match="tensor_parallel=4 does not divide num_query_groups=2"):
         get_preset("qwen2.5-1.5b").check_tensor_parallel(4)
     with pytest.raises(ValueError, match="unknown model preset 'qwen3'"):

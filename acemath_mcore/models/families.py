@@ -56,6 +56,9 @@ class Family:
         if cfg.get("attention_bias") and not self.qkv_bias:
             # HF's attention_bias also biases o_proj, which megatron's layers here (add_bias_linear=False) lack.
             raise ValueError(f"{self.name}: attention_bias=true (biases on q/k/v and o_proj) is not supported")
+        if cfg.get("use_sliding_window"):
+            # Qwen2's configs carry the switch (false in every Qwen2.5); full attention would change the model.
+            raise ValueError(f"{self.name}: use_sliding_window=true (sliding-window attention) is not supported")
         rope = _read_rope(cfg, self.name)
         return ModelArch(
             family=self.name,
@@ -161,6 +164,8 @@ def _read_rope(cfg: Mapping, family: str) -> Dict:
     params = dict(cfg.get("rope_parameters") or {})
     scaling = dict(cfg.get("rope_scaling") or {}) or {k: v for k, v in params.items() if k != "rope_theta"}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    if float(theta) != int(float(theta)):
+        raise ValueError(f"{family}: rope_theta={theta} is not a whole number (megatron-core's rotary_base is an int)")
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type in (None, "default"):
         return {"theta": float(theta), "factor": None}
