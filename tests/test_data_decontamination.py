@@ -90,6 +90,12 @@ def test_questions_with_the_cot_instruction_appended_are_found(math_decontaminat
     missed = [q for q in math_decontaminator.questions if len(q.words) >= 8
               and math_decontaminator.find(" ".join(q.words) + "\n" + MATH_INSTRUCTION) is None]
     assert missed == []
+    # The report's LCS share is of the whole prompt, the instruction's words included.
+    question = next(q for q in math_decontaminator.questions if 8 <= len(q.words) < 13)
+    found = math_decontaminator.find(" ".join(question.words) + "\n" + MATH_INSTRUCTION)
+    assert found.shared_ngram is None
+    assert found.lcs_fraction == pytest.approx(len(question.words) / (len(question.words)
+                                                                      + len(MATH_INSTRUCTION.split())))
     tiny = next(q for q in math_decontaminator.questions if len(q.words) < 8)
     assert math_decontaminator.find(" ".join(tiny.words) + "\n" + MATH_INSTRUCTION) is None  # too short to tell
 

@@ -98,7 +98,9 @@ def test_acemath_instruct_rows_train_on_their_answer_field(tmp_path, qwen, run):
 
 
 BAD_LINES = [
-    {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "\\boxed{4}"}]},
+    # 1: good, behind the UTF-8 byte-order mark some editors write first
+    b"\xef\xbb\xbf" + json.dumps({"messages": [{"role": "user", "content": "What is 2+2?"},
+                                              {"role": "assistant", "content": "\\boxed{4}"}]}).encode(),
     b'{"messages": [{"role": "user", "content": "hi"}',  # 2: malformed JSON
     b"",  # 3: blank, skipped silently
     {"messages": [{"content": "no role"}, {"role": "assistant", "content": "x"}]},  # 4
@@ -114,12 +116,13 @@ BAD_LINES = [
     {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},  # 13
     b'{"prompt": "a cut-off emoji \\ud83d", "response": "x"}',  # 14: valid JSON, not encodable text
     b'{"prompt": "q", "response": "x", "id": ' + b"9" * 5000 + b"}",  # 15: past Python's int digit limit
+    {"messages": [{"role": "user", "content": "q"}], "answer": None},  # 16: the response is not text
     {"prompt": "What is 3+3?", "response": "It is \\boxed{6}."},
 ]
 EXPECTED_DROPS = {2: "invalid_json", 4: "missing_role", 5: "unknown_role", 6: "empty_assistant_turn",
                   7: "invalid_utf8", 8: "no_assistant_turn", 9: "special_token_in_content", 10: "not_an_object",
                   11: "unrecognized_schema", 12: "misplaced_system", 13: "bad_message", 14: "invalid_utf8",
-                  15: "invalid_json"}
+                  15: "invalid_json", 16: "bad_message"}
 
 
 def test_bad_lines_are_counted_and_located(tmp_path, run):
@@ -188,6 +191,15 @@ def test_repetition_catches_short_loops():
     assert check(" ".join(["again"] * 21)) is None
     assert check(" ".join(["one two three four five"] * 6)) is not None  # 30 words: a 5-word loop
     assert check(" ".join(f"w{i}" for i in range(80))) is None
+
+
+@pytest.mark.parametrize("spec", ["repetition=20", "repetition=0:3", "repetition=5:1", "repetition=a:b"])
+def test_a_bad_repetition_spec_is_refused_by_name(spec):
+    from acemath_mcore.data.preprocess import build_curation_step
+
+    with pytest.raises(ValueError, match=f"curation step '{spec}': use repetition=NGRAM:COUNT with NGRAM >= 1"):
+        build_curation_step(spec, None)
+    assert build_curation_step("repetition=5:2", None).spec == "repetition=5:2"
 
 
 def test_curation_steps_report_their_counts(tmp_path, run):

@@ -175,6 +175,32 @@ def test_score_sorted_selection_hand_checked():
     # Few positives: take them all and fill with negatives.
     lopsided = RMGroup("x:2", [], ["a", "b", "c", "d"], [1, 0, 0, 0], [0.0, 3.0, 1.0, 2.0])
     assert score_sorted_selection(lopsided, 3).responses == ["a", "c", "d"]
+    # Nothing to choose from a group no larger than asked for: scores are not needed (AceMath-RM rows have none).
+    unscored = RMGroup("x:3", [], ["a", "b"], [1, 0])
+    assert score_sorted_selection(unscored, 2) is unscored
+    with pytest.raises(ValueError, match="x:4: score-sorted selection needs reward scores"):
+        score_sorted_selection(RMGroup("x:4", [], ["a", "b", "c"], [1, 0, 0]), 2)
+
+
+@pytest.mark.parametrize("count", [1, 0, -1])
+def test_fewer_than_two_responses_per_group_is_refused(tmp_path, count):
+    """One kept candidate can never hold a correct-wrong pair: every group written would teach nothing."""
+    with pytest.raises(ValueError, match=rf"num_responses={count}: a group needs at least 2 candidates"):
+        RMPreprocessConfig(inputs=[], output_prefix=str(tmp_path / "rm"), tokenizer=QWEN, num_responses=count)
+
+
+def test_scores_that_are_no_list_or_not_finite_are_counted_drops(tmp_path):
+    data = write_jsonl(tmp_path / "rm.jsonl", [
+        {"question": "1+1?", "code": ["2", "3"], "score": [True, False], "pred_score": 5},
+        {"prompt": "2+2?", "responses": ["4", "5"], "labels": [1, 0], "scores": 0.5},
+        {"prompt": "3+3?", "responses": ["6", "7", "8"], "labels": [1, 0, 0], "scores": [1.0, float("nan"), 0.0]},
+    ])
+    errors = []
+    groups = list(iter_rm_groups([data], errors.append))
+    assert [(e.where, e.reason) for e in errors] == [(f"{data}:1", "bad_score"), (f"{data}:2", "bad_score"),
+                                                     (f"{data}:3", "bad_score")]
+    assert "the reward scores are a int, not a list" in errors[0].detail and "nan" in errors[2].detail
+    assert [(g.where, g.responses, g.scores) for g in groups] == [(f"{data}:3", ["6", "8"], [1.0, 0.0])]
 
 
 def test_score_sorted_selection_on_real_groups(real_groups):
@@ -342,3 +368,10 @@ def test_preprocess_cli_renders_the_acemath_rm_system_prompt_preset(tmp_path, qw
     assert texts[0].startswith("<|im_start|>system\nPlease reason step by step, and check your final answer within "
                                "\\boxed{}.<|im_end|>\n<|im_start|>user\n1+1?")
     assert texts[1].startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?")
+
+
+def test_a_missing_rm_prefix_is_named_with_the_command_that_writes_it(tmp_path):
+    from acemath_mcore.data.indexed import RMIndexedDataset
+
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/rm.bin is missing; preprocess with launch/preprocess.py rm"):
+        RMIndexedDataset(tmp_path / "rm")

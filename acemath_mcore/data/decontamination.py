@@ -124,8 +124,8 @@ class Decontaminator(CurationStep):
             if opening >= known_from:
                 for index in self._by_opening.get(hash(tuple(ids[opening:end])), ()):
                     question = self._question_ids[index]
-                    if ids[opening:opening + len(question)] == question:
-                        return Contamination(self.questions[index], None, 1.0)
+                    if ids[opening:opening + len(question)] == question:  # contained: the LCS is the question
+                        return Contamination(self.questions[index], None, len(question) / len(ids))
             start = end - NGRAM
             if start < known_from:
                 continue

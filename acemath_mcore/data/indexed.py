@@ -150,6 +150,9 @@ class RMIndexedDataset:
 
     def __init__(self, prefix: str | os.PathLike):
         self.prefix = str(prefix)
+        for path in _files_of(self.prefix) + [self.prefix + RM_LABELS_SUFFIX]:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"{path} is missing; preprocess with launch/preprocess.py rm")
         self.tokens = _megatron_indexed_dataset().IndexedDataset(self.prefix)
         self.labels = np.load(self.prefix + RM_LABELS_SUFFIX)
         self.group_bounds = np.asarray(self.tokens.document_indices, dtype=np.int64)

@@ -70,8 +70,11 @@ def _messages_of(record: dict, where: str) -> list:
         if not isinstance(messages, list) or not messages:
             raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "'messages' must be a non-empty list")
         last = messages[-1]
-        if isinstance(record.get("answer"), str) and isinstance(last, dict) and last.get("role") == "user":
+        if "answer" in record and isinstance(last, dict) and last.get("role") == "user":
             # nvidia/AceMath-Instruct-Training-Data: 'messages' holds the prompt turns, 'answer' the response.
+            if not isinstance(record["answer"], str):
+                raise DataError(where, Reason.BAD_MESSAGE, f"'answer' is a {type(record['answer']).__name__}, not a "
+                                                           "string")
             messages = messages + [{"role": "assistant", "content": record["answer"]}]
         return messages
     if "prompt" in record and "response" in record:
@@ -123,7 +126,7 @@ def _check_encodable(text: str, where: str, what: str) -> None:
 def parse_json_line(raw: bytes, where: str) -> dict:
     """Decode one JSONL line into an object or raise DataError (UTF-8, JSON, object-ness)."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # the byte-order mark some editors put before line 1
     except UnicodeDecodeError as error:
         raise DataError(where, Reason.INVALID_UTF8, f"byte {error.start}: {error.reason}") from None
     try:

@@ -83,6 +83,9 @@ def build_curation_step(spec: str, benchmark_dir: Optional[str]) -> CurationStep
         if not argument:
             return RepeatedText()
         ngram, _, count = argument.partition(":")
+        if not (ngram.isdigit() and count.isdigit() and int(ngram) >= 1 and int(count) >= 2):
+            raise ValueError(f"curation step {spec!r}: use repetition=NGRAM:COUNT with NGRAM >= 1 words and COUNT >= 2 "
+                             "occurrences (e.g. repetition=20:3)")
         return RepeatedText(int(ngram), int(count))
     if name == "boxed" and not argument:
         return RequireBoxed()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -57,9 +58,9 @@ def _label(value, where: str) -> int:
 
 
 def _score(value, where: str) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    raise DataError(where, "bad_score", f"reward score {value!r} is not a number")
+    raise DataError(where, "bad_score", f"reward score {value!r} is not a finite number")
 
 
 def _conversation_prompt(messages: list, where: str) -> tuple[list[dict], str]:
@@ -87,10 +88,12 @@ def _grouped(record: dict, where: str, report: Callable[[DataError], None],
     else:
         prompt_text, responses, labels = record.get("question"), record.get("code"), record.get("score")
         scores = record.get("pred_score")
-        if scores is not None:  # one score list per response; the RM score is its first entry
+        if isinstance(scores, list):  # one score list per response; the RM score is its first entry
             scores = [s[0] if isinstance(s, list) and s else s for s in scores]
     if not isinstance(prompt_text, str) or not isinstance(responses, list) or not isinstance(labels, list):
         raise DataError(where, Reason.UNRECOGNIZED_SCHEMA, "grouped rows need a prompt string, responses and labels")
+    if scores is not None and not isinstance(scores, list):
+        raise DataError(where, "bad_score", f"the reward scores are a {type(scores).__name__}, not a list")
     if len(labels) != len(responses) or (scores is not None and len(scores) != len(responses)):
         raise DataError(where, "length_mismatch", f"{len(responses)} responses, {len(labels)} labels"
                         + ("" if scores is None else f", {len(scores)} scores"))
@@ -187,6 +190,8 @@ def score_sorted_selection(group: RMGroup, num_responses: int, positives: str = 
     """Keep ``num_responses`` candidates, as balanced between positives and negatives as the pools allow,
     each pool read in score order from the given end (ties keep input order). Selected candidates stay in
     input order so position says nothing about the label."""
+    if len(group.responses) <= num_responses:
+        return group  # nothing to choose
     if group.scores is None:
         raise ValueError(f"{group.where}: score-sorted selection needs reward scores")
     for name, end in (("positives", positives), ("negatives", negatives)):
@@ -230,6 +235,11 @@ class RMPreprocessConfig:
     positives: str = "top"
     negatives: str = "bottom"
     strict: bool = False
+
+    def __post_init__(self):
+        if self.num_responses is not None and self.num_responses < 2:
+            raise ValueError(f"num_responses={self.num_responses}: a group needs at least 2 candidates, one correct "
+                             "and one wrong, to give the reward model a pair")
 
 
 def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = None) -> dict:
