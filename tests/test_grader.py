@@ -163,8 +163,31 @@ def test_different_answers(pred, gold):
     ("B", False), ("2", False), ("", False), ("A or C", False), ("(C) or (D)", False),
 ])
 def test_choice_letter_gold_is_matched_by_the_chosen_letter(pred, expected):
-    """GaoKao-2023-En has letter golds (37 of 385): a boxed "(C) 2" chooses C; a hedge chooses nothing."""
+    """GaoKao-2023-En has letter golds (46 of 385): a boxed "(C) 2" chooses C; a hedge chooses nothing."""
     assert is_equal(pred, "C") is expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    (r"(H)\ \frac{1}{2}", "H", True), ("(F) y+k=0", "F", True), ("K: (1, 2)", "K", True), ("(G) 3", "F", False),
+    ("(F) or (G)", "F", False),
+])
+def test_act_style_choice_letters_f_to_k(pred, gold, expected):
+    """GaoKao-2023-En's 9 ACT-style items use F-K; an option's text may hold letters of its own."""
+    assert is_equal(pred, gold) is expected
+
+
+@pytest.mark.parametrize("pred, gold, expected", [
+    ("2^10", "1024", True), ("2^10", "0", False), ("x^10", "0", False), ("3^20", "3^{20}", True),
+    ("x^12+1", "2x+1", False),
+    ("b=2, a=1", "a=1, b=2", True), (r"a=\frac{1}{2}, b=2", "a=0.5, b=2", True), ("a=2, b=1", "a=1, b=2", False),
+    ("x=3, y=-1", "x=-1, y=3", False), ("1, 2", "a=1, b=2", False), ("x=2, x=-6", "-6, 2", True),
+    (r"4.5001\times10^{33}", "4.5e33", True), (r"4.6\times10^{33}", "4.5e33", False), ("10001", "10000", False),
+])
+def test_exponents_named_values_and_scientific_golds(pred, gold, expected):
+    """Wrong answers the grader once passed (2^10 read as 2^1 times 0; the names of several variables dropped, so
+    swapped values matched) and right ones it failed (a rounded gold in scientific notation held to the exact
+    integer)."""
+    assert is_equal(pred, gold) is expected
 
 
 def test_normalisation_is_idempotent_on_math_golds():

@@ -194,12 +194,23 @@ def split_top_level(text: str, separator: str) -> list[str]:
     return parts
 
 
-def _strip_short_variable(text: str) -> str:
-    """``x=3`` -> ``3`` and ``f(x)=2x`` -> ``2x``: a named single value is that value (the toolkit does the same)."""
+def _named_value(text: str) -> tuple[str, str] | None:
+    """``x=3`` -> ``("x", "3")``, ``f(x)=2x`` -> ``("f(x)", "2x")``; None when ``text`` names no single value."""
     sides = text.split("=")
     if len(sides) == 2 and re.fullmatch(_SHORT_VARIABLE, sides[0].strip()) and sides[1].strip():
-        return sides[1].strip()
-    return text
+        return sides[0].strip(), sides[1].strip()
+    return None
+
+
+def _strip_variable_names(text: str) -> str:
+    """``x=3`` -> ``3`` and ``x=2,x=-6`` -> ``2,-6``: values named by one variable are those values (the toolkit
+    does the same for one). Names of several variables stay (``a=1,b=2``): without them a list of values is read
+    unordered, and ``a=2,b=1`` would then equal it."""
+    parts = split_top_level(text, ",")
+    named = [_named_value(part) for part in parts]
+    if len({entry[0] for entry in named if entry}) > 1:
+        return text
+    return ",".join(entry[1] if entry else part for part, entry in zip(parts, named))
 
 
 def normalize_answer(answer: str) -> str:
@@ -237,7 +248,7 @@ def normalize_answer(answer: str) -> str:
     text = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\x00", text)
     text = re.sub(r"\s+", "", text).replace("\x00", " ")
     if "=" in text:
-        text = ",".join(_strip_short_variable(part) for part in split_top_level(text, ","))
+        text = _strip_variable_names(text)
     text = _wrap_single_char_arguments(text, "\\frac", 2)
     text = _wrap_single_char_arguments(text, "\\sqrt", 1)
     text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
@@ -429,8 +440,18 @@ class _LatexParser:
             base = sympy.factorial(base)
         if self._peek() == "^":
             self.pos += 1
-            return sympy.Pow(base, self._script_argument())
+            return sympy.Pow(base, self._exponent())
         return base
+
+    def _exponent(self) -> sympy.Basic:
+        """After ^, unbraced digits are one number: answers write ``2^10`` for 1024 (and sympy's LaTeX parser reads
+        it so), where LaTeX itself would raise to the first digit only."""
+        start = self.pos
+        while self._peek().isdigit():
+            self.pos += 1
+        if self.pos > start:
+            return sympy.Integer(int(self.text[start:self.pos]))
+        return self._script_argument()
 
     def _script_argument(self) -> sympy.Basic:
         """Argument of ^, \\frac, \\sqrt: a braced group or, as in LaTeX, a single character or command."""
@@ -600,6 +621,12 @@ def _equations_equal(a: sympy.Eq, b: sympy.Eq) -> bool:
     return bool(ratio.is_number and ratio != 0 and ratio.is_finite)
 
 
+def _approximate(gold: str) -> bool:
+    """A gold written with a decimal point or in scientific notation (``4.5e33``, ``4.5\\times10^{33}``) is a
+    measured or rounded value, whole or not: it gets the numeric tolerance, not the exact-integer rule."""
+    return bool(re.search(r"\d\.\d|\d[eE][-+]?\d|\\times10\^", gold))
+
+
 def sympy_equal(pred: str, gold: str) -> bool:
     """Symbolic equality of two normalised answers.  Unbounded in time: call only through the worker."""
     try:
@@ -609,7 +636,7 @@ def sympy_equal(pred: str, gold: str) -> bool:
             return _equations_equal(pred_expr, gold_expr)
         if pred_is_equation or gold_is_equation:
             return False
-        return _expressions_equal(pred_expr, gold_expr, exact=bool(gold_expr.is_Integer))
+        return _expressions_equal(pred_expr, gold_expr, exact=bool(gold_expr.is_Integer) and not _approximate(gold))
     except Exception:  # any sympy failure (ZeroDivision, RecursionError, TypeError ...) means "not shown equal"
         return False
 
@@ -817,6 +844,9 @@ def _equal_normalized(pred: str, gold: str, deadline: float) -> bool:
     pred_number, gold_number = _as_number(pred), _as_number(gold)
     if pred_number is not None and gold_number is not None:
         return _numbers_match(pred_number, gold_number)
+    pred_named, gold_named = _named_value(pred), _named_value(gold)
+    if pred_named and gold_named:  # an item of a list naming several variables: the same name, an equal value
+        return pred_named[0] == gold_named[0] and _equal_normalized(pred_named[1], gold_named[1], deadline)
     pred, gold = _expand_plus_minus(pred), _expand_plus_minus(gold)
     structure_verdict = _structures_equal(pred, gold, deadline)
     if structure_verdict is not None:
@@ -836,10 +866,14 @@ def is_equal(pred: str | None, gold: str | None, timeout: float = DEFAULT_TIMEOU
         return False
     deadline = time.monotonic() + timeout
     pred, gold = normalize_answer(pred), normalize_answer(gold).strip()
-    if re.fullmatch(r"[A-E]", gold):
-        # A choice letter as gold (GaoKao-2023-En's multiple-choice items): the prediction's standalone letters
-        # A-E decide, so "(C) 2", "C: 2" and "c" all choose C, as in the Qwen2.5-Math evaluation; unlike it, a
-        # hedge naming two letters ("A or C") chooses nothing.
-        letters = set(re.findall(r"\b([A-E])\b", pred.upper()))
-        return letters == {gold}
+    if re.fullmatch(r"[A-K]", gold):
+        # A choice letter as gold (GaoKao-2023-En's multiple-choice items, A-E and the ACT-style F-K): a leading
+        # "(H)", "H:" or "h" chooses; otherwise the prediction's standalone letters decide, so "(C) 2", "C: 2" and
+        # "c" all choose C, as in the Qwen2.5-Math evaluation; unlike it, a hedge naming two letters ("A or C")
+        # chooses nothing. The leading mark comes first because an option's text may hold letters ("(F) y+k=0").
+        marked = re.match(r"\(([A-Ka-k])\)|([A-Ka-k])(?:[:.)]|$)", pred)
+        if marked:
+            also_marked = {letter.upper() for letter in re.findall(r"\(([A-Ka-k])\)", pred)}
+            return (marked.group(1) or marked.group(2)).upper() == gold and also_marked <= {gold}
+        return set(re.findall(r"\b([A-K])\b", pred.upper())) == {gold}
     return _equal_normalized(pred, gold, deadline)
