@@ -70,13 +70,14 @@ def test_known_odd_golds_are_reported_not_fatal(loaded):
     problems, issues = loaded
     reported = {(issue.benchmark, issue.idx) for issue in issues}
     assert {("math", 3526), ("math", 3607)} <= reported  # \mbox{Saturday}, \text{east}
+    assert ("math", 4060) in reported and problems["math"][4060].gold == "12"  # its answer, 6, is left unboxed
     assert {(b, i) for b, i in reported if b == "gaokao2023en"} == {
         ("gaokao2023en", 107),  # "$145$solution:"
         ("gaokao2023en", 167),  # blank
         ("gaokao2023en", 192),  # blank
     }
     # math500's 97 is math's 3607 again (the figure skater facing \text{east}).
-    assert reported == {("math", 3526), ("math", 3607), ("math500", 97), ("gaokao2023en", 107),
+    assert reported == {("math", 3526), ("math", 3607), ("math", 4060), ("math500", 97), ("gaokao2023en", 107),
                         ("gaokao2023en", 167), ("gaokao2023en", 192)}  # fmt: skip
     for issue in issues:
         assert problems[issue.benchmark][issue.idx].gold == issue.gold and issue.reason
@@ -100,6 +101,14 @@ def test_missing_field_names_file_line_and_field(tmp_path):
     path = _write_benchmark(tmp_path, "math", [json.dumps({"problem": "p"})])
     with pytest.raises(BenchmarkFormatError, match=rf"{path}:1:solution: missing field"):
         load_benchmark("math", tmp_path)
+
+
+@pytest.mark.parametrize("final_answer", [[], "42"])
+def test_olympiad_answers_must_be_a_non_empty_list(tmp_path, final_answer):
+    """A string once gave its first character as the gold, an empty list an IndexError."""
+    path = _write_benchmark(tmp_path, "olympiadbench", [json.dumps({"question": "q", "final_answer": final_answer})])
+    with pytest.raises(BenchmarkFormatError, match=rf"{path}:1:final_answer: expected a non-empty list"):
+        load_benchmark("olympiadbench", tmp_path)
 
 
 def test_solution_without_box_is_reported_as_empty_gold(tmp_path):

@@ -125,7 +125,10 @@ def test_record_errors_name_file_line_and_field(tmp_path):
     with pytest.raises(RecordError, match=rf"{path}:2: malformed JSON"):
         read_records(path)
     path.write_text(json.dumps({**good, "pred_score": ["high", 0.2]}) + "\n")
-    with pytest.raises(RecordError, match=rf"{path}:1:pred_score: expected a number"):
+    with pytest.raises(RecordError, match=rf"{path}:1:pred_score: expected a finite number"):
+        read_records(path)
+    path.write_text(json.dumps({**good, "pred_score": [[float("nan")], [0.2]]}) + "\n")
+    with pytest.raises(RecordError, match=rf"{path}:1:pred_score: expected a finite number or \[number\], got nan"):
         read_records(path)
     path.write_text(json.dumps(good) + "\n")
     with pytest.raises(RecordError, match=rf"{path}:1:score: k=4 but the record has only 2 candidates"):

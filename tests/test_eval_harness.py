@@ -290,6 +290,17 @@ def test_greedy_with_several_samples_is_refused(tmp_path, encoder, gsm8k):
         run_evaluation(backend, encoder, _settings(tmp_path, num_samples=4), model_name="scripted")
 
 
+
+@pytest.mark.parametrize("setting", [{"chunk_problems": -1}, {"chunk_problems": 0}, {"limit": 0}])
+def test_chunks_and_limits_below_one_are_refused_before_anything_is_written(tmp_path, encoder, gsm8k, setting):
+    """A negative chunk size once generated nothing and stored the empty results as finished."""
+    backend = ScriptedBackend(encoder, gsm8k, right=lambda number, sample: True)
+    name = next(iter(setting))
+    with pytest.raises(ValueError, match=f"{name} must be >= 1 \\(or unset\\), got {setting[name]}"):
+        run_evaluation(backend, encoder, _settings(tmp_path / "out", **setting), model_name="scripted")
+    assert not (tmp_path / "out").exists()
+
+
 def test_multiple_choice_records_keep_the_choices_a_reward_model_must_see(tmp_path, encoder):
     """launch/score.py gives the RM each record's question as the user turn: without the choices it cannot judge
     a response ending in \\boxed{C}."""

@@ -61,6 +61,13 @@ def _boxed_solution_gold(row: dict, where: str) -> str:
     return (last_boxed_content(str(_field(row, "solution", where))) or "").strip()
 
 
+def _olympiad_gold(row: dict, where: str) -> str:
+    answers = _field(row, "final_answer", where)
+    if not isinstance(answers, list) or not answers:
+        raise BenchmarkFormatError(f"{where}:final_answer: expected a non-empty list, got {answers!r}")
+    return _strip_dollars(answers[0])
+
+
 def _mmlu_gold(row: dict, where: str) -> str:
     answer = _field(row, "answer", where)
     return CHOICE_LETTERS[answer] if isinstance(answer, int) and 0 <= answer < len(CHOICE_LETTERS) else ""
@@ -79,7 +86,7 @@ _SPECS: dict[str, _Spec] = {
     "math500": _Spec("problem", lambda row, where: str(_field(row, "answer", where)).strip()),
     "minerva_math": _Spec("problem", _boxed_solution_gold),
     "gaokao2023en": _Spec("question", lambda row, where: _strip_dollars(_field(row, "answer", where))),
-    "olympiadbench": _Spec("question", lambda row, where: _strip_dollars(_field(row, "final_answer", where)[0])),
+    "olympiadbench": _Spec("question", _olympiad_gold),
     "college_math": _Spec("question", lambda row, where: _strip_dollars(_field(row, "answer", where))),
     "mmlu_stem": _Spec("question", _mmlu_gold, multiple_choice=True),
     "aime24": _Spec("problem", lambda row, where: str(_field(row, "answer", where)).strip()),
@@ -92,6 +99,14 @@ BENCHMARKS: tuple[str, ...] = tuple(_SPECS)
 _REFERENCE_DELETED_GOLD = re.compile(
     r"\\mbox\{[^{}]*\}|\\text\{(?:east|west|north|south)\}|east|west|north|south", re.IGNORECASE
 )
+
+
+# Golds read correctly from a solution that itself misleads, found by reading; keyed by the question's opening.
+_MISLEADING_SOLUTIONS = {
+    ("math", r"Let $\boxed{N}$ mean the number of whole number divisors of $N$."):
+        "the solution boxes its steps (\\boxed{N} is notation here) and gives the answer, 6, unboxed: the gold read "
+        "is the last step's 12",
+}
 
 
 def gold_issue(gold: str) -> str | None:
@@ -137,7 +152,9 @@ def load_benchmark(name: str, data_dir: str | Path) -> tuple[list[Problem], list
                 line=line_number,
             )
             problems.append(problem)
-            reason = gold_issue(problem.gold)
+            reason = gold_issue(problem.gold) or next(
+                (why for (benchmark, opening), why in _MISLEADING_SOLUTIONS.items()
+                 if benchmark == name and problem.question.startswith(opening)), None)
             if reason:
                 issues.append(GoldIssue(name, problem.idx, line_number, problem.gold, reason))
     return problems, issues

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 from collections.abc import Callable, Sequence
@@ -78,8 +79,9 @@ def _rm_score(value, where: str) -> float:
     """Reward scores come as a bare number or as a one-element list (the toolkit's format)."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RecordError(f"{where}:pred_score: expected a number or [number], got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # A NaN would win or lose every rm@k comparison by its position, not its score.
+        raise RecordError(f"{where}:pred_score: expected a finite number or [number], got {value!r}")
     return float(value)
 
 

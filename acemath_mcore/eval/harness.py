@@ -129,6 +129,9 @@ def run_evaluation(backend: GenerationBackend, encoder: ConversationEncoder, set
         raise ValueError("num_samples > 1 with temperature 0 would repeat one greedy answer; set a temperature")
     if settings.shard is not None and not settings.chunk_problems:
         raise ValueError("a shard is a run of generation chunks: set chunk_problems (--chunk-problems > 0)")
+    for name, value in (("chunk_problems", settings.chunk_problems), ("limit", settings.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
     output_dir = Path(settings.output_dir)
     if backend.is_writer:
         output_dir.mkdir(parents=True, exist_ok=True)
