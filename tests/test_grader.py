@@ -182,11 +182,17 @@ def test_act_style_choice_letters_f_to_k(pred, gold, expected):
     ("b=2, a=1", "a=1, b=2", True), (r"a=\frac{1}{2}, b=2", "a=0.5, b=2", True), ("a=2, b=1", "a=1, b=2", False),
     ("x=3, y=-1", "x=-1, y=3", False), ("1, 2", "a=1, b=2", False), ("x=2, x=-6", "-6, 2", True),
     (r"4.5001\times10^{33}", "4.5e33", True), (r"4.6\times10^{33}", "4.5e33", False), ("10001", "10000", False),
+    ("6.608", r"6.608 \mathrm{mi} / \mathrm{hr}", True), (r"2450\pi", r"2450\pi \mathrm{N}-\mathrm{m}", True),
+    ("5", r"5 \mathrm{m} \cdot \mathrm{s}^{-2}", True), (r"3+4\mathrm{i}", "3+4", False),
+    (r"3+4\mathrm{i}", "3+4i", True),
+    ("950, 325", "325,950", True), ("200, 100", "100, 200", True), ("325951", "325,950", False),
+    ("9,999", "10,000", False),
 ])
-def test_exponents_named_values_and_scientific_golds(pred, gold, expected):
+def test_exponents_named_values_units_and_grouped_digits(pred, gold, expected):
     """Wrong answers the grader once passed (2^10 read as 2^1 times 0; the names of several variables dropped, so
-    swapped values matched) and right ones it failed (a rounded gold in scientific notation held to the exact
-    integer)."""
+    swapped values matched; \\mathrm{i} stripped as a unit) and right ones it failed (a rounded gold in scientific
+    notation held to the exact integer; compound units left half in the gold; two 3-digit answers read as one
+    number)."""
     assert is_equal(pred, gold) is expected
 
 

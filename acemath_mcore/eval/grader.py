@@ -134,9 +134,10 @@ _UNIT_WORDS = (
     "times|marbles|cookies|apples|eggs|pages|points|books|cups"
 )
 _TRAILING_UNIT_WORD = re.compile(rf"^(.*?(?:[\d}})]|\\pi))\s+(?:{_UNIT_WORDS})(?:\^\{{?[23]\}}?|²|³)?\.?$")
-_TRAILING_TEXT_GROUP = re.compile(
-    r"^(.+?)\s*\\(?:text|mbox|mathrm|textnormal)\s*\{(?=[^{}]*[A-Za-z])[^{}]*\}(?:\^\{?[23]\}?)?$"
-)
+# A trailing unit in text groups, compound ones too (``\mathrm{mi} / \mathrm{hr}``, ``\mathrm{N}-\mathrm{m}``,
+# ``\mathrm{m} \cdot \mathrm{s}^{-2}``); never a lone ``\mathrm{i}`` or ``\mathrm{e}``, which are numbers.
+_TEXT_UNIT = r"\\(?:text|mbox|mathrm|textnormal)\s*\{(?!\s*[ie]\s*\})(?=[^{}]*[A-Za-z])[^{}]*\}(?:\^\{?-?[123]\}?)?"
+_TRAILING_TEXT_GROUP = re.compile(rf"^(.+?)\s*{_TEXT_UNIT}(?:\s*(?:/|-|\\cdot)?\s*{_TEXT_UNIT})*$")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textit|textnormal|mbox|mathrm|mathbf|mathit|operatorname)\s*\{([^{}]*)\}")
 _DEGREE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°")
 _WORD_NUMBERS = {
@@ -843,7 +844,12 @@ def _equal_normalized(pred: str, gold: str, deadline: float) -> bool:
         return False
     pred_number, gold_number = _as_number(pred), _as_number(gold)
     if pred_number is not None and gold_number is not None:
-        return _numbers_match(pred_number, gold_number)
+        if _numbers_match(pred_number, gold_number):
+            return True
+        # Groups of three digits may be answers of their own: college_math's "the cost of each" is "325,950", so
+        # "950, 325" names the same two costs. Read both ways, in any order.
+        return ("," in pred or "," in gold) and _match_unordered(split_top_level(pred, ","),
+                                                                 split_top_level(gold, ","), deadline)
     pred_named, gold_named = _named_value(pred), _named_value(gold)
     if pred_named and gold_named:  # an item of a list naming several variables: the same name, an equal value
         return pred_named[0] == gold_named[0] and _equal_normalized(pred_named[1], gold_named[1], deadline)
