@@ -146,6 +146,20 @@ def test_sampling_is_seeded_reproducible_and_top1_is_greedy(stories_generations)
     assert by_layout["tp2"]["top1"] == by_layout["tp2"]["greedy"]
 
 
+def test_batch_seeds_of_a_sharded_sampled_run_never_meet():
+    """The seeds a run's batches draw from: chunk and rank strides, then the batch. With ``seed + batch`` rank 1's
+    batch 27 of chunk 0 met rank 0's batch 0 of chunk 10 (1,000,003 + 27 = 10 x 100,003)."""
+    from acemath_mcore.eval.backends import _SEED_STRIDE
+    from acemath_mcore.eval.generation import batch_seed
+    from acemath_mcore.eval.harness import CHUNK_SEED_STRIDE
+
+    calls = [CHUNK_SEED_STRIDE * chunk + _SEED_STRIDE * rank for chunk in range(40) for rank in range(4)]
+    seeds = [batch_seed(call, batch) for call in calls for batch in range(64)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= seed < 2**63 for seed in seeds)
+    assert len({call + batch for call in calls for batch in range(64)}) < len(seeds)  # what the old sum gave
+    assert batch_seed(7, 3) == batch_seed(7, 3)  # a rerun draws the same
+
+
 def test_sample_next_cuts_to_top_k_and_nucleus():
     probabilities = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probabilities.log().expand(20000, 4).contiguous()
@@ -295,6 +309,7 @@ def test_hf_backend_decodes_with_the_requested_settings_only(tmp_path):
     import transformers
 
     from acemath_mcore.eval.backends import HFBackend
+    from acemath_mcore.eval.generation import batch_seed
 
     model_dir = tmp_path / "stories"
     shutil.copytree(stories_dir(), model_dir)
@@ -322,6 +337,6 @@ def test_hf_backend_decodes_with_the_requested_settings_only(tmp_path):
     assert greedy[0].token_ids == reference(lambda logits: int(logits.argmax()))
     sampled = backend.generate([prompt], SamplingParams(max_new_tokens=steps, temperature=temperature), seed=5,
                                progress=lambda d, t: None)
-    torch.manual_seed(5)  # the backend seeds its first batch with the seed itself
+    torch.manual_seed(batch_seed(5, 0))  # the backend's first batch
     expected = reference(lambda logits: int(torch.multinomial(torch.softmax(logits / temperature, -1), 1)))
     assert sampled[0].token_ids == expected and len(set(expected)) > 5

@@ -17,13 +17,14 @@ from acemath_mcore.eval.generation import (
     Generation,
     MegatronGenerator,
     SamplingParams,
+    batch_seed,
 )
 from acemath_mcore.models.arch import ModelArch
 
 logger = logging.getLogger(__name__)
 
-# Seeds of different data-parallel ranks (and of the HF backend's batches) are this far apart, so no two ranks
-# ever draw from the same generator state.
+# Seeds of different data-parallel ranks are this far apart; each batch's seed is then mixed from its call's
+# (generation.batch_seed), so no two batches of a run draw from the same generator state.
 _SEED_STRIDE = 1_000_003
 
 
@@ -157,7 +158,7 @@ class HFBackend:
             for slot, row in enumerate(rows):
                 input_ids[slot, width - len(prompts[row]):] = torch.tensor(prompts[row])
                 attention_mask[slot, width - len(prompts[row]):] = 1
-            torch.manual_seed(seed + _SEED_STRIDE * batch_number)
+            torch.manual_seed(batch_seed(seed, batch_number))
             sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p,
                                                  "top_k": params.top_k}  # 0: no top-k cut, as in SamplingParams
             output = self.model.generate(

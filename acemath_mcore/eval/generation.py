@@ -14,6 +14,7 @@ first TP rank so all ranks keep feeding identical inputs. Pipeline parallelism i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, List, Optional, Sequence
 
 import torch
@@ -147,6 +148,14 @@ def memory_sized_batches(sorted_lengths: Sequence[int], max_new_tokens: int, max
     return batches
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The generator seed of batch ``batch`` of a call seeded ``seed``, unrelated to every other pair. Callers space
+    their calls' seeds by strides (chunks, data-parallel ranks); ``seed + batch`` let a long call's batch reach
+    another call's seed, and the two batches then drew the same random numbers."""
+    digest = hashlib.blake2b(f"{seed}:{batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
 class MegatronGenerator:
     """Generates with one evaluation-mode GPT model chunk (PP=1, any TP) inside an initialised parallel state.
 
@@ -175,7 +184,7 @@ class MegatronGenerator:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, seed: int = 0,
                  progress: Optional[Callable[[int, int], None]] = None) -> List[Generation]:
         """One generation per prompt, in prompt order. Batches are formed from length-sorted prompts, and batch
-        ``i`` samples from a generator seeded with ``seed + i``, so a run is reproducible for the same inputs (and
+        ``i`` samples from a generator seeded with ``batch_seed(seed, i)``, so a run is reproducible for the same inputs (and
         the same ``memory_budget``). ``progress(done, total)`` is called after each batch."""
         for index, prompt in enumerate(prompts):
             if not prompt:
@@ -189,7 +198,7 @@ class MegatronGenerator:
         for batch_number, rows in enumerate(self.batches([len(prompts[i]) for i in order], params.max_new_tokens)):
             rows = [order[position] for position in rows]
             for row, generation in zip(rows, self._generate_batch([prompts[i] for i in rows], params,
-                                                                  seed + batch_number)):
+                                                                  batch_seed(seed, batch_number))):
                 results[row] = generation
             done += len(rows)
             if progress is not None:
@@ -231,8 +240,9 @@ class MegatronGenerator:
 
         context = StaticInferenceContext(len(prompts), total_length)
         previous = 0
-        for current in range(int(prompt_lengths.min()), total_length):
-            if current >= int(prompt_lengths.max()):
+        shortest, longest = min(map(len, prompts)), max(map(len, prompts))
+        for current in range(shortest, total_length):
+            if previous >= longest:  # every prompt is in the cache: one new token per row from here on
                 context.enable_decode_mode()
             next_tokens = self._next_tokens(tokens[:, previous:current], context, params, generator)
             context.sequence_len_offset += current - previous
