@@ -49,12 +49,16 @@ def check_stage(stage, planned: bool = False) -> tuple[list[str], str, object, o
     """(errors, one-line description, resolved config, the TP/PP/VPP a resume must keep or None). ``planned``: the
     layout is launch/plan.py's to pick at job start, so a resume's bound layout replaces the configured one (the
     planner is told to keep it) instead of being reported as a mismatch."""
-    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.recipes import RECIPES, apply_overrides, get_recipe, recipe_kind
     from acemath_mcore.recipes.checks import config_problems
     from acemath_mcore.recipes.config import OverrideError
     from acemath_mcore.training.checkpoint_dirs import bound_model_parallel, find_latest
 
     name = f"{stage['recipe']} ({stage['kind']})"
+    if stage["recipe"] in RECIPES and recipe_kind(stage["recipe"]) != stage["kind"]:
+        # The job would get its allocation, then launch/train_{kind}.py would refuse the recipe.
+        return [f"{name}: RECIPE: {stage['recipe']} is a {recipe_kind(stage['recipe'])} recipe; this template trains "
+                f"{stage['kind']}"], name, None, None
     try:
         config = apply_overrides(get_recipe(stage["recipe"]), stage["overrides"])
     except KeyError as error:

@@ -113,6 +113,22 @@ def test_transformer_engine_options_on_the_native_spec_are_refused_on_any_machin
     assert config_problems(_tiny(["model_options.spec=auto", *te_only]), "sft") == []
 
 
+def test_sizes_below_one_and_a_missing_starting_checkpoint_are_problems_not_tracebacks():
+    """TP or PP of 0 used to reach a modulo (ZeroDivisionError, exit 1), negative ones and negative lengths passed,
+    and a checkpoint.init_from that does not exist surfaced only after the model was built."""
+    from acemath_mcore.recipes.checks import config_problems
+
+    assert config_problems(_tiny(["parallel.tensor_parallel=0", "parallel.pipeline_parallel=-2"]), "sft") == [
+        "parallel.tensor_parallel=0: must be at least 1", "parallel.pipeline_parallel=-2: must be at least 1"]
+    assert config_problems(_tiny(["train_steps=-5"]), "sft") == [
+        "train_steps=-5, epochs=1.0: train_steps must be at least 0 (0: run for the epochs) and epochs above 0"]
+    missing = "checkpoint.init_from=/nowhere/base"
+    assert config_problems(_tiny([missing]), "sft") == [
+        "checkpoint.init_from: /nowhere/base does not exist (convert the base model with "
+        "checkpoints_tools/convert_from_hf.py, or point it at the previous stage's save dir)"]
+    assert config_problems(_tiny([missing]), "sft", read_checkpoint=False) == []  # an earlier job writes it
+
+
 def test_trainer_refuses_a_bad_config_before_any_set_up(tmp_path):
     import torch
 

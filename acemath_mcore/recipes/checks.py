@@ -81,6 +81,10 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
         checkpoint = starting_checkpoint(config) if read_checkpoint else None
     except FileNotFoundError as error:  # a 'latest' marker naming no complete checkpoint
         return [*problems, f"checkpoint.save_dir: {error}"]
+    init_from = config.checkpoint.init_from
+    if read_checkpoint and checkpoint is None and init_from and not Path(init_from).exists():
+        problems.append(f"checkpoint.init_from: {init_from} does not exist (convert the base model with "
+                        "checkpoints_tools/convert_from_hf.py, or point it at the previous stage's save dir)")
     assets = None
     if checkpoint is not None:
         from acemath_mcore.convert.megatron_files import find_model_description
@@ -132,6 +136,9 @@ def _batch_problems(config: TrainConfig) -> List[str]:
     problems = [f"{key}={value}: must be at least 1" for key, value in (
         ("global_batch_size", config.global_batch_size), ("micro_batch_size", config.micro_batch_size),
         ("data.seq_length", config.data.seq_length)) if value < 1]
+    if config.train_steps < 0 or config.epochs <= 0:
+        problems.append(f"train_steps={config.train_steps}, epochs={config.epochs}: train_steps must be at least 0 "
+                        "(0: run for the epochs) and epochs above 0")
     if config.micro_batch_size >= 1 and config.global_batch_size % config.micro_batch_size:
         problems.append(f"global_batch_size={config.global_batch_size} is not a multiple of "
                         f"micro_batch_size={config.micro_batch_size}")
@@ -170,7 +177,12 @@ def _shown(value) -> str:
 
 def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
     parallel = config.parallel
-    problems = []
+    sizes = (("tensor_parallel", parallel.tensor_parallel), ("pipeline_parallel", parallel.pipeline_parallel),
+             ("virtual_pipeline_parallel", parallel.virtual_pipeline_parallel or 1),
+             ("context_parallel", parallel.context_parallel))
+    problems = [f"parallel.{key}={value}: must be at least 1" for key, value in sizes if value < 1]
+    if problems:
+        return problems  # the checks below divide by them
     try:
         arch.check_tensor_parallel(parallel.tensor_parallel)
     except ValueError as error:

@@ -95,6 +95,8 @@ def test_preflight_names_the_variable(preflight, tmp_path, capsys):
         capsys.readouterr().err
     assert preflight.main(["--stage", "rm:no_such_recipe"]) == 2
     assert "RECIPE: unknown recipe 'no_such_recipe'" in capsys.readouterr().err
+    assert preflight.main(["--stage", "sft:tiny_rm"]) == 2  # the job would be refused only once it had its nodes
+    assert "tiny_rm (sft): RECIPE: tiny_rm is a rm recipe; this template trains sft" in capsys.readouterr().err
     assert preflight.main(["--stage", "sft:tiny_sft", "optim.lrr=1"]) == 2
     assert "OVERRIDES: unknown config key 'optim.lrr'" in capsys.readouterr().err
     # The trainer's own config checks, before the job is queued.
