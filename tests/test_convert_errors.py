@@ -108,6 +108,13 @@ def test_layouts_that_do_not_fit(tiny_dirs, tmp_path):
         convert(tiny_dirs / "single", tmp_path / "out", pipeline_parallel=3)
     with pytest.raises(ValueError, match="virtual pipeline 2 needs"):
         convert(tiny_dirs / "single", tmp_path / "out", pipeline_parallel=2, virtual_pipeline_parallel=2)
+    # PP 0 once ran no process and reported an empty checkpoint as written; TP 0 divided by zero.
+    for sizes in ({"pipeline_parallel": 0}, {"tensor_parallel": -1}, {"tensor_parallel": 0},
+                  {"virtual_pipeline_parallel": 0}):
+        (name, value), = sizes.items()
+        with pytest.raises(ValueError, match=f"^{name}={value}: must be at least 1$"):
+            convert(tiny_dirs / "single", tmp_path / "out", **sizes)
+    assert not (tmp_path / "out").exists()
 
 
 def test_fp16_weights_need_an_explicit_dtype_and_outputs_are_not_overwritten(tiny_dirs, tmp_path):
