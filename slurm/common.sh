@@ -29,8 +29,8 @@ acemath_init() {
 
 acemath_abspath() {
   case $1 in
-    /*) realpath -m -- "$1" ;;
-    *) realpath -m -- "$ACEMATH_BASE_DIR/$1" ;;
+    /*) realpath -m -s -- "$1" ;;  # -s: a symlinked path stays as given (the same path in a container)
+    *) realpath -m -s -- "$ACEMATH_BASE_DIR/$1" ;;
   esac
 }
 
@@ -75,7 +75,8 @@ acemath_stage_config() {
     local prefix joined=""
     IFS=, read -r -a prefixes <<<"$DATA"
     for prefix in "${prefixes[@]}"; do
-      prefix=${prefix// /}
+      prefix=${prefix#"${prefix%%[![:space:]]*}"}  # trim the spaces around a comma, keep those inside a path
+      prefix=${prefix%"${prefix##*[![:space:]]}"}
       if [[ -n $prefix ]]; then joined+="${joined:+,}$(acemath_abspath "$prefix")"; fi
     done
     ACEMATH_ARGS+=("data.prefixes=[$joined]")
@@ -338,7 +339,6 @@ acemath_eval_config() {
   local ckpt=${CKPT:-${CKPT_DIR:-$REPO_DIR/checkpoints/$model-math_sft}}  # math SFT's recipe save_dir
   ACEMATH_CKPT=$(acemath_abspath "$ckpt")
   local samples=${NUM_SAMPLES:-1} temperature=${TEMPERATURE:-0} top_p=${TOP_P:-1.0} max_new=${MAX_NEW_TOKENS:-2048}
-  ACEMATH_EVAL_SAMPLES=$samples
   # One folder per checkpoint and sampling settings: the harness regenerates results made with other settings,
   # so a sampled run (rm@8) sharing the greedy run's folder deleted its results. iter_N dirs are named by their
   # save dir too.
@@ -459,7 +459,8 @@ acemath_bestofn_job() {
       rc=$?
     ((rc == 0)) || acemath_die "launch/score.py failed on $bench with status $rc"
   fi
-  acemath_python launch/bestofn.py --input "$scored" --k "${BESTOFN_K:-$ACEMATH_EVAL_SAMPLES}" --table \
+  # k up to BESTOFN_K, else up to the candidates' own count (CANDIDATES made elsewhere carry no NUM_SAMPLES).
+  acemath_python launch/bestofn.py --input "$scored" ${BESTOFN_K:+--k "$BESTOFN_K"} --table \
     --json "$ACEMATH_BON_OUT/$bench.bestofn.json" || acemath_die "launch/bestofn.py failed on $scored"
   acemath_python launch/bestofn.py --summarize "$ACEMATH_BON_OUT" --benchmarks "$(acemath_bench_list)" --if-complete
 }
@@ -478,7 +479,7 @@ acemath_sbatch() {
   local -a cmd=(sbatch --parsable --export=ALL --output="$log_dir/$pattern")
   if [[ ${ACEMATH_SIZE:-} == 72b && $script != rm_72b.sh && $script != eval.sh && $script != bestofn.sh ]]; then
     cmd+=(--nodes="${NODES:-$ACEMATH_NODES_72B}")
-  elif [[ -n ${NODES:-} ]]; then
+  elif [[ -n ${NODES:-} && $script != eval.sh && $script != bestofn.sh ]]; then  # NODES sizes training jobs
     cmd+=(--nodes="$NODES")
   fi
   cmd+=("$@" "$REPO_DIR/slurm/$script")

@@ -149,6 +149,14 @@ def test_cli_end_to_end_writes_json_and_png(math_cot_100, tmp_path):
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cli_k_defaults_to_the_candidates_count(math_cot_100, tmp_path, capsys):
+    """bestofn.sh on CANDIDATES made elsewhere passes no --k: the table still goes up to the n sampled (it
+    stopped at k=1)."""
+    assert main(["--input", str(math_cot_100), "--seeds", "20", "--table"]) == 0
+    out, err = capsys.readouterr()
+    assert "| 8 | 94.00 | 93.00 | 96.00 |" in out and "k up to 8, the fewest candidates of a record" in err
+
+
 def test_cli_reports_bad_input_with_location(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"score": [True, "yes"]}) + "\n")

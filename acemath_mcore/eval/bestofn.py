@@ -303,7 +303,8 @@ def save_plot(metrics: dict[str, float], ks: Sequence[int], path: str | Path, ti
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="rm@k / maj@k / pass@k from scored best-of-n samples.")
     parser.add_argument("--input", type=Path, help="JSON lines with score, pred_score, pred (or code + gt)")
-    parser.add_argument("--k", type=int, help="largest k; results for 1, 2, 4, ..., k")
+    parser.add_argument("--k", type=int,
+                        help="largest k; results for 1, 2, 4, ..., k (default: the fewest candidates of any record)")
     parser.add_argument("--summarize", type=Path, metavar="DIR",
                         help="instead: tabulate the <benchmark>.bestofn.json files (--json) of --benchmarks in DIR "
                              "into DIR/bestofn.md and bestofn.json")
@@ -369,8 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.summarize:
         return _summarize(args)
-    if args.input is None or args.k is None:
-        print("error: --input and --k are required (or --summarize DIR --benchmarks ...)", file=sys.stderr)
+    if args.input is None:
+        print("error: --input is required (or --summarize DIR --benchmarks ...)", file=sys.stderr)
         return 2
 
     def progress(message: str) -> None:
@@ -379,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         progress(f"reading {args.input}")
         records = read_records(args.input, args.regrade, args.group_by_equivalence, args.benchmark, progress)
-        progress(f"{len(records)} records, n = {min(r.n for r in records)}..{max(r.n for r in records)} candidates")
+        fewest = min(r.n for r in records)
+        progress(f"{len(records)} records, n = {fewest}..{max(r.n for r in records)} candidates")
+        if args.k is None:
+            args.k = fewest
+            progress(f"k up to {fewest}, the fewest candidates of a record (--k sets it)")
         metrics = evaluate(records, args.k, args.seeds, progress)
     except (OSError, RecordError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -166,6 +166,26 @@ def test_a_72b_recipe_gets_the_72b_node_count_without_size(tmp_path):
     assert "RECIPE=qwen25_math_72b_sft_stage1 is a 72b recipe, but SIZE=7b" in clash.stderr
 
 
+def test_data_paths_keep_inner_spaces_and_nodes_size_only_training_jobs(tmp_path):
+    """DATA's spaces around commas go, those inside a path stay (all were deleted); NODES reaches the training
+    jobs, not every task of the eval and best-of-n arrays."""
+    import os
+
+    spaced = tmp_path / "my data"
+    script = f'source "{SLURM}/common.sh"; acemath_stage_config sft_stage1; printf "%s\\n" "${{ACEMATH_ARGS[@]}}"'
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "REPO_DIR": str(REPO), "DATA": f" {spaced}/s1 , {tmp_path}/s2"})
+    assert done.returncode == 0, done.stderr
+    assert f"data.prefixes=[{spaced}/s1,{tmp_path}/s2]" in done.stdout.splitlines()
+    done = _submit_dry_run(tmp_path, "sft_stage1", NODES="4")
+    assert done.returncode == 0 and "--nodes=4" in done.stderr, done.stderr
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "metadata.json").write_text("{}")
+    done = _submit_dry_run(tmp_path, "eval", NODES="4", CKPT=str(tmp_path / "ckpt"))
+    assert done.returncode == 0, done.stderr
+    assert "--nodes" not in done.stderr and "slurm/eval.sh" in done.stderr
+
+
 @pytest.mark.parametrize("stages, first_init", [("sft_stage1 sft_stage2", "base"), ("sft_stage2 math_sft", "sft_stage1"),
                                                 ("math_sft rm eval", "sft_stage2"), ("rm", "math_sft"),
                                                 (" rm", "math_sft")])
@@ -312,13 +332,15 @@ def _bestofn_config(**env) -> subprocess.CompletedProcess:
 def test_best_of_n_scores_the_candidates_the_eval_variables_name():
     """The sampled eval run's variables find its candidates; results go beside them, one folder per RM checkpoint;
     the scorer gets the RM's size's TP, and the prompt format the RM records unless told otherwise."""
+    import os
+
     sampled = {"CKPT": "/ckpt/qwen2.5-math-7b-math_sft", "NUM_SAMPLES": "8", "TEMPERATURE": "0.7", "TOP_P": "0.95"}
     done = _bestofn_config(**sampled, RM_SIZE="72b", RM_CKPT="/ckpt/rm72/iter_0000400")
     assert done.returncode == 0, done.stderr
     candidates, output, *arguments = done.stdout.split("\n")[:-1]
     assert candidates == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
     assert output == f"{candidates}/rm-rm72-iter_0000400"
-    tokenizer = str((REPO.parent / "shared" / "tokenizers" / "qwen2").resolve())  # ../shared may be a link
+    tokenizer = os.path.normpath(REPO.parent / "shared" / "tokenizers" / "qwen2")  # a link stays a link
     assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", tokenizer,
                          "--tensor-parallel", "8", "--bf16", "--no-progress"]
     done = _bestofn_config(**sampled, CANDIDATES="/mine", RM_SYSTEM_PROMPT="none", RM_TEMPLATE="plain")
