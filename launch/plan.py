@@ -29,13 +29,14 @@ GIB = planner.GIB
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a preset name, e.g. qwen2.5-72b")
-    parser.add_argument("--gpus", type=int, help="GPU count; omitted: the smallest of 1, 2, 4, ... nodes that fits")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus", type=_at_least_one,
+                        help="GPU count; omitted: the smallest of 1, 2, 4, ... nodes that fits")
+    parser.add_argument("--gpus-per-node", type=_at_least_one, default=8)
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(planner.GPU_TYPES)} (or h100, h200, a100)")
-    parser.add_argument("--seq-length", type=int, default=4096)
-    parser.add_argument("--global-batch", type=int, required=True,
+    parser.add_argument("--seq-length", type=_at_least_one, default=4096)
+    parser.add_argument("--global-batch", type=_at_least_one, required=True,
                         help="samples per step: packed rows (sft) or problems of --responses rows (rm)")
-    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--micro-batch", type=_at_least_one, default=1)
     parser.add_argument("--recompute", default="auto", choices=("auto", *planner.RECOMPUTE_MODES),
                         help="activation recompute to consider; auto: none and full")
     parser.add_argument("--context-parallel", default="1",
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--task", default="sft", choices=("sft", "rm"))
     parser.add_argument("--cross-entropy", default="triton", choices=planner.LM_CROSS_ENTROPY_KERNELS,
                         help="the loss kernel the run uses (model_options.cross_entropy; auto means triton on CUDA)")
-    parser.add_argument("--responses", type=int, default=6, help="rm: rows per problem")
+    parser.add_argument("--responses", type=_at_least_one, default=6, help="rm: rows per problem")
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters and activations instead of bf16")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
     parser.add_argument("--mfu", type=float, default=0.5, help="assumed fraction of the bf16 peak")
@@ -59,6 +60,16 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _model_parallel(text: str):
     try:
         tp, pp, vpp = (int(part) for part in text.split(","))
@@ -70,7 +81,7 @@ def _model_parallel(text: str):
 def build_request(args) -> planner.PlanRequest:
     recompute = ("none", "full") if args.recompute == "auto" else (args.recompute,)
     return planner.request_for(
-        args.model, gpus=args.gpus or args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+        args.model, gpus=args.gpus_per_node if args.gpus is None else args.gpus, gpus_per_node=args.gpus_per_node,
         gpu=planner.get_gpu_type(args.gpu), seq_length=args.seq_length, global_batch=args.global_batch,
         micro_batch=args.micro_batch, task=args.task, cross_entropy=args.cross_entropy, responses=args.responses,
         bf16=not args.fp32,

@@ -260,6 +260,10 @@ def test_cli_table_json_and_failure(capsys, tmp_path):
     assert captured.out == "" and "needs" in captured.err
     assert main(["--model", "qwen2.5-math-7b", "--global-batch", "128", "--format", "nodes"]) == 0
     assert capsys.readouterr().out == "1\n"
+    for flag in ("--gpus", "--micro-batch", "--seq-length"):  # 0 GPUs was planned as 8, the others divided by 0
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", "qwen2.5-math-7b", "--global-batch", "128", flag, "0"])
+        assert exit_.value.code == 2 and f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
 
 
 # ---- (d) against a measured peak: training on CPU ----------------------------------------------------------------
