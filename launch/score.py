@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint, arch, tokenizer_path = checkpoint_model_and_tokenizer(args.checkpoint, args.model, args.tokenizer)
     parallel = ParallelConfig(tensor_parallel=args.tensor_parallel, pipeline_parallel=args.pipeline_parallel,
                               sequence_parallel=args.sequence_parallel, timeout_minutes=args.timeout_minutes)
+    arch.check_layout(parallel)
+    if arch.num_layers % parallel.pipeline_parallel:  # megatron's training-style build splits layers evenly
+        raise ValueError(f"--pipeline-parallel {parallel.pipeline_parallel} does not divide the model's "
+                         f"num_layers={arch.num_layers}")
     install_stack_dumps()
     launch = init_distributed(parallel)
     setup_console_logging(launch.rank)

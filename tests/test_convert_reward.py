@@ -129,6 +129,10 @@ def test_score_tool_on_the_imported_model_gives_transformers_scores(imported):
     assert len(scores) == 4
     assert scores == pytest.approx(expected, abs=1e-5)
     assert max(expected) - min(expected) > 0.1  # the responses are told apart, so the comparison means something
+    # A pipeline split megatron's build would refuse on every rank with a bare assertion is refused up front.
+    tool = run_tool("launch/score.py", "--checkpoint", imported / "stories_mc", "--input", candidates,
+                    "--output", imported / "unused.jsonl", "--pipeline-parallel", 2)
+    assert tool.returncode == 2 and "--pipeline-parallel 2 does not divide the model's num_layers=5" in tool.stderr
 
 
 def test_export_gives_back_the_imported_model_bit_for_bit(imported):

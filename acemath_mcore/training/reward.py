@@ -169,13 +169,10 @@ class RewardScorer:
         self.rows_per_call = rows_per_call or 2 * parallel.pipeline_parallel * (parallel.virtual_pipeline_parallel or 1)
 
     def _rows(self, sequences: Sequence[np.ndarray], indices: Sequence[int]) -> List[List[int]]:
-        """Next-fit packing in input order."""
+        """Next-fit packing in input order (every sequence fits a row: :meth:`score` checked)."""
         rows, current, used = [], [], 0
         for index in indices:
             length = len(sequences[index])
-            if length > self.tokens_per_row:
-                raise ValueError(f"sequence {index} has {length} tokens, more than tokens_per_row "
-                                 f"{self.tokens_per_row}; raise it")
             if used + length > self.tokens_per_row:
                 rows.append(current)
                 current, used = [], 0
@@ -192,6 +189,12 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, sequences: Sequence[np.ndarray], show_progress: bool = True) -> List[float]:
         """One score per sequence, returned on every rank; data-parallel ranks split the sequences."""
+        # Every rank checks all sequences, so all stop together: one stopping alone would leave the others waiting
+        # in the gather below.
+        too_long = next((i for i, sequence in enumerate(sequences) if len(sequence) > self.tokens_per_row), None)
+        if too_long is not None:
+            raise ValueError(f"sequence {too_long} has {len(sequences[too_long])} tokens, more than tokens_per_row "
+                             f"{self.tokens_per_row}; raise it")
         dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         mine = np.array_split(np.arange(len(sequences)), dp_size)[dp_rank].tolist()
         rows = self._rows(sequences, mine)
