@@ -92,9 +92,11 @@ def stories_generations(tmp_path_factory):
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(stories_dir() / "tokenizer.model"))
     prompts = [[tokenizer.bos_id()] + tokenizer.encode(text) for text in TEXTS]
     stop_id = tokenizer.piece_to_id(".")
+    data_parallel = run_workers(_generate_worker, 2, str(checkpoint), prompts, stop_id, 1)
     by_layout = {
         "tp2": run_workers(_generate_worker, 2, str(checkpoint), prompts, stop_id, 2)[0],
-        "dp2": run_workers(_generate_worker, 2, str(checkpoint), prompts, stop_id, 1)[0],
+        "dp2": data_parallel[0],
+        "dp2_rank1_greedy": data_parallel[1]["greedy"],  # the writer alone receives the gathered generations
     }
     return checkpoint, prompts, stop_id, by_layout
 
@@ -119,6 +121,7 @@ def test_kv_cached_batched_greedy_equals_transformers(stories_generations, layou
     expected = _transformers_greedy(prompts, stop_id)
     assert {g.finish_reason for g in expected} == {"stop", "length"}, "the test needs both kinds of endings"
     assert by_layout[layout]["greedy"] == expected
+    assert by_layout["dp2_rank1_greedy"] == []  # only the writer keeps every rank's generations
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])

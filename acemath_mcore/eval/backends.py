@@ -43,7 +43,8 @@ AUTO_BATCH_MEMORY_FRACTION = 0.8
 
 class MegatronBackend:
     """A trainer or converter checkpoint loaded at the current TP size; prompts are split over data-parallel
-    ranks and the results gathered on every rank. Must run inside an initialised parallel state.
+    ranks and the results gathered on the writer (global rank 0; the other ranks get an empty list). Must run
+    inside an initialised parallel state.
 
     ``max_batch_size="auto"``: each batch takes as many rows as fit in ``AUTO_BATCH_MEMORY_FRACTION`` of the
     memory the weights leave on the fullest rank (:class:`~acemath_mcore.eval.generation.DecodeMemory`)."""
@@ -80,8 +81,16 @@ class MegatronBackend:
             progress=lambda done, total: progress(min(len(prompts), done * self.dp_size), len(prompts)))
         if self.dp_size == 1:
             return generations
-        gathered: list = [None] * self.dp_size
-        torch.distributed.all_gather_object(gathered, (mine, generations), group=self._dp_group)
+        # Only the writer (global rank 0) needs the results: its data-parallel group gathers them there, and the
+        # other groups (other TP ranks) keep theirs. Gathering to every rank cost each one all the responses as
+        # Python objects (~1 GB for 40,000 responses of 700 tokens).
+        writer = torch.distributed.get_global_rank(self._dp_group, 0)
+        if writer != 0:
+            return []
+        gathered: list = [None] * self.dp_size if self.is_writer else None
+        torch.distributed.gather_object((mine, generations), gathered, dst=writer, group=self._dp_group)
+        if not self.is_writer:
+            return []
         results: List[Optional[Generation]] = [None] * len(prompts)
         for indices, rank_generations in gathered:
             for index, generation in zip(indices, rank_generations):

@@ -70,7 +70,7 @@ class Shard:
 
 class GenerationBackend(Protocol):
     """Something that continues token-id prompts; every process of a distributed backend calls ``generate`` with
-    the same arguments and gets the full result list back."""
+    the same arguments, and the writer gets the full result list back (the other processes may get less)."""
 
     max_sequence_length: int
     is_writer: bool  # the one process that grades and writes files
