@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -369,6 +370,42 @@ def test_preemption_by_sigterm_to_every_process_with_loader_workers(trainer_resu
     queue_process = [name for name in signalled if name.startswith("SyncManager")]  # started at the first save
     assert len(signalled) == len(queue_process) + 2, signalled  # and rank 0's two loader workers
     assert queue_process and left == queue_process  # survived the signal; the workers were shut down
+
+
+QUEUE_PROCESS_SCRIPT = """
+import multiprocessing, os, signal, sys, time
+import numpy  # noqa: F401  # as launch/train_*.py: the spawned manager imports this file, OpenBLAS starts threads
+from acemath_mcore.training.checkpointing import _writer_queue_deaf_to_stop_signals
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+if __name__ == "__main__":
+    _writer_queue_deaf_to_stop_signals()
+    manager = next(child for child in multiprocessing.active_children() if child.name.startswith("SyncManager"))
+    time.sleep(1.0)  # its imports are done and their threads started
+    tasks = os.listdir(f"/proc/{manager.pid}/task")
+    masks = [int(next(line for line in open(f"/proc/{manager.pid}/task/{task}/status")
+                      if line.startswith("SigBlk")).split()[1], 16) for task in tasks]
+    stop_bits = sum(1 << (number - 1) for number in (signal.SIGTERM, signal.SIGUSR1))
+    os.kill(manager.pid, signal.SIGTERM)
+    os.kill(manager.pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    filesystem_async._results_queue.put("served")
+    print(len(tasks), all(mask & stop_bits == stop_bits for mask in masks), manager.is_alive(),
+          filesystem_async._results_queue.get())
+"""
+
+
+def test_checkpoint_queue_process_survives_stop_signals_with_threads_of_its_own(tmp_path):
+    """On the cluster (OMP_NUM_THREADS=8) the manager's import of the launch script starts OpenBLAS threads
+    before a mask set in its main thread could cover them, and a SIGTERM to every process of the step killed it:
+    the preemption checkpoint failed and the job exited 143, not 75. Every thread of it must block the signals."""
+    script = tmp_path / "launch_like.py"
+    script.write_text(QUEUE_PROCESS_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "4"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads, all_blocked, alive, served = done.stdout.split()
+    assert int(threads) > 1 and (all_blocked, alive, served) == ("True", "True", "served")
 
 
 def test_background_saves_let_training_go_on_and_hold_their_own_step(trainer_results):

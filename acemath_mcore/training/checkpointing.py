@@ -275,12 +275,22 @@ def _writer_queue_deaf_to_stop_signals() -> None:
     """megatron's checkpoint writers report through a queue served by a spawned multiprocessing manager, started
     at the first save and kept for the job. Slurm signals every process of the step (runtime.STOP_SIGNALS): that
     manager, with default signal handling, died of the signal and the checkpoint the signal asked for failed
-    (BrokenPipeError). Created here instead, the manager blocks those signals."""
+    (BrokenPipeError). Created here instead, the manager starts with those signals blocked: the mask is set in
+    this thread around the start, so the child inherits it from its first instruction, before its imports start
+    threads (OpenBLAS's, with OMP_NUM_THREADS > 1) that a mask set later in its main thread would not cover."""
+    from multiprocessing import resource_tracker
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", False) is None:  # megatron 0.16 - 0.19 keep it there
+        # The tracker's first start unblocks SIGINT and SIGTERM in this thread: let it start before the mask is set.
+        resource_tracker.ensure_running()
         manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK, STOP_SIGNALS))
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            manager.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # a signal that came meanwhile is delivered now
         filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager running
 
 
