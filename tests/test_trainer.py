@@ -810,6 +810,41 @@ def test_retention_keeps_the_new_checkpoint_and_leaves_an_earlier_runs_later_one
     assert "iter_0000004, iter_0000006" in caplog.text and "left in place" in caplog.text
 
 
+def _publish_over_a_published_step(rank, world_size, save_dir):
+    """Publish a new step-4 save where an earlier run (resume=false) left its own step 4, named by 'latest'.
+    Returns each directory deleted and what 'latest' named at that moment, then the final state."""
+    from acemath_mcore.runtime import ParallelConfig, init_distributed
+    from acemath_mcore.training import checkpointing
+    from acemath_mcore.training.checkpoint_dirs import find_latest
+
+    init_distributed(ParallelConfig())
+    save_dir = Path(save_dir)
+    for name, content in (("iter_0000004", "old"), ("iter_0000004.partial", "new")):
+        (save_dir / name).mkdir()
+        (save_dir / name / "metadata.json").write_text(content)
+    (save_dir / "latest").write_text("iter_0000004\n")
+    deletions, rmtree = [], shutil.rmtree
+
+    def recording_rmtree(path, *args, **kwargs):
+        deletions.append((Path(path).name, (save_dir / "latest").read_text().strip()))
+        rmtree(path, *args, **kwargs)
+
+    checkpointing.shutil.rmtree = recording_rmtree
+    save = checkpointing._Save(save_dir, 4, {}, "dp_reshardable", False, keep_last=2, request=None, started=0.0)
+    save.publish()
+    latest = find_latest(save_dir)
+    return deletions, latest.name, (latest / "metadata.json").read_text(), sorted(p.name for p in save_dir.iterdir())
+
+
+def test_a_step_published_again_never_deletes_what_latest_names(tmp_path):
+    """A run with resume=false in an old save dir reaching a step the old run published: the old directory used to
+    be deleted while 'latest' still named it (a crash during a long delete left the marker naming nothing)."""
+    deletions, latest, content, left = run_workers(_publish_over_a_published_step, 1, str(tmp_path))[0]
+    assert (latest, content) == ("iter_0000004", "new")
+    assert deletions and all(name != named for name, named in deletions), deletions
+    assert left == ["iter_0000004", "latest"]
+
+
 def test_config_errors_before_any_set_up():
     from acemath_mcore.recipes import apply_overrides, get_recipe
     from acemath_mcore.training.trainer import check_batch_arithmetic

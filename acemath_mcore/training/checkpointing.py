@@ -170,8 +170,13 @@ class _Save:
         torch.distributed.barrier()
         if torch.distributed.get_rank() == 0:
             write_optimizer_layout(partial, self.layout, self.optimizer_format, self.distributed_optimizer)
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # this step was published before (a run with resume=false in an old save dir)
+                # Set aside, not deleted: 'latest' may name it until the marker below moves, and deleting a large
+                # checkpoint takes long enough for a crash to leave the marker naming nothing. The name makes it
+                # one of the dead saves _remove_old deletes.
+                aside = final.with_name(final.name + ".replaced" + PARTIAL_SUFFIX)
+                shutil.rmtree(aside, ignore_errors=True)  # one a crash left here before
+                os.replace(final, aside)
             os.replace(partial, final)
             marker_tmp = self.save_dir / (LATEST + ".tmp")
             marker_tmp.write_text(final.name + "\n")
