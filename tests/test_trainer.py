@@ -845,6 +845,24 @@ def test_a_step_published_again_never_deletes_what_latest_names(tmp_path):
     assert left == ["iter_0000004", "latest"]
 
 
+def test_a_run_sets_aside_the_metric_lines_it_redoes(tmp_path):
+    """A failed run's last line (step 7, covering step 7 alone) beside the resumed run's line at 8 (steps 7-8)
+    counted step 7 twice; a run started over (resume=false) kept the old run's later lines."""
+    from acemath_mcore.training.logging import MetricsLogger
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    old_lines = [json.dumps({"step": step, "lm_loss": 1.0}) + "\n" for step in (2, 4, 6, 7)]
+    (run_dir / "metrics.jsonl").write_text("".join(old_lines) + '{"step": 8, "lm_lo')  # torn by the crash
+    MetricsLogger("run", str(tmp_path), {}, total_steps=10, rank=0, start_step=6).log_step(8, {"lm_loss": 0.5})
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+    assert (run_dir / "metrics.superseded.jsonl").read_text() == old_lines[3] + '{"step": 8, "lm_lo\n'
+    MetricsLogger("run", str(tmp_path), {}, total_steps=10, rank=0, start_step=0)  # resume=false: all set aside
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+    assert len((run_dir / "metrics.superseded.jsonl").read_text().splitlines()) == 6
+
+
 def test_config_errors_before_any_set_up():
     from acemath_mcore.recipes import apply_overrides, get_recipe
     from acemath_mcore.training.trainer import check_batch_arithmetic

@@ -1,6 +1,7 @@
 """Training logs: one console line per logged step (summing up the steps since the previous one), ``metrics.jsonl``
-(appended, so it keeps a stage's whole history across resumes; a step re-run after a resume supersedes its earlier
-line), wandb (offline unless told otherwise), and a final JSON summary of this launch."""
+(appended, so it keeps a stage's whole history across resumes; the lines past the step a run starts from, which it
+redoes, move to ``metrics.superseded.jsonl`` when it starts), wandb (offline unless told otherwise), and a final
+JSON summary of this launch."""
 
 from __future__ import annotations
 
@@ -104,6 +105,7 @@ class MetricsLogger:
                 self.progress = tqdm(total=total_steps, initial=start_step, desc=run_name, unit="step",
                                      dynamic_ncols=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._set_aside_lines_after(start_step)
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if wandb_project:
             os.environ.setdefault("WANDB_MODE", wandb_mode)
@@ -114,6 +116,30 @@ class MetricsLogger:
             else:
                 self.wandb = wandb.init(project=wandb_project, name=wandb_run or run_name, config=config,
                                         dir=str(self.run_dir))
+
+    def _set_aside_lines_after(self, step: int) -> None:
+        """Lines of an earlier launch past ``step``, the step this run starts from: a failed run's last line, or
+        a whole run started over (resume=false), would otherwise count steps twice beside this run's lines. A torn
+        last line goes too. They are kept in ``metrics.superseded.jsonl``."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        kept, superseded = [], []
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                keep = json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            (kept if keep else superseded).append(line if line.endswith("\n") else line + "\n")
+        if not superseded:
+            return
+        with open(self.run_dir / "metrics.superseded.jsonl", "a") as stream:
+            stream.writelines(superseded)
+        partial = path.with_name(path.name + ".tmp")
+        partial.write_text("".join(kept))
+        os.replace(partial, path)
+        logger.info("%s: %d line(s) past step %d, which this run redoes, moved to metrics.superseded.jsonl", path,
+                    len(superseded), step)
 
     def log_step(self, step: int, metrics: Dict[str, float]) -> None:
         if self.rank != 0:
