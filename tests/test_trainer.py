@@ -221,6 +221,11 @@ def _trainer_runs(rank, world_size, prefix, root):
                            "left": sorted(child.name for child in multiprocessing.active_children())}
     _default_signal_handlers()
     release_model_parallel()
+    with preempted_after(STEPS, rank):  # the stop comes with the last step
+        finished = train_sft(_config(prefix, f"{root}/last", f"{root}/runs", STEPS))
+    results["stopped_in_the_last_step"] = {key: finished[key] for key in ("exit_code", "steps", "checkpoint")}
+    _default_signal_handlers()
+    release_model_parallel()
     # Background saves every 2 steps, the step-2 one still being written when SIGTERM reaches every process
     # after step 3 (so the writer too). Then the step-2 checkpoint alone is resumed.
     background = _config(prefix, f"{root}/background", f"{root}/runs", STEPS,
@@ -406,6 +411,13 @@ def test_checkpoint_queue_process_survives_stop_signals_with_threads_of_its_own(
     assert done.returncode == 0, done.stderr[-3000:]
     threads, all_blocked, alive, served = done.stdout.split()
     assert int(threads) > 1 and (all_blocked, alive, served) == ("True", "True", "served")
+
+
+def test_a_stop_asked_for_in_the_last_step_ends_the_run_as_finished(trainer_results):
+    """Exit 75 there meant a requeue, a wait for Slurm's requeue hold and a restart that found nothing to do."""
+    finished = trainer_results["stopped_in_the_last_step"]
+    assert (finished["exit_code"], finished["steps"]) == (0, STEPS)
+    assert finished["checkpoint"].endswith(f"iter_{STEPS:07d}")
 
 
 def test_background_saves_let_training_go_on_and_hold_their_own_step(trainer_results):

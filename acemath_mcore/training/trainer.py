@@ -267,7 +267,9 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
             unlogged.add(metrics)
             if checkpoints is not None:
                 checkpoints.publish_finished()
-            preempted = preemption.any_rank_requested()
+            # A stop asked for in the last step is no preemption: the run ends as finished (exit 0, its final
+            # save below) rather than exit 75, a requeue and a restart that only finds the work done.
+            preempted = preemption.any_rank_requested() and step < steps
             interval = config.checkpoint.save_interval
             saving = checkpoints is not None and (
                 preempted or (interval and step % interval == 0 and step < steps))
