@@ -223,7 +223,8 @@ def _trainer_runs(rank, world_size, prefix, root):
     release_model_parallel()
     with preempted_after(STEPS, rank):  # the stop comes with the last step
         finished = train_sft(_config(prefix, f"{root}/last", f"{root}/runs", STEPS))
-    results["stopped_in_the_last_step"] = {key: finished[key] for key in ("exit_code", "steps", "checkpoint")}
+    results["stopped_in_the_last_step"] = {**{key: finished[key] for key in ("exit_code", "steps", "checkpoint")},
+                                           "handlers": [signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)]}
     _default_signal_handlers()
     release_model_parallel()
     # Background saves every 2 steps, the step-2 one still being written when SIGTERM reaches every process
@@ -418,6 +419,7 @@ def test_a_stop_asked_for_in_the_last_step_ends_the_run_as_finished(trainer_resu
     finished = trainer_results["stopped_in_the_last_step"]
     assert (finished["exit_code"], finished["steps"]) == (0, STEPS)
     assert finished["checkpoint"].endswith(f"iter_{STEPS:07d}")
+    assert finished["handlers"] == [signal.SIG_IGN] * 2  # a second stop signal cannot turn the 0 into 143
 
 
 def test_background_saves_let_training_go_on_and_hold_their_own_step(trainer_results):

@@ -296,7 +296,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     finally:
         profiler.close(step)
         loader.close()
-        if exit_code == EXIT_PREEMPTED:
+        if exit_code == EXIT_PREEMPTED or preemption.requested:  # a stop in the last step exits 0, undisturbed too
             preemption.ignore_until_exit()
         else:
             preemption.restore()
