@@ -29,8 +29,8 @@ acemath_init() {
 
 acemath_abspath() {
   case $1 in
-    /*) realpath -m -s -- "$1" ;;  # -s: a symlinked path stays as given (the same path in a container)
-    *) realpath -m -s -- "$ACEMATH_BASE_DIR/$1" ;;
+    /*) realpath -m -- "$1" ;;
+    *) realpath -m -- "$ACEMATH_BASE_DIR/$1" ;;
   esac
 }
 

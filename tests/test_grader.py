@@ -185,14 +185,14 @@ def test_act_style_choice_letters_f_to_k(pred, gold, expected):
     ("6.608", r"6.608 \mathrm{mi} / \mathrm{hr}", True), (r"2450\pi", r"2450\pi \mathrm{N}-\mathrm{m}", True),
     ("5", r"5 \mathrm{m} \cdot \mathrm{s}^{-2}", True), (r"3+4\mathrm{i}", "3+4", False),
     (r"3+4\mathrm{i}", "3+4i", True),
-    ("950, 325", "325,950", True), ("200, 100", "100, 200", True), ("325951", "325,950", False),
-    ("9,999", "10,000", False),
+    (r"2^{3}3^{2}", "72", True), ("2^3 3^2", "72", True), (r"x^{2}3", "3x^2", True), ("x^23", "x^{23}", True),
+    ("100,200", "200,100", False), ("9,999", "10,000", False),
 ])
 def test_exponents_named_values_units_and_grouped_digits(pred, gold, expected):
     """Wrong answers the grader once passed (2^10 read as 2^1 times 0; the names of several variables dropped, so
     swapped values matched; \\mathrm{i} stripped as a unit) and right ones it failed (a rounded gold in scientific
-    notation held to the exact integer; compound units left half in the gold; two 3-digit answers read as one
-    number)."""
+    notation held to the exact integer; compound units left half in the gold). A braced or spaced exponent still
+    ends where it is written (2^{3}3^{2} is 72)."""
     assert is_equal(pred, gold) is expected
 
 

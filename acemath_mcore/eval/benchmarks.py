@@ -106,6 +106,9 @@ _MISLEADING_SOLUTIONS = {
     ("math", r"Let $\boxed{N}$ mean the number of whole number divisors of $N$."):
         "the solution boxes its steps (\\boxed{N} is notation here) and gives the answer, 6, unboxed: the gold read "
         "is the last step's 12",
+    ("college_math", "The cost of a private pilot course is"):
+        "two answers (the cost of each part) written as one number with a thousands separator, 325,950: a "
+        "prediction '325, 950' matches it, '950, 325' does not",
 }
 
 

@@ -247,6 +247,7 @@ def normalize_answer(answer: str) -> str:
     text = _WORD_NUMBERS.get(text.strip().lower(), text)
     # Whitespace carries no meaning except between a command and a following letter (``\pi r``).
     text = re.sub(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])", "\\1\x00", text)
+    text = re.sub(r"\^(\d+)(?=\s)", r"^{\1}", text)  # "2^3 3^2": the space ends the exponent (an unbraced run is one)
     text = re.sub(r"\s+", "", text).replace("\x00", " ")
     if "=" in text:
         text = _strip_variable_names(text)
@@ -255,7 +256,7 @@ def normalize_answer(answer: str) -> str:
     text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
     text = re.sub(r"(\d)\.0+(?!\d)", r"\1", text)
     text = re.sub(r"(^|[^\w.])\.(\d)", r"\g<1>0.\2", text)
-    text = re.sub(r"([_^])\{(\w)\}", r"\1\2", text)
+    text = re.sub(r"([_^])\{(\w)\}(?!\d)", r"\1\2", text)  # 2^{3}3 keeps its braces: 2^33 would be one exponent
     text = re.sub(r"^\(([A-Z])\)$", r"\1", text)
     if text.startswith("{") and text.endswith("}") and matching_brace_end(text, 0) == len(text) - 1:
         if "," not in text and len(text) > 2:
@@ -844,12 +845,7 @@ def _equal_normalized(pred: str, gold: str, deadline: float) -> bool:
         return False
     pred_number, gold_number = _as_number(pred), _as_number(gold)
     if pred_number is not None and gold_number is not None:
-        if _numbers_match(pred_number, gold_number):
-            return True
-        # Groups of three digits may be answers of their own: college_math's "the cost of each" is "325,950", so
-        # "950, 325" names the same two costs. Read both ways, in any order.
-        return ("," in pred or "," in gold) and _match_unordered(split_top_level(pred, ","),
-                                                                 split_top_level(gold, ","), deadline)
+        return _numbers_match(pred_number, gold_number)
     pred_named, gold_named = _named_value(pred), _named_value(gold)
     if pred_named and gold_named:  # an item of a list naming several variables: the same name, an equal value
         return pred_named[0] == gold_named[0] and _equal_normalized(pred_named[1], gold_named[1], deadline)

@@ -232,6 +232,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     checkpoints = _checkpoint_writer(config)
     profiler = StepProfiler(config.profile, launch.rank, launch.world_size,
                             Path(config.logging.output_dir) / config.name)
+    stop_asked = False  # on any rank, as of the last step
     try:
         if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
             logger.warning("preemption requested before the first step: exiting without training")
@@ -269,7 +270,8 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
                 checkpoints.publish_finished()
             # A stop asked for in the last step is no preemption: the run ends as finished (exit 0, its final
             # save below) rather than exit 75, a requeue and a restart that only finds the work done.
-            preempted = preemption.any_rank_requested() and step < steps
+            stop_asked = preemption.any_rank_requested()
+            preempted = stop_asked and step < steps
             interval = config.checkpoint.save_interval
             saving = checkpoints is not None and (
                 preempted or (interval and step % interval == 0 and step < steps))
@@ -296,7 +298,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     finally:
         profiler.close(step)
         loader.close()
-        if exit_code == EXIT_PREEMPTED or preemption.requested:  # a stop in the last step exits 0, undisturbed too
+        if exit_code == EXIT_PREEMPTED or stop_asked:  # after a stop in the last step every rank exits 0 undisturbed
             preemption.ignore_until_exit()
         else:
             preemption.restore()

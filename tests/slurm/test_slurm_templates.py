@@ -332,15 +332,13 @@ def _bestofn_config(**env) -> subprocess.CompletedProcess:
 def test_best_of_n_scores_the_candidates_the_eval_variables_name():
     """The sampled eval run's variables find its candidates; results go beside them, one folder per RM checkpoint;
     the scorer gets the RM's size's TP, and the prompt format the RM records unless told otherwise."""
-    import os
-
     sampled = {"CKPT": "/ckpt/qwen2.5-math-7b-math_sft", "NUM_SAMPLES": "8", "TEMPERATURE": "0.7", "TOP_P": "0.95"}
     done = _bestofn_config(**sampled, RM_SIZE="72b", RM_CKPT="/ckpt/rm72/iter_0000400")
     assert done.returncode == 0, done.stderr
     candidates, output, *arguments = done.stdout.split("\n")[:-1]
     assert candidates == f"{REPO}/eval/qwen2.5-math-7b-math_sft/n8_t0.7_p0.95_len2048"
     assert output == f"{candidates}/rm-rm72-iter_0000400"
-    tokenizer = os.path.normpath(REPO.parent / "shared" / "tokenizers" / "qwen2")  # a link stays a link
+    tokenizer = str((REPO.parent / "shared" / "tokenizers" / "qwen2").resolve())  # ../shared may be a link
     assert arguments == ["--checkpoint", "/ckpt/rm72/iter_0000400", "--tokenizer", tokenizer,
                          "--tensor-parallel", "8", "--bf16", "--no-progress"]
     done = _bestofn_config(**sampled, CANDIDATES="/mine", RM_SYSTEM_PROMPT="none", RM_TEMPLATE="plain")
