@@ -9,7 +9,7 @@ accepted values has one home and ``recipes/checks.py`` reports against the same 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import List, Optional
 
 SPEC_CHOICES = ("auto", "te", "native")
 RECOMPUTE_GRANULARITIES = ("selective", "full")
@@ -83,6 +83,13 @@ class ParallelConfig:
     # How long a collective waits for its peers before NCCL's watchdog aborts the rank (a hang that no crash ends:
     # srun --kill-on-bad-exit ends the step when a rank dies). The 72B checkpoint save must fit in it.
     timeout_minutes: int = 30
+
+    def size_problems(self) -> List[str]:
+        """``name=value: must be at least 1`` for each parallel size below 1 (what dividing by them would hide)."""
+        sizes = (("tensor_parallel", self.tensor_parallel), ("pipeline_parallel", self.pipeline_parallel),
+                 ("virtual_pipeline_parallel", 1 if self.virtual_pipeline_parallel is None else self.virtual_pipeline_parallel),
+                 ("context_parallel", self.context_parallel))
+        return [f"{name}={value}: must be at least 1" for name, value in sizes if value < 1]
 
     def model_parallel_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel * self.context_parallel

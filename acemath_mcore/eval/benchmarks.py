@@ -101,8 +101,9 @@ _REFERENCE_DELETED_GOLD = re.compile(
 )
 
 
-# Golds read correctly from a solution that itself misleads, found by reading; keyed by the question's opening.
-_MISLEADING_SOLUTIONS = {
+# Golds that cannot be graded as meant although they were read as written (found by reading the problems), keyed
+# by benchmark and the question's opening.
+_KNOWN_GOLD_ISSUES = {
     ("math", r"Let $\boxed{N}$ mean the number of whole number divisors of $N$."):
         "the solution boxes its steps (\\boxed{N} is notation here) and gives the answer, 6, unboxed: the gold read "
         "is the last step's 12",
@@ -156,7 +157,7 @@ def load_benchmark(name: str, data_dir: str | Path) -> tuple[list[Problem], list
             )
             problems.append(problem)
             reason = gold_issue(problem.gold) or next(
-                (why for (benchmark, opening), why in _MISLEADING_SOLUTIONS.items()
+                (why for (benchmark, opening), why in _KNOWN_GOLD_ISSUES.items()
                  if benchmark == name and problem.question.startswith(opening)), None)
             if reason:
                 issues.append(GoldIssue(name, problem.idx, line_number, problem.gold, reason))

@@ -382,14 +382,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         records = read_records(args.input, args.regrade, args.group_by_equivalence, args.benchmark, progress)
         fewest = min(r.n for r in records)
         progress(f"{len(records)} records, n = {fewest}..{max(r.n for r in records)} candidates")
+        k = fewest if args.k is None else args.k
         if args.k is None:
-            args.k = fewest
             progress(f"k up to {fewest}, the fewest candidates of a record (--k sets it)")
-        metrics = evaluate(records, args.k, args.seeds, progress)
+        metrics = evaluate(records, k, args.seeds, progress)
     except (OSError, RecordError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    ks = k_ladder(args.k)
+    ks = k_ladder(k)
     if args.table:
         print(format_table(metrics, ks))
     else:

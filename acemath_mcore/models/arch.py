@@ -51,10 +51,9 @@ class ModelArch:
     def check_layout(self, parallel: ParallelConfig) -> None:
         """What the converters check before starting any process: the layout can hold this model (numbers named)."""
         pp, vpp = parallel.pipeline_parallel, parallel.virtual_pipeline_parallel
-        for name, size in (("tensor_parallel", parallel.tensor_parallel), ("pipeline_parallel", pp),
-                           ("virtual_pipeline_parallel", 1 if vpp is None else vpp)):
-            if size < 1:  # PP 0 once ran no process and reported an empty checkpoint as written
-                raise ValueError(f"{name}={size}: must be at least 1")
+        too_small = parallel.size_problems()
+        if too_small:  # PP 0 once ran no process and reported an empty checkpoint as written
+            raise ValueError(too_small[0])
         self.check_tensor_parallel(parallel.tensor_parallel)
         if self.num_layers < pp:
             raise ValueError(f"pipeline_parallel={pp} exceeds num_layers={self.num_layers}")

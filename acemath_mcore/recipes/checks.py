@@ -177,10 +177,7 @@ def _shown(value) -> str:
 
 def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
     parallel = config.parallel
-    sizes = (("tensor_parallel", parallel.tensor_parallel), ("pipeline_parallel", parallel.pipeline_parallel),
-             ("virtual_pipeline_parallel", parallel.virtual_pipeline_parallel or 1),
-             ("context_parallel", parallel.context_parallel))
-    problems = [f"parallel.{key}={value}: must be at least 1" for key, value in sizes if value < 1]
+    problems = [f"parallel.{problem}" for problem in parallel.size_problems()]
     if problems:
         return problems  # the checks below divide by them
     try:
