@@ -44,16 +44,18 @@ def problem_group(rng: random.Random):
     return f"{a} + {b}", responses, labels
 
 
-def _train_and_score(rank, world_size, tmp, prefix, held_out):
+def _train_and_score(rank, world_size, tmp, prefix, held_out, bad_inputs):
     import torch
     from safetensors.torch import load_file
 
     from acemath_mcore.models import ModelOptions, family_for_hf_config
     from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.tokenizers import load_tokenizer
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training import checkpointing
     from acemath_mcore.training.engine import Engine, OptimConfig
-    from acemath_mcore.training.reward import train_reward_model
+    from acemath_mcore.training.reward import RewardScorer, score_jsonl, train_reward_model
 
     hf_config = json.loads((STORIES / "config.json").read_text())
     family = family_for_hf_config(hf_config)
@@ -72,6 +74,19 @@ def _train_and_score(rank, world_size, tmp, prefix, held_out):
     ])
     summary = train_reward_model(config, arch=arch)
 
+    # The trainer's process group, still up: launch/score.py below reuses it, then tears it down.
+    scorer = RewardScorer(arch, f"{tmp}/rm", ParallelConfig(), ModelOptions(spec="native"), tokens_per_row=512)
+    tokenizer = load_tokenizer(TOKENIZER)
+    encoder = ConversationEncoder(tokenizer, build_template("plain", tokenizer))
+    errors = {}
+    for name, path in bad_inputs.items():  # the fault sits in rank 1's share of the records
+        try:
+            score_jsonl(path, f"{tmp}/{name}.scored.jsonl", scorer, encoder, show_progress=False)
+            errors[name] = None
+        except ValueError as error:
+            errors[name] = str(error)
+    del scorer
+
     spec = importlib.util.spec_from_file_location("score_cli", REPO / "launch" / "score.py")
     score_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(score_cli)
@@ -80,7 +95,7 @@ def _train_and_score(rank, world_size, tmp, prefix, held_out):
     score_cli.main(["--checkpoint", f"{tmp}/rm", "--tokenizer", TOKENIZER,
                     "--input", held_out, "--output", f"{tmp}/scored.jsonl",
                     "--tokens-per-row", "512"])
-    return summary, torch.distributed.is_initialized()
+    return summary, torch.distributed.is_initialized(), errors
 
 
 @pytest.fixture(scope="module")
@@ -101,17 +116,34 @@ def trained(tmp_path_factory):
     assert stats["groups"] == TRAIN_PROBLEMS
     preprocess_rm(RMPreprocessConfig(inputs=[str(tmp / "held_out.jsonl")], output_prefix=str(tmp / "rm_valid"),
                                      tokenizer=TOKENIZER, template="plain"))
-    summaries = run_workers(_train_and_score, 2, str(tmp), str(tmp / "rm"), str(tmp / "held_out.jsonl"))
+    lines = (tmp / "held_out.jsonl").read_text().splitlines()
+    bad_inputs = {"bad_record": tmp / "bad_record.jsonl", "too_long": tmp / "too_long.jsonl"}
+    bad_inputs["bad_record"].write_text("\n".join(lines[:-1] + ['{"question": "1 + 1"}']) + "\n")
+    bad_inputs["too_long"].write_text("\n".join(lines[:-1] + [json.dumps({"question": "1 + 1", "code": [" 2" * 600]})])
+                                      + "\n")
+    summaries = run_workers(_train_and_score, 2, str(tmp), str(tmp / "rm"), str(tmp / "held_out.jsonl"),
+                            {name: str(path) for name, path in bad_inputs.items()})
     scored = [json.loads(line) for line in (tmp / "scored.jsonl").read_text().splitlines()]
     return summaries, scored
 
 
 def test_training_runs_and_lowers_the_loss(trained):
     summaries, _ = trained
-    summary, still_initialised = summaries[0]
+    summary, still_initialised, _ = summaries[0]
     assert summary["exit_code"] == 0 and summary["steps"] == TRAIN_STEPS
     assert summary["final_loss"] < 0.5 < summary["first_loss"]
     assert not still_initialised  # launch/score.py tears the process group down
+
+
+def test_a_fault_in_one_ranks_share_of_the_records_stops_every_rank_by_its_line(trained):
+    """Each data-parallel rank reads and tokenizes only its share of the input; a bad record or an over-long
+    response in rank 1's share must still stop rank 0 too (else it waits in a collective), naming the line."""
+    summaries, _ = trained
+    for _, _, errors in summaries:
+        assert errors["bad_record"].endswith("bad_record.jsonl:200: unrecognized_schema: expected a 'question' (or "
+                                             "'prompt') string and a non-empty 'code' (or 'responses') list")
+        assert "too_long.jsonl:200 response 0 has " in errors["too_long"]
+        assert errors["too_long"].endswith("tokens, more than tokens_per_row 512; raise it")
 
 
 def test_held_out_pairwise_accuracy_at_least_90_percent(trained):

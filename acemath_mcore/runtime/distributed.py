@@ -188,6 +188,24 @@ def _process_groups_in(values: Iterable) -> Iterator["torch.distributed.ProcessG
                 yield item
 
 
+def raise_on_every_rank(error: Optional[Exception]) -> None:
+    """Raise the lowest rank's error on every rank (collective): a rank that stopped alone would leave the others
+    waiting for it in the next collective until the timeout."""
+    errors: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, error)
+    first = next((found for found in errors if found is not None), None)
+    if first is not None:
+        raise first
+
+
+def data_parallel_share(count: int) -> range:
+    """This data-parallel rank's contiguous part of ``count`` items (sizes differ by at most one, in rank order)."""
+    from megatron.core import parallel_state
+
+    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    return range(count * rank // size, count * (rank + 1) // size)
+
+
 def destroy_distributed() -> None:
     if torch.distributed.is_initialized():
         release_model_parallel()

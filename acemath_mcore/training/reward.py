@@ -9,12 +9,13 @@ dataset: problem groups with padded rows, bins of whole groups with packed rows.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from acemath_mcore.progress import ProgressLog
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
-from acemath_mcore.runtime.distributed import ParallelConfig, launch_rank
+from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_share, launch_rank,
+                                               raise_on_every_rank)
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.logging import log_on_rank_0
@@ -168,11 +170,11 @@ class RewardScorer:
         self.tokens_per_row = tokens_per_row
         self.rows_per_call = rows_per_call or 2 * parallel.pipeline_parallel * (parallel.virtual_pipeline_parallel or 1)
 
-    def _rows(self, sequences: Sequence[np.ndarray], indices: Sequence[int]) -> List[List[int]]:
-        """Next-fit packing in input order (every sequence fits a row: :meth:`score` checked)."""
+    def _rows(self, sequences: Sequence[np.ndarray]) -> List[List[int]]:
+        """Next-fit packing in input order (every sequence fits a row: :meth:`score_share` checked)."""
         rows, current, used = [], [], 0
-        for index in indices:
-            length = len(sequences[index])
+        for index, sequence in enumerate(sequences):
+            length = len(sequence)
             if used + length > self.tokens_per_row:
                 rows.append(current)
                 current, used = [], 0
@@ -189,15 +191,29 @@ class RewardScorer:
     @torch.no_grad()
     def score(self, sequences: Sequence[np.ndarray], show_progress: bool = True) -> List[float]:
         """One score per sequence, returned on every rank; data-parallel ranks split the sequences."""
-        # Every rank checks all sequences, so all stop together: one stopping alone would leave the others waiting
-        # in the gather below.
-        too_long = next((i for i, sequence in enumerate(sequences) if len(sequence) > self.tokens_per_row), None)
-        if too_long is not None:
-            raise ValueError(f"sequence {too_long} has {len(sequences[too_long])} tokens, more than tokens_per_row "
-                             f"{self.tokens_per_row}; raise it")
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        mine = np.array_split(np.arange(len(sequences)), dp_size)[dp_rank].tolist()
-        rows = self._rows(sequences, mine)
+        share = data_parallel_share(len(sequences))
+        scores = self.score_share([sequences[i] for i in share], [f"sequence {i}" for i in share], show_progress)
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, None if scores is None else (share.start, scores))
+        return [score for _, part in sorted(part for part in parts if part is not None) for score in part]
+
+    @property
+    def holds_scores(self) -> bool:
+        """Whether this rank returns its data-parallel share's scores (one rank per model replica does)."""
+        return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0)
+
+    @torch.no_grad()
+    def score_share(self, sequences: Sequence[np.ndarray], names: Optional[Sequence[str]] = None,
+                    show_progress: bool = True) -> Optional[List[float]]:
+        """Scores of this data-parallel rank's ``sequences`` (every rank of its model replica passes the same ones),
+        on the rank that :attr:`holds_scores`, None on the others. ``names`` name the sequences in errors."""
+        too_long = next((index for index, sequence in enumerate(sequences) if len(sequence) > self.tokens_per_row),
+                        None)
+        raise_on_every_rank(None if too_long is None else ValueError(
+            f"{names[too_long] if names else f'sequence {too_long}'} has {len(sequences[too_long])} tokens, more "
+            f"than tokens_per_row {self.tokens_per_row}; raise it"))
+        rows = self._rows(sequences)
         rows += [[] for _ in range(-len(rows) % self.rows_per_call)]  # whole calls (interleaved schedules need them)
         task = ScoringTask()
         progress = ProgressLog("reward model (rank 0's share)", "scored", "responses",
@@ -212,17 +228,14 @@ class RewardScorer:
                 scored_rows.append(row)
                 row_scores.append(report["scores"][:len(row)])
             done += sum(len(row) for row in call)
-            progress(done, len(mine))
+            progress(done, len(sequences))
+        if not self.holds_scores:
+            return None
         # Read back once, at the end: a read per call would make the host wait for the GPU before building the
         # next rows, leaving the GPU idle meanwhile.
         flat = torch.cat(row_scores).tolist() if row_scores else []
-        results: Dict[int, float] = dict(zip((index for row in scored_rows for index in row), flat))
-        keep = (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-                and parallel_state.get_tensor_model_parallel_rank() == 0)
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, results if keep else {})
-        merged = {index: score for part in gathered for index, score in part.items()}
-        return [merged[index] for index in range(len(sequences))]
+        by_index = dict(zip((index for row in scored_rows for index in row), flat))
+        return [by_index[index] for index in range(len(sequences))]
 
 
 def candidate_group(record: dict, where: str) -> RMGroup:
@@ -242,25 +255,48 @@ def candidate_group(record: dict, where: str) -> RMGroup:
     return RMGroup(where, messages, list(responses), [0] * len(responses))
 
 
+def _nonblank_lines(path: Path, first: int = 0, stop: Optional[int] = None) -> Iterator[Tuple[str, bytes]]:
+    """``(file:line, raw)`` of the nonblank lines ``first`` to ``stop`` (counting nonblank lines only)."""
+    with path.open("rb") as handle:
+        nonblank = ((f"{path}:{number}", raw) for number, raw in enumerate(handle, start=1) if raw.strip())
+        yield from itertools.islice(nonblank, first, stop)
+
+
 def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardScorer, encoder: ConversationEncoder,
-                field: str = "pred_score", show_progress: bool = True) -> List[List[float]]:
+                field: str = "pred_score", show_progress: bool = True) -> None:
     """Write every input record with ``field`` set to its responses' reward scores (one float each, in response
-    order; an existing field of that name is replaced). Returns the scores; rank 0 writes the file."""
-    with Path(input_path).open("rb") as handle:
-        located = [(f"{input_path}:{number}", raw) for number, raw in enumerate(handle, start=1) if raw.strip()]
-    records = [parse_json_line(raw, where) for where, raw in located]
-    groups = [candidate_group(record, where) for record, (where, _) in zip(records, located)]
+    order; an existing field of that name is replaced). Each data-parallel rank reads, renders and tokenizes only
+    its share of the records (tokens of a million candidates would not fit every rank's host memory); rank 0
+    writes the file."""
+    input_path = Path(input_path)
+    with input_path.open("rb") as handle:
+        records = sum(1 for raw in handle if raw.strip())
+    share = data_parallel_share(records)
+    groups, error = [], None
+    try:
+        groups = [candidate_group(parse_json_line(raw, where), where)
+                  for where, raw in _nonblank_lines(input_path, share.start, share.stop)]
+    except DataError as bad_record:
+        error = bad_record
+    raise_on_every_rank(error)
     sequences = [sequence for group in groups for sequence in encode_rm_group(encoder, group)]
-    flat = scorer.score(sequences, show_progress=show_progress)
+    names = [f"{group.where} response {index}" for group in groups for index in range(len(group.responses))]
+    logger.info("scoring %d records over %d data-parallel ranks (%d responses on rank 0)", records,
+                parallel_state.get_data_parallel_world_size(), len(sequences))
+    flat = scorer.score_share(sequences, names, show_progress=show_progress)
     bounds = np.cumsum([0] + [len(group.responses) for group in groups])
-    scores = [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])]
-    if torch.distributed.get_rank() == 0:
-        output_path = Path(output_path)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        partial = output_path.with_name(output_path.name + ".partial")
-        with partial.open("w", encoding="utf-8") as handle:
-            for record, record_scores in zip(records, scores):
-                handle.write(json.dumps({**record, field: record_scores}, ensure_ascii=False) + "\n")
-        os.replace(partial, output_path)
-        logger.info("wrote %d records (%d responses) with '%s' to %s", len(records), len(flat), field, output_path)
-    return scores
+    mine = None if flat is None else (share.start, [flat[start:stop] for start, stop in zip(bounds[:-1], bounds[1:])])
+    parts = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+    torch.distributed.gather_object(mine, parts, dst=0)
+    if torch.distributed.get_rank() != 0:
+        return
+    scores = [record_scores for _, part in sorted(part for part in parts if part is not None) for record_scores in part]
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_path.with_name(output_path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as handle:
+        for (where, raw), record_scores in zip(_nonblank_lines(input_path), scores, strict=True):
+            handle.write(json.dumps({**parse_json_line(raw, where), field: record_scores}, ensure_ascii=False) + "\n")
+    os.replace(partial, output_path)
+    logger.info("wrote %d records (%d responses) with '%s' to %s", records, sum(map(len, scores)), field,
+                output_path)
