@@ -13,6 +13,8 @@ same pipeline, so it need not exist yet. Exit status: 0 all good, 2 a check fail
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import sys
 import warnings
@@ -136,6 +138,22 @@ def main(argv=None) -> int:
             package_logger.setLevel(level)
 
 
+def planned_global_batch(config) -> int:
+    """Rows per step for the planner: ``global_batch_size``, or for a batch sized in conversations an estimate
+    from the data's preprocessing stats (mean conversation length, rows nearly full) rounded to a power of two, as
+    the trainer's exact count is rounded to the chosen layout's micro-batches. Without stats, one per row."""
+    if config.global_batch_size is not None:
+        return config.global_batch_size
+    samples = tokens = 0
+    for prefix in config.data.prefixes:
+        stats = Path(prefix + "_stats.json")
+        if stats.is_file():
+            recorded = json.loads(stats.read_text())
+            samples, tokens = samples + recorded.get("samples", 0), tokens + recorded.get("tokens", 0)
+    per_row = config.data.seq_length * samples / tokens if config.data.packed and tokens else 1.0
+    return 1 << max(0, round(math.log2(config.rows_per_step(max(per_row, 1.0)))))
+
+
 def _check(planner, stages) -> int:
     all_errors = []
     for stage in stages:
@@ -147,7 +165,7 @@ def _check(planner, stages) -> int:
             keep = "" if bound is None else (
                 f" --model-parallel {bound['tensor_parallel']},{bound['pipeline_parallel']},{bound['virtual_pipeline']}")
             print(f"--model {config.model} --task {stage['kind']} --seq-length {config.data.seq_length} "
-                  f"--global-batch {config.global_batch_size} --micro-batch {config.micro_batch_size}{keep}")
+                  f"--global-batch {planned_global_batch(config)} --micro-batch {config.micro_batch_size}{keep}")
     for error in all_errors:
         print(f"preflight: error: {error}", file=sys.stderr)
     return 2 if all_errors else 0

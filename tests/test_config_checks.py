@@ -129,6 +129,24 @@ def test_sizes_below_one_and_a_missing_starting_checkpoint_are_problems_not_trac
     assert config_problems(_tiny([missing]), "sft", read_checkpoint=False) == []  # an earlier job writes it
 
 
+def test_a_step_is_sized_in_rows_or_in_conversations_never_both():
+    from acemath_mcore.recipes.checks import config_problems
+
+    assert config_problems(_tiny(["global_batch_conversations=64"]), "sft") == [
+        "global_batch_size=8, global_batch_conversations=64: set exactly one, a step of that many rows or of about "
+        "that many conversations (add global_batch_conversations=null to use global_batch_size, or the other way "
+        "round)"]
+    assert config_problems(_tiny(["global_batch_size=null"]), "sft") == [
+        "global_batch_size=none, global_batch_conversations=none: set exactly one, a step of that many rows or of "
+        "about that many conversations (add global_batch_conversations=null to use global_batch_size, or the other "
+        "way round)"]
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=0"]), "sft") == [
+        "global_batch_conversations=0: must be at least 1"]
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"]), "sft") == []
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"], "rm"), "rm") == [
+        "global_batch_conversations=64: SFT only; a reward model's step is global_batch_size problems"]
+
+
 def test_trainer_refuses_a_bad_config_before_any_set_up(tmp_path):
     import torch
 

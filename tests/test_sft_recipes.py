@@ -1,6 +1,8 @@
 """The SFT recipes carry the paper's numbers (arXiv 2412.15084, written out here, not read from the recipes) and
 chain their stages: base -> general SFT stage 1 -> stage 2 -> math SFT."""
 
+import logging
+
 import pytest
 
 from acemath_mcore.recipes import RECIPES, get_recipe, recipe_kind
@@ -19,17 +21,71 @@ def test_paper_sft_recipes(prefix, stage):
     assert recipe_kind(f"{prefix}_{stage}") == "sft"
     assert config.model == model
     assert config.optim.lr == PAPER_LR[stage] and config.optim.decay_style == "cosine"
-    assert config.global_batch_size == (256 if "72b" in model else 128)
+    # The paper's batch counts conversations: the trainer sizes the packed rows per step from the data.
+    assert config.global_batch_size is None
+    assert config.global_batch_conversations == (256 if "72b" in model else 128)
     assert (config.data.seq_length, config.epochs) == (4096, 1.0)
     assert config.model_options.bf16
     assert config.checkpoint.save_dir == f"checkpoints/{model}-{stage}"
     assert config.checkpoint.init_from == f"checkpoints/{model}-{STARTS_FROM[stage]}"
-    # One step's rows divide over data-parallel ranks and micro-batches on the recipe's own node count.
+    # On the recipe's own node count, with AceMath-like data (~8.2 conversations per packed row: 492 tokens on
+    # average in 4096), a step's whole micro-batches on every data-parallel rank hold within 20% of that.
     parallel = config.parallel
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     gpus = 32 if "72b" in model else 8
     assert gpus % model_parallel == 0
-    assert config.global_batch_size % (gpus // model_parallel * config.micro_batch_size) == 0
+    unit = gpus // model_parallel * config.micro_batch_size
+    unit *= parallel.pipeline_parallel if parallel.virtual_pipeline_parallel else 1
+    best_rows = min(range(unit, 100 * unit, unit), key=lambda rows: abs(rows * 8.2 - config.global_batch_conversations))
+    assert 0.8 <= best_rows * 8.2 / config.global_batch_conversations <= 1.2
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append((record.levelname, record.getMessage()))
+
+
+@pytest.mark.parametrize("layout, conversations, rows", [
+    # (TP, PP, VPP) on 8 ranks, micro-batch 1; 820 conversations in 100 rows (8.2 per row)
+    ((2, 1, None), 128, 16),  # DP 4: 15.6 rows wanted, 16 hold 131
+    ((1, 2, 2), 96, 8),  # DP 4, interleaved: groups of 4 x PP 2 = 8 rows; 11.7 wanted, 8 (65.6) nearer than 16
+    ((8, 1, None), 2, 1),  # 0.24 rows wanted: at least one
+])
+def test_a_batch_in_conversations_becomes_the_nearest_whole_micro_batches_of_rows(layout, conversations, rows):
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.training.sft import size_batch_in_conversations
+    from acemath_mcore.training.trainer import TrainingData
+
+    tp, pp, vpp = layout
+    config = apply_overrides(get_recipe("tiny_sft"), [
+        "global_batch_size=null", f"global_batch_conversations={conversations}", "micro_batch_size=1",
+        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+        f"parallel.virtual_pipeline_parallel={vpp or 'none'}"])
+    data = TrainingData(num_samples=100, make_loader=None, sequence_lengths=None, documents=820)
+    recorder = _Recorder()
+    logger = logging.getLogger("acemath_mcore")
+    level, logger.level = logger.level, logging.INFO
+    logger.addHandler(recorder)
+    try:
+        size_batch_in_conversations(config, data, world_size=8)
+    finally:
+        logger.removeHandler(recorder)
+        logger.setLevel(level)
+    assert config.global_batch_size == rows
+    held = rows * 8.2
+    assert ("INFO", f"global batch: {rows} rows of 8.20 conversations on average, about {held:.0f} conversations "
+                    f"per step (global_batch_conversations={conversations})") in recorder.lines
+    warnings = [message for levelname, message in recorder.lines if levelname == "WARNING"]
+    assert bool(warnings) == (not 0.8 <= held / conversations <= 1.25)
+    if rows == 8:
+        assert warnings == ["a step holds about 66 conversations, not the 96 asked for: its rows come in multiples "
+                            "of 8 (micro_batch_size x data-parallel size x pipeline_parallel); lower "
+                            "micro_batch_size, use fewer GPUs, or set global_batch_size (and "
+                            "global_batch_conversations=null)"]
 
 
 def test_every_backbone_has_all_three_stages_and_nothing_else_is_sft():

@@ -282,6 +282,15 @@ def _trainer_runs(rank, world_size, prefix, root):
     except ValueError as error:
         results["batch_change_error"] = str(error)
     release_model_parallel()
+    # A step of about 40 conversations (one epoch): the trainer sizes the packed rows per step from the data.
+    in_conversations = _config(prefix, None, f"{root}/runs", 0, extra=["global_batch_size=null",
+                                                                      "global_batch_conversations=40"])
+    data = sft_training_data(in_conversations)
+    summary = train_sft(in_conversations)
+    results["conversation_batch"] = {"documents": data.documents, "rows": data.num_samples,
+                                     "steps": summary["total_steps"], "consumed": summary["consumed_samples"],
+                                     "config_after": in_conversations.global_batch_size}
+    release_model_parallel()
 
     class CorruptedAtStepTwo(SFTTask):
         """``corrupt(loss_sum, report)`` replaces the loss of step 2's micro-batches (calls 3 and 4: two per rank)."""
@@ -810,6 +819,16 @@ def test_resume_reports_the_stage_first_loss_and_refuses_another_batch_size(trai
     assert first == trainer_results["uninterrupted"][1] and final == trainer_results["uninterrupted"][STEPS]
     error = trainer_results["batch_change_error"]
     assert error is not None and "global_batch_size=8, this run has 4" in error
+
+
+def test_a_step_of_about_n_conversations_is_the_nearest_whole_micro_batches_of_packed_rows(trainer_results):
+    run = trainer_results["conversation_batch"]
+    per_row = run["documents"] / run["rows"]
+    assert per_row >= 2  # several conversations per packed row, or the sizing would be trivial
+    unit = 2 * 2  # micro_batch_size x DP
+    batch = min(range(unit, run["rows"] + 1, unit), key=lambda rows: abs(rows * per_row - 40))
+    assert run["steps"] == run["rows"] // batch and run["consumed"] == run["steps"] * batch
+    assert run["config_after"] is None  # the caller's config is left as given
 
 
 def test_retention_keeps_the_new_checkpoint_and_leaves_an_earlier_runs_later_ones(tmp_path, caplog):

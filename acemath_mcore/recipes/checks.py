@@ -58,7 +58,7 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
     """Every problem found, each starting with the config key to change. ``kind``: sft or rm. ``arch``: the
     model when the caller already has it (else resolved from ``config.model``). ``read_checkpoint``: compare
     with the starting checkpoint's recorded architecture and tokenizer (off when an earlier job writes it)."""
-    problems = _option_problems(config, kind) + _batch_problems(config)
+    problems = _option_problems(config, kind) + _batch_problems(config, kind)
     data = config.data
     complete = []
     for key in ("prefixes", "valid_prefixes"):
@@ -132,14 +132,23 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
     return problems
 
 
-def _batch_problems(config: TrainConfig) -> List[str]:
+def _batch_problems(config: TrainConfig, kind: str) -> List[str]:
+    batch, conversations = config.global_batch_size, config.global_batch_conversations
     problems = [f"{key}={value}: must be at least 1" for key, value in (
-        ("global_batch_size", config.global_batch_size), ("micro_batch_size", config.micro_batch_size),
-        ("data.seq_length", config.data.seq_length)) if value < 1]
+        ("global_batch_size", batch), ("global_batch_conversations", conversations),
+        ("micro_batch_size", config.micro_batch_size), ("data.seq_length", config.data.seq_length))
+        if value is not None and value < 1]
+    if kind == "rm" and conversations is not None:
+        problems.append(f"global_batch_conversations={conversations}: SFT only; a reward model's step is "
+                        "global_batch_size problems")
+    elif (batch is None) == (conversations is None):
+        problems.append(f"global_batch_size={_shown(batch)}, global_batch_conversations={_shown(conversations)}: "
+                        "set exactly one, a step of that many rows or of about that many conversations (add "
+                        "global_batch_conversations=null to use global_batch_size, or the other way round)")
     if config.train_steps < 0 or config.epochs <= 0:
         problems.append(f"train_steps={config.train_steps}, epochs={config.epochs}: train_steps must be at least 0 "
                         "(0: run for the epochs) and epochs above 0")
-    if config.micro_batch_size >= 1 and config.global_batch_size % config.micro_batch_size:
+    if batch is not None and config.micro_batch_size >= 1 and batch % config.micro_batch_size:
         problems.append(f"global_batch_size={config.global_batch_size} is not a multiple of "
                         f"micro_batch_size={config.micro_batch_size}")
     data = config.data

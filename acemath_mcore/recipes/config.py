@@ -91,13 +91,26 @@ class TrainConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
-    global_batch_size: int = 128
+    # Samples per step: packed or padded rows (SFT), problems (RM). None: sized by global_batch_conversations.
+    global_batch_size: Optional[int] = 128
+    # SFT: a step of about this many conversations, the paper's unit. With packed rows, global_batch_size becomes
+    # the packed rows that hold that many on average, rounded to whole micro-batches on every data-parallel rank
+    # (the start-up log shows both). Set one of the two.
+    global_batch_conversations: Optional[int] = None
     micro_batch_size: int = 1
     epochs: float = 1.0
     train_steps: int = 0  # > 0 overrides epochs
     eval_interval: int = 0  # steps between validation passes over data.valid_prefixes (0: only after the last step)
     seed: int = 1234
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
+
+    def rows_per_step(self, conversations_per_row: float, unit: int = 1) -> int:
+        """``global_batch_size``, or the rows that hold about ``global_batch_conversations`` conversations at
+        ``conversations_per_row``: the nearest multiple of ``unit`` (micro-batch x data-parallel size, x PP under
+        the interleaved schedule), at least one."""
+        if self.global_batch_size is not None:
+            return self.global_batch_size
+        return max(unit, round(self.global_batch_conversations / conversations_per_row / unit) * unit)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,11 +5,14 @@ sequence length 4096, one epoch per stage, loss on response tokens only. Stage 1
 model, stage 2 from stage 1, math SFT from stage 2 (weights only: fresh optimizer and schedule each stage).
 Parallel layouts assume 8xH100 (80 GB) nodes.
 
-Batch semantics: with ``data.packed=true`` (the default here) ``global_batch_size`` counts packed rows of
-``seq_length`` tokens, each holding several conversations, and the loss is averaged over the step's response
-tokens; so a step sees more conversations than 128 and an epoch has fewer steps. The paper does not say whether
-it packed. ``data.packed=false`` makes a step exactly 128 (256) conversations, one per padded row, at the cost of
-the padding's compute (the startup log prints both counts: samples per epoch and steps).
+Batch semantics: the paper's global batch counts conversations, so these recipes set
+``global_batch_conversations`` (128, 256 for 72B) and leave ``global_batch_size`` unset. Conversations are packed
+into rows of ``seq_length`` tokens (``data.packed=true``: no padding's compute); at start-up the trainer sets
+``global_batch_size`` to the rows that hold about that many conversations on average (AceMath-like data: ~8 per
+row, so ~16 rows per step), rounded to whole micro-batches on every data-parallel rank, and logs both counts. A
+step then sees about 128 conversations and an epoch has the paper's number of steps; the loss is averaged over
+the step's response tokens. ``global_batch_size=N global_batch_conversations=null`` asks for N rows per step
+instead; ``data.packed=false`` gives exactly one conversation per padded row.
 """
 
 from __future__ import annotations
@@ -28,18 +31,19 @@ _STAGE_LR = {"sft_stage1": 5e-6, "sft_stage2": 5e-6, "math_sft": 3e-6}
 class _Layout:
     parallel: ParallelConfig
     recompute: str | None = None
-    global_batch_size: int = 128
+    global_batch_conversations: int = 128
     micro_batch_size: int = 1
 
 
 # Chosen so the model, fp32 main params and Adam state fit 80 GB with the distributed optimizer at 1 node (8 GPUs)
 # for <= 8B and 4 nodes (32 GPUs) for 72B; see launch/plan.py for the memory model.
 _LAYOUTS = {
-    # Micro-batch 4: measured fastest on an H100 (63.8% MFU; micro-batch 2 is host-bound), docs/benchmarks.md.
-    "qwen2.5-math-1.5b": _Layout(ParallelConfig(), micro_batch_size=4),
+    # Micro-batch 4 measured fastest on an H100 (63.8% MFU, docs/benchmarks.md), but a step of 128 conversations
+    # is ~16 packed rows: 2 per GPU on a node of 8.
+    "qwen2.5-math-1.5b": _Layout(ParallelConfig(), micro_batch_size=2),
     "qwen2.5-math-7b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
     "qwen2.5-math-72b": _Layout(ParallelConfig(tensor_parallel=8, pipeline_parallel=4, virtual_pipeline_parallel=5,
-                                               sequence_parallel=True), recompute="full", global_batch_size=256),
+                                               sequence_parallel=True), recompute="full", global_batch_conversations=256),
     "llama3.1-8b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
 }
 
@@ -63,7 +67,8 @@ def _sft(stage: str, model: str) -> TrainConfig:
             init_from=f"checkpoints/{model}-{previous}" if previous else f"checkpoints/{model}-base",
         ),
         logging=LoggingConfig(wandb_project="acemath-mcore", wandb_run=name),
-        global_batch_size=layout.global_batch_size,
+        global_batch_size=None,
+        global_batch_conversations=layout.global_batch_conversations,
         micro_batch_size=layout.micro_batch_size,
         epochs=1.0,
     )

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Dict, List
 
 import torch
 
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
-from acemath_mcore.runtime.distributed import launch_rank
+from acemath_mcore.runtime.distributed import launch_rank, read_launch_env
 from acemath_mcore.training.engine import Batch
-from acemath_mcore.training.logging import log_on_rank_0
+from acemath_mcore.training.logging import setup_console_logging
 from acemath_mcore.training.losses import masked_token_loss
 from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
+
+logger = logging.getLogger("acemath_mcore")
 
 
 class SFTTask:
@@ -57,12 +61,36 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
 
     layout = "packed rows" if config.data.packed else "padded rows"
     return TrainingData(num_samples=len(dataset), make_loader=make_loader, sequence_lengths=sequence_lengths,
-                        description=f"{len(dataset.documents)} documents in {len(dataset)} {layout}{fill}")
+                        description=f"{len(dataset.documents)} documents in {len(dataset)} {layout}{fill}",
+                        documents=len(dataset.documents))
+
+
+def size_batch_in_conversations(config: TrainConfig, data: TrainingData, world_size: int) -> None:
+    """Set ``global_batch_size`` (None) to the rows that hold about ``global_batch_conversations`` conversations
+    of ``data`` on average, in whole micro-batches on every data-parallel rank; a poor fit is a warning."""
+    parallel = config.parallel
+    unit = config.micro_batch_size * parallel.data_parallel_size(world_size)
+    if parallel.virtual_pipeline_parallel:
+        unit *= parallel.pipeline_parallel  # the interleaved schedule runs micro-batches in groups of PP
+    per_row = data.documents / data.num_samples
+    config.global_batch_size = config.rows_per_step(per_row, unit)
+    target, held = config.global_batch_conversations, config.global_batch_size * per_row
+    logger.info("global batch: %d rows of %.2f conversations on average, about %.0f conversations per step "
+                "(global_batch_conversations=%d)", config.global_batch_size, per_row, held, target)
+    if not 0.8 <= held / target <= 1.25:
+        logger.warning("a step holds about %.0f conversations, not the %d asked for: its rows come in multiples of "
+                       "%d (micro_batch_size x data-parallel size%s); lower micro_batch_size, use fewer GPUs, or "
+                       "set global_batch_size (and global_batch_conversations=null)", held, target, unit,
+                       " x pipeline_parallel" if parallel.virtual_pipeline_parallel else "")
 
 
 def train_sft(config: TrainConfig) -> Dict:
-    log_on_rank_0(launch_rank())  # the checks' warnings, once per job
+    setup_console_logging(launch_rank())  # from the config checks on: rank 0's lines, once per job
     with preemption_requests() as preemption:
         check_config(config, "sft")
+        config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
         validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
-        return run(config, SFTTask(), sft_training_data(config), validation=validation, preemption=preemption)
+        data = sft_training_data(config)
+        if config.global_batch_size is None:
+            size_batch_in_conversations(config, data, read_launch_env().world_size)
+        return run(config, SFTTask(), data, validation=validation, preemption=preemption)

@@ -62,6 +62,7 @@ class TrainingData:
     # carries ``num_tokens``, its documents' tokens without padding (data/packing.py), which tokens/s counts
     sequence_lengths: Callable[[Batch], List[int]]
     description: str = ""
+    documents: Optional[int] = None  # conversations in the samples (SFT), for a batch sized in conversations
 
 
 class PreemptionFlag:
@@ -331,10 +332,11 @@ def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
                                               fully_parallel=config.checkpoint.fully_parallel_load)
         saved_batch = state.get("global_batch_size", config.global_batch_size)
         if saved_batch != config.global_batch_size:
+            sized = "" if config.global_batch_conversations is None else " global_batch_conversations=null"
             raise ValueError(f"{latest} was trained with global_batch_size={saved_batch}, this run has "
                              f"{config.global_batch_size}: the step count and data position would no longer match "
-                             f"the epoch. Resume with global_batch_size={saved_batch}, or start a new stage from "
-                             f"it with checkpoint.init_from={latest} and another checkpoint.save_dir")
+                             f"the epoch. Resume with global_batch_size={saved_batch}{sized}, or start a new stage "
+                             f"from it with checkpoint.init_from={latest} and another checkpoint.save_dir")
         saved_data = state.get("data", data_order)
         changed = {key: (saved_data[key], value) for key, value in data_order.items()
                    if key in saved_data and saved_data[key] != value}  # num_samples: recorded since 2026-11

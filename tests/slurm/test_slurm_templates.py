@@ -127,6 +127,29 @@ def test_preflight_accepts_upstream_and_resume(preflight, tmp_path, capsys):
                                     "--micro-batch", "2"]
 
 
+def test_preflight_plans_a_step_of_conversations_from_the_datas_mean_length(preflight, tmp_path, capsys):
+    """The paper recipes size a step in conversations; the planner gets packed rows, estimated from the data's
+    preprocessing stats and rounded to a power of two (the trainer rounds the exact count to the chosen layout)."""
+    import json
+
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        (tmp_path / f"data{suffix}").write_bytes(b"")
+    stage = ["--planner-args", "--stage", "sft:qwen25_math_72b_sft_stage1:upstream",
+             f"data.prefixes=[{tmp_path}/data]", f"checkpoint.save_dir={tmp_path}/c"]
+
+    def planned_batch():
+        assert preflight.main(stage) == 0
+        shape = capsys.readouterr().out.split()
+        return shape[shape.index("--global-batch") + 1]
+
+    # 492 tokens per conversation: 8.3 in a 4096-token row; 256 conversations fill 30.8 rows, nearest power of 2: 32
+    (tmp_path / "data_stats.json").write_text(json.dumps({"samples": 1000, "tokens": 492_000,
+                                                          "tokenizer": {"name": "t", "vocab_size": 512}}))
+    assert planned_batch() == "32"
+    (tmp_path / "data_stats.json").unlink()  # no stats: one conversation per row, the most rows it could take
+    assert planned_batch() == "256"
+
+
 def test_preflight_keeps_a_resumed_dp_reshardable_layout_or_reports_it(preflight, tmp_path, capsys):
     """The checkpoint's optimizer state was saved at TP=1: a configured TP=2 is an error, except where the Slurm
     planner picks the layout at job start, which is then told to keep TP=1 (and the check runs on that layout)."""
