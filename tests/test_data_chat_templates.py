@@ -118,6 +118,27 @@ def test_llama3_loss_mask_hand_checked(llama3):
     assert np.flatnonzero(encoded.loss_mask).tolist() == [14, 15]  # "2" (trimmed) and <|eot_id|>
 
 
+def test_llama3_system_turn_and_generation_prompt_in_metas_published_format(llama3):
+    """Meta's Llama-3 prompt format, written out by hand (the test above has neither a system turn nor a
+    generation prompt): every turn, the system one included, ends in <|eot_id|>; the generation prompt is an open
+    assistant header followed by a blank line."""
+    encoder = ConversationEncoder(llama3, build_template("llama3", llama3))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1=?"},
+                {"role": "assistant", "content": "2"}]
+    expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+                "<|start_header_id|>user<|end_header_id|>\n\n1+1=?<|eot_id|>"
+                "<|start_header_id|>assistant<|end_header_id|>\n\n2<|eot_id|>")
+    encoded = encoder.encode(messages)
+    assert encoder.render_text(messages) == expected
+    assert encoded.input_ids.tolist() == llama3.encode(expected)
+    assert [llama3.decode([token]) for token in encoded.input_ids[encoded.loss_mask == 1]] == ["2", "<|eot_id|>"]
+    prompt = encoder.encode(messages[:2], add_generation_prompt=True)
+    written = expected[:expected.index("2<|eot_id|>")]  # ...<|start_header_id|>assistant<|end_header_id|>\n\n
+    assert written.endswith("assistant<|end_header_id|>\n\n")
+    assert encoder.render_text(messages[:2], add_generation_prompt=True) == written
+    assert prompt.input_ids.tolist() == llama3.encode(written) and not prompt.loss_mask.any()
+
+
 def test_plain_sentencepiece_loss_mask_hand_checked(llama2):
     encoder = ConversationEncoder(llama2, build_template("plain", llama2))
     encoded = encoder.encode([{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}])

@@ -166,6 +166,19 @@ def test_max_length_truncate_and_drop_are_counted(tmp_path, real_records, run):
         PreprocessConfig(inputs=[], output_prefix="x", tokenizer=QWEN, overflow="wrap")
 
 
+def test_a_sample_of_exactly_max_length_is_kept_whole(tmp_path, real_records, run):
+    data = write_jsonl(tmp_path / "train.jsonl", real_records)
+    full, prefix = run(tmp_path, [data], name="full")
+    lengths = SFTIndexedDataset(prefix).lengths
+    longest = int(lengths.max())
+    for overflow in ("drop", "truncate"):
+        at_limit, kept = run(tmp_path, [data], name=f"at_{overflow}", max_length=longest, overflow=overflow)
+        assert (at_limit["samples"], at_limit["truncated"], at_limit["dropped"]) == (full["samples"], 0, {})
+        assert (SFTIndexedDataset(kept).lengths == lengths).all()
+    below, _ = run(tmp_path, [data], name="below", max_length=longest - 1, overflow="drop")
+    assert below["dropped"] == {"too_long": int((lengths == longest).sum())}
+
+
 def test_workers_and_chunking_do_not_change_the_output(tmp_path, real_records, run):
     data = write_jsonl(tmp_path / "train.jsonl", real_records * 3)
     run(tmp_path, [data], name="one", workers=1, lines_per_chunk=1000)

@@ -335,6 +335,23 @@ def test_preprocess_rm_max_length_drops_whole_groups(tmp_path, qwen):
     assert stats["dropped"]["too_long"] > 0
 
 
+def test_a_group_whose_longest_response_is_exactly_max_length_is_kept(tmp_path, qwen):
+    from acemath_mcore.data.indexed import RMIndexedDataset
+
+    everything = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=str(tmp_path / "all"),
+                                                  tokenizer=QWEN), qwen)
+    written = RMIndexedDataset(str(tmp_path / "all"))
+    longest = [max(len(sequence) for sequence in written.group(index)[0]) for index in range(len(written))]
+    limit = max(longest)
+    at_limit = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=str(tmp_path / "at"),
+                                                tokenizer=QWEN, max_length=limit), qwen)
+    assert at_limit["groups"] == everything["groups"] and "too_long" not in at_limit["dropped"]
+    below = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=str(tmp_path / "below"),
+                                             tokenizer=QWEN, max_length=limit - 1), qwen)
+    assert below["dropped"]["too_long"] == longest.count(limit)
+    assert below["groups"] == everything["groups"] - longest.count(limit)
+
+
 def test_scoring_keeps_empty_candidates_and_rejects_non_text():
     from acemath_mcore.data.rm_data import encode_rm_group
     from acemath_mcore.training.reward import candidate_group
@@ -375,3 +392,28 @@ def test_a_missing_rm_prefix_is_named_with_the_command_that_writes_it(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path}/rm.bin is missing; preprocess with launch/preprocess.py rm"):
         RMIndexedDataset(tmp_path / "rm")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rm_training_data_resumes_after_the_saved_sample_count(rm_prefix, packed):
+    """A requeued RM job rebuilds its loaders from the checkpoint's consumed_samples: each data-parallel rank must
+    continue with the micro-batches an uninterrupted run would have given it next, not replay the first ones."""
+    from acemath_mcore.recipes import apply_overrides, get_recipe
+    from acemath_mcore.training.reward import rm_training_data
+
+    prefix, _ = rm_prefix
+    config = apply_overrides(get_recipe("tiny_rm"), [
+        f"data.prefixes=[{prefix}]", f"data.packed={str(packed).lower()}", "data.seq_length=8192",
+        "global_batch_size=4", "micro_batch_size=1", "data.num_workers=0"])
+    data = rm_training_data(config)
+    for dp_rank in (0, 1):
+        stream = data.make_loader(0, dp_rank, 2)
+        uninterrupted = [next(stream) for _ in range(10)]  # 5 steps of 2 micro-batches on each of 2 ranks
+        resumed = data.make_loader(3 * 4, dp_rank, 2)  # saved after step 3: 12 samples consumed
+        for original, again in zip(uninterrupted[6:], [next(resumed) for _ in range(4)]):
+            assert original.keys() == again.keys()
+            assert all(torch.equal(original[key], again[key]) for key in original
+                       if isinstance(original[key], torch.Tensor))
+        # Replaying from the start would be told apart: the first steps differ from those resumed.
+        assert any(not torch.equal(first["tokens"], later["tokens"])
+                   for first, later in zip(uninterrupted[:4], uninterrupted[6:]))

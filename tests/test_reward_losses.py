@@ -100,6 +100,23 @@ def test_metrics():
     assert report["score margin"][0].item() == pytest.approx(margin) and report["score margin"][1] == 2
 
 
+@pytest.mark.parametrize("scores, labels", [
+    ([0.9, 0.9, 0.1], [0.0, 1.0, 0.0]),  # a wrong response first among the tied top scores
+    ([0.9, 0.9, 0.1], [1.0, 0.0, 0.0]),  # a right one first
+    ([0.2, 0.9, 0.9, 0.9], [1.0, 0.0, 1.0, 1.0]),
+    ([0.2, 0.9, 0.9, 0.9], [0.0, 1.0, 0.0, 0.0]),
+])
+def test_best_correct_breaks_top_score_ties_as_best_of_n_picks(scores, labels):
+    """The validation's "best correct" is rm@n of the group: on a tie at the top, the first tied response, as
+    launch/bestofn.py's selection keeps the first maximum (its own rule is the reference, beside the hand count)."""
+    from acemath_mcore.eval.bestofn import Record, _subset_outcomes
+
+    _, _, report = rm_loss("listwise_bt", torch.tensor(scores), torch.tensor(labels), torch.tensor([len(scores)]))
+    picked = _subset_outcomes(Record(tuple(bool(x) for x in labels), tuple(scores), None), range(len(scores)))["rm"]
+    assert picked == bool(labels[scores.index(max(scores))])  # list.index: the first maximum
+    assert report["best correct"].tolist() == [float(picked), 1.0]
+
+
 @pytest.mark.parametrize("kind", RM_LOSSES)
 def test_a_nan_score_gives_a_nan_loss_not_an_error(kind):
     """A NaN score (e.g. a bf16 overflow) must reach the engine's non-finite check as a NaN loss, with the

@@ -171,7 +171,7 @@ def test_validation_metrics_are_those_of_the_held_out_scores(trained):
     the mean over positive-negative pairs of -log sigma(s_p - s_n)) and the pairwise accuracy (ties count half)
     computed here, in float64, from launch/score.py's scores of the same problems with the saved weights."""
     summaries, scored = trained
-    losses, right, pairs = [], 0.0, 0
+    losses, score_margins, best_correct, right, pairs = [], [], 0, 0.0, 0
     for record in scored:
         scores, correct = record["pred_score"], record["score"]
         margins = [scores[i] - scores[j] for i in range(RESPONSES) for j in range(RESPONSES)
@@ -179,6 +179,12 @@ def test_validation_metrics_are_those_of_the_held_out_scores(trained):
         losses.append(sum(math.log1p(math.exp(-margin)) for margin in margins) / len(margins))
         right += sum(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0 for margin in margins)
         pairs += len(margins)
+        positive = [score for score, ok in zip(scores, correct) if ok]
+        negative = [score for score, ok in zip(scores, correct) if not ok]
+        score_margins.append(sum(positive) / len(positive) - sum(negative) / len(negative))
+        best_correct += correct[scores.index(max(scores))]  # the first top score, as best-of-n picks
     final = summaries[0][0]["final_metrics"]
     assert final["valid_rm_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-4)
     assert final["valid_pairwise_accuracy"] == pytest.approx(right / pairs, abs=1e-9)
+    assert final["valid_score_margin"] == pytest.approx(sum(score_margins) / len(score_margins), rel=1e-4)
+    assert final["valid_best_correct"] == pytest.approx(best_correct / len(scored), abs=1e-9)
