@@ -2,7 +2,7 @@
 # AceMath evaluation as a job array: task i runs launch/evaluate.py (megatron backend) on the i-th of BENCHMARKS
 # (default: gsm8k math minerva_math gaokao2023en olympiadbench college_math mmlu_stem aime24 amc23); the task that
 # completes the set writes summary.md. Greedy pass@1 by default; NUM_SAMPLES/TEMPERATURE/TOP_P for sampled candidates.
-#   CKPT=checkpoints/qwen2.5-math-7b-math_sft sbatch slurm/eval.sh      # SIZE picks the preset and TP
+#   CKPT=checkpoints/qwen2.5-math-7b-math_sft sbatch slurm/eval.sh      # SIZE picks TP (and CKPT's default)
 #   BENCHMARKS="gsm8k math500" slurm/submit.sh eval                      # submit.sh sizes --array to BENCHMARKS
 #   BENCHMARKS="math:4 gsm8k" NUM_SAMPLES=8 TEMPERATURE=0.7 slurm/submit.sh eval   # math over 4 tasks: 5 in all
 # A requeued or resubmitted task skips benchmarks already written with the same settings and resumes a half-done

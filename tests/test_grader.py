@@ -196,6 +196,15 @@ def test_exponents_named_values_units_and_grouped_digits(pred, gold, expected):
     assert is_equal(pred, gold) is expected
 
 
+@pytest.mark.parametrize("answer, expected", [
+    ("2.50", "2.5"), ("3.250", "3.25"), ("10.0", "10"), ("0.5000", "0.5"), ("1.05", "1.05"), ("1.050", "1.05"),
+    ("\\frac{1.50}{2}", "\\frac{1.5}{2}"), ("(0.10,2.0)", "(0.1,2)"), ("100", "100"), ("2.05", "2.05"),
+])
+def test_trailing_decimal_zeros_go_so_equal_numbers_are_one_vote(answer, expected):
+    """maj@k groups answers by their normalised text: 2.50 and 2.5 must be the same vote."""
+    assert normalize_answer(answer) == expected
+
+
 def test_normalisation_is_idempotent_on_math_golds():
     """Extracted answers are already normalised; grading them again must not change them."""
     from acemath_mcore.eval.benchmarks import load_benchmark

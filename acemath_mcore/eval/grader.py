@@ -255,6 +255,7 @@ def normalize_answer(answer: str) -> str:
     text = _wrap_single_char_arguments(text, "\\sqrt", 1)
     text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
     text = re.sub(r"(\d)\.0+(?!\d)", r"\1", text)
+    text = re.sub(r"(\d\.\d*?[1-9])0+(?!\d)", r"\1", text)  # 2.50 -> 2.5: one vote in maj@k, not two
     text = re.sub(r"(^|[^\w.])\.(\d)", r"\g<1>0.\2", text)
     text = re.sub(r"([_^])\{(\w)\}(?!\d)", r"\1\2", text)  # 2^{3}3 keeps its braces: 2^33 would be one exponent
     text = re.sub(r"^\(([A-Z])\)$", r"\1", text)
