@@ -139,17 +139,21 @@ def test_math_prompt_is_question_then_instruction():
 
 
 def test_mmlu_prompt_is_five_shot_with_configurable_exemplars():
-    problem = Problem("mmlu_stem", 0, "Which is largest?", "D", ("1", "2", "3", "4"))
+    """The Qwen2.5-Math toolkit's layout (AceMath's MMLU-STEM numbers): question, then "Answer Choices:" with the
+    options on one line; each exemplar's solution on the next line; blocks apart by a blank line."""
+    problem = Problem("mmlu_stem", 0, "Which is largest? ", "D", ("1", "2 ", "3", "4"))
     prompt = build_user_prompt(problem)
-    assert prompt.count("Question: ") == 6
-    assert prompt.endswith("Question: Which is largest?\n(A) 1\n(B) 2\n(C) 3\n(D) 4\n" + DEFAULT_INSTRUCTION)
+    assert prompt.count("Answer Choices: ") == 6
+    assert prompt.endswith("\n\nWhich is largest?\nAnswer Choices: (A) 1 (B) 2 (C) 3 (D) 4\n" + DEFAULT_INSTRUCTION)
     for exemplar in DEFAULT_MMLU_EXEMPLARS:
         assert exemplar.question in prompt
 
-    zero_shot = build_user_prompt(problem, exemplars=())
-    assert zero_shot.count("Question: ") == 1
+    assert build_user_prompt(problem, exemplars=()) == ("Which is largest?\nAnswer Choices: (A) 1 (B) 2 (C) 3 (D) 4\n"
+                                                        + DEFAULT_INSTRUCTION)
     custom = Exemplar("2+2?", ("1", "2", "3", "4"), "2+2=4. The answer is \\boxed{D}.", "D")
-    assert build_user_prompt(problem, exemplars=[custom]).startswith("Question: 2+2?\n(A) 1\n")
+    assert build_user_prompt(problem, exemplars=[custom]) == (
+        "2+2?\nAnswer Choices: (A) 1 (B) 2 (C) 3 (D) 4\n2+2=4. The answer is \\boxed{D}.\n\n"
+        "Which is largest?\nAnswer Choices: (A) 1 (B) 2 (C) 3 (D) 4\n" + DEFAULT_INSTRUCTION)
 
 
 def test_default_exemplars_are_five_self_consistent_and_varied():

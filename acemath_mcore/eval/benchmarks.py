@@ -174,11 +174,14 @@ def load_all(data_dir: str | Path) -> tuple[dict[str, list[Problem]], list[GoldI
 
 
 def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
-    return question + "\n" + "\n".join(f"({letter}) {choice}" for letter, choice in zip(CHOICE_LETTERS, choices))
+    """The Qwen2.5-Math evaluation toolkit's layout, which AceMath's MMLU-STEM numbers were measured with: the
+    question, then one line ``Answer Choices: (A) .. (B) ..``."""
+    options = " ".join(f"({letter}) {str(choice).strip()}" for letter, choice in zip(CHOICE_LETTERS, choices))
+    return f"{question.strip()}\nAnswer Choices: {options}"
 
 
 def _exemplar_block(exemplar: Exemplar) -> str:
-    return f"Question: {format_multiple_choice(exemplar.question, exemplar.choices)}\nAnswer: {exemplar.solution}"
+    return f"{format_multiple_choice(exemplar.question, exemplar.choices)}\n{exemplar.solution}"
 
 
 def build_user_prompt(
@@ -189,12 +192,14 @@ def build_user_prompt(
     """Text of the user turn, independent of any chat template.
 
     Open problems follow the AceMath template (question, newline, instruction).  Multiple-choice problems get the
-    few-shot exemplars first (default: the five in `mmlu_fewshot`; pass ``()`` for zero-shot).  ``instruction=None``
-    leaves the instruction out, for templates that put it in the system turn (see `build_messages`).
+    few-shot exemplars first (default: the five in `mmlu_fewshot`; pass ``()`` for zero-shot), each its question
+    and solution, a blank line between them, all in the one user turn, as the Qwen2.5-Math toolkit lays them out.
+    ``instruction=None`` leaves the instruction out, for templates that put it in the system turn (see
+    `build_messages`).
     """
     if problem.choices:
         shots = DEFAULT_MMLU_EXEMPLARS if exemplars is None else exemplars
-        target = "Question: " + format_multiple_choice(problem.question, problem.choices)
+        target = format_multiple_choice(problem.question, problem.choices)
         body = "\n\n".join([*(_exemplar_block(exemplar) for exemplar in shots), target])
     else:
         body = problem.question
