@@ -8,7 +8,8 @@ import pytest
 from acemath_mcore.recipes import RECIPES, get_recipe, recipe_kind
 
 BACKBONES = {"qwen25_math_1p5b": "qwen2.5-math-1.5b", "qwen25_math_7b": "qwen2.5-math-7b",
-             "qwen25_math_72b": "qwen2.5-math-72b", "llama31_8b": "llama3.1-8b"}
+             "qwen25_math_72b": "qwen2.5-math-72b", "llama31_8b": "llama3.1-8b", "qwen25_1p5b": "qwen2.5-1.5b",
+             "qwen25_7b": "qwen2.5-7b", "qwen25_72b": "qwen2.5-72b"}
 PAPER_LR = {"sft_stage1": 5e-6, "sft_stage2": 5e-6, "math_sft": 3e-6}
 STARTS_FROM = {"sft_stage1": "base", "sft_stage2": "sft_stage1", "math_sft": "sft_stage2"}
 

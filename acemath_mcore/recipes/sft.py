@@ -46,6 +46,8 @@ _LAYOUTS = {
                                                sequence_parallel=True), recompute="full", global_batch_conversations=256),
     "llama3.1-8b": _Layout(ParallelConfig(tensor_parallel=2, sequence_parallel=True)),
 }
+# The general Qwen2.5 bases (the paper's other backbones) have their Math twins' shapes, hence their layouts.
+_LAYOUTS.update({f"qwen2.5-{size}": _LAYOUTS[f"qwen2.5-math-{size}"] for size in ("1.5b", "7b", "72b")})
 
 
 def _sft(stage: str, model: str) -> TrainConfig:
@@ -108,6 +110,42 @@ def qwen25_math_72b_sft_stage2() -> TrainConfig:
 
 def qwen25_math_72b_math_sft() -> TrainConfig:
     return _sft("math_sft", "qwen2.5-math-72b")
+
+
+def qwen25_1p5b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-1.5b")
+
+
+def qwen25_1p5b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-1.5b")
+
+
+def qwen25_1p5b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-1.5b")
+
+
+def qwen25_7b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-7b")
+
+
+def qwen25_7b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-7b")
+
+
+def qwen25_7b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-7b")
+
+
+def qwen25_72b_sft_stage1() -> TrainConfig:
+    return _sft("sft_stage1", "qwen2.5-72b")
+
+
+def qwen25_72b_sft_stage2() -> TrainConfig:
+    return _sft("sft_stage2", "qwen2.5-72b")
+
+
+def qwen25_72b_math_sft() -> TrainConfig:
+    return _sft("math_sft", "qwen2.5-72b")
 
 
 def llama31_8b_sft_stage1() -> TrainConfig:
