@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = {k: v for k, v in stats.items() if k not in ("drop_examples", "config", "tokenizer")}
     print(json.dumps(summary, indent=2))
+    if args.command == "rm" and args.num_responses is None and set(stats["group_sizes"]) - {"6"}:
+        print(f"note: every problem kept all its candidates (group sizes {stats['group_sizes']}); AceMath-RM trains "
+              "on 6 per problem, k right and 6-k wrong: --num-responses 6 selects them by score", file=sys.stderr)
     return 0
 
 

@@ -251,6 +251,7 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
     dropped: Counter = Counter()
     examples: dict[str, list[str]] = {}
     counts = Counter()
+    group_sizes: Counter = Counter()  # candidates per kept problem
 
     def drop(where: str, reason: str, detail: str) -> None:
         dropped[reason] += 1
@@ -278,6 +279,7 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
                 continue
             writer.add_group(sequences, group.labels)
             counts["groups"] += 1
+            group_sizes[len(sequences)] += 1
             counts["responses"] += len(sequences)
             counts["positives"] += sum(group.labels)
             counts["tokens"] += sum(len(s) for s in sequences)
@@ -289,6 +291,7 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
         "tokenizer": tokenizer.describe(),
         "config": config_dict,
         **{key: counts[key] for key in ("groups_read", "groups", "responses", "positives", "tokens")},
+        "group_sizes": {str(size): count for size, count in sorted(group_sizes.items())},
         "dropped_total": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items())),
         "drop_examples": dict(sorted(examples.items())),
