@@ -151,6 +151,26 @@ def test_export_gives_back_the_imported_model_bit_for_bit(imported):
         assert torch.equal(exported[name], tensor), name
 
 
+def test_export_carries_the_recorded_prompt_format_as_the_chat_template(imported):
+    """The import recorded the plain template: the export's tokenizer renders conversations with it through
+    transformers' apply_chat_template (what vLLM's server and HF users call), as the encoder does."""
+    import transformers
+
+    from acemath_mcore.convert import export_megatron_to_hf
+    from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
+    from acemath_mcore.data.tokenizers import load_tokenizer
+
+    out = export_megatron_to_hf(imported / "stories_mc", imported / "stories_exported", progress=False)
+    jinja = (out / "chat_template.jinja").read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == jinja
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    encoder = ConversationEncoder(load_tokenizer(out), build_template("plain", load_tokenizer(out)))
+    for record in CANDIDATES:
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["responses"][0]}]
+        assert hf_tokenizer.apply_chat_template(messages, tokenize=False) == encoder.render_text(messages)
+
+
 def test_head_tensors_that_would_be_dropped_are_refused(imported, tmp_path):
     from acemath_mcore.convert import convert_hf_to_megatron
 

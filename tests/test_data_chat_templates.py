@@ -139,6 +139,32 @@ def test_llama3_system_turn_and_generation_prompt_in_metas_published_format(llam
     assert prompt.input_ids.tolist() == llama3.encode(written) and not prompt.loss_mask.any()
 
 
+JINJA_CONVERSATIONS = [
+    [{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}],
+    [{"role": "system", "content": "Own system turn."}, {"role": "user", "content": "  spaced  "}],
+    [{"role": "user", "content": "{{ not a variable }} {% raw %} \\boxed{x} 'q' \"dq\" \u00e9\U0001f600"},
+     {"role": "assistant", "content": "\nA\n"}, {"role": "user", "content": "again"},
+     {"role": "assistant", "content": "B"}],
+]
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+@pytest.mark.parametrize("system_prompt", [None, "Reason step by step,\n\tthen \\boxed{} it: 'x' \u00e9 \U0001f600"])
+def test_jinja_chat_template_renders_what_the_encoder_renders(qwen, llama3, llama2, template, system_prompt):
+    """An exported model carries its training format as a Hugging Face chat template: transformers'
+    apply_chat_template must give the text the encoder trains and generates with, with and without a generation
+    prompt, for a default system prompt full of escapes and for a conversation's own system turn."""
+    hf = AutoTokenizer.from_pretrained(str(shared_path("tokenizers/qwen2")))  # any: the Jinja is what renders
+    tokenizer = {"chatml": qwen, "llama3": llama3, "plain": llama2}[template]
+    chat_template = build_template(template, tokenizer, system_prompt)
+    encoder = ConversationEncoder(tokenizer, chat_template)
+    for messages in JINJA_CONVERSATIONS:
+        for generation_prompt in (False, True):
+            rendered = hf.apply_chat_template(messages, chat_template=chat_template.jinja(), tokenize=False,
+                                              add_generation_prompt=generation_prompt)
+            assert rendered == encoder.render_text(messages, add_generation_prompt=generation_prompt)
+
+
 def test_plain_sentencepiece_loss_mask_hand_checked(llama2):
     encoder = ConversationEncoder(llama2, build_template("plain", llama2))
     encoded = encoder.encode([{"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2"}])

@@ -382,9 +382,9 @@ def test_preprocess_cli_renders_the_acemath_rm_system_prompt_preset(tmp_path, qw
                           capture_output=True, text=True)
     # Groups of 2 are not the paper's 6: said, with the option that selects 6 (here there are not 6 to select).
     assert json.loads(done.stdout)["group_sizes"] == {"2": 2}
-    assert done.stderr.strip().splitlines()[-1] == ("note: every problem kept all its candidates (group sizes {'2': 2}); AceMath-RM "
-                                   "trains on 6 per problem, k right and 6-k wrong: --num-responses 6 selects them "
-                                   "by score")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "note: every problem kept all its candidates (group sizes {'2': 2}); AceMath-RM trains on 6 per problem, "
+        "k right and 6-k wrong: --num-responses 6 selects them by score")
     groups = RMGroupDataset(str(tmp_path / "rm"))
     texts = [qwen.decode(groups.group(index).responses[0].tolist()) for index in range(2)]
     assert texts[0].startswith("<|im_start|>system\nPlease reason step by step, and check your final answer within "

@@ -23,11 +23,13 @@ from acemath_mcore.convert.megatron_files import (
     PROMPT_FORMAT_FILE,
     DistCheckpointReader,
     find_model_description,
+    find_prompt_format,
     prompt_format_file,
     reading_process_group,
     resolve_checkpoint_dir,
 )
 from acemath_mcore.convert.output_dir import staged_output_dir
+from acemath_mcore.data.chat_templates import PromptFormat, build_template
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import FAMILIES, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
 from acemath_mcore.models.weights import hf_shapes
@@ -35,6 +37,7 @@ from acemath_mcore.models.weights import hf_shapes
 logger = logging.getLogger("acemath_mcore")
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers reads it beside the tokenizer files
 OUTPUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -47,7 +50,8 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, hf_temp
     The architecture comes from ``preset``, else from the converter's ``model_arch.json`` beside the checkpoint,
     else from ``hf_template``'s config.json. ``dtype`` (fp32 / bf16) defaults to the stored precision.
     Tokenizer and generation files come from ``hf_template``, else from those the converter kept; the training
-    data's ``prompt_format.json``, when the checkpoint records one, is copied too.
+    data's ``prompt_format.json``, when the checkpoint records one, is copied too and becomes the tokenizer's chat
+    template.
     """
     checkpoint = resolve_checkpoint_dir(megatron_dir)
     arch, base_config, assets = _describe(checkpoint, hf_template, preset)
@@ -72,9 +76,26 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, hf_temp
         recorded_format = prompt_format_file(checkpoint)
         if recorded_format is not None:  # the HF and vLLM evaluation backends read it there too
             shutil.copy2(recorded_format, staging / PROMPT_FORMAT_FILE)
+            _write_chat_template(staging, find_prompt_format(checkpoint))
     logger.info("wrote %s: %.2f GB of %s tensors%s", out_dir, writer.total_bytes / 1e9, out_dtype,
                 " (reward model)" if reward_head else "")
     return Path(out_dir)
+
+
+def _write_chat_template(directory: Path, prompt_format: PromptFormat) -> None:
+    """The training data's prompt format as the tokenizer's chat template (``chat_template.jinja``, and
+    ``tokenizer_config.json``'s entry when there is one), replacing the base model's: ``apply_chat_template`` and
+    vLLM's server then prompt the exported model as it was trained."""
+    from acemath_mcore.data.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(directory) if prompt_format.template == "plain" else None  # its bos / eos
+    jinja = build_template(prompt_format.template, tokenizer, prompt_format.system_prompt).jinja()
+    (directory / CHAT_TEMPLATE_FILE).write_text(jinja)
+    tokenizer_config = directory / "tokenizer_config.json"
+    if tokenizer_config.is_file():
+        settings = json.loads(tokenizer_config.read_text())
+        settings["chat_template"] = jinja
+        tokenizer_config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def _describe(checkpoint: Path, hf_template, preset) -> Tuple[ModelArch, Optional[Dict], Optional[Path]]:

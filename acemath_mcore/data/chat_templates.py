@@ -125,10 +125,36 @@ class ChatTemplate(ABC):
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> list[Piece]:
         """Pieces of a validated conversation; ``add_generation_prompt`` appends an open assistant header."""
 
+    @abstractmethod
+    def _jinja_turns(self) -> str:
+        """The Jinja statements that render ``system`` (None: no system turn) and ``turns`` as :meth:`render`."""
+
+    def jinja(self) -> str:
+        """This template as a Hugging Face chat template (Jinja): ``apply_chat_template`` then renders the text
+        :meth:`render` does, so an exported model is prompted as it was trained (vLLM's server reads it too)."""
+        default = "none" if self.system_prompt is None else _jinja_literal(self.system_prompt)
+        return ("{%- if messages and messages[0]['role'] == 'system' -%}"
+                "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+                f"{{%- else -%}}{{%- set system = {default} -%}}{{%- set turns = messages -%}}{{%- endif -%}}"
+                + self._jinja_turns())
+
     def _split_system(self, messages: Sequence[dict]) -> tuple[Optional[str], Sequence[dict]]:
         if messages and messages[0]["role"] == "system":
             return messages[0]["content"], messages[1:]
         return self.system_prompt, messages
+
+
+def _jinja_literal(text: str) -> str:
+    """A single-quoted Jinja string literal of ``text`` (Jinja undoes Python's escapes; ASCII only inside)."""
+    escaped = []
+    for char in text:
+        if char in "\\'":
+            escaped.append("\\" + char)
+        elif 0x20 <= ord(char) < 0x7F:
+            escaped.append(char)
+        else:
+            escaped.append(f"\\u{ord(char):04x}" if ord(char) <= 0xFFFF else f"\\U{ord(char):08x}")
+    return "'" + "".join(escaped) + "'"
 
 
 class ChatMLTemplate(ChatTemplate):
@@ -158,6 +184,14 @@ class ChatMLTemplate(ChatTemplate):
         if add_generation_prompt:
             pieces += [Piece(QWEN_IM_START, special=True), Piece("assistant\n")]
         return pieces
+
+    def _jinja_turns(self) -> str:
+        start, end = _jinja_literal(QWEN_IM_START), _jinja_literal(QWEN_IM_END + "\n")
+        return (f"{{%- if system is not none -%}}{{{{ {start} + 'system\\n' + system + {end} }}}}{{%- endif -%}}"
+                "{%- for message in turns -%}"
+                f"{{{{ {start} + message['role'] + '\\n' + message['content'] + {end} }}}}"
+                "{%- endfor -%}"
+                f"{{%- if add_generation_prompt -%}}{{{{ {start} + 'assistant\\n' }}}}{{%- endif -%}}")
 
 
 class Llama3Template(ChatTemplate):
@@ -196,6 +230,22 @@ class Llama3Template(ChatTemplate):
             pieces += self._header("assistant")
         return pieces
 
+    def _jinja_turns(self) -> str:
+        begin, end = _jinja_literal(self.BEGIN), _jinja_literal(self.END_OF_TURN)
+        start_header, end_header = _jinja_literal(self.START_HEADER), _jinja_literal(self.END_HEADER + "\n\n")
+
+        def header(role: str) -> str:  # role: a Jinja expression
+            return f"{start_header} + {role} + {end_header}"
+
+        system_header, message_header = header("'system'"), header("message['role']")
+        assistant_header = header("'assistant'")
+        return (f"{{{{ {begin} }}}}"
+                f"{{%- if system is not none -%}}{{{{ {system_header} + system | trim + {end} }}}}{{%- endif -%}}"
+                "{%- for message in turns -%}"
+                f"{{{{ {message_header} + message['content'] | trim + {end} }}}}"
+                "{%- endfor -%}"
+                f"{{%- if add_generation_prompt -%}}{{{{ {assistant_header} }}}}{{%- endif -%}}")
+
 
 class PlainTemplate(ChatTemplate):
     """No chat markup: ``[bos] system\\n user\\n response[eos] ...`` for base-model style prompt/response data."""
@@ -229,6 +279,14 @@ class PlainTemplate(ChatTemplate):
             else:
                 pieces.append(Piece(message["content"] + self.separator))
         return pieces  # a plain prompt needs no generation header
+
+    def _jinja_turns(self) -> str:
+        separator, eos = _jinja_literal(self.separator), _jinja_literal(self.eos)
+        bos = "" if self.bos is None else f"{{{{ {_jinja_literal(self.bos)} }}}}"
+        return (bos + f"{{%- if system is not none -%}}{{{{ system + {separator} }}}}{{%- endif -%}}"
+                "{%- for message in turns -%}{%- if message['role'] == 'assistant' -%}"
+                f"{{{{ message['content'] + {eos} }}}}{{%- else -%}}{{{{ message['content'] + {separator} }}}}"
+                "{%- endif -%}{%- endfor -%}")
 
 
 TEMPLATE_NAMES = ("chatml", "llama3", "plain")
