@@ -37,8 +37,10 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         return 2 if problems else 0
     from acemath_mcore.runtime.distributed import destroy_distributed, install_stack_dumps, read_launch_env
+    from acemath_mcore.training.logging import setup_console_logging
 
     install_stack_dumps()
+    setup_console_logging(read_launch_env().rank)  # rank 0's lines from the config checks and the data build on
     try:
         summary = trainer_for(kind)(config)
     except ConfigError as error:  # found before any set-up: the message is the whole story, once per job

@@ -147,6 +147,22 @@ def test_a_step_is_sized_in_rows_or_in_conversations_never_both():
         "global_batch_conversations=64: SFT only; a reward model's step is global_batch_size problems"]
 
 
+def test_the_launched_trainer_logs_the_rows_a_step_of_conversations_takes(prefixes, tmp_path):
+    """Through launch/train_sft.py (its console set up before the data is built), the sizing is on stdout and is
+    the batch the run then uses."""
+    done = subprocess.run([sys.executable, str(REPO / "launch/train_sft.py"), "--recipe", "tiny_sft",
+                           f"data.prefixes=[{prefixes['stories']}]", "data.seq_length=256", "global_batch_size=null",
+                           "global_batch_conversations=8", "train_steps=1", "checkpoint.save_dir=none",
+                           f"logging.output_dir={tmp_path}", "data.num_workers=0"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sized = re.search(r"global batch: (\d+) rows of ([\d.]+) conversations on average, about (\d+) conversations per "
+                      r"step \(global_batch_conversations=8\)", done.stdout)
+    assert sized, done.stdout
+    rows, per_row = int(sized.group(1)), float(sized.group(2))
+    assert f"steps of {rows} samples" in done.stdout and abs(rows * per_row - 8) <= per_row
+
+
 def test_trainer_refuses_a_bad_config_before_any_set_up(tmp_path):
     import torch
 

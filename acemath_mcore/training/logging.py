@@ -22,7 +22,8 @@ logger = logging.getLogger("acemath_mcore")
 def log_on_rank_0(rank: int) -> None:
     """Our messages on rank 0 only, from INFO up: what the other ranks would warn about (the config, the data, the
     checkpoints, a stop signal) is the same on every rank, and a 256-GPU job printed each warning 256 times. They
-    print errors. Touches the other ranks' level alone (rank 0 keeps its own until setup_console_logging)."""
+    print errors. Touches the other ranks' level alone, so that the trainers call it before their config checks
+    (rank 0 keeps its level until setup_console_logging)."""
     if rank != 0:
         logger.setLevel(logging.ERROR)
 

@@ -37,7 +37,7 @@ from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_sha
                                                raise_on_every_rank)
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
-from acemath_mcore.training.logging import setup_console_logging
+from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.rm_losses import RM_LOSSES, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
 from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
@@ -128,7 +128,7 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
 
 def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
     """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
-    setup_console_logging(launch_rank())  # from the config checks on: rank 0's lines, once per job
+    log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "rm", arch)
         task = RewardTask(config.reward.loss, seed=config.seed)

@@ -12,7 +12,7 @@ from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime.distributed import launch_rank, read_launch_env
 from acemath_mcore.training.engine import Batch
-from acemath_mcore.training.logging import setup_console_logging
+from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.losses import masked_token_loss
 from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
@@ -85,7 +85,7 @@ def size_batch_in_conversations(config: TrainConfig, data: TrainingData, world_s
 
 
 def train_sft(config: TrainConfig) -> Dict:
-    setup_console_logging(launch_rank())  # from the config checks on: rank 0's lines, once per job
+    log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "sft")
         config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
