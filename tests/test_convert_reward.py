@@ -157,6 +157,7 @@ def test_export_carries_the_recorded_prompt_format_as_the_chat_template(imported
     import transformers
 
     from acemath_mcore.convert import export_megatron_to_hf
+    from acemath_mcore.convert.megatron_files import ASSETS_DIR
     from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
     from acemath_mcore.data.tokenizers import load_tokenizer
 
@@ -169,6 +170,11 @@ def test_export_carries_the_recorded_prompt_format_as_the_chat_template(imported
         messages = [{"role": "user", "content": record["prompt"]},
                     {"role": "assistant", "content": record["responses"][0]}]
         assert hf_tokenizer.apply_chat_template(messages, tokenize=False) == encoder.render_text(messages)
+    # Without tokenizer files the plain format has no bos / eos to write: the export still succeeds, without it.
+    bare = shutil.copytree(imported / "stories_mc", imported / "stories_mc_bare")
+    shutil.rmtree(bare / ASSETS_DIR)
+    out = export_megatron_to_hf(bare, imported / "stories_exported_bare", progress=False)
+    assert (out / "prompt_format.json").is_file() and not (out / "chat_template.jinja").exists()
 
 
 def test_head_tensors_that_would_be_dropped_are_refused(imported, tmp_path):

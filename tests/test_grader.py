@@ -199,10 +199,20 @@ def test_exponents_named_values_units_and_grouped_digits(pred, gold, expected):
 @pytest.mark.parametrize("answer, expected", [
     ("2.50", "2.5"), ("3.250", "3.25"), ("10.0", "10"), ("0.5000", "0.5"), ("1.05", "1.05"), ("1.050", "1.05"),
     ("\\frac{1.50}{2}", "\\frac{1.5}{2}"), ("(0.10,2.0)", "(0.1,2)"), ("100", "100"), ("2.05", "2.05"),
+    (".50", "0.5"), ("-.50", "-0.5"), ("0.50", "0.5"),
+    # not a decimal number ending in zeros: left as written
+    ("1.20.3", "1.20.3"), ("192.168.10.10", "192.168.10.10"), ("0.10\\overline{6}", "0.10\\overline{6}"),
+    ("0.0\\overline{3}", "0.0\\overline{3}"), ("0.10(6)", "0.10(6)"), ("0.10\\dot{6}", "0.10\\dot{6}"),
 ])
 def test_trailing_decimal_zeros_go_so_equal_numbers_are_one_vote(answer, expected):
-    """maj@k groups answers by their normalised text: 2.50 and 2.5 must be the same vote."""
+    """maj@k groups answers by their normalised text: 2.50 and 2.5 must be the same vote; a repeating decimal or a
+    dotted version keeps its zeros, and normalising again changes nothing."""
     assert normalize_answer(answer) == expected
+    assert normalize_answer(expected) == expected
+
+
+def test_a_repeating_decimal_is_not_another_one_without_its_zero():
+    assert not is_equal("0.10\\overline{6}", "0.1\\overline{6}")
 
 
 def test_normalisation_is_idempotent_on_math_golds():

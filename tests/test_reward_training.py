@@ -117,7 +117,10 @@ def trained(tmp_path_factory):
     preprocess_rm(RMPreprocessConfig(inputs=[str(tmp / "held_out.jsonl")], output_prefix=str(tmp / "rm_valid"),
                                      tokenizer=TOKENIZER, template="plain"))
     lines = (tmp / "held_out.jsonl").read_text().splitlines()
-    bad_inputs = {"bad_record": tmp / "bad_record.jsonl", "too_long": tmp / "too_long.jsonl"}
+    bad_inputs = {"bad_record": tmp / "bad_record.jsonl", "too_long": tmp / "too_long.jsonl",
+                  "surrogate": tmp / "surrogate.jsonl"}
+    bad_inputs["surrogate"].write_text("\n".join(lines[:-1] + [json.dumps({"question": "1 + 1", "code": ["2 \ud83d"]})])
+                                       + "\n")
     bad_inputs["bad_record"].write_text("\n".join(lines[:-1] + ['{"question": "1 + 1"}']) + "\n")
     bad_inputs["too_long"].write_text("\n".join(lines[:-1] + [json.dumps({"question": "1 + 1", "code": [" 2" * 600]})])
                                       + "\n")
@@ -144,6 +147,8 @@ def test_a_fault_in_one_ranks_share_of_the_records_stops_every_rank_by_its_line(
                                              "'prompt') string and a non-empty 'code' (or 'responses') list")
         assert "too_long.jsonl:200 response 0 has " in errors["too_long"]
         assert errors["too_long"].endswith("tokens, more than tokens_per_row 512; raise it")
+        assert errors["surrogate"].endswith("surrogate.jsonl:200: invalid_utf8: response 0 holds an unpaired "
+                                            "surrogate '\\ud83d' at character 2")
 
 
 def test_held_out_pairwise_accuracy_at_least_90_percent(trained):

@@ -50,13 +50,9 @@ class _Recorder(logging.Handler):
         self.lines.append((record.levelname, record.getMessage()))
 
 
-@pytest.mark.parametrize("layout, conversations, rows", [
-    # (TP, PP, VPP) on 8 ranks, micro-batch 1; 820 conversations in 100 rows (8.2 per row)
-    ((2, 1, None), 128, 16),  # DP 4: 15.6 rows wanted, 16 hold 131
-    ((1, 2, 2), 96, 8),  # DP 4, interleaved: groups of 4 x PP 2 = 8 rows; 11.7 wanted, 8 (65.6) nearer than 16
-    ((8, 1, None), 2, 1),  # 0.24 rows wanted: at least one
-])
-def test_a_batch_in_conversations_becomes_the_nearest_whole_micro_batches_of_rows(layout, conversations, rows):
+def _sized(layout, conversations, saved_rows=None, world_size=8):
+    """size_batch_in_conversations at micro-batch 1 for 820 conversations in 100 rows (8.2 per row): the config it
+    set and the log lines."""
     from acemath_mcore.recipes import apply_overrides, get_recipe
     from acemath_mcore.training.sft import size_batch_in_conversations
     from acemath_mcore.training.trainer import TrainingData
@@ -72,21 +68,51 @@ def test_a_batch_in_conversations_becomes_the_nearest_whole_micro_batches_of_row
     level, logger.level = logger.level, logging.INFO
     logger.addHandler(recorder)
     try:
-        size_batch_in_conversations(config, data, world_size=8)
+        size_batch_in_conversations(config, data, world_size=world_size, saved_rows=saved_rows)
     finally:
         logger.removeHandler(recorder)
         logger.setLevel(level)
+    return config, recorder.lines
+
+
+@pytest.mark.parametrize("layout, conversations, rows", [
+    ((2, 1, None), 128, 16),  # DP 4: 15.6 rows wanted, 16 hold 131
+    ((1, 2, 2), 96, 8),  # DP 4, interleaved: groups of 4 x PP 2 = 8 rows; 11.7 wanted, 8 (65.6) nearer than 16
+])
+def test_a_batch_in_conversations_becomes_the_nearest_whole_micro_batches_of_rows(layout, conversations, rows):
+    config, lines = _sized(layout, conversations)
     assert config.global_batch_size == rows
     held = rows * 8.2
     assert ("INFO", f"global batch: {rows} rows of 8.20 conversations on average, about {held:.0f} conversations "
-                    f"per step (global_batch_conversations={conversations})") in recorder.lines
-    warnings = [message for levelname, message in recorder.lines if levelname == "WARNING"]
+                    f"per step (global_batch_conversations={conversations})") in lines
+    warnings = [message for levelname, message in lines if levelname == "WARNING"]
     assert bool(warnings) == (not 0.8 <= held / conversations <= 1.25)
     if rows == 8:
         assert warnings == ["a step holds about 66 conversations, not the 96 asked for: its rows come in multiples "
                             "of 8 (micro_batch_size x data-parallel size x pipeline_parallel); lower "
                             "micro_batch_size, use fewer GPUs, or set global_batch_size (and "
                             "global_batch_conversations=null)"]
+
+
+def test_a_batch_more_than_twice_off_its_conversations_is_refused():
+    """128 conversations on 64 data-parallel ranks: a step cannot be smaller than 64 rows, ~525 conversations."""
+    with pytest.raises(ValueError) as refused:
+        _sized((1, 1, None), 128, world_size=64)
+    assert str(refused.value) == (
+        "a step would hold about 525 conversations, 4.1x the global_batch_conversations=128 asked for: its rows come "
+        "in multiples of 64 (micro_batch_size x data-parallel size); lower micro_batch_size, use fewer GPUs, or set "
+        "global_batch_size (and global_batch_conversations=null)")
+
+
+def test_a_resumed_run_keeps_its_checkpoints_rows_per_step_or_says_why_it_cannot():
+    config, lines = _sized((2, 1, None), 64, saved_rows=12)  # 64 conversations would round to 8 rows here
+    assert config.global_batch_size == 12
+    assert lines == [("INFO", "global batch: 12 rows per step, as in the checkpoint being resumed "
+                              "(global_batch_conversations=64)")]
+    with pytest.raises(ValueError, match=r"the checkpoint being resumed took 14 packed rows per step "
+                                         r"\(global_batch_conversations=64\), which do not split into whole "
+                                         r"micro-batches of micro_batch_size x data-parallel size = 4 here"):
+        _sized((2, 1, None), 64, saved_rows=14)
 
 
 def test_every_backbone_has_all_three_stages_and_nothing_else_is_sft():

@@ -283,13 +283,18 @@ def _trainer_runs(rank, world_size, prefix, root):
         results["batch_change_error"] = str(error)
     release_model_parallel()
     # A step of about 40 conversations (one epoch): the trainer sizes the packed rows per step from the data.
-    in_conversations = _config(prefix, None, f"{root}/runs", 0, extra=["global_batch_size=null",
-                                                                      "global_batch_conversations=40"])
+    in_conversations = _config(prefix, f"{root}/conversations", f"{root}/runs", 0,
+                               extra=["global_batch_size=null", "global_batch_conversations=40"])
     data = sft_training_data(in_conversations)
     summary = train_sft(in_conversations)
+    release_model_parallel()
+    # Resumed with another conversation count (which would round to other rows): the checkpoint's rows stay.
+    resumed = train_sft(_config(prefix, f"{root}/conversations", f"{root}/runs", summary["total_steps"] + 1,
+                                extra=["global_batch_size=null", "global_batch_conversations=60"]))
     results["conversation_batch"] = {"documents": data.documents, "rows": data.num_samples,
                                      "steps": summary["total_steps"], "consumed": summary["consumed_samples"],
-                                     "config_after": in_conversations.global_batch_size}
+                                     "config_after": in_conversations.global_batch_size,
+                                     "resumed": (resumed["steps"], resumed["consumed_samples"])}
     release_model_parallel()
 
     class CorruptedAtStepTwo(SFTTask):
@@ -829,6 +834,8 @@ def test_a_step_of_about_n_conversations_is_the_nearest_whole_micro_batches_of_p
     batch = min(range(unit, run["rows"] + 1, unit), key=lambda rows: abs(rows * per_row - 40))
     assert run["steps"] == run["rows"] // batch and run["consumed"] == run["steps"] * batch
     assert run["config_after"] is None  # the caller's config is left as given
+    assert run["resumed"] == (run["steps"] + 1, (run["steps"] + 1) * batch)  # 60 would have rounded to more rows
+    assert min(range(unit, run["rows"] + 1, unit), key=lambda rows: abs(rows * per_row - 60)) != batch
 
 
 def test_retention_keeps_the_new_checkpoint_and_leaves_an_earlier_runs_later_ones(tmp_path, caplog):

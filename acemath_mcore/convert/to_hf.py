@@ -76,7 +76,12 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, hf_temp
         recorded_format = prompt_format_file(checkpoint)
         if recorded_format is not None:  # the HF and vLLM evaluation backends read it there too
             shutil.copy2(recorded_format, staging / PROMPT_FORMAT_FILE)
-            _write_chat_template(staging, find_prompt_format(checkpoint))
+            prompt_format = find_prompt_format(checkpoint)
+            if prompt_format.template == "plain" and assets is None:  # its bos / eos come from the tokenizer
+                logger.warning("no tokenizer files to export (pass --hf-template): the plain prompt format is left "
+                               "in %s only, not made a chat template", PROMPT_FORMAT_FILE)
+            else:
+                _write_chat_template(staging, prompt_format)
     logger.info("wrote %s: %.2f GB of %s tensors%s", out_dir, writer.total_bytes / 1e9, out_dtype,
                 " (reward model)" if reward_head else "")
     return Path(out_dir)

@@ -102,7 +102,7 @@ def validate_messages(raw_messages: list, where: str) -> list[dict]:
         if not isinstance(content, str):
             raise DataError(where, Reason.BAD_MESSAGE, f"message {index} ({role}) content is not a string")
         if not content.isascii():
-            _check_encodable(content, where, f"message {index} ({role})")
+            check_encodable(content, where, f"message {index} ({role})")
         if role == "system" and index != 0:
             raise DataError(where, Reason.MISPLACED_SYSTEM, f"system message at position {index}; only 0 is allowed")
         if role == "assistant" and not content.strip():
@@ -113,7 +113,7 @@ def validate_messages(raw_messages: list, where: str) -> list[dict]:
     return messages
 
 
-def _check_encodable(text: str, where: str, what: str) -> None:
+def check_encodable(text: str, where: str, what: str) -> None:
     """JSON may escape half of a surrogate pair (a cut-off emoji, ``"\\ud83d"``): valid JSON, but no tokenizer
     can encode it, and one such string would otherwise stop a whole batch far from its line."""
     try:

@@ -254,9 +254,12 @@ def normalize_answer(answer: str) -> str:
     text = _wrap_single_char_arguments(text, "\\frac", 2)
     text = _wrap_single_char_arguments(text, "\\sqrt", 1)
     text = re.sub(r"^(-?\d+)/(\d+)$", r"\\frac{\1}{\2}", text)
-    text = re.sub(r"(\d)\.0+(?!\d)", r"\1", text)
-    text = re.sub(r"(\d\.\d*?[1-9])0+(?!\d)", r"\1", text)  # 2.50 -> 2.5: one vote in maj@k, not two
-    text = re.sub(r"(^|[^\w.])\.(\d)", r"\g<1>0.\2", text)
+    text = re.sub(r"(^|[^\w.])\.(\d)", r"\g<1>0.\2", text)  # .5 -> 0.5 first, so .50 ends as 0.5 too
+    # Trailing decimal zeros go (10.0 -> 10, 2.50 -> 2.5: one maj@k vote), on a whole decimal number only: not in a
+    # version or address (1.20.3), nor before a repeating part (0.10\overline{6} is not 0.1\overline{6}).
+    whole_number_end = r"(?![\d.]|\\overline|\\dot|\()"
+    text = re.sub(r"(?<![\d.])(\d+)\.0+" + whole_number_end, r"\1", text)
+    text = re.sub(r"(?<![\d.])(\d+\.\d*?[1-9])0+" + whole_number_end, r"\1", text)
     text = re.sub(r"([_^])\{(\w)\}(?!\d)", r"\1\2", text)  # 2^{3}3 keeps its braces: 2^33 would be one exponent
     text = re.sub(r"^\(([A-Z])\)$", r"\1", text)
     if text.startswith("{") and text.endswith("}") and matching_brace_end(text, 0) == len(text) - 1:

@@ -22,7 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
-from acemath_mcore.data.jsonl import DataError, Reason, parse_json_line
+from acemath_mcore.data.jsonl import DataError, Reason, check_encodable, parse_json_line
 from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, encode_rm_group,
                                         problem_prompt, rm_dataloader)
 from acemath_mcore.models.arch import ModelArch
@@ -250,6 +250,8 @@ def candidate_group(record: dict, where: str) -> RMGroup:
     not_text = next((index for index, response in enumerate(responses) if not isinstance(response, str)), None)
     if not_text is not None:
         raise DataError(where, Reason.BAD_MESSAGE, f"response {not_text} is not a string")
+    for index, response in enumerate(responses):
+        check_encodable(response, where, f"response {index}")
     # An empty response (a model that ended its turn at once) is still a candidate: it is scored at its last
     # token like any other, so best-of-n can rank it.
     return RMGroup(where, messages, list(responses), [0] * len(responses))
@@ -272,14 +274,14 @@ def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardS
     with input_path.open("rb") as handle:
         records = sum(1 for raw in handle if raw.strip())
     share = data_parallel_share(records)
-    groups, error = [], None
+    groups, sequences, error = [], [], None
     try:
         groups = [candidate_group(parse_json_line(raw, where), where)
                   for where, raw in _nonblank_lines(input_path, share.start, share.stop)]
-    except DataError as bad_record:
-        error = bad_record
+        sequences = [sequence for group in groups for sequence in encode_rm_group(encoder, group)]
+    except ValueError as bad_record:  # DataError, or a tokenizer's refusal: every rank stops, not this one alone
+        error = bad_record if isinstance(bad_record, DataError) else ValueError(str(bad_record))  # picklable
     raise_on_every_rank(error)
-    sequences = [sequence for group in groups for sequence in encode_rm_group(encoder, group)]
     names = [f"{group.where} response {index}" for group in groups for index in range(len(group.responses))]
     logger.info("scoring %d records over %d data-parallel ranks (%d responses on rank 0)", records,
                 parallel_state.get_data_parallel_world_size(), len(sequences))
