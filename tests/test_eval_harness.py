@@ -95,6 +95,21 @@ def test_greedy_run_grades_writes_and_skips_a_finished_benchmark(tmp_path, encod
     assert backend.calls == 4
 
 
+def test_a_multiple_choice_benchmarks_results_are_redone_when_its_prompt_layout_changes(tmp_path, monkeypatch):
+    """Exemplars and layout live in code: a stored MMLU-STEM result made with others must not be reused. Open
+    benchmarks' prompts (question + instruction) are fingerprinted by their settings alone."""
+    from acemath_mcore.eval import benchmarks
+
+    settings = _settings(tmp_path)
+    mmlu = settings.fingerprint("mmlu_stem", "m")
+    [turn] = mmlu["prompt_layout"]
+    assert turn["content"].endswith("<question>\nAnswer Choices: (A) <A> (B) <B> (C) <C> (D) <D>\n"
+                                    + settings.instruction)
+    assert "prompt_layout" not in settings.fingerprint("gsm8k", "m")
+    monkeypatch.setattr(benchmarks, "DEFAULT_MMLU_EXEMPLARS", benchmarks.DEFAULT_MMLU_EXEMPLARS[:1])
+    assert settings.fingerprint("mmlu_stem", "m") != mmlu
+
+
 def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm8k, monkeypatch):
     """An --overwrite rerun killed while writing its results must not leave the old .meta.json beside a
     truncated .jsonl: the next run would take them for finished results."""

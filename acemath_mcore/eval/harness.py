@@ -32,6 +32,7 @@ from acemath_mcore.eval.benchmarks import (
     Problem,
     build_messages,
     format_multiple_choice,
+    is_multiple_choice,
     load_benchmark,
 )
 from acemath_mcore.eval.generation import Generation, SamplingParams
@@ -106,7 +107,17 @@ class EvalSettings:
                 "num_samples": self.num_samples, "seed": self.seed, "limit": self.limit,
                 "instruction": self.instruction, "instruction_role": self.instruction_role,
                 "data_dir": str(Path(self.data_dir).resolve()), "chunk_problems": self.chunk_problems,
-                "setup": self.setup}
+                "setup": self.setup, **_prompt_layout(benchmark, self.instruction, self.instruction_role)}
+
+
+def _prompt_layout(benchmark: str, instruction: Optional[str], instruction_role: str) -> dict:
+    """A multiple-choice benchmark's prompt around a placeholder problem (its exemplars and layout, which code
+    changes may change: stored results made with another one are regenerated); {} for open problems, whose prompt
+    is the question and the instruction, both in the fingerprint already."""
+    if not is_multiple_choice(benchmark):
+        return {}
+    placeholder = Problem(benchmark, 0, "<question>", "", ("<A>", "<B>", "<C>", "<D>"))
+    return {"prompt_layout": build_messages(placeholder, instruction, instruction_role)}
 
 
 def results_path(output_dir: str | Path, benchmark: str, shard: Optional[Shard] = None) -> Path:
@@ -439,7 +450,8 @@ def summarize(output_dir: str | Path, benchmarks: Optional[Sequence[str]] = None
         if meta.is_file():
             stored = json.loads(meta.read_text())
             row["prompts_too_long"] = stored.get("prompts_too_long", 0)
-            settings[name] = {key: value for key, value in (stored.get("settings") or {}).items() if key != "benchmark"}
+            settings[name] = {key: value for key, value in (stored.get("settings") or {}).items()
+                              if key not in ("benchmark", "prompt_layout")}  # each benchmark's own
         rows[name] = row
     average = sum(row["pass@1"] for row in rows.values()) / max(1, len(rows))
     summary = {"benchmarks": rows, "average": average}
