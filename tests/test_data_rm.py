@@ -214,6 +214,42 @@ def test_score_sorted_selection_on_real_groups(real_groups):
             assert picked == pool[:len(picked)]
 
 
+def _best_subset_by_search(scores, labels, size, positives, negatives):
+    """Reference by exhaustive search over every subset of ``size`` candidates: the most balanced one (the smaller
+    |positives - negatives|, then fewer positives: the odd one out is a negative), then the one whose positives
+    have the best scores from their end (highest for "top"), then likewise its negatives. Distinct scores."""
+    import itertools
+
+    def preference(subset):
+        chosen_positive = sorted((scores[i] for i in subset if labels[i]), reverse=positives == "top")
+        chosen_negative = sorted((scores[i] for i in subset if not labels[i]), reverse=negatives == "top")
+        sign_positive = -1 if positives == "top" else 1
+        sign_negative = -1 if negatives == "top" else 1
+        balance = abs(len(chosen_positive) - len(chosen_negative))
+        return (balance, len(chosen_positive), [sign_positive * x for x in chosen_positive],
+                [sign_negative * x for x in chosen_negative])
+
+    return list(min(itertools.combinations(range(len(scores)), size), key=preference))
+
+
+@pytest.mark.parametrize("positives, negatives", [("top", "bottom"), ("bottom", "top"), ("top", "top")])
+def test_score_sorted_selection_is_the_best_subset_an_exhaustive_search_finds(positives, negatives):
+    from acemath_mcore.data.rm_data import RMGroup
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(3, 10))
+        size = int(rng.integers(2, n))
+        labels = [int(x) for x in rng.integers(0, 2, size=n)]
+        if len(set(labels)) < 2:
+            labels[0] = 1 - labels[0]
+        scores = [float(x) for x in rng.permutation(n)]  # distinct
+        group = RMGroup(f"g{trial}", [{"role": "user", "content": "q"}], [f"r{i}" for i in range(n)], labels, scores)
+        chosen = score_sorted_selection(group, size, positives, negatives)
+        expected = _best_subset_by_search(scores, labels, size, positives, negatives)
+        assert chosen.responses == [f"r{i}" for i in expected], (trial, scores, labels, size)
+
+
 def ends_at_the_score_token(sequence, qwen) -> bool:
     """chatml: ``<|im_end|>`` then the newline that HF's template puts after it, the last token."""
     return sequence[-2] == qwen.im_end_id and list(sequence[-1:]) == qwen.encode("\n")
