@@ -98,6 +98,7 @@ BENCHMARKS: tuple[str, ...] = tuple(_SPECS)
 def is_multiple_choice(benchmark: str) -> bool:
     return _SPECS[benchmark].multiple_choice
 
+
 # Golds the reference normalisation deletes entirely: it drops \mbox{...} (used for units in MATH) and compass
 # directions (unit words), so the toolkit marks every prediction for these problems wrong.
 _REFERENCE_DELETED_GOLD = re.compile(

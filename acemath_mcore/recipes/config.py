@@ -105,11 +105,9 @@ class TrainConfig:
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
 
     def rows_per_step(self, conversations_per_row: float, unit: int = 1) -> int:
-        """``global_batch_size``, or the rows that hold about ``global_batch_conversations`` conversations at
-        ``conversations_per_row``: the nearest multiple of ``unit`` (micro-batch x data-parallel size, x PP under
-        the interleaved schedule), at least one."""
-        if self.global_batch_size is not None:
-            return self.global_batch_size
+        """The rows that hold about ``global_batch_conversations`` conversations at ``conversations_per_row``: the
+        nearest multiple of ``unit`` (micro-batch x data-parallel size, x PP under the interleaved schedule), at
+        least one."""
         return max(unit, round(self.global_batch_conversations / conversations_per_row / unit) * unit)
 
     def to_dict(self) -> dict:
