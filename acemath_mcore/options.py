@@ -22,6 +22,7 @@ DECAY_STYLES = ("cosine", "linear", "constant")
 NAN_POLICIES = ("stop", "skip")  # what a non-finite loss or gradient norm does: raise, or skip the update
 RM_LOSSES = ("listwise_bt", "pairwise_bt", "bce", "mse")
 PROFILERS = ("torch", "nsys")  # training/profiling.py
+WANDB_MODES = ("offline", "online", "disabled")  # training/logging.py; a WANDB_MODE variable wins
 # How a checkpoint stores the distributed optimizer's state (training/checkpointing.py): per-parameter tensors
 # that reload at any TP/PP/DP, or each data-parallel rank's own buffer slices (no gather; reload at the same TP/PP).
 OPTIMIZER_CHECKPOINT_FORMATS = ("fully_reshardable", "dp_reshardable")
@@ -78,7 +79,6 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline_parallel: Optional[int] = None
     context_parallel: int = 1
-    expert_parallel: int = 1
     sequence_parallel: bool = False
     # How long a collective waits for its peers before NCCL's watchdog aborts the rank (a hang that no crash ends:
     # srun --kill-on-bad-exit ends the step when a rank dies). The 72B checkpoint save must fit in it.

@@ -68,9 +68,6 @@ def check_stage(stage, planned: bool = False) -> tuple[list[str], str, object, o
     except OverrideError as error:
         return [f"{name}: OVERRIDES: {error}"], name, None, None
     errors = []
-    if not config.data.prefixes:
-        errors.append(f"{name}: DATA is not set: a comma-separated list of prefixes from launch/preprocess.py "
-                      f"{stage['kind']}")
     save_dir = config.checkpoint.save_dir
     try:
         latest = find_latest(save_dir) if save_dir and config.checkpoint.resume else None

@@ -37,6 +37,10 @@ def prefixes(tmp_path_factory):
     return {"stories": _prefix(root, "stories", STORIES_TOKENIZER), "llama2": _prefix(root, "llama2", LLAMA2_TOKENIZER)}
 
 
+NO_DATA = {kind: f"data.prefixes: none given: pass data.prefixes=[PREFIX,...], outputs of launch/preprocess.py {kind}"
+           for kind in ("sft", "rm")}
+
+
 def _tiny(overrides, kind="sft"):
     from acemath_mcore.recipes import apply_overrides, get_recipe
 
@@ -85,8 +89,8 @@ def test_every_problem_is_listed_with_its_key():
         "checkpoint.save_interval=-5: must be at least 0 (0: only at the end)",
         "profile.num_steps=0: must be at least 1",
         "global_batch_size=6 is not a multiple of micro_batch_size=4",
-        "data.weights: 1 weight(s) for 2 prefix(es) in data.prefixes; give one per prefix, or none to blend in "
-        "proportion to size",
+        "data.prefixes: a reward model trains on exactly one RM prefix and no blend weights, got 2 prefix(es) and "
+        "weights [1.0]",
         "data.prefixes: prefix a is missing a.bin, a.idx, a_rm_labels.npy (write it with launch/preprocess.py rm "
         "--output a)",
         "data.prefixes: prefix b is missing b.bin, b.idx, b_rm_labels.npy (write it with launch/preprocess.py rm "
@@ -96,10 +100,14 @@ def test_every_problem_is_listed_with_its_key():
         "parallel.context_parallel=2: context parallelism is not supported (the data path does not split sequences "
         "across CP ranks); use 1, and tensor parallelism with sequence parallelism or recompute for long sequences",
     ]
-    assert "reward.loss" not in " ".join(config_problems(config, "sft"))  # SFT ignores the reward section
-    assert config_problems(_tiny([]), "sft") == config_problems(_tiny([], "rm"), "rm") == []
+    sft_problems = config_problems(config, "sft")
+    assert "reward.loss" not in " ".join(sft_problems)  # SFT ignores the reward section
+    assert "data.weights: 1 weight(s) for 2 prefix(es) in data.prefixes; give one per prefix, or none to blend in " \
+        "proportion to size" in sft_problems
+    assert config_problems(_tiny([]), "sft") == [NO_DATA["sft"]]
+    assert config_problems(_tiny([], "rm"), "rm") == [NO_DATA["rm"]]
     assert config_problems(_tiny(["model=tiny-qwen"]), "sft") == [
-        f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"]
+        NO_DATA["sft"], f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"]
 
 
 def test_transformer_engine_options_on_the_native_spec_are_refused_on_any_machine():
@@ -109,8 +117,9 @@ def test_transformer_engine_options_on_the_native_spec_are_refused_on_any_machin
 
     te_only = ["model_options.fp8=hybrid", "model_options.cuda_graph=mlp"]
     assert config_problems(_tiny(["model_options.spec=native", *te_only]), "sft") == [
-        f"{option} needs Transformer Engine's layer spec, not model_options.spec=native" for option in te_only]
-    assert config_problems(_tiny(["model_options.spec=auto", *te_only]), "sft") == []
+        *(f"{option} needs Transformer Engine's layer spec, not model_options.spec=native" for option in te_only),
+        NO_DATA["sft"]]
+    assert config_problems(_tiny(["model_options.spec=auto", *te_only]), "sft") == [NO_DATA["sft"]]
 
 
 def test_sizes_below_one_and_a_missing_starting_checkpoint_are_problems_not_tracebacks():
@@ -119,14 +128,42 @@ def test_sizes_below_one_and_a_missing_starting_checkpoint_are_problems_not_trac
     from acemath_mcore.recipes.checks import config_problems
 
     assert config_problems(_tiny(["parallel.tensor_parallel=0", "parallel.pipeline_parallel=-2"]), "sft") == [
-        "parallel.tensor_parallel=0: must be at least 1", "parallel.pipeline_parallel=-2: must be at least 1"]
+        NO_DATA["sft"], "parallel.tensor_parallel=0: must be at least 1", "parallel.pipeline_parallel=-2: must be at least 1"]
     assert config_problems(_tiny(["train_steps=-5"]), "sft") == [
-        "train_steps=-5, epochs=1.0: train_steps must be at least 0 (0: run for the epochs) and epochs above 0"]
+        "train_steps=-5, epochs=1.0: train_steps must be at least 0 (0: run for the epochs) and epochs above 0",
+        NO_DATA["sft"]]
     missing = "checkpoint.init_from=/nowhere/base"
     assert config_problems(_tiny([missing]), "sft") == [
-        "checkpoint.init_from: /nowhere/base does not exist (convert the base model with "
+        NO_DATA["sft"], "checkpoint.init_from: /nowhere/base does not exist (convert the base model with "
         "checkpoints_tools/convert_from_hf.py, or point it at the previous stage's save dir)"]
-    assert config_problems(_tiny([missing]), "sft", read_checkpoint=False) == []  # an earlier job writes it
+    assert config_problems(_tiny([missing]), "sft", read_checkpoint=False) == [NO_DATA["sft"]]  # an earlier job writes it
+
+
+def test_values_megatron_or_torch_would_refuse_after_the_model_is_built_are_problems():
+    """These passed --dry-run and Slurm's preflight, then failed on every rank after set-up: a bare assertion from
+    megatron's scheduler (min_lr above lr), its VPP assertion (VPP=1), torch's DataLoader, wandb's settings."""
+    from acemath_mcore.recipes.checks import config_problems
+
+    config = _tiny(["optim.min_lr=1", "optim.weight_decay=-0.1", "optim.adam_beta2=1", "optim.adam_eps=0",
+                    "optim.overlap_param_gather=true", "data.num_workers=-1", "logging.wandb_mode=bogus",
+                    "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=1",
+                    "parallel.timeout_minutes=0"])
+    assert config_problems(config, "sft") == [
+        "logging.wandb_mode=bogus: choose one of offline, online, disabled",
+        "data.num_workers=-1: must be at least 0 (0: load in the training process)",
+        "parallel.timeout_minutes=0: must be at least 1",
+        "optim.min_lr=1.0: must be between 0 and optim.lr=0.002 (the decay's floor)",
+        "optim.weight_decay=-0.1: must be at least 0",
+        "optim.adam_beta2=1.0: must be in [0, 1)",
+        "optim.adam_eps=0.0: must be above 0",
+        "optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and optim.overlap_grad_reduce=true",
+        NO_DATA["sft"],
+        "parallel.virtual_pipeline_parallel=1: use null (no interleaving) or at least 2 model chunks per pipeline "
+        "stage",
+    ]
+    assert config_problems(_tiny(["optim.lr=0", "optim.min_lr=1"]), "sft")[0] == "optim.lr=0.0: must be above 0"
+    assert config_problems(_tiny(["data.valid_prefixes=[a,b]"], "rm"), "rm")[:2] == [
+        NO_DATA["rm"], "data.valid_prefixes: a reward model validates on one RM prefix, got 2"]
 
 
 def test_a_step_is_sized_in_rows_or_in_conversations_never_both():
@@ -135,16 +172,16 @@ def test_a_step_is_sized_in_rows_or_in_conversations_never_both():
     assert config_problems(_tiny(["global_batch_conversations=64"]), "sft") == [
         "global_batch_size=8, global_batch_conversations=64: set exactly one, a step of that many rows or of about "
         "that many conversations (add global_batch_conversations=null to use global_batch_size, or the other way "
-        "round)"]
+        "round)", NO_DATA["sft"]]
     assert config_problems(_tiny(["global_batch_size=null"]), "sft") == [
         "global_batch_size=none, global_batch_conversations=none: set exactly one, a step of that many rows or of "
         "about that many conversations (add global_batch_conversations=null to use global_batch_size, or the other "
-        "way round)"]
+        "way round)", NO_DATA["sft"]]
     assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=0"]), "sft") == [
-        "global_batch_conversations=0: must be at least 1"]
-    assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"]), "sft") == []
+        "global_batch_conversations=0: must be at least 1", NO_DATA["sft"]]
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"]), "sft") == [NO_DATA["sft"]]
     assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"], "rm"), "rm") == [
-        "global_batch_conversations=64: SFT only; a reward model's step is global_batch_size problems"]
+        "global_batch_conversations=64: SFT only; a reward model's step is global_batch_size problems", NO_DATA["rm"]]
 
 
 def test_the_launched_trainer_logs_the_rows_a_step_of_conversations_takes(prefixes, tmp_path):
@@ -212,13 +249,13 @@ def test_data_tokenizer_must_match_the_starting_checkpoints(prefixes, tmp_path):
     assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={other}",
                                   f"checkpoint.save_dir={save_dir}"]), "sft") == []
     (save_dir / "latest").write_text("iter_0000009")  # names no checkpoint: an error, not a silent fresh start
-    problems = config_problems(_tiny([f"checkpoint.save_dir={save_dir}"]), "sft")
+    problems = config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.save_dir={save_dir}"]), "sft")
     assert len(problems) == 1 and problems[0].startswith(
         f"checkpoint.save_dir: {save_dir}/latest names 'iter_0000009', which is not a complete checkpoint")
     # A checkpoint written for another architecture.
     arch = json.loads((same / "model_arch.json").read_text())
     (same / "model_arch.json").write_text(json.dumps({**arch, "rope_theta": 1e6}))
-    assert config_problems(_tiny([f"checkpoint.init_from={same}"]), "sft") == [
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={same}"]), "sft") == [
         f"model: the starting checkpoint {same} records another architecture than the one asked for: rope_theta "
         "1000000.0 there, 10000.0 here"]
 

@@ -6,7 +6,7 @@ import pytest
 
 from acemath_mcore.launch_common import main_for
 from acemath_mcore.recipes import apply_overrides, get_recipe
-from acemath_mcore.training.reward import rm_training_data, train_reward_model
+from acemath_mcore.training.reward import train_reward_model
 
 
 @pytest.mark.parametrize("name, model, lr", [("qwen25_math_7b_rm", "qwen2.5-math-7b", 5e-6),
@@ -21,16 +21,19 @@ def test_paper_recipes(name, model, lr):
 
 
 def test_dry_run_prints_the_resolved_rm_config(capsys):
-    assert main_for("rm", "", ["--recipe", "tiny_rm", "--dry-run", "reward.loss=pairwise_bt"]) == 0
-    printed = json.loads(capsys.readouterr().out)
-    assert printed["reward"]["loss"] == "pairwise_bt" and printed["model"] == "tiny"
+    """The config is printed even when the checks fail; here the recipe has no data yet (exit status 2)."""
+    assert main_for("rm", "", ["--recipe", "tiny_rm", "--dry-run", "reward.loss=pairwise_bt"]) == 2
+    printed, errors = capsys.readouterr()
+    assert json.loads(printed)["reward"]["loss"] == "pairwise_bt" and json.loads(printed)["model"] == "tiny"
+    assert errors == "error: data.prefixes: none given: pass data.prefixes=[PREFIX,...], outputs of " \
+        "launch/preprocess.py rm\n"
 
 
 def test_bad_settings_fail_before_any_process_group_exists():
     with pytest.raises(ValueError, match="reward.loss=hinge: choose one of listwise_bt, pairwise_bt, bce, mse"):
         train_reward_model(apply_overrides(get_recipe("tiny_rm"), ["reward.loss=hinge"]))
-    with pytest.raises(ValueError, match="exactly one RM prefix"):
-        rm_training_data(apply_overrides(get_recipe("tiny_rm"), ["data.prefixes=[a,b]"]))
+    with pytest.raises(ValueError, match="a reward model trains on exactly one RM prefix and no blend weights, got 2"):
+        train_reward_model(apply_overrides(get_recipe("tiny_rm"), ["data.prefixes=[a,b]"]))
 
 
 def test_each_entry_point_takes_only_its_own_recipes(capsys):

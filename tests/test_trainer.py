@@ -1074,7 +1074,7 @@ def test_log_line_names_a_data_stall_only_when_it_costs_time(tmp_path, caplog):
     assert [row["data_s_max"] for row in rows] == [0.05, 0.5]
 
 
-def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monkeypatch):
+def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monkeypatch, caplog):
     """Rank 0 opens one wandb run (offline unless WANDB_MODE says otherwise, so no network is needed), logs each
     line's metrics at its step, and closes it with the run's scalar summary; other ranks never touch wandb."""
     import types
@@ -1111,6 +1111,11 @@ def test_wandb_gets_the_config_every_logged_step_and_the_summary(tmp_path, monke
         ("log", 2, {"lm_loss": 1.5, "lr": 0.5}),
         ("finish", {"final_loss": 1.5, "steps": 2}),
     ]
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment wins, and says so
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore.training.logging"):
+        MetricsLogger("run2", str(tmp_path), {}, total_steps=1, rank=0, wandb_project="p", wandb_mode="offline")
+    assert calls[-1][2] == "disabled"
+    assert "WANDB_MODE=disabled from the environment overrides logging.wandb_mode=offline" in caplog.text
 
 
 def test_a_preemption_that_kills_wandbs_service_costs_only_wandb(tmp_path, monkeypatch, caplog):

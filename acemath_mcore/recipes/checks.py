@@ -2,9 +2,10 @@
 
 The trainers run these checks before they touch a GPU; ``launch/train_*.py --dry-run`` and ``slurm/preflight.py``
 run them on the submit host. Each problem names the config key to change. What is checked: the choice-valued
-options, the model name, the parallel layout against the model's shapes, the blend weights, and the data's
-tokenizer (from each prefix's ``_stats.json``) against the model's vocabulary and against the tokenizer the
-starting checkpoint records.
+options, the optimizer's numbers, the model name, the parallel layout against the model's shapes, the data
+prefixes (present, complete, one for a reward model) and blend weights, and the data's tokenizer (from each
+prefix's ``_stats.json``) against the model's vocabulary and against the tokenizer the starting checkpoint records.
+A value megatron-core or torch would refuse only after the model is built on every GPU belongs here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from acemath_mcore.options import (
     RECOMPUTE_GRANULARITIES,
     RM_LOSSES,
     SPEC_CHOICES,
+    WANDB_MODES,
 )
 from acemath_mcore.recipes.config import TrainConfig
 
@@ -58,7 +60,8 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
     """Every problem found, each starting with the config key to change. ``kind``: sft or rm. ``arch``: the
     model when the caller already has it (else resolved from ``config.model``). ``read_checkpoint``: compare
     with the starting checkpoint's recorded architecture and tokenizer (off when an earlier job writes it)."""
-    problems = _option_problems(config, kind) + _batch_problems(config, kind)
+    problems = _option_problems(config, kind) + _optim_problems(config) + _batch_problems(config, kind)
+    problems += _data_problems(config, kind)
     data = config.data
     complete = []
     for key in ("prefixes", "valid_prefixes"):
@@ -112,6 +115,7 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
         ("nan_policy", config.nan_policy, NAN_POLICIES),
         ("checkpoint.optimizer_format", config.checkpoint.optimizer_format, OPTIMIZER_CHECKPOINT_FORMATS),
         ("profile.tool", config.profile.tool, (None, *PROFILERS)),
+        ("logging.wandb_mode", config.logging.wandb_mode, WANDB_MODES),
     ]
     if kind == "rm":
         choices.append(("reward.loss", config.reward.loss, RM_LOSSES))
@@ -123,12 +127,35 @@ def _option_problems(config: TrainConfig, kind: str) -> List[str]:
                      if value]
     intervals = (("logging.log_interval", config.logging.log_interval, 1, ""),
                  ("eval_interval", config.eval_interval, 0, " (0: only after the last step)"),
-                 ("checkpoint.save_interval", config.checkpoint.save_interval, 0, " (0: only at the end)"))
+                 ("checkpoint.save_interval", config.checkpoint.save_interval, 0, " (0: only at the end)"),
+                 ("data.num_workers", config.data.num_workers, 0, " (0: load in the training process)"),
+                 ("parallel.timeout_minutes", config.parallel.timeout_minutes, 1, ""))
     problems += [f"{key}={value}: must be at least {least}{meaning}" for key, value, least, meaning in intervals
                  if value < least]
     if config.profile.tool is not None:
         problems += [f"profile.{key}={value}: must be at least 1" for key, value in (
             ("start_step", config.profile.start_step), ("num_steps", config.profile.num_steps)) if value < 1]
+    return problems
+
+
+def _optim_problems(config: TrainConfig) -> List[str]:
+    """Numbers megatron's scheduler and torch's AdamW would refuse with a bare assertion once the model is built."""
+    optim = config.optim
+    problems = []
+    if not optim.lr > 0:
+        problems.append(f"optim.lr={optim.lr}: must be above 0")
+    elif not 0 <= optim.min_lr <= optim.lr:
+        problems.append(f"optim.min_lr={optim.min_lr}: must be between 0 and optim.lr={optim.lr} (the decay's floor)")
+    problems += [f"optim.{key}={value}: must be at least 0{meaning}" for key, value, meaning in (
+        ("weight_decay", optim.weight_decay, ""), ("clip_grad", optim.clip_grad, " (0: no clipping)"),
+        ("warmup_steps", optim.warmup_steps, "")) if value < 0]
+    problems += [f"optim.{key}={value}: must be in [0, 1)" for key, value in (
+        ("adam_beta1", optim.adam_beta1), ("adam_beta2", optim.adam_beta2)) if not 0 <= value < 1]
+    if not optim.adam_eps > 0:
+        problems.append(f"optim.adam_eps={optim.adam_eps}: must be above 0")
+    if optim.overlap_param_gather and not (optim.use_distributed_optimizer and optim.overlap_grad_reduce):
+        problems.append("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
+                        "optim.overlap_grad_reduce=true")
     return problems
 
 
@@ -151,7 +178,24 @@ def _batch_problems(config: TrainConfig, kind: str) -> List[str]:
     if batch is not None and config.micro_batch_size >= 1 and batch % config.micro_batch_size:
         problems.append(f"global_batch_size={config.global_batch_size} is not a multiple of "
                         f"micro_batch_size={config.micro_batch_size}")
-    data = config.data
+    return problems
+
+
+def _data_problems(config: TrainConfig, kind: str) -> List[str]:
+    """How many prefixes the stage takes and their blend weights (the files themselves are checked after)."""
+    data, problems = config.data, []
+    if not data.prefixes:
+        problems.append(f"data.prefixes: none given: pass data.prefixes=[PREFIX,...], outputs of "
+                        f"launch/preprocess.py {kind}")
+    if kind == "rm":
+        # A reward model's loader reads one prefix of problem groups: a blend would mix groups of other sizes.
+        if len(data.prefixes) > 1 or data.weights:
+            problems.append(f"data.prefixes: a reward model trains on exactly one RM prefix and no blend weights, got "
+                            f"{len(data.prefixes)} prefix(es) and weights {data.weights}")
+        if len(data.valid_prefixes) > 1:
+            problems.append(f"data.valid_prefixes: a reward model validates on one RM prefix, got "
+                            f"{len(data.valid_prefixes)}")
+        return problems
     if data.weights and len(data.weights) != len(data.prefixes):
         problems.append(f"data.weights: {len(data.weights)} weight(s) for {len(data.prefixes)} prefix(es) in "
                         "data.prefixes; give one per prefix, or none to blend in proportion to size")
@@ -199,6 +243,9 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
                         + f" does not divide the model's num_layers={arch.num_layers}")
     if parallel.virtual_pipeline_parallel is not None and pp < 2:
         problems.append("parallel.virtual_pipeline_parallel needs pipeline_parallel >= 2")
+    if parallel.virtual_pipeline_parallel == 1:
+        problems.append("parallel.virtual_pipeline_parallel=1: use null (no interleaving) or at least 2 model "
+                        "chunks per pipeline stage")
     if parallel.context_parallel != 1:
         problems.append(f"parallel.context_parallel={parallel.context_parallel}: context parallelism is not supported "
                         "(the data path does not split sequences across CP ranks); use 1, and tensor parallelism "

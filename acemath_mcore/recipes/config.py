@@ -56,7 +56,7 @@ class LoggingConfig:
     log_interval: int = 1  # a line (metrics.jsonl row, wandb point) per N steps, summing up those steps
     wandb_project: Optional[str] = None
     wandb_run: Optional[str] = None
-    wandb_mode: str = "offline"  # never needs the network unless asked
+    wandb_mode: str = "offline"  # one of WANDB_MODES; offline never needs the network
     output_dir: str = "runs"
 
 

@@ -139,7 +139,6 @@ def init_distributed(
             pipeline_model_parallel_size=parallel.pipeline_parallel,
             virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
             context_parallel_size=parallel.context_parallel,
-            expert_model_parallel_size=parallel.expert_parallel,
             distributed_timeout_minutes=parallel.timeout_minutes,
         )
     seed_everything(seed)

@@ -81,9 +81,6 @@ class Engine:
 
     def __init__(self, arch: ModelArch, parallel: ParallelConfig, model_options: ModelOptions, optim: OptimConfig,
                  train_steps: int, model_chunk_builder: Callable = build_model_chunk):
-        if optim.overlap_param_gather and not (optim.use_distributed_optimizer and optim.overlap_grad_reduce):
-            raise ValueError("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
-                             "optim.overlap_grad_reduce=true")
         self.arch, self.parallel, self.optim_config = arch, parallel, optim
         self.config = transformer_config(arch, parallel, model_options, with_ddp=True)
         self.config.calculate_per_token_loss = True

@@ -108,6 +108,9 @@ class MetricsLogger:
         self._set_aside_lines_after(start_step)
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if wandb_project:
+            if os.environ.get("WANDB_MODE", wandb_mode) != wandb_mode:
+                logger.warning("WANDB_MODE=%s from the environment overrides logging.wandb_mode=%s",
+                               os.environ["WANDB_MODE"], wandb_mode)
             os.environ.setdefault("WANDB_MODE", wandb_mode)
             try:
                 import wandb

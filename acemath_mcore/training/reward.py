@@ -94,13 +94,8 @@ def sampled_pairs(batch: Batch, seed: int) -> torch.Tensor:
 
 def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingData:
     """Packed (``data.packed``: samples are bins of whole groups under ``data.seq_length`` tokens) or padded
-    (samples are single groups, one response per row of ``data.seq_length``) RM batches of one prefix."""
-    if len(config.data.prefixes) != 1 or config.data.weights:
-        raise ValueError(f"recipe {config.name!r} needs exactly one RM prefix and no blend weights: pass "
-                         f"data.prefixes=[PREFIX] (output of launch/preprocess.py rm), got {config.data.prefixes}")
-    if held_out and len(config.data.valid_prefixes) != 1:
-        raise ValueError(f"data.valid_prefixes: a reward model validates on one RM prefix, got "
-                         f"{config.data.valid_prefixes}")
+    (samples are single groups, one response per row of ``data.seq_length``) RM batches of one prefix (that there
+    is exactly one is a config check)."""
     prefix = config.data.valid_prefixes[0] if held_out else config.data.prefixes[0]
     length = config.data.seq_length
     dataset = build_rm_dataset(prefix, packed_tokens=length if config.data.packed else None,

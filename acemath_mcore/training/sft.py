@@ -45,9 +45,6 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
     """The training blend of ``data.prefixes``, or (``held_out``) all of ``data.valid_prefixes``, unweighted."""
     from acemath_mcore.data.datasets import build_sft_dataloader, build_sft_dataset
 
-    if not config.data.prefixes:
-        raise ValueError(f"recipe {config.name!r} has no data: pass data.prefixes=[PREFIX,...] "
-                         "(outputs of launch/preprocess.py)")
     prefixes, weights = (config.data.valid_prefixes, None) if held_out else (config.data.prefixes, config.data.weights)
     dataset = build_sft_dataset(prefixes, config.data.seq_length, packed=config.data.packed,
                                 weights=weights or None, seed=config.seed)
