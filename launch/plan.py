@@ -35,7 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(planner.GPU_TYPES)} (or h100, h200, a100)")
     parser.add_argument("--seq-length", type=_at_least_one, default=4096)
     parser.add_argument("--global-batch", type=_at_least_one, required=True,
-                        help="samples per step: packed rows (sft) or problems of --responses rows (rm)")
+                        help="samples per step: packed rows (sft), problems of --responses padded rows (rm), or "
+                             "packed bins of problems (rm with --responses 1)")
     parser.add_argument("--micro-batch", type=_at_least_one, default=1)
     parser.add_argument("--recompute", default="auto", choices=("auto", *planner.RECOMPUTE_MODES),
                         help="activation recompute to consider; auto: none and full")
@@ -45,7 +46,8 @@ def parse_args(argv=None):
     parser.add_argument("--task", default="sft", choices=("sft", "rm"))
     parser.add_argument("--cross-entropy", default="triton", choices=planner.LM_CROSS_ENTROPY_KERNELS,
                         help="the loss kernel the run uses (model_options.cross_entropy; auto means triton on CUDA)")
-    parser.add_argument("--responses", type=_at_least_one, default=6, help="rm: rows per problem")
+    parser.add_argument("--responses", type=_at_least_one, default=6,
+                        help="rm: padded rows per problem; 1 for packed bins (one row of --seq-length tokens each)")
     parser.add_argument("--fp32", action="store_true", help="fp32 parameters and activations instead of bf16")
     parser.add_argument("--no-distributed-optimizer", action="store_true")
     parser.add_argument("--mfu", type=float, default=0.5, help="assumed fraction of the bf16 peak")

@@ -136,17 +136,19 @@ def main(argv=None) -> int:
 
 
 def planned_global_batch(config) -> int:
-    """Rows per step for the planner: ``global_batch_size``, or for a batch sized in conversations an estimate
-    from the data's preprocessing stats (mean conversation length, rows nearly full) rounded to a power of two, as
-    the trainer's exact count is rounded to the chosen layout's micro-batches. Without stats, one per row."""
+    """Rows per step for the planner: ``global_batch_size``, or for a batch sized in conversations (problem
+    groups) an estimate from the data's preprocessing stats (mean conversation or group length, rows nearly full)
+    rounded to a power of two, as the trainer's exact count is rounded to the chosen layout's micro-batches.
+    Without stats, one per row."""
     if config.global_batch_size is not None:
         return config.global_batch_size
+    counted = "samples" if config.global_batch_conversations is not None else "groups"
     samples = tokens = 0
     for prefix in config.data.prefixes:
         stats = Path(prefix + "_stats.json")
         if stats.is_file():
             recorded = json.loads(stats.read_text())
-            samples, tokens = samples + recorded.get("samples", 0), tokens + recorded.get("tokens", 0)
+            samples, tokens = samples + recorded.get(counted, 0), tokens + recorded.get("tokens", 0)
     per_row = config.data.seq_length * samples / tokens if config.data.packed and tokens else 1.0
     return 1 << max(0, round(math.log2(config.rows_per_step(max(per_row, 1.0)))))
 
@@ -161,7 +163,9 @@ def _check(planner, stages) -> int:
         if planner and config is not None:  # the shape launch/plan.py needs, on stdout for the caller
             keep = "" if bound is None else (
                 f" --model-parallel {bound['tensor_parallel']},{bound['pipeline_parallel']},{bound['virtual_pipeline']}")
-            print(f"--model {config.model} --task {stage['kind']} --seq-length {config.data.seq_length} "
+            # A packed RM bin is one row of seq_length tokens; a padded RM sample is a group of max_group rows.
+            rows = " --responses 1" if stage["kind"] == "rm" and config.data.packed else ""
+            print(f"--model {config.model} --task {stage['kind']}{rows} --seq-length {config.data.seq_length} "
                   f"--global-batch {planned_global_batch(config)} --micro-batch {config.micro_batch_size}{keep}")
     for error in all_errors:
         print(f"preflight: error: {error}", file=sys.stderr)

@@ -181,7 +181,18 @@ def test_a_step_is_sized_in_rows_or_in_conversations_never_both():
         "global_batch_conversations=0: must be at least 1", NO_DATA["sft"]]
     assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"]), "sft") == [NO_DATA["sft"]]
     assert config_problems(_tiny(["global_batch_size=null", "global_batch_conversations=64"], "rm"), "rm") == [
-        "global_batch_conversations=64: SFT only; a reward model's step is global_batch_size problems", NO_DATA["rm"]]
+        "global_batch_conversations=64: SFT only; size this RM stage's step with global_batch_problems or "
+        "global_batch_size",
+        "global_batch_size=none, global_batch_problems=none: set exactly one, a step of that many rows or of about "
+        "that many problems (add global_batch_problems=null to use global_batch_size, or the other way round)",
+        NO_DATA["rm"]]
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_problems=64"], "rm"), "rm") == [NO_DATA["rm"]]
+    assert config_problems(_tiny(["global_batch_size=null", "global_batch_problems=64"]), "sft") == [
+        "global_batch_problems=64: RM only; size this SFT stage's step with global_batch_conversations or "
+        "global_batch_size",
+        "global_batch_size=none, global_batch_conversations=none: set exactly one, a step of that many rows or of "
+        "about that many conversations (add global_batch_conversations=null to use global_batch_size, or the other "
+        "way round)", NO_DATA["sft"]]
 
 
 def test_the_launched_trainer_logs_the_rows_a_step_of_conversations_takes(prefixes, tmp_path):

@@ -1,6 +1,7 @@
 """Reward-model recipes (the paper's numbers), config overrides and the launch/train_rm.py entry point."""
 
 import json
+import logging
 
 import pytest
 
@@ -15,9 +16,23 @@ def test_paper_recipes(name, model, lr):
     config = get_recipe(name)
     assert (config.model, config.optim.lr, config.optim.decay_style, config.epochs) == (model, lr, "cosine", 2.0)
     assert config.reward.loss == "listwise_bt"
-    # Padded rows: a sample is one problem group, so a step is exactly 256 problems.
-    assert config.global_batch_size == 256 and not config.data.packed
+    # Packed bins that always hold a group of six 4,096-token responses, as many per step as hold ~256 problems.
+    assert config.global_batch_size is None and config.global_batch_problems == 256
+    assert config.data.packed and config.data.seq_length == 6 * 4096
     assert config.checkpoint.init_from == f"checkpoints/{model}-math_sft"
+
+
+def test_the_paper_recipes_step_takes_the_bins_that_hold_about_256_problems(caplog):
+    """On 8 GPUs at TP 2 (DP 4): 8.2 groups per bin (~500-token responses) -> 32 bins, about 262 problems."""
+    from acemath_mcore.training.trainer import TrainingData, size_batch_in_units
+
+    config = get_recipe("qwen25_math_7b_rm")
+    data = TrainingData(num_samples=1000, make_loader=None, sequence_lengths=None, documents=8200)
+    with caplog.at_level(logging.INFO, logger="acemath_mcore"):
+        size_batch_in_units(config, data, world_size=8)
+    assert config.global_batch_size == 32
+    assert caplog.messages == ["global batch: 32 rows of 8.20 problems on average, about 262 problems per step "
+                               "(global_batch_problems=256)"]
 
 
 def test_dry_run_prints_the_resolved_rm_config(capsys):

@@ -69,7 +69,7 @@ def _train_and_score(rank, world_size, tmp, prefix, held_out, bad_inputs):
     config = apply_overrides(get_recipe("tiny_rm"), [
         "model=stories260K", f"data.prefixes=[{prefix}]", "data.seq_length=480", f"checkpoint.init_from={tmp}/lm",
         f"checkpoint.save_dir={tmp}/rm", f"logging.output_dir={tmp}/runs", f"train_steps={TRAIN_STEPS}",
-        "global_batch_size=2", "optim.lr=2e-3", "optim.min_lr=2e-4", "logging.log_interval=50",
+        "global_batch_size=null", "global_batch_problems=8", "optim.lr=2e-3", "optim.min_lr=2e-4", "logging.log_interval=50",
         f"data.valid_prefixes=[{prefix}_valid]",  # the held-out problems: their pairwise accuracy after the last step
     ])
     summary = train_reward_model(config, arch=arch)
@@ -136,6 +136,23 @@ def test_training_runs_and_lowers_the_loss(trained):
     assert summary["exit_code"] == 0 and summary["steps"] == TRAIN_STEPS
     assert summary["final_loss"] < 0.5 < summary["first_loss"]
     assert not still_initialised  # launch/score.py tears the process group down
+
+
+def test_a_step_sized_in_problems_takes_the_bins_that_hold_about_that_many(trained, tmp_path_factory):
+    """global_batch_problems=8 over bins of 480 tokens (4 groups of ~110 tokens each): 2 bins per step, one per
+    data-parallel rank, as the checkpoint's train state records."""
+    from megatron.core import dist_checkpointing
+
+    from acemath_mcore.data.rm_data import build_rm_dataset
+
+    save_dir = next(Path(tmp_path_factory.getbasetemp()).glob("rm_training*/rm"))
+    state = dist_checkpointing.load_common_state_dict(str(save_dir / (save_dir / "latest").read_text().strip()))
+    bins = build_rm_dataset(str(save_dir.parent / "rm"), packed_tokens=480)
+    per_bin = len(bins.groups) / len(bins)
+    expected = max(2, round(8 / per_bin / 2) * 2)
+    assert expected == 2 and 3.5 < per_bin < 4.5
+    assert state["train_state"]["global_batch_size"] == expected
+    assert state["train_state"]["consumed_samples"] == expected * TRAIN_STEPS
 
 
 def test_a_fault_in_one_ranks_share_of_the_records_stops_every_rank_by_its_line(trained):

@@ -51,10 +51,10 @@ class _Recorder(logging.Handler):
 
 
 def _sized(layout, conversations, saved_rows=None, world_size=8):
-    """size_batch_in_conversations at micro-batch 1 for 820 conversations in 100 rows (8.2 per row): the config it
+    """size_batch_in_units at micro-batch 1 for 820 conversations in 100 rows (8.2 per row): the config it
     set and the log lines."""
     from acemath_mcore.recipes import apply_overrides, get_recipe
-    from acemath_mcore.training.sft import size_batch_in_conversations
+    from acemath_mcore.training.trainer import size_batch_in_units
     from acemath_mcore.training.trainer import TrainingData
 
     tp, pp, vpp = layout
@@ -68,7 +68,7 @@ def _sized(layout, conversations, saved_rows=None, world_size=8):
     level, logger.level = logger.level, logging.INFO
     logger.addHandler(recorder)
     try:
-        size_batch_in_conversations(config, data, world_size=world_size, saved_rows=saved_rows)
+        size_batch_in_units(config, data, world_size=world_size, saved_rows=saved_rows)
     finally:
         logger.removeHandler(recorder)
         logger.setLevel(level)

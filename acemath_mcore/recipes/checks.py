@@ -159,19 +159,26 @@ def _optim_problems(config: TrainConfig) -> List[str]:
     return problems
 
 
+# The paper's unit of a step for each kind of stage: conversations (SFT), problem groups (RM).
+BATCH_UNITS = {"sft": ("global_batch_conversations", "conversations"), "rm": ("global_batch_problems", "problems")}
+
+
 def _batch_problems(config: TrainConfig, kind: str) -> List[str]:
-    batch, conversations = config.global_batch_size, config.global_batch_conversations
-    problems = [f"{key}={value}: must be at least 1" for key, value in (
-        ("global_batch_size", batch), ("global_batch_conversations", conversations),
+    batch = config.global_batch_size
+    (key, noun), (other_kind, (other_key, _)) = BATCH_UNITS[kind], next(
+        (k, unit) for k, unit in BATCH_UNITS.items() if k != kind)
+    units, other = getattr(config, key), getattr(config, other_key)
+    problems = [f"{name}={value}: must be at least 1" for name, value in (
+        ("global_batch_size", batch), (key, units), (other_key, other),
         ("micro_batch_size", config.micro_batch_size), ("data.seq_length", config.data.seq_length))
         if value is not None and value < 1]
-    if kind == "rm" and conversations is not None:
-        problems.append(f"global_batch_conversations={conversations}: SFT only; a reward model's step is "
-                        "global_batch_size problems")
-    elif (batch is None) == (conversations is None):
-        problems.append(f"global_batch_size={_shown(batch)}, global_batch_conversations={_shown(conversations)}: "
-                        "set exactly one, a step of that many rows or of about that many conversations (add "
-                        "global_batch_conversations=null to use global_batch_size, or the other way round)")
+    if other is not None:
+        problems.append(f"{other_key}={other}: {other_kind.upper()} only; size this {kind.upper()} stage's step with "
+                        f"{key} or global_batch_size")
+    if (batch is None) == (units is None):
+        problems.append(f"global_batch_size={_shown(batch)}, {key}={_shown(units)}: set exactly one, a step of that "
+                        f"many rows or of about that many {noun} (add {key}=null to use global_batch_size, or the "
+                        "other way round)")
     if config.train_steps < 0 or config.epochs <= 0:
         problems.append(f"train_steps={config.train_steps}, epochs={config.epochs}: train_steps must be at least 0 "
                         "(0: run for the epochs) and epochs above 0")

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import types
 import typing
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 from acemath_mcore.options import ModelOptions, OptimConfig, ParallelConfig
 
@@ -91,12 +91,14 @@ class TrainConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
-    # Samples per step: packed or padded rows (SFT), problems (RM). None: sized by global_batch_conversations.
+    # Samples per step: packed or padded rows (SFT); packed bins of problem groups, or problems when padded (RM).
+    # None: sized in the paper's unit below.
     global_batch_size: Optional[int] = 128
-    # SFT: a step of about this many conversations, the paper's unit. With packed rows, global_batch_size becomes
-    # the packed rows that hold that many on average, rounded to whole micro-batches on every data-parallel rank
-    # (the start-up log shows both). Set one of the two.
+    # A step of about this many conversations (SFT) or problem groups (RM), the paper's units. global_batch_size
+    # becomes the rows (bins) that hold that many on average, rounded to whole micro-batches on every data-parallel
+    # rank (the start-up log shows both). Set global_batch_size or the one of these that fits the stage.
     global_batch_conversations: Optional[int] = None
+    global_batch_problems: Optional[int] = None
     micro_batch_size: int = 1
     epochs: float = 1.0
     train_steps: int = 0  # > 0 overrides epochs
@@ -104,11 +106,18 @@ class TrainConfig:
     seed: int = 1234
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
 
-    def rows_per_step(self, conversations_per_row: float, unit: int = 1) -> int:
-        """The rows that hold about ``global_batch_conversations`` conversations at ``conversations_per_row``: the
-        nearest multiple of ``unit`` (micro-batch x data-parallel size, x PP under the interleaved schedule), at
-        least one."""
-        return max(unit, round(self.global_batch_conversations / conversations_per_row / unit) * unit)
+    def batch_in_units(self) -> Optional[Tuple[str, int]]:
+        """(key, count) of a step sized in conversations or problems; None when ``global_batch_size`` sizes it."""
+        for key in ("global_batch_conversations", "global_batch_problems"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        return None
+
+    def rows_per_step(self, units_per_row: float, unit: int = 1) -> int:
+        """The rows that hold about the step's conversations or problems (:meth:`batch_in_units`) at
+        ``units_per_row``: the nearest multiple of ``unit`` (micro-batch x data-parallel size, x PP under the
+        interleaved schedule), at least one."""
+        return max(unit, round(self.batch_in_units()[1] / units_per_row / unit) * unit)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

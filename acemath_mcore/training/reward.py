@@ -9,6 +9,7 @@ dataset: problem groups with padded rows, bins of whole groups with packed rows.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -33,14 +34,15 @@ from acemath_mcore.progress import ProgressLog
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
-from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_share, launch_rank,
+from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_share, launch_rank, read_launch_env,
                                                raise_on_every_rank)
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.rm_losses import RM_LOSSES, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
-from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
+from acemath_mcore.training.trainer import (TrainingData, preemption_requests, run, saved_rows_per_step,
+                                           size_batch_in_units)
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -118,7 +120,7 @@ def rm_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDat
     else:
         description += f", one response per row of {length} tokens"
     return TrainingData(num_samples=len(dataset), make_loader=make_loader, sequence_lengths=sequence_lengths,
-                        description=description)
+                        description=description, documents=len(groups))
 
 
 def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) -> Dict:
@@ -126,9 +128,13 @@ def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) ->
     log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "rm", arch)
+        config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
         task = RewardTask(config.reward.loss, seed=config.seed)
         validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
-        return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,
+        data = rm_training_data(config)
+        if config.global_batch_size is None:
+            size_batch_in_units(config, data, read_launch_env().world_size, saved_rows_per_step(config))
+        return run(config, task, data, arch=arch, model_chunk_builder=build_reward_model_chunk,
                    validation=validation, preemption=preemption)
 
 

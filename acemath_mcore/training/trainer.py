@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 
 from acemath_mcore.convert.hf_files import copy_assets
 from acemath_mcore.convert.megatron_files import (
@@ -62,7 +62,61 @@ class TrainingData:
     # carries ``num_tokens``, its documents' tokens without padding (data/packing.py), which tokens/s counts
     sequence_lengths: Callable[[Batch], List[int]]
     description: str = ""
-    documents: Optional[int] = None  # conversations in the samples (SFT), for a batch sized in conversations
+    # conversations (SFT) or problem groups (RM) in the samples, for a step sized in those units
+    documents: Optional[int] = None
+
+
+def size_batch_in_units(config: TrainConfig, data: TrainingData, world_size: int,
+                        saved_rows: Optional[int] = None) -> None:
+    """Set ``global_batch_size`` (None) to the rows that hold about ``global_batch_conversations`` conversations
+    (SFT) or ``global_batch_problems`` problem groups (RM) of ``data`` on average, in whole micro-batches on every
+    data-parallel rank. A resumed run keeps the rows per step of its checkpoint (``saved_rows``: its epoch and data
+    position count in them), whatever the layout would round to now. A fit off by more than 2x is an error (a
+    256-GPU job of a 7B recipe would take 8x the paper's batch), a lesser one a warning."""
+    key, target = config.batch_in_units()
+    noun = "conversations" if key == "global_batch_conversations" else "problems"
+    parallel = config.parallel
+    unit = config.micro_batch_size * parallel.data_parallel_size(world_size)
+    interleaved = " x pipeline_parallel" if parallel.virtual_pipeline_parallel else ""
+    if parallel.virtual_pipeline_parallel:
+        unit *= parallel.pipeline_parallel  # the interleaved schedule runs micro-batches in groups of PP
+    if saved_rows is not None:
+        if saved_rows % unit:
+            raise ValueError(f"the checkpoint being resumed took {saved_rows} packed rows per step "
+                             f"({key}={target}), which do not split into whole micro-batches "
+                             f"of micro_batch_size x data-parallel size{interleaved} = {unit} here: resume on a "
+                             f"layout where that product divides {saved_rows}, or start a new stage from its weights "
+                             "(checkpoint.init_from) in another checkpoint.save_dir")
+        config.global_batch_size = saved_rows
+        logger.info("global batch: %d rows per step, as in the checkpoint being resumed (%s=%d)", saved_rows, key,
+                    target)
+        return
+    per_row = data.documents / data.num_samples
+    config.global_batch_size = config.rows_per_step(per_row, unit)
+    held = config.global_batch_size * per_row
+    logger.info("global batch: %d rows of %.2f %s on average, about %.0f %s per step (%s=%d)",
+                config.global_batch_size, per_row, noun, held, noun, key, target)
+    advice = (f"its rows come in multiples of {unit} (micro_batch_size x data-parallel size{interleaved}); lower "
+              f"micro_batch_size, use fewer GPUs, or set global_batch_size (and {key}=null)")
+    if not 0.5 <= held / target <= 2:
+        raise ValueError(f"a step would hold about {held:.0f} {noun}, {held / target:.1f}x the {key}={target} asked "
+                         f"for: {advice}")
+    if not 0.8 <= held / target <= 1.25:
+        logger.warning("a step holds about %.0f %s, not the %d asked for: %s", held, noun, target, advice)
+
+
+def resume_point(config: TrainConfig) -> Optional[Path]:
+    """The checkpoint this stage resumes: its save dir's latest, when it has one and ``checkpoint.resume``."""
+    ckpt = config.checkpoint
+    return checkpointing.find_latest(ckpt.save_dir) if ckpt.save_dir and ckpt.resume else None
+
+
+def saved_rows_per_step(config: TrainConfig) -> Optional[int]:
+    """The global batch (rows) of the checkpoint this run will resume, None when it starts afresh."""
+    latest = resume_point(config)
+    if latest is None:
+        return None
+    return dist_checkpointing.load_common_state_dict(str(latest))["train_state"].get("global_batch_size")
 
 
 class PreemptionFlag:
@@ -324,15 +378,14 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
 def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
     """Resume this stage from its latest checkpoint (returns its train state), else start from ``init_from``
     weights, else from scratch (step 0)."""
-    latest = checkpointing.find_latest(config.checkpoint.save_dir) if (
-        config.checkpoint.save_dir and config.checkpoint.resume) else None
+    latest = resume_point(config)
     if latest is not None:
         engine.arch.check_matches(find_model_description(latest)[0], str(latest))
         state = checkpointing.load_checkpoint(latest, engine.model, engine.optimizer, engine.scheduler,
                                               fully_parallel=config.checkpoint.fully_parallel_load)
         saved_batch = state.get("global_batch_size", config.global_batch_size)
         if saved_batch != config.global_batch_size:
-            sized = "" if config.global_batch_conversations is None else " global_batch_conversations=null"
+            sized = "" if config.batch_in_units() is None else f" {config.batch_in_units()[0]}=null"
             raise ValueError(f"{latest} was trained with global_batch_size={saved_batch}, this run has "
                              f"{config.global_batch_size}: the step count and data position would no longer match "
                              f"the epoch. Resume with global_batch_size={saved_batch}{sized}, or start a new stage "

@@ -150,6 +150,23 @@ def test_preflight_plans_a_step_of_conversations_from_the_datas_mean_length(pref
     assert planned_batch() == "256"
 
 
+def test_preflight_plans_a_reward_models_step_of_problems_as_packed_bins(preflight, tmp_path, capsys):
+    """The paper RM recipes pack groups into 24,576-token bins and size a step in problems: the planner gets one row
+    per bin (--responses 1) and the bins that hold 256 groups of the data's mean size."""
+    import json
+
+    for suffix in (".bin", ".idx", "_rm_labels.npy"):
+        (tmp_path / f"rm{suffix}").write_bytes(b"")
+    # 6 responses of 500 tokens: 3,000 tokens per group, 8.2 in a bin; 256 problems fill 31.3 bins -> 32
+    (tmp_path / "rm_stats.json").write_text(json.dumps({"groups": 1000, "tokens": 3_000_000,
+                                                        "tokenizer": {"name": "t", "vocab_size": 512}}))
+    assert preflight.main(["--planner-args", "--stage", "rm:qwen25_math_72b_rm:upstream",
+                           f"data.prefixes=[{tmp_path}/rm]", f"checkpoint.save_dir={tmp_path}/c"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "--model", "qwen2.5-math-72b", "--task", "rm", "--responses", "1", "--seq-length", "24576",
+        "--global-batch", "32", "--micro-batch", "1"]
+
+
 def test_preflight_keeps_a_resumed_dp_reshardable_layout_or_reports_it(preflight, tmp_path, capsys):
     """The checkpoint's optimizer state was saved at TP=1: a configured TP=2 is an error, except where the Slurm
     planner picks the layout at job start, which is then told to keep TP=1 (and the check runs on that layout)."""
