@@ -7,6 +7,7 @@ importing megatron-core, so those answer in about a second on a login node.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -22,14 +23,18 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, check it (exit status 2 on a problem) and exit")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-6")
-    args = parser.parse_args(argv)
-    if args.recipe in RECIPES and recipe_kind(args.recipe) != kind:
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of --dry-run
+    if args.recipe not in RECIPES:
+        close = difflib.get_close_matches(args.recipe, mine, n=1)
+        parser.error(f"unknown recipe {args.recipe!r}{f' (did you mean {close[0]}?)' if close else ''}; "
+                     f"{kind} recipes: {', '.join(mine)}")
+    if recipe_kind(args.recipe) != kind:
         other = "launch/train_rm.py" if kind == "sft" else "launch/train_sft.py"
         parser.error(f"--recipe {args.recipe} is a {recipe_kind(args.recipe)} recipe: run it with {other}")
     try:
         config = apply_overrides(get_recipe(args.recipe), args.overrides)
-    except (KeyError, OverrideError) as error:
-        parser.error(str(error.args[0] if isinstance(error, KeyError) else error))
+    except OverrideError as error:
+        parser.error(str(error))
     if args.dry_run:
         print(config.to_json())
         problems = config_problems(config, kind)

@@ -107,7 +107,8 @@ def test_every_problem_is_listed_with_its_key():
     assert config_problems(_tiny([]), "sft") == [NO_DATA["sft"]]
     assert config_problems(_tiny([], "rm"), "rm") == [NO_DATA["rm"]]
     assert config_problems(_tiny(["model=tiny-qwen"]), "sft") == [
-        NO_DATA["sft"], f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json"]
+        NO_DATA["sft"], f"model: model 'tiny-qwen' is neither a preset ({', '.join(sorted(PRESETS))}), nor a "
+        "config.json, nor a megatron checkpoint with model_arch.json"]
 
 
 def test_transformer_engine_options_on_the_native_spec_are_refused_on_any_machine():
@@ -246,6 +247,9 @@ def test_data_tokenizer_must_match_the_starting_checkpoints(prefixes, tmp_path):
     stories = prefixes["stories"]
     same = _fake_checkpoint(tmp_path / "same", STORIES_TOKENIZER)
     assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={same}"]), "sft") == []
+    # model= may name the converted checkpoint itself: the architecture it records
+    assert config_problems(_tiny([f"model={same}", f"data.prefixes=[{stories}]", f"checkpoint.init_from={same}"]),
+                           "sft") == []
     other = _fake_checkpoint(tmp_path / "other", LLAMA2_TOKENIZER)
     config = _tiny([f"data.prefixes=[{stories}]", f"checkpoint.init_from={other}"])
     assert config_problems(config, "sft") == [
@@ -386,3 +390,38 @@ def test_dry_run_and_the_tools_help_do_not_import_megatron(prefixes):
                    "checkpoints_tools/verify.py", "launch/evaluate.py", "launch/plan.py"):
         report = _run_reporting_imports(script, "--help")
         assert report["status"] == 0 and not report["megatron"], script
+
+
+def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes, tmp_path):
+    """The loader refuses them only after the process groups are up; the stats record the longest sample."""
+    import json as json_lib
+
+    from acemath_mcore.data.rm_data import RMPreprocessConfig, preprocess_rm
+    from acemath_mcore.recipes.checks import config_problems
+
+    stories = prefixes["stories"]
+    longest = json_lib.loads(Path(stories + "_stats.json").read_text())["max_sample_tokens"]
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"data.seq_length={longest}"]), "sft") == []
+    assert config_problems(_tiny([f"data.prefixes=[{stories}]", f"data.seq_length={longest - 1}"]), "sft") == [
+        f"data.seq_length={longest - 1}: {stories} has conversations of up to {longest} tokens (its _stats.json); "
+        f"raise data.seq_length to at least {longest}, or preprocess with --max-length {longest - 1}"]
+
+    groups = tmp_path / "groups.jsonl"
+    groups.write_text("".join(json_lib.dumps({"prompt": f"{a} + 1", "responses": [str(a + 1), "x " * a],
+                                              "labels": [1, 0]}) + "\n" for a in range(1, 30)))
+    rm = str(tmp_path / "rm")
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[str(groups)], output_prefix=rm,
+                                             tokenizer=str(shared_path(STORIES_TOKENIZER)), template="plain"))
+    group, response = stats["max_group_tokens"], stats["max_response_tokens"]
+    assert response < group < 2 * response
+    assert config_problems(_tiny([f"data.prefixes=[{rm}]", f"data.seq_length={group}"], "rm"), "rm") == []
+    assert config_problems(_tiny([f"data.prefixes=[{rm}]", f"data.seq_length={group - 1}"], "rm"), "rm") == [
+        f"data.seq_length={group - 1}: {rm} has problem groups (a packed bin holds whole groups) of up to {group} "
+        f"tokens (its _stats.json); raise data.seq_length to at least {group}"]
+    padded = _tiny([f"data.prefixes=[{rm}]", "data.packed=false", f"data.seq_length={group - 1}"], "rm")
+    assert config_problems(padded, "rm") == []  # a padded row holds one response
+    padded.data.seq_length = response - 1
+    assert config_problems(padded, "rm") == [
+        f"data.seq_length={response - 1}: {rm} has responses (a padded row holds one) of up to {response} tokens "
+        f"(its _stats.json); raise data.seq_length to at least {response}, or preprocess with --max-length "
+        f"{response - 1}"]

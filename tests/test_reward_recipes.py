@@ -59,3 +59,15 @@ def test_each_entry_point_takes_only_its_own_recipes(capsys):
             main_for(kind, "", ["--recipe", recipe, "--dry-run"])
         assert f"--recipe {recipe} is a {'sft' if kind == 'rm' else 'rm'} recipe: run it with {other}" in \
             capsys.readouterr().err
+
+
+def test_overrides_sit_on_either_side_of_dry_run_and_a_mistyped_recipe_gets_a_suggestion(capsys):
+    """Overrides after --dry-run used to be refused as 'unrecognized arguments' when others came before it; an
+    unknown recipe listed the other kind's recipes too."""
+    assert main_for("rm", "", ["--recipe", "tiny_rm", "reward.loss=pairwise_bt", "--dry-run", "optim.lr=0.5"]) == 2
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["reward"]["loss"], printed["optim"]["lr"]) == ("pairwise_bt", 0.5)
+    with pytest.raises(SystemExit):
+        main_for("rm", "", ["--recipe", "tiny_rn", "--dry-run"])
+    assert "error: unknown recipe 'tiny_rn' (did you mean tiny_rm?); rm recipes: qwen25_math_72b_rm, " \
+           "qwen25_math_7b_rm, tiny_rm\n" in capsys.readouterr().err

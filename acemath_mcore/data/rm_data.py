@@ -283,6 +283,9 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
             counts["responses"] += len(sequences)
             counts["positives"] += sum(group.labels)
             counts["tokens"] += sum(len(s) for s in sequences)
+            # what a padded row (one response) and a packed bin (one group) must hold: checked before training
+            counts["max_response_tokens"] = max(counts["max_response_tokens"], longest)
+            counts["max_group_tokens"] = max(counts["max_group_tokens"], sum(len(s) for s in sequences))
     elapsed = time.monotonic() - started
     config_dict = asdict(config)
     stats = {
@@ -290,7 +293,8 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
         "output_prefix": config_dict.pop("output_prefix"),
         "tokenizer": tokenizer.describe(),
         "config": config_dict,
-        **{key: counts[key] for key in ("groups_read", "groups", "responses", "positives", "tokens")},
+        **{key: counts[key] for key in ("groups_read", "groups", "responses", "positives", "tokens",
+                                        "max_response_tokens", "max_group_tokens")},
         "group_sizes": {str(size): count for size, count in sorted(group_sizes.items())},
         "dropped_total": sum(dropped.values()),
         "dropped": dict(sorted(dropped.items())),

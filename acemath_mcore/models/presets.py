@@ -51,19 +51,25 @@ def get_preset(name: str) -> ModelArch:
 
 
 def resolve_arch(model: str) -> ModelArch:
-    """A preset by name, else the shapes in a Hugging Face ``config.json`` (or a directory holding one), e.g. of
-    a converted base model."""
+    """A preset by name, else the shapes in a Hugging Face ``config.json`` (or a directory holding one), else those
+    a converted or trained megatron checkpoint records (its ``model_arch.json``, or its save dir's)."""
     import json
     from pathlib import Path
 
+    from acemath_mcore.convert.megatron_files import find_model_description
     from acemath_mcore.models.families import family_for_hf_config
 
     if model in PRESETS:
         return PRESETS[model]
     path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        recorded = find_model_description(path)[0]
+        if recorded is not None:
+            return recorded
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a config.json")
+        raise ValueError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}), nor a config.json, "
+                         "nor a megatron checkpoint with model_arch.json")
     hf_config = json.loads(path.read_text())
     return family_for_hf_config(hf_config).arch_from_hf(hf_config)

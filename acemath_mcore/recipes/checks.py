@@ -99,7 +99,7 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
             arch.check_matches(recorded, f"the starting checkpoint {checkpoint}")
         except ValueError as error:
             problems.append(f"model: {error}")
-    return problems + data_tokenizer_problems(complete, arch, assets)
+    return problems + data_tokenizer_problems(complete, arch, assets) + _length_problems(config, kind, complete)
 
 
 def _option_problems(config: TrainConfig, kind: str) -> List[str]:
@@ -211,6 +211,26 @@ def _data_problems(config: TrainConfig, kind: str) -> List[str]:
     return problems
 
 
+def _length_problems(config: TrainConfig, kind: str, prefixes: Iterable[str]) -> List[str]:
+    """Samples longer than a row, from each prefix's stats (the loader would refuse them after set-up): an SFT
+    conversation, an RM response (padded rows) or a whole RM group (packed bins)."""
+    length = config.data.seq_length
+    shorter = f", or preprocess with --max-length {length}"  # a per-sequence limit: not one for a group
+    if kind == "sft":
+        key, what = "max_sample_tokens", "conversations"
+    elif config.data.packed:
+        key, what, shorter = "max_group_tokens", "problem groups (a packed bin holds whole groups)", ""
+    else:
+        key, what = "max_response_tokens", "responses (a padded row holds one)"
+    problems = []
+    for prefix in prefixes:
+        longest = _prefix_stats(prefix, key, required=False)
+        if longest is not None and longest > length:
+            problems.append(f"data.seq_length={length}: {prefix} has {what} of up to {longest} tokens (its "
+                            f"_stats.json); raise data.seq_length to at least {longest}{shorter}")
+    return problems
+
+
 def _data_files(prefix: str, kind: str) -> List[str]:
     """The files launch/preprocess.py writes for a prefix of this kind of stage."""
     from acemath_mcore.data.indexed import LOSS_MASK_SUFFIX, RM_LABELS_SUFFIX
@@ -295,14 +315,15 @@ def starting_checkpoint(config: TrainConfig) -> Optional[Path]:
     return find_latest(path) if path.is_dir() else None
 
 
-def _prefix_stats(prefix: str, key: str):
+def _prefix_stats(prefix: str, key: str, required: bool = True):
     """``key`` of what launch/preprocess.py recorded in ``<prefix>_stats.json``; None when the prefix has no stats
-    file (data written by another tool)."""
+    file (data written by another tool), or has no such entry and it is not ``required`` (an older stats file)."""
     path = Path(prefix + "_stats.json")
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())[key]
+        recorded = json.loads(path.read_text())
+        return recorded[key] if required else recorded.get(key)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path}: not a stats file of launch/preprocess.py (no {key!r} entry: {error!r})") from None
 

@@ -82,7 +82,8 @@ class TrainConfig:
     """Everything one training stage needs."""
 
     name: str
-    model: str  # a preset name from acemath_mcore.models.presets
+    # a preset name (models/presets.py), an HF config.json or its directory, or a converted megatron checkpoint
+    model: str
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     model_options: ModelOptions = dataclasses.field(default_factory=ModelOptions)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
