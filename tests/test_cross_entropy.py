@@ -61,7 +61,8 @@ def test_loss_and_gradient_match_float64_reference(dtype, grad_tolerance):
 def _model_worker(rank, world_size):
     cross_entropy_module = interpreted_cross_entropy_module()
     from acemath_mcore.models import ModelOptions, get_preset
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask

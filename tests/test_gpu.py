@@ -60,7 +60,8 @@ def test_varlen_attention_matches_per_document_reference(single_rank):
 
 def test_native_spec_on_cuda_matches_cpu_reference_and_packing(single_rank):
     from acemath_mcore.models import ModelOptions, build_model, get_preset
-    from acemath_mcore.models.weights import load_full_weights, random_full_weights
+    from acemath_mcore.models.weights import load_full_weights
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig
     from acemath_mcore.training.engine import packed_seq_params
 
@@ -136,7 +137,8 @@ def test_fused_weight_gradients_match_unfused_on_cuda(single_rank, spec):
     """bf16 into fp32 main_grad: the fused path (runtime/wgrad_fusion's addmm for megatron's layers, TE's own
     kernels for TE's) against a .grad plus an add per layer; two micro-batches, tied embeddings."""
     from acemath_mcore.models import ModelOptions, get_preset
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, transformer_engine_available
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask
@@ -228,7 +230,8 @@ def test_triton_and_megatron_language_model_losses_agree_on_cuda(single_rank):
     """The whole model: same weights and batch, the loss and every parameter's gradient with our kernel equal
     those with megatron's fused cross entropy (bf16 tolerances)."""
     from acemath_mcore.models import ModelOptions, get_preset
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask
@@ -269,7 +272,7 @@ def test_mlp_cuda_graphs_train_like_eager_layers(single_rank, fp8):
     each) give the same losses with and without the graphs, before and after the capture step."""
     from acemath_mcore.models import ModelOptions, get_preset
     from acemath_mcore.models.builder import CUDA_GRAPH_WARMUP_STEPS
-    from acemath_mcore.models.weights import random_full_weights
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, transformer_engine_available
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask

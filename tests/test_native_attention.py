@@ -71,7 +71,8 @@ def test_core_attention_matches_float64_reference():
 
 def _packed_model_worker(rank, world_size):
     from acemath_mcore.models import ModelOptions, build_model, get_preset
-    from acemath_mcore.models.weights import load_full_weights, random_full_weights
+    from acemath_mcore.models.weights import load_full_weights
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training.engine import packed_seq_params
 

@@ -26,7 +26,8 @@ def _runs(rank, world_size, root):
     from megatron.core import parallel_state
 
     from acemath_mcore.models import ModelOptions, get_preset
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training import checkpointing
     from acemath_mcore.training.engine import Engine, OptimConfig

@@ -55,7 +55,8 @@ def _run_layouts(rank, world_size, layouts, arch):
     from megatron.core import parallel_state
 
     from acemath_mcore.models import ModelOptions
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights, unshard
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights, unshard
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask

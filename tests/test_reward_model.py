@@ -86,7 +86,8 @@ def _worker(rank, world_size, arch, tmp):
     from acemath_mcore.models import ModelOptions, build_model_chunk
     from acemath_mcore.models.families import REWARD_HEAD_WEIGHT
     from acemath_mcore.models.reward import build_reward_model_chunk
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training import checkpointing
     from acemath_mcore.training.engine import Engine, OptimConfig

@@ -54,7 +54,8 @@ def test_megatron_linear_layers_accept_the_option_after_install():
 def _bf16_main_grads(rank, world_size):
 
     from acemath_mcore.models import ModelOptions, get_preset
-    from acemath_mcore.models.weights import canonical_parameters, random_full_weights
+    from acemath_mcore.models.weights import canonical_parameters
+    from model_weights import random_full_weights
     from acemath_mcore.runtime import ParallelConfig, init_distributed
     from acemath_mcore.training.engine import Engine, OptimConfig
     from acemath_mcore.training.sft import SFTTask

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import REWARD_HEAD_WEIGHT, Family, family_for_hf_config
-from acemath_mcore.models.weights import hf_shapes
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -89,7 +88,7 @@ class HFCheckpoint:
 
     def _check_tensors(self) -> None:
         """Every tensor config.json implies must exist with its shape; the vocabulary must match."""
-        expected = hf_shapes(self.arch, self.reward_model)
+        expected = self.family.hf_shapes(self.arch, self.reward_model)
         missing = [name for name in expected if name not in self._file_of]
         if missing:
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""

@@ -32,7 +32,6 @@ from acemath_mcore.convert.output_dir import staged_output_dir
 from acemath_mcore.data.chat_templates import PromptFormat, build_template
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import FAMILIES, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
-from acemath_mcore.models.weights import hf_shapes
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -124,9 +123,9 @@ def _describe(checkpoint: Path, hf_template, preset) -> Tuple[ModelArch, Optiona
     return arch, template_config or recorded_config, assets
 
 
-def _expected_shape(rule: TensorRule, arch: ModelArch, shapes: Dict[str, tuple]) -> tuple:
-    """Shape the rule builds from HF shapes, computed on meta tensors (no memory, no re-declared shapes)."""
-    hf = [torch.empty(shapes[name], device="meta") for name in rule.hf_names]
+def _expected_shape(rule: TensorRule, arch: ModelArch) -> tuple:
+    """Shape the rule builds from its HF shapes, computed on meta tensors (no memory, no re-declared shapes)."""
+    hf = [torch.empty(shape, device="meta") for shape in rule.hf_shapes]
     return tuple(rule.to_megatron(arch, hf).shape)
 
 
@@ -134,13 +133,12 @@ def _check_shapes(reader: DistCheckpointReader, rules: List[TensorRule], arch: M
     stacked = reader.num_stacked_layers()
     if stacked != arch.num_layers:
         raise ValueError(f"{checkpoint} holds {stacked} decoder layers, the architecture has {arch.num_layers}")
-    shapes = {**hf_shapes(arch), **hf_shapes(arch, reward_model=True)}
     for rule in rules:
         stored = reader.global_shape(rule.megatron_name)
         if stored is None:
             raise ValueError(f"{checkpoint} has no tensor {rule.megatron_name}, which {arch.family} with "
                            f"tie_embeddings={arch.tie_embeddings} needs")
-        expected = _expected_shape(rule, arch, shapes)
+        expected = _expected_shape(rule, arch)
         if stored != expected:
             raise ValueError(f"{rule.megatron_name}: checkpoint shape {stored} differs from {expected} implied by "
                              "the architecture (wrong --hf-template or --preset?)")

@@ -28,13 +28,14 @@ class TensorRule:
     """One megatron tensor: the HF tensors it is built from and how to fuse / split them.
 
     ``layer`` is the global decoder-layer index (None for embeddings, final norm and heads), so converters can
-    stream a checkpoint one layer at a time.
+    stream a checkpoint one layer at a time. ``hf_shapes`` are the HF tensors' shapes, which the converters check.
     """
 
     megatron_name: str
     hf_names: Tuple[str, ...]
     to_megatron: Callable[[ModelArch, List[torch.Tensor]], torch.Tensor]
     to_hf: Callable[[ModelArch, torch.Tensor], List[torch.Tensor]]
+    hf_shapes: Tuple[Tuple[int, ...], ...]
     layer: Optional[int] = None
 
 
@@ -125,19 +126,27 @@ class Family:
         With ``reward_head`` (the megatron name of a reward model's scalar head) the head is HF's
         ``score.weight`` of a ``*ForSequenceClassification`` model instead of the LM head.
         """
+        h, vocab = arch.hidden_size, (arch.vocab_size, arch.hidden_size)
         rules = [TensorRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), _pad_vocab,
-                            _unpad_vocab)]
+                            _unpad_vocab, (vocab,))]
         for i in range(arch.num_layers):
             hf_prefix, mc_prefix = f"model.layers.{i}.", f"decoder.layers.{i}."
-            for mc_name, hf_names, fuse, split in _layer_rules(arch):
+            for mc_name, hf_names, fuse, split, shapes in _layer_rules(arch):
                 rules.append(TensorRule(mc_prefix + mc_name, tuple(hf_prefix + name for name in hf_names), fuse,
-                                        split, layer=i))
-        rules.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), _identity, _identity))
+                                        split, shapes, layer=i))
+        rules.append(TensorRule("decoder.final_layernorm.weight", ("model.norm.weight",), _identity, _identity,
+                                ((h,),)))
         if reward_head is not None:
-            rules.append(TensorRule(reward_head, (HF_REWARD_HEAD,), _identity, _identity))
+            rules.append(TensorRule(reward_head, (HF_REWARD_HEAD,), _identity, _identity, ((1, h),)))
         elif not arch.tie_embeddings:
-            rules.append(TensorRule("output_layer.weight", ("lm_head.weight",), _pad_vocab, _unpad_vocab))
+            rules.append(TensorRule("output_layer.weight", ("lm_head.weight",), _pad_vocab, _unpad_vocab, (vocab,)))
         return rules
+
+    def hf_shapes(self, arch: ModelArch, reward_model: bool = False) -> Dict[str, Tuple[int, ...]]:
+        """Shape of every tensor in the HF checkpoint of ``arch``: a causal LM's, or with ``reward_model`` a
+        ``*ForSequenceClassification``'s with one label (the scalar ``score`` head in place of the LM head)."""
+        rules = self.tensor_rules(arch, REWARD_HEAD_WEIGHT if reward_model else None)
+        return {name: shape for rule in rules for name, shape in zip(rule.hf_names, rule.hf_shapes, strict=True)}
 
     def hf_to_megatron(self, arch: ModelArch, hf: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Full (unsharded) megatron tensors from HF tensors; the vocabulary is padded with zero rows."""
@@ -224,24 +233,27 @@ def _identity(arch: ModelArch, tensors):
     return tensors[0] if isinstance(tensors, list) else [tensors]
 
 
-_Rule = Tuple[str, Tuple[str, ...], Callable, Callable]
+_Rule = Tuple[str, Tuple[str, ...], Callable, Callable, Tuple[Tuple[int, ...], ...]]
 
 
 def _layer_rules(arch: ModelArch) -> List[_Rule]:
-    """(megatron name, HF names, fuse HF->megatron, split megatron->HF) for every per-layer tensor."""
+    """(megatron name, HF names, fuse HF->megatron, split megatron->HF, HF shapes) for every per-layer tensor."""
     attn = "self_attn."
+    h, ffn = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_attention_heads * arch.kv_channels, arch.num_query_groups * arch.kv_channels
     rules: List[_Rule] = [
-        ("self_attention.linear_qkv.layer_norm_weight", ("input_layernorm.weight",), _identity, _identity),
-        ("self_attention.linear_qkv.weight", tuple(attn + p + "_proj.weight" for p in "qkv"), _fuse_qkv, _split_qkv),
-        ("self_attention.linear_proj.weight", (attn + "o_proj.weight",), _identity, _identity),
-        ("mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), _identity, _identity),
-        ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), _concat_rows, _split_rows_in_half),
-        ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), _identity, _identity),
+        ("self_attention.linear_qkv.layer_norm_weight", ("input_layernorm.weight",), _identity, _identity, ((h,),)),
+        ("self_attention.linear_qkv.weight", tuple(attn + p + "_proj.weight" for p in "qkv"), _fuse_qkv, _split_qkv,
+         ((q, h), (kv, h), (kv, h))),
+        ("self_attention.linear_proj.weight", (attn + "o_proj.weight",), _identity, _identity, ((h, q),)),
+        ("mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), _identity, _identity, ((h,),)),
+        ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), _concat_rows, _split_rows_in_half,
+         ((ffn, h), (ffn, h))),
+        ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), _identity, _identity, ((h, ffn),)),
     ]
     if arch.qkv_bias:
-        rules.append(
-            ("self_attention.linear_qkv.bias", tuple(attn + p + "_proj.bias" for p in "qkv"), _fuse_qkv, _split_qkv)
-        )
+        rules.append(("self_attention.linear_qkv.bias", tuple(attn + p + "_proj.bias" for p in "qkv"), _fuse_qkv,
+                      _split_qkv, ((q,), (kv,), (kv,))))
     return rules
 
 

@@ -9,12 +9,10 @@ index inside the pipeline stage; the native spec calls the fused norms ``input_l
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterator, Mapping, Tuple
+from typing import Iterator, Mapping, Tuple
 
 import torch
 
-from acemath_mcore.models.arch import ModelArch
-from acemath_mcore.models.families import FAMILIES, HF_REWARD_HEAD
 
 # Native (local) spec names -> canonical (TE) names; the same table megatron uses for dist-checkpoint keys.
 _LOCAL_TO_CANONICAL = {
@@ -45,7 +43,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _tp_split_dim(name: str) -> int | None:
+def tp_split_dim(name: str) -> int | None:
     """Dimension along which megatron splits a tensor across TP ranks (None: replicated)."""
     if name.endswith(("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_qkv.bias",
                       "linear_fc1.weight")):
@@ -57,7 +55,7 @@ def _tp_split_dim(name: str) -> int | None:
 
 def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The piece of a full canonical tensor that TP rank ``tp_rank`` holds."""
-    dim = _tp_split_dim(name)
+    dim = tp_split_dim(name)
     if dim is None or tp_size == 1:
         return full
     if name.endswith("linear_fc1.weight"):
@@ -65,17 +63,6 @@ def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Te
         gate, up = torch.chunk(full, 2, dim=0)
         return torch.cat([torch.chunk(gate, tp_size)[tp_rank], torch.chunk(up, tp_size)[tp_rank]])
     return torch.chunk(full, tp_size, dim=dim)[tp_rank]
-
-
-def unshard(name: str, pieces: list) -> torch.Tensor:
-    """Inverse of :func:`shard` given all TP ranks' pieces in rank order."""
-    dim = _tp_split_dim(name)
-    if dim is None or len(pieces) == 1:
-        return pieces[0]
-    if name.endswith("linear_fc1.weight"):
-        halves = [torch.chunk(p, 2, dim=0) for p in pieces]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves])
-    return torch.cat(pieces, dim=dim)
 
 
 @torch.no_grad()
@@ -96,40 +83,3 @@ def load_full_weights(model: torch.nn.Module, full: Mapping[str, torch.Tensor], 
         param.copy_(piece.to(param.dtype))
         loaded += 1
     return loaded
-
-
-def random_full_weights(arch: ModelArch, seed: int = 0, std: float = 0.02) -> Dict[str, torch.Tensor]:
-    """Random canonical weights (norm weights around 1), for tests that need the same model at any layout."""
-    generator = torch.Generator().manual_seed(seed)
-    hf = {}
-    for name, shape in hf_shapes(arch).items():
-        if name.endswith("norm.weight"):
-            hf[name] = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        else:
-            hf[name] = std * torch.randn(shape, generator=generator)
-    return FAMILIES[arch.family].hf_to_megatron(arch, hf)
-
-
-def hf_shapes(arch: ModelArch, reward_model: bool = False) -> Dict[str, Tuple[int, ...]]:
-    """Shapes of every tensor in the HF checkpoint of ``arch``: a causal LM's, or with ``reward_model`` a
-    ``*ForSequenceClassification``'s with one label (the scalar ``score`` head in place of the LM head)."""
-    h, d, ffn = arch.hidden_size, arch.kv_channels, arch.ffn_hidden_size
-    q, kv = arch.num_attention_heads * d, arch.num_query_groups * d
-    shapes = {"model.embed_tokens.weight": (arch.vocab_size, h), "model.norm.weight": (h,)}
-    if reward_model:
-        shapes[HF_REWARD_HEAD] = (1, h)
-    elif not arch.tie_embeddings:
-        shapes["lm_head.weight"] = (arch.vocab_size, h)
-    for i in range(arch.num_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
-            p + "mlp.down_proj.weight": (h, ffn),
-        })
-        if arch.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-    return shapes
