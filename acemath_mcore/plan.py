@@ -423,9 +423,10 @@ def plan(request: PlanRequest) -> List[Estimate]:
     estimates = []
     for layout in candidate_layouts(request):
         try:
-            estimates.append(estimate(request, layout))
-        except ValueError:
+            check_layout(request, layout)
+        except ValueError:  # not a valid split for this model, GPU count or batch: not a candidate
             continue
+        estimates.append(estimate(request, layout))  # a failure here is a bug in the model, not a skip
     if not estimates and request.model_parallel:
         tp, pp, vpp = request.model_parallel
         raise PlanError(

@@ -331,10 +331,3 @@ def format_report(results: dict) -> str:
         lines.append(f"HF export ({name}): {path}")
     lines.append(f"total {results.get('wall_s', 0):.0f} s; stage times {results.get('timings_s')}")
     return "\n".join(lines)
-
-
-def rm_beats_single_samples(results: dict, k: Optional[int] = None) -> bool:
-    """Whether the RM's pick (rm@k) is right more often than a single random sample."""
-    heldout = results["heldout"]
-    k = k or results["config"]["candidates"]
-    return heldout[f"rm@{k}"] > heldout["mean_sample_accuracy"]

@@ -185,9 +185,9 @@ def test_export_of_trainer_checkpoint_ignores_optimizer_state(converted):
     from acemath_mcore.convert.megatron_files import (
         DistCheckpointReader,
         find_prompt_format,
-        resolve_checkpoint_dir,
         write_prompt_format,
     )
+    from acemath_mcore.training.checkpoint_dirs import resolve_checkpoint_dir
     from acemath_mcore.data.chat_templates import PromptFormat
 
     root, hf_dirs, _, _ = converted

@@ -119,7 +119,7 @@ def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm
     run_evaluation(backend, encoder, _settings(tmp_path), model_name="scripted")
     finished = (tmp_path / "gsm8k.jsonl").read_text()
 
-    write = harness._write_atomically
+    write = harness.write_atomically
 
     def killed(path, text):  # the job dies half-way through its results file
         if path.name != "gsm8k.jsonl":
@@ -127,7 +127,7 @@ def test_a_run_killed_while_writing_is_redone_not_skipped(tmp_path, encoder, gsm
         path.with_name(path.name + ".partial").write_text(text[: len(text) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(harness, "_write_atomically", killed)
+    monkeypatch.setattr(harness, "write_atomically", killed)
     with pytest.raises(KeyboardInterrupt):
         run_evaluation(backend, encoder, _settings(tmp_path, overwrite=True), model_name="scripted")
     monkeypatch.undo()

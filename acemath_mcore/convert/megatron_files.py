@@ -22,26 +22,13 @@ import torch
 
 from acemath_mcore.data.chat_templates import PromptFormat
 from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.training.checkpoint_dirs import resolve_checkpoint_dir
 
 ARCH_FILE = "model_arch.json"
 HF_CONFIG_FILE = "hf_config.json"
 ASSETS_DIR = "hf_assets"
 PROMPT_FORMAT_FILE = "prompt_format.json"
 _LAYER_NAME = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-
-
-def resolve_checkpoint_dir(path: str | Path) -> Path:
-    """A dist checkpoint directory itself, or the one a trainer save dir's ``latest`` marker names."""
-    from acemath_mcore.training.checkpoint_dirs import find_latest
-
-    path = Path(path)
-    if (path / "metadata.json").is_file():
-        return path
-    latest = find_latest(path) if path.is_dir() else None
-    if latest is None:
-        raise FileNotFoundError(f"no megatron checkpoint at {path} (neither a dist checkpoint directory with "
-                                "metadata.json nor a save dir with a 'latest' marker)")
-    return latest
 
 
 def holds_reward_head(checkpoint: Path) -> bool:

@@ -46,7 +46,8 @@ def load_for_inference(checkpoint: str | Path, arch: ModelArch, bf16: bool = Fal
     loaded through the trainer's own :func:`~acemath_mcore.training.checkpointing.load_weights`."""
     from megatron.core import parallel_state
 
-    from acemath_mcore.convert.megatron_files import holds_reward_head, resolve_checkpoint_dir
+    from acemath_mcore.convert.megatron_files import holds_reward_head
+    from acemath_mcore.training.checkpoint_dirs import resolve_checkpoint_dir
     from acemath_mcore.training.checkpointing import load_weights
 
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:

@@ -26,12 +26,12 @@ from acemath_mcore.convert.megatron_files import (
     find_prompt_format,
     prompt_format_file,
     reading_process_group,
-    resolve_checkpoint_dir,
 )
 from acemath_mcore.convert.output_dir import staged_output_dir
 from acemath_mcore.data.chat_templates import PromptFormat, build_template
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import FAMILIES, REWARD_HEAD_WEIGHT, TensorRule, family_for_hf_config
+from acemath_mcore.training.checkpoint_dirs import resolve_checkpoint_dir
 
 logger = logging.getLogger("acemath_mcore")
 

@@ -18,7 +18,7 @@ import torch
 
 from acemath_mcore.data.indexed import SFTIndexedDataset
 from acemath_mcore.data.packing import Document, best_fit_decreasing, collate_packed, collate_padded, fill_ratio
-from acemath_mcore.runtime.device import cuda_available
+from acemath_mcore.runtime.device import pin_host_batches
 from acemath_mcore.runtime.distributed import STOP_SIGNALS
 
 
@@ -34,9 +34,10 @@ def _largest_remainder(total: int, weights: np.ndarray) -> np.ndarray:
 class BlendedDocuments:
     """Document-level blend of several preprocessed prefixes by weight (stage-2 SFT is such a blend).
 
-    Source ``i`` contributes ``round(num_documents * w_i)`` documents, spread evenly over the blend; within a
-    source, documents come from a fresh seeded permutation each time the source is exhausted, so a small source
-    with a large weight is upsampled by whole passes.
+    Source ``i`` contributes its share ``w_i / sum(w)`` of ``num_documents`` (largest-remainder rounding, so the
+    counts add up exactly), spread evenly over the blend; within a source, documents come from a fresh seeded
+    permutation each time the source is exhausted, so a small source with a large weight is upsampled by whole
+    passes. A weight of 0 leaves its source out (the config checks ask for positive weights).
     """
 
     def __init__(self, sources: Sequence[SFTIndexedDataset], weights: Optional[Sequence[float]] = None,
@@ -128,7 +129,7 @@ class ResumableDistributedSampler:
     """
 
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0, shuffle: bool = True):
+                 dp_size: int = 1, seed: int = 1234, consumed_samples: int = 0):
         if global_batch_size % (micro_batch_size * dp_size):
             raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch {micro_batch_size} "
                              f"× data-parallel size {dp_size}")
@@ -139,13 +140,11 @@ class ResumableDistributedSampler:
         if consumed_samples % global_batch_size:
             raise ValueError(f"consumed_samples {consumed_samples} is not a whole number of global batches")
         self.num_samples, self.global_batch_size, self.micro_batch_size = num_samples, global_batch_size, micro_batch_size
-        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.dp_rank, self.dp_size, self.seed = dp_rank, dp_size, seed
         self.consumed_samples = consumed_samples
         self.samples_per_epoch = num_samples // global_batch_size * global_batch_size
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.num_samples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -196,7 +195,7 @@ def batch_loader(dataset, batch_sampler, collate: Callable, num_workers: int) ->
         _kill_leftover_workers_at_exit()
     return _StopSignalDeafLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate, num_workers=num_workers,
                                  worker_init_fn=_leave_signals_to_the_trainer if num_workers else None,
-                                 pin_memory=cuda_available())
+                                 pin_memory=pin_host_batches())
 
 
 class _StopSignalDeafLoader(torch.utils.data.DataLoader):

@@ -38,6 +38,7 @@ from acemath_mcore.data.curation import (
 from acemath_mcore.data.indexed import SFTIndexedWriter
 from acemath_mcore.data.jsonl import DataError, LineChunk, iter_line_chunks, parse_conversation
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
+from acemath_mcore.files import atomic_output
 from acemath_mcore.progress import format_duration
 from acemath_mcore.runtime.local_workers import usable_cpus
 
@@ -347,11 +348,10 @@ def preprocess_sft(config: PreprocessConfig, tokenizer: Optional[Tokenizer] = No
     setup_s = time.monotonic() - started
     chunks = iter_line_chunks(config.inputs, config.lines_per_chunk)
     Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    drop_log_path = dropped_path(config.output_prefix)
-    partial_drop_log = drop_log_path.with_name(drop_log_path.name + ".partial")
     try:
-        with SFTIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer, \
-                open(partial_drop_log, "w") as drop_log:
+        # the drop log is published after the data files close
+        with atomic_output(dropped_path(config.output_prefix)) as drop_log, \
+                SFTIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:
 
             def drop(where: str, reason: str, detail: str) -> None:
                 stats.record_drop(where, reason, detail)
@@ -379,10 +379,8 @@ def preprocess_sft(config: PreprocessConfig, tokenizer: Optional[Tokenizer] = No
                     writer.add(tokens, mask)
                     stats.record_sample(tokens, mask, truncated)
                 progress.update(result.num_bytes, stats.tokens)
-        partial_drop_log.replace(drop_log_path)
     finally:
         progress.close()
-        partial_drop_log.unlink(missing_ok=True)
     summary = stats.as_dict(setup_s, time.monotonic() - started - setup_s, input_bytes)
     stats_path(config.output_prefix).write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -20,6 +20,7 @@ from acemath_mcore.eval.generation import (
     batch_seed,
 )
 from acemath_mcore.models.arch import ModelArch
+from acemath_mcore.runtime import device as device_lib
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class HFBackend:
                  device: Optional[str] = None, max_batch_size: int = 32, max_sequence_length: Optional[int] = None):
         import transformers
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or device_lib.current_device()
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True,
             local_files_only=True).to(self.device).eval()

@@ -36,6 +36,7 @@ from acemath_mcore.eval.benchmarks import (
     load_benchmark,
 )
 from acemath_mcore.eval.generation import Generation, SamplingParams
+from acemath_mcore.files import write_atomically
 from acemath_mcore.progress import ProgressLog
 
 log = logging.getLogger(__name__)
@@ -269,8 +270,8 @@ def evaluate_problems(backend: GenerationBackend, encoder: ConversationEncoder, 
     # written last, each file through a rename, so a job killed mid-write never leaves a truncated file marked done.
     meta_path = results_path.with_suffix(".meta.json")
     meta_path.unlink(missing_ok=True)
-    _write_atomically(results_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    _write_atomically(meta_path, json.dumps({
+    write_atomically(results_path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    write_atomically(meta_path, json.dumps({
         **(extra_meta or {}), "prompts_too_long": too_long, "generated_tokens": generated_tokens,
         "timed_tokens": timed_tokens, "generation_seconds": round(seconds, 2),
         "tokens_per_second": round(timed_tokens / max(seconds, 1e-9), 1),
@@ -304,7 +305,7 @@ def _generate_in_chunks(backend: GenerationBackend, settings: EvalSettings, chun
     finished = [] if settings.overwrite else _finished_chunks(path, identity, [len(chunk) for chunk in chunks])
     if backend.is_writer:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(path, json.dumps(identity) + "\n" + "".join(
+        write_atomically(path, json.dumps(identity) + "\n" + "".join(
             _chunk_line(index, chunk) for index, chunk in enumerate(finished)))
         if finished:
             log.info("%s: resuming after %d of %d chunks (%d of %d responses) from %s", benchmark, len(finished),
@@ -348,11 +349,11 @@ def merge_shards(output_dir: str | Path, benchmark: str, fingerprint: Optional[d
             continue
         target = results_path(output_dir, benchmark)
         target.with_suffix(".meta.json").unlink(missing_ok=True)
-        _write_atomically(target, "".join(path.read_text(encoding="utf-8") for path in paths))
+        write_atomically(target, "".join(path.read_text(encoding="utf-8") for path in paths))
         totals = {key: sum(meta.get(key, 0) for meta in metas)
                   for key in ("prompts_too_long", "generated_tokens", "generation_seconds")}
         totals["timed_tokens"] = sum(meta.get("timed_tokens", meta.get("generated_tokens", 0)) for meta in metas)
-        _write_atomically(target.with_suffix(".meta.json"), json.dumps({
+        write_atomically(target.with_suffix(".meta.json"), json.dumps({
             "settings": merged, "shards": count, **totals,
             "tokens_per_second": round(totals["timed_tokens"] / max(totals["generation_seconds"], 1e-9), 1),
         }, indent=2) + "\n")
@@ -389,12 +390,6 @@ def _finished_chunks(path: Path, identity: dict, sizes: List[int]) -> List[List[
                 break
             finished.append([Generation(list(ids), reason) for ids, reason in record["generations"]])
     return finished
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _grade(problems, fits: Sequence[bool], generations: Sequence[Generation], encoder: ConversationEncoder,

@@ -54,6 +54,22 @@ def current_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def accelerator_rng_state() -> Optional[torch.Tensor]:
+    """The GPU's default generator state for a checkpoint (None on CPU, whose generator torch's state covers)."""
+    return torch.cuda.get_rng_state() if cuda_available() else None
+
+
+def set_accelerator_rng_state(state: Optional[torch.Tensor]) -> None:
+    """Restore :func:`accelerator_rng_state`'s value; a CPU run ignores a GPU run's state and the other way round."""
+    if state is not None and cuda_available():
+        torch.cuda.set_rng_state(state)
+
+
+def pin_host_batches() -> bool:
+    """Whether loaders return page-locked batches, so the copies to a GPU do not make the host wait."""
+    return cuda_available()
+
+
 @functools.lru_cache(maxsize=None)
 def transformer_engine_available() -> bool:
     """Transformer Engine is used when it imports on a CUDA machine; say once which path we take."""

@@ -111,3 +111,15 @@ def find_latest(save_dir: str | Path) -> Optional[Path]:
             f"{', '.join(published) or 'none'}. Write the name of the one to resume from into {marker}, or start "
             "over with checkpoint.resume=false")
     return target
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A dist checkpoint directory itself, or the one a trainer save dir's ``latest`` marker names."""
+    path = Path(path)
+    if (path / "metadata.json").is_file():
+        return path
+    latest = find_latest(path) if path.is_dir() else None
+    if latest is None:
+        raise FileNotFoundError(f"no megatron checkpoint at {path} (neither a dist checkpoint directory with "
+                                "metadata.json nor a save dir with a 'latest' marker)")
+    return latest

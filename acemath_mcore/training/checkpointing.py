@@ -55,10 +55,10 @@ from acemath_mcore.training.checkpoint_dirs import (
     LATEST,
     LAYOUT_BOUND_FORMAT,
     PARTIAL_SUFFIX,
-    find_latest,
     fresh_start,
     iteration_dir,
     layout_bound_problem,
+    resolve_checkpoint_dir,
     same_layout,
     write_optimizer_layout,
 )
@@ -111,7 +111,7 @@ def _rng_sharded_object() -> ShardedObject:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if device_lib.cuda_available() else None,
+        "cuda": device_lib.accelerator_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
@@ -125,8 +125,7 @@ def _restore_rng(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and device_lib.cuda_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    device_lib.set_accelerator_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -486,12 +485,7 @@ def load_weights(checkpoint: str | Path, model_chunks, keep_missing_optional: bo
     ``keep_missing_optional`` (a new stage's start) the tensors a model lists in ``optional_weight_keys`` may be
     missing and keep their initial values: a reward head started from an SFT checkpoint. Inference never allows
     it, since an untrained head scores at random."""
-    path = Path(checkpoint)
-    if not (path / "metadata.json").is_file():
-        latest = find_latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"no checkpoint at {path} (neither a dist checkpoint nor a save dir with 'latest')")
-        path = latest
+    path = resolve_checkpoint_dir(checkpoint)
     state = model_sharded_state_dict(model_chunks)
     kept = _set_aside_absent_optional_tensors(state, model_chunks, path, keep_missing_optional)
     loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy(path, fully_parallel),

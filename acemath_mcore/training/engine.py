@@ -81,7 +81,7 @@ class Engine:
 
     def __init__(self, arch: ModelArch, parallel: ParallelConfig, model_options: ModelOptions, optim: OptimConfig,
                  train_steps: int, model_chunk_builder: Callable = build_model_chunk):
-        self.arch, self.parallel, self.optim_config = arch, parallel, optim
+        self.arch = arch
         self.config = transformer_config(arch, parallel, model_options, with_ddp=True)
         self.config.calculate_per_token_loss = True
         self.packed_qkv_format = packed_qkv_format(model_options.spec)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
+from acemath_mcore.files import write_atomically
 from acemath_mcore.progress import format_duration
 
 logger = logging.getLogger("acemath_mcore")
@@ -138,9 +139,7 @@ class MetricsLogger:
             return
         with open(self.run_dir / "metrics.superseded.jsonl", "a") as stream:
             stream.writelines(superseded)
-        partial = path.with_name(path.name + ".tmp")
-        partial.write_text("".join(kept))
-        os.replace(partial, path)
+        write_atomically(path, "".join(kept))
         logger.info("%s: %d line(s) past step %d, which this run redoes, moved to metrics.superseded.jsonl", path,
                     len(superseded), step)
 

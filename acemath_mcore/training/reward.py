@@ -13,7 +13,6 @@ import dataclasses
 import itertools
 import json
 import logging
-import os
 import zlib
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -26,6 +25,7 @@ from acemath_mcore.data.chat_templates import ConversationEncoder
 from acemath_mcore.data.jsonl import DataError, Reason, check_encodable, parse_json_line
 from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, encode_rm_group,
                                         problem_prompt, rm_dataloader)
+from acemath_mcore.files import atomic_output
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
 from acemath_mcore.models.reward import RewardGPTModel, build_reward_model_chunk, response_scores
@@ -33,13 +33,12 @@ from acemath_mcore.models.specs import packed_qkv_format
 from acemath_mcore.progress import ProgressLog
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
-from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_share, launch_rank, read_launch_env,
                                                raise_on_every_rank)
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.logging import log_on_rank_0
-from acemath_mcore.training.rm_losses import RM_LOSSES, rm_loss
+from acemath_mcore.training.rm_losses import check_rm_loss, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
 from acemath_mcore.training.trainer import (TrainingData, preemption_requests, run, saved_rows_per_step,
                                            size_batch_in_units)
@@ -54,15 +53,13 @@ class RewardTask:
     head_outputs = 1  # the scalar head, for the FLOPs count
 
     def __init__(self, loss: str = "listwise_bt", seed: int = 1234):
-        if loss not in RM_LOSSES:
-            raise ValueError(f"unknown reward-model loss {loss!r}; choose one of {RM_LOSSES}")
+        check_rm_loss(loss)  # here, not at the first micro-batch
         self.loss_kind, self.seed = loss, seed
 
     def forward(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        # Per-token scores [b, s] on the last pipeline stage, hidden states elsewhere.
-        device = device_lib.current_device()
-        return model(batch["tokens"].to(device), batch["position_ids"].to(device), None,
-                     packed_seq_params=batch.get("packed_seq_params"))
+        # Per-token scores [b, s] on the last pipeline stage, hidden states elsewhere (run_schedule has moved the
+        # batch to the device).
+        return model(batch["tokens"], batch["position_ids"], None, packed_seq_params=batch.get("packed_seq_params"))
 
     def loss(self, batch: Batch, output: torch.Tensor) -> tuple:
         scores = response_scores(output, batch["score_index"], packed="cu_seqlens" in batch)
@@ -296,10 +293,8 @@ def score_jsonl(input_path: str | Path, output_path: str | Path, scorer: RewardS
     scores = [record_scores for _, part in sorted(part for part in parts if part is not None) for record_scores in part]
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = output_path.with_name(output_path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
+    with atomic_output(output_path) as handle:
         for (where, raw), record_scores in zip(_nonblank_lines(input_path), scores, strict=True):
             handle.write(json.dumps({**parse_json_line(raw, where), field: record_scores}, ensure_ascii=False) + "\n")
-    os.replace(partial, output_path)
     logger.info("wrote %d records (%d responses) with '%s' to %s", records, sum(map(len, scores)), field,
                 output_path)

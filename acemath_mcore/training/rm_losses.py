@@ -54,12 +54,16 @@ def bradley_terry(scores: torch.Tensor, pairs: torch.Tensor, groups: torch.Tenso
     return -_per_group_sum(per_positive, groups, num_groups) / counts.clamp(min=1), counts > 0
 
 
+def check_rm_loss(kind: str) -> None:
+    if kind not in RM_LOSSES:
+        raise ValueError(f"unknown reward-model loss {kind!r}; choose one of {RM_LOSSES}")
+
+
 def rm_loss(kind: str, scores: torch.Tensor, labels: torch.Tensor, group_sizes: torch.Tensor,
             sampled_pairs: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     """Sum of per-group losses, the number of groups counted, and the ``[sum, count]`` report.
     ``sampled_pairs`` (``[R, R]`` bool, one pair per group) is required by ``pairwise_bt``."""
-    if kind not in RM_LOSSES:
-        raise ValueError(f"unknown reward-model loss {kind!r}; choose one of {RM_LOSSES}")
+    check_rm_loss(kind)
     labels = labels.to(scores.device, scores.dtype)
     group_sizes = group_sizes.to(scores.device)
     groups, num_groups = group_ids(group_sizes, len(scores)), len(group_sizes)

@@ -26,7 +26,6 @@ from acemath_mcore.convert.megatron_files import (
     ASSETS_DIR,
     HF_CONFIG_FILE,
     find_model_description,
-    resolve_checkpoint_dir,
     write_model_description,
     write_prompt_format,
 )
@@ -44,6 +43,7 @@ from acemath_mcore.training.engine import Batch, Engine, Task
 from acemath_mcore.training.flops import training_flops
 from acemath_mcore.training.logging import IntervalMetrics, MetricsLogger, setup_console_logging
 from acemath_mcore.training.profiling import StepProfiler
+from acemath_mcore.training.checkpoint_dirs import find_latest, resolve_checkpoint_dir
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -108,7 +108,7 @@ def size_batch_in_units(config: TrainConfig, data: TrainingData, world_size: int
 def resume_point(config: TrainConfig) -> Optional[Path]:
     """The checkpoint this stage resumes: its save dir's latest, when it has one and ``checkpoint.resume``."""
     ckpt = config.checkpoint
-    return checkpointing.find_latest(ckpt.save_dir) if ckpt.save_dir and ckpt.resume else None
+    return find_latest(ckpt.save_dir) if ckpt.save_dir and ckpt.resume else None
 
 
 def saved_rows_per_step(config: TrainConfig) -> Optional[int]:
