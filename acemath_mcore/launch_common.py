@@ -22,7 +22,8 @@ def main_for(kind: str, doc: str, argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--recipe", required=True, help=f"one of: {', '.join(mine)}")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, check it (exit status 2 on a problem) and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=3e-6")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value config overrides, e.g. optim.lr=3e-6 (every key: docs/config.md)")
     args = parser.parse_intermixed_args(argv)  # overrides on both sides of --dry-run
     if args.recipe not in RECIPES:
         close = difflib.get_close_matches(args.recipe, mine, n=1)

@@ -192,9 +192,19 @@ def test_characters_split_into_byte_tokens_are_trained_whole(qwen, llama2, respo
     assert np.array_equal(offsets.loss_mask, reference.loss_mask)
 
 
-def test_template_needs_its_special_tokens(llama2):
-    with pytest.raises(ValueError, match="needs '<\\|im_start\\|>'"):
+def test_template_needs_its_special_tokens(llama2, caplog):
+    with pytest.raises(ValueError, match="needs '<\\|im_start\\|>', which .* lacks; templates this tokenizer can "
+                                         "render: plain$"):
         ConversationEncoder(llama2, build_template("chatml", llama2))
+    from acemath_mcore.data.chat_templates import SYSTEM_PROMPT_PRESETS, resolve_system_prompt
+
+    with caplog.at_level("WARNING"):
+        assert resolve_system_prompt("math") == SYSTEM_PROMPT_PRESETS["math"]
+        assert resolve_system_prompt("Be brief.") == "Be brief."
+        assert caplog.messages == []
+        assert resolve_system_prompt("maths") == "maths"  # used as given, but said
+    assert caplog.messages == ["system prompt 'maths' is not a preset (math, acemath_rm; none for no system turn): "
+                               "it is used as the literal system turn"]
     with pytest.raises(ValueError, match="unknown chat template"):
         build_template("vicuna", llama2)
 

@@ -14,7 +14,8 @@ from shared_data import shared_path
 from acemath_mcore.data.chat_templates import MATH_SYSTEM_PROMPT, ConversationEncoder, build_template
 from acemath_mcore.data.indexed import LOSS_MASK_SUFFIX, SFTIndexedDataset
 from acemath_mcore.data.jsonl import DataError
-from acemath_mcore.data.preprocess import PreprocessConfig, dropped_path, preprocess_sft, stats_path
+from acemath_mcore.data.jsonl import dropped_path
+from acemath_mcore.data.preprocess import PreprocessConfig, preprocess_sft, stats_path
 from acemath_mcore.data.tokenizers import load_tokenizer
 QWEN = str(shared_path("tokenizers/qwen2"))
 

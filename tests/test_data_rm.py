@@ -458,3 +458,18 @@ def test_rm_training_data_resumes_after_the_saved_sample_count(rm_prefix, packed
         # Replaying from the start would be told apart: the first steps differ from those resumed.
         assert any(not torch.equal(first["tokens"], later["tokens"])
                    for first, later in zip(uninterrupted[:4], uninterrupted[6:]))
+
+
+def test_every_dropped_group_is_listed_in_the_drop_log(rm_prefix):
+    """As for SFT data: the stats count the drops and keep five examples each, the drop log lists all of them."""
+    from collections import Counter
+
+    from acemath_mcore.data.jsonl import dropped_path
+
+    prefix, stats = rm_prefix
+    logged = [json.loads(line) for line in dropped_path(prefix).read_text().splitlines()]
+    assert len(logged) == stats["dropped_total"] > 0
+    assert Counter(entry["reason"] for entry in logged) == Counter(stats["dropped"])
+    assert [f"{entry['where']}: {entry['detail']}" for entry in logged if entry["reason"] == "all_correct"][:5] == \
+        stats["drop_examples"]["all_correct"]
+    assert not dropped_path(prefix).with_name(dropped_path(prefix).name + ".partial").exists()

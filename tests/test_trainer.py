@@ -761,6 +761,19 @@ def test_profiling_a_rank_the_job_does_not_have_is_reported(tmp_path, caplog):
         f"profile: steps 5-6 with torch on ranks [0, 4], into {tmp_path / 'profile'}"]
 
 
+@pytest.mark.parametrize("run_steps, warned", [(range(1, 7), None), (range(6, 20), None), (range(1, 5), "1-4"),
+                                               (range(7, 11), "7-10"), (range(11, 11), "(none left)")])
+def test_a_profile_window_outside_the_run_is_reported(tmp_path, caplog, run_steps, warned):
+    """profile.start_step beyond a short run (or before a resumed one) profiled nothing, silently."""
+    from acemath_mcore.recipes.config import ProfileConfig
+    from acemath_mcore.training.profiling import StepProfiler
+
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        StepProfiler(ProfileConfig(tool="torch"), rank=0, world_size=1, run_dir=tmp_path, run_steps=run_steps)
+    assert caplog.messages == ([] if warned is None else [
+        f"profile: steps 5-6 are outside this run's steps {warned}, so nothing is profiled (set profile.start_step)"])
+
+
 def test_nsys_profiling_without_cuda_is_refused_before_training(tmp_path):
     from acemath_mcore.recipes.config import ProfileConfig
     from acemath_mcore.training.profiling import StepProfiler

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -39,8 +40,13 @@ NO_SYSTEM_PROMPT = "none"  # --system-prompt none: no system turn, whatever the 
 
 def resolve_system_prompt(value: Optional[str]) -> Optional[str]:
     """A preset's text (``math``, ``acemath_rm``), ``none`` for no system turn, or ``value`` itself as a literal
-    prompt."""
-    return None if value == NO_SYSTEM_PROMPT else SYSTEM_PROMPT_PRESETS.get(value, value)
+    prompt. A single word that names no preset is most likely a mistyped one: it is used as given, with a warning."""
+    if value == NO_SYSTEM_PROMPT:
+        return None
+    if value is not None and value not in SYSTEM_PROMPT_PRESETS and re.fullmatch(r"[\w-]+", value):
+        logger.warning("system prompt %r is not a preset (%s; %s for no system turn): it is used as the literal system "
+                       "turn", value, ", ".join(SYSTEM_PROMPT_PRESETS), NO_SYSTEM_PROMPT)
+    return SYSTEM_PROMPT_PRESETS.get(value, value)
 
 
 @dataclass(frozen=True)
@@ -317,7 +323,10 @@ class ConversationEncoder:
         for token in template.special_tokens:
             token_id = tokenizer.token_to_id(token)
             if token_id is None:
-                raise ValueError(f"chat template {template.name!r} needs {token!r}, which {tokenizer.name} lacks")
+                usable = [name for name in TEMPLATE_NAMES if all(
+                    tokenizer.token_to_id(t) is not None for t in build_template(name, tokenizer).special_tokens)]
+                raise ValueError(f"chat template {template.name!r} needs {token!r}, which {tokenizer.name} lacks; "
+                                 f"templates this tokenizer can render: {', '.join(usable) or 'none'}")
             self._special_ids[token] = token_id
         # Cheap gate before scanning for every special token (Llama-3 has 256, all starting with "<|").
         self._special_prefixes = {token[:2] for token in tokenizer.text_special_tokens}

@@ -43,6 +43,15 @@ class DataError(ValueError):
         return f"{self.where}: {self.reason}: {self.detail}"
 
 
+def dropped_path(prefix: str) -> Path:
+    """``<prefix>_dropped.jsonl``: every input preprocessing dropped, one :func:`drop_line` each."""
+    return Path(prefix + "_dropped.jsonl")
+
+
+def drop_line(where: str, reason: str, detail: str) -> str:
+    return json.dumps({"where": where, "reason": reason, "detail": detail}) + "\n"
+
+
 @dataclass
 class Conversation:
     """One validated training sample."""

@@ -36,7 +36,7 @@ from acemath_mcore.data.curation import (
     prompt_key,
 )
 from acemath_mcore.data.indexed import SFTIndexedWriter
-from acemath_mcore.data.jsonl import DataError, LineChunk, iter_line_chunks, parse_conversation
+from acemath_mcore.data.jsonl import DataError, LineChunk, drop_line, dropped_path, iter_line_chunks, parse_conversation
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
 from acemath_mcore.files import atomic_output
 from acemath_mcore.progress import format_duration
@@ -325,10 +325,6 @@ def stats_path(prefix: str) -> Path:
     return Path(prefix + "_stats.json")
 
 
-def dropped_path(prefix: str) -> Path:
-    return Path(prefix + "_dropped.jsonl")
-
-
 def preprocess_sft(config: PreprocessConfig, tokenizer: Optional[Tokenizer] = None) -> dict:
     """Run the whole pipeline; returns the stats (also written to ``<prefix>_stats.json``).
 
@@ -355,7 +351,7 @@ def preprocess_sft(config: PreprocessConfig, tokenizer: Optional[Tokenizer] = No
 
             def drop(where: str, reason: str, detail: str) -> None:
                 stats.record_drop(where, reason, detail)
-                drop_log.write(json.dumps({"where": where, "reason": reason, "detail": detail}) + "\n")
+                drop_log.write(drop_line(where, reason, detail))
 
             for result in _chunk_results(processor, chunks, config.workers):
                 stats.lines += result.lines

@@ -33,9 +33,11 @@ import torch
 from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
 from acemath_mcore.data.datasets import ResumableDistributedSampler, batch_loader
 from acemath_mcore.data.indexed import RMIndexedDataset, RMIndexedWriter
-from acemath_mcore.data.jsonl import DataError, Reason, iter_line_chunks, parse_json_line, validate_messages
+from acemath_mcore.data.jsonl import (DataError, Reason, drop_line, dropped_path, iter_line_chunks, parse_json_line,
+                                      validate_messages)
 from acemath_mcore.data.packing import best_fit_decreasing, collate_packed, collate_padded
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
+from acemath_mcore.files import atomic_output
 
 ALL_CORRECT = "all_correct"
 ALL_WRONG = "all_wrong"
@@ -243,7 +245,8 @@ class RMPreprocessConfig:
 
 
 def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = None) -> dict:
-    """JSONL groups → RM IndexedDataset (see indexed.py) + ``<prefix>_stats.json``; returns the stats.
+    """JSONL groups → RM IndexedDataset (see indexed.py) + ``<prefix>_stats.json`` + ``<prefix>_dropped.jsonl``;
+    returns the stats.
     ``tokenizer``: an already loaded ``config.tokenizer``."""
     started = time.monotonic()
     tokenizer = tokenizer or load_tokenizer(config.tokenizer)
@@ -257,13 +260,16 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
         dropped[reason] += 1
         if len(examples.setdefault(reason, [])) < 5:
             examples[reason].append(f"{where}: {detail}")
+        drop_log.write(drop_line(where, reason, detail))
 
     def report(error: DataError) -> None:
         if config.strict:
             raise error
         drop(error.where, error.reason, error.detail)
 
-    with RMIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:
+    # the drop log is published after the data files close
+    with atomic_output(dropped_path(config.output_prefix)) as drop_log, \
+            RMIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:
         for group in iter_rm_groups(config.inputs, report, encoder):
             counts["groups_read"] += 1
             reason = uniform_label_reason(group)

@@ -27,7 +27,8 @@ class StepProfiler:
     first, keeping what it has). Steps are numbered as the log numbers them, so a run resumed past the window
     profiles nothing."""
 
-    def __init__(self, options: ProfileConfig, rank: int, world_size: int, run_dir: Path):
+    def __init__(self, options: ProfileConfig, rank: int, world_size: int, run_dir: Path,
+                 run_steps: Optional[range] = None):
         self.options = options
         self.first, self.last = options.start_step, options.start_step + options.num_steps - 1
         self.active = options.tool is not None and rank in options.ranks
@@ -41,6 +42,11 @@ class StepProfiler:
             if absent:
                 logger.warning("profile.ranks=%s: this job's ranks are 0-%d, so %s profile(s) nothing",
                                options.ranks, world_size - 1, absent)
+            if run_steps is not None and not (len(run_steps) and self.first <= run_steps[-1]
+                                              and self.last >= run_steps[0]):
+                steps = f"{run_steps[0]}-{run_steps[-1]}" if len(run_steps) else "(none left)"
+                logger.warning("profile: steps %d-%d are outside this run's steps %s, so nothing is profiled (set "
+                               "profile.start_step)", self.first, self.last, steps)
             where = f"into {self.directory}" if options.tool == "torch" else "for nsys"
             logger.info("profile: steps %d-%d with %s on ranks %s, %s", self.first, self.last, options.tool,
                         options.ranks, where)

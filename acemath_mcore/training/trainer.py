@@ -286,7 +286,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     loader = within_vocabulary(data.make_loader(consumed_samples, dp_rank, dp_size), arch.padded_vocab_size)
     checkpoints = _checkpoint_writer(config)
     profiler = StepProfiler(config.profile, launch.rank, launch.world_size,
-                            Path(config.logging.output_dir) / config.name)
+                            Path(config.logging.output_dir) / config.name, run_steps=range(start_step + 1, steps + 1))
     stop_asked = False  # on any rank, as of the last step
     try:
         if preemption.any_rank_requested():  # during the set-up: the latest checkpoint already holds this state
