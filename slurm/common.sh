@@ -263,10 +263,11 @@ acemath_train_job() {  # STAGE [key=value ...]
   acemath_job_start "$stage" acemath_stage_config "$@"
   if acemath_use_planner; then
     local shape
-    shape=$(acemath_preflight --planner-args --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}")
+    shape=$(acemath_preflight --planner-args --world-size="${SLURM_NTASKS:-1}" \
+      --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}")
     acemath_planner "$shape"
   else
-    acemath_preflight --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}"
+    acemath_preflight --world-size="${SLURM_NTASKS:-1}" --stage "$ACEMATH_KIND:$ACEMATH_RECIPE" "${ACEMATH_ARGS[@]}"
   fi
   acemath_rendezvous
   acemath_profiler

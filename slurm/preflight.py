@@ -5,6 +5,7 @@ pipeline.sh) and again at job start; errors name the environment variable that s
     python slurm/preflight.py --stage sft:qwen25_math_7b_sft_stage1 data.prefixes=[/d/s1] checkpoint.save_dir=/c/s1 \
                               --stage rm:qwen25_math_7b_rm:upstream data.prefixes=[/d/rm] ...
     python slurm/preflight.py --planner-args --stage rm:qwen25_math_72b_rm ...   # also prints "--model M --task rm ..."
+    python slurm/preflight.py --world-size=256 --stage ...   # at job start: checks what depends on the rank count
 
 ``KIND:RECIPE[:upstream]``: kind is sft or rm; ``upstream`` means init_from is written by an earlier job of the
 same pipeline, so it need not exist yet. Exit status: 0 all good, 2 a check failed (messages on stderr),
@@ -27,10 +28,12 @@ ENV_FOR = {"data.prefixes": "DATA", "checkpoint.save_dir": "CKPT_DIR", "model": 
 
 
 def parse(argv):
-    planner, stages = False, []
+    planner, world_size, stages = False, None, []
     for arg in argv:
         if arg == "--planner-args":
             planner = True
+        elif arg.startswith("--world-size="):
+            world_size = int(arg.split("=", 1)[1])
         elif arg == "--stage":
             stages.append(None)
         elif stages and stages[-1] is None:
@@ -44,10 +47,10 @@ def parse(argv):
             raise SystemExit(f"preflight: {arg!r} before the first --stage")
     if not stages or None in stages:
         raise SystemExit("preflight: give at least one --stage KIND:RECIPE [key=value ...]")
-    return planner, stages
+    return planner, world_size, stages
 
 
-def check_stage(stage, planned: bool = False) -> tuple[list[str], str, object, object]:
+def check_stage(stage, planned: bool = False, world_size=None) -> tuple[list[str], str, object, object]:
     """(errors, one-line description, resolved config, the TP/PP/VPP a resume must keep or None). ``planned``: the
     layout is launch/plan.py's to pick at job start, so a resume's bound layout replaces the configured one (the
     planner is told to keep it) instead of being reported as a mismatch."""
@@ -103,7 +106,8 @@ def check_stage(stage, planned: bool = False) -> tuple[list[str], str, object, o
         start = "starts from random weights"
     # The trainer's own checks (data files and tokenizer, option values, model, layout); the starting checkpoint is
     # read only when it exists now and the checks above found nothing wrong with it.
-    for problem in config_problems(config, stage["kind"], read_checkpoint=not stage["upstream"] and not errors):
+    for problem in config_problems(config, stage["kind"], read_checkpoint=not stage["upstream"] and not errors,
+                                   world_size=world_size):
         key = problem.split(":")[0].split("=")[0]
         errors.append(f"{name}: {ENV_FOR.get(key, 'OVERRIDES')}: {problem}")
     description = (f"{name}: model {config.model}, {len(config.data.prefixes)} data prefix(es), {start}, "
@@ -116,7 +120,7 @@ def _writable(path: Path) -> bool:
 
 
 def main(argv=None) -> int:
-    planner, stages = parse(sys.argv[1:] if argv is None else argv)
+    planner, world_size, stages = parse(sys.argv[1:] if argv is None else argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # megatron's TE/apex notices are noise here
         try:
@@ -130,7 +134,7 @@ def main(argv=None) -> int:
         level = package_logger.level
         package_logger.setLevel(logging.ERROR)  # find_latest's notes about partial saves
         try:
-            return _check(planner, stages)
+            return _check(planner, world_size, stages)
         finally:
             package_logger.setLevel(level)
 
@@ -153,10 +157,10 @@ def planned_global_batch(config) -> int:
     return 1 << max(0, round(math.log2(config.rows_per_step(max(per_row, 1.0)))))
 
 
-def _check(planner, stages) -> int:
+def _check(planner, world_size, stages) -> int:
     all_errors = []
     for stage in stages:
-        errors, description, config, bound = check_stage(stage, planned=planner)
+        errors, description, config, bound = check_stage(stage, planned=planner, world_size=world_size)
         all_errors += errors
         if not errors:
             print(f"preflight ok: {description}", file=sys.stderr)

@@ -425,3 +425,33 @@ def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes
         f"data.seq_length={response - 1}: {rm} has responses (a padded row holds one) of up to {response} tokens "
         f"(its _stats.json); raise data.seq_length to at least {response}, or preprocess with --max-length "
         f"{response - 1}"]
+
+
+def test_a_resume_across_40_data_parallel_ranks_is_refused_once_the_rank_count_is_known(prefixes, tmp_path):
+    """megatron sizes gradient buckets max(40M, 1M x DP) with an overlapped reduction, and dp_reshardable state is
+    stored per bucket: DP 48 -> 64 would fail in the loader after the model is built on every GPU."""
+    from acemath_mcore.recipes.checks import config_problems
+    from acemath_mcore.training.checkpoint_dirs import write_optimizer_layout
+
+    save_dir = tmp_path / "save"
+    checkpoint = _fake_checkpoint(save_dir / "iter_0000002", STORIES_TOKENIZER)
+    (save_dir / "latest").write_text("iter_0000002")
+    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
+                                        "data_parallel": 48}, "dp_reshardable", distributed_optimizer=True)
+    config = _tiny([f"data.prefixes=[{prefixes['stories']}]", f"checkpoint.save_dir={save_dir}",
+                    "optim.use_distributed_optimizer=true", "optim.overlap_grad_reduce=true"])
+    assert config_problems(config, "sft") == []  # the rank count is not known (--dry-run, submit-side preflight)
+    assert config_problems(config, "sft", world_size=48) == []
+    assert config_problems(config, "sft", world_size=64) == [
+        f"parallel: {checkpoint} holds its optimizer state in the dp_reshardable format, stored per gradient bucket, "
+        "and megatron sizes the buckets from the number of data-parallel ranks above 40: saved at 48, this run has "
+        "64. Resume with 48 data-parallel ranks, or resume it once as it was saved with "
+        "checkpoint.optimizer_format=fully_reshardable, whose next checkpoint is free of both, or start a new stage "
+        f"from its weights with checkpoint.init_from={checkpoint} (fresh optimizer)"]
+    config.optim.overlap_grad_reduce = False  # one bucket whatever the rank count
+    assert config_problems(config, "sft", world_size=64) == []
+    config.optim.overlap_grad_reduce = True
+    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
+                                        "data_parallel": 16}, "dp_reshardable", distributed_optimizer=True)
+    assert config_problems(config, "sft", world_size=40) == []  # both at megatron's 40M floor
+    assert "Resume with at most 40 data-parallel ranks" in config_problems(config, "sft", world_size=41)[0]

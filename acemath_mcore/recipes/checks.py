@@ -47,19 +47,22 @@ class ConfigError(ValueError):
     """One or more problems of a training config, one per line."""
 
 
-def check_config(config: TrainConfig, kind: str, arch: Optional[ModelArch] = None) -> None:
+def check_config(config: TrainConfig, kind: str, arch: Optional[ModelArch] = None,
+                 world_size: Optional[int] = None) -> None:
     """Raise :class:`ConfigError` listing every problem :func:`config_problems` finds."""
-    problems = config_problems(config, kind, arch)
+    problems = config_problems(config, kind, arch, world_size=world_size)
     if problems:
         raise ConfigError(f"recipe {config.name!r} ({kind}): {len(problems)} problem(s):\n"
                           + "\n".join(f"  - {problem}" for problem in problems))
 
 
 def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = None,
-                    read_checkpoint: bool = True) -> List[str]:
+                    read_checkpoint: bool = True, world_size: Optional[int] = None) -> List[str]:
     """Every problem found, each starting with the config key to change. ``kind``: sft or rm. ``arch``: the
     model when the caller already has it (else resolved from ``config.model``). ``read_checkpoint``: compare
-    with the starting checkpoint's recorded architecture and tokenizer (off when an earlier job writes it)."""
+    with the starting checkpoint's recorded architecture and tokenizer (off when an earlier job writes it).
+    ``world_size``: the job's ranks, when known (the trainer, Slurm's job-start check), for what depends on the
+    number of data-parallel ranks."""
     problems = _option_problems(config, kind) + _optim_problems(config) + _batch_problems(config, kind)
     problems += _data_problems(config, kind)
     data = config.data
@@ -92,7 +95,7 @@ def config_problems(config: TrainConfig, kind: str, arch: Optional[ModelArch] = 
     if checkpoint is not None:
         from acemath_mcore.convert.megatron_files import find_model_description
 
-        problems += _resume_layout_problems(config, checkpoint)
+        problems += _resume_layout_problems(config, checkpoint, world_size)
 
         recorded, _, assets = find_model_description(checkpoint)
         try:
@@ -280,10 +283,11 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
     return problems
 
 
-def _resume_layout_problems(config: TrainConfig, checkpoint: Path) -> List[str]:
-    """A resume whose optimizer state was saved for another model-parallel layout (the trainer would refuse it
-    after building the model on every GPU)."""
-    from acemath_mcore.training.checkpoint_dirs import bound_model_parallel, layout_bound_problem
+def _resume_layout_problems(config: TrainConfig, checkpoint: Path, world_size: Optional[int]) -> List[str]:
+    """A resume whose optimizer state was saved for another model-parallel layout, or (``world_size`` known) for
+    other gradient buckets (the trainer would refuse it after building the model on every GPU)."""
+    from acemath_mcore.training.checkpoint_dirs import (bound_model_parallel, bucket_bound_problem,
+                                                        layout_bound_problem, read_optimizer_layout)
 
     if checkpoint.parent != Path(config.checkpoint.save_dir or ""):
         return []  # a weights-only start
@@ -294,6 +298,9 @@ def _resume_layout_problems(config: TrainConfig, checkpoint: Path) -> List[str]:
     problem = layout_bound_problem(checkpoint, bound, {
         "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel,
         "virtual_pipeline": parallel.virtual_pipeline_parallel or 1})
+    if problem is None and world_size is not None and not world_size % parallel.model_parallel_size():
+        problem = bucket_bound_problem(checkpoint, read_optimizer_layout(checkpoint)["layout"].get("data_parallel"),
+                                       parallel.data_parallel_size(world_size), config.optim.overlap_grad_reduce)
     return [f"parallel: {problem}"] if problem else []
 
 

@@ -74,6 +74,29 @@ def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[
             "of data-parallel ranks may change. Resume at the saved layout, or " + fresh_start(checkpoint))
 
 
+# megatron's DDP sizes its gradient buckets max(40M, 1M x DP) elements when it overlaps the gradient reduction
+# (one bucket otherwise), and dp_reshardable optimizer state is stored per bucket.
+BUCKET_GROWTH_DATA_PARALLEL = 40
+
+
+def bucket_bound_problem(checkpoint: Path, saved_data_parallel: Optional[int], data_parallel: int,
+                         overlap_grad_reduce: bool) -> Optional[str]:
+    """Why ``checkpoint``'s dp_reshardable optimizer state does not fit this run's gradient buckets (the number of
+    data-parallel ranks changed across 40); None when the buckets are the saved ones (or the record predates it)."""
+    def bucket_scale(size: int) -> int:
+        return max(BUCKET_GROWTH_DATA_PARALLEL, size)
+
+    if not overlap_grad_reduce or saved_data_parallel is None or \
+            bucket_scale(saved_data_parallel) == bucket_scale(data_parallel):
+        return None
+    return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, stored per gradient bucket, "
+            f"and megatron sizes the buckets from the number of data-parallel ranks above "
+            f"{BUCKET_GROWTH_DATA_PARALLEL}: saved at {saved_data_parallel}, this run has {data_parallel}. Resume with "
+            + (f"{saved_data_parallel}" if saved_data_parallel > BUCKET_GROWTH_DATA_PARALLEL
+               else f"at most {BUCKET_GROWTH_DATA_PARALLEL}")
+            + " data-parallel ranks, or " + fresh_start(checkpoint))
+
+
 def fresh_start(checkpoint: Path) -> str:
     """The ways out for a checkpoint whose dp_reshardable optimizer state does not fit this run."""
     return (f"resume it once as it was saved with checkpoint.optimizer_format={FREE_LAYOUT_FORMAT}, whose next "

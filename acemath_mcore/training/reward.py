@@ -124,7 +124,7 @@ def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) ->
     """Train a reward model (``launch/train_rm.py``); returns the trainer's summary (with ``exit_code``)."""
     log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
-        check_config(config, "rm", arch)
+        check_config(config, "rm", arch, world_size=read_launch_env().world_size)
         config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
         task = RewardTask(config.reward.loss, seed=config.seed)
         validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None

@@ -71,7 +71,7 @@ def sft_training_data(config: TrainConfig, held_out: bool = False) -> TrainingDa
 def train_sft(config: TrainConfig) -> Dict:
     log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
-        check_config(config, "sft")
+        check_config(config, "sft", world_size=read_launch_env().world_size)
         config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
         validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
         data = sft_training_data(config)

@@ -440,3 +440,24 @@ def test_nsys_wraps_the_training_tasks_and_asks_the_trainer_for_its_capture_rang
     assert f"--output={tmp_path}/nsys/77-rank%q{{SLURM_PROCID}}" in profiler.split()
     assert (tmp_path / "nsys").is_dir()
     assert arguments.split() == ["profile.tool=nsys", "profile.start_step=20"]
+
+
+def test_preflight_at_job_start_checks_what_depends_on_the_rank_count(preflight, tmp_path, capsys):
+    """The training templates pass --world-size=$SLURM_NTASKS when the job starts: a dp_reshardable checkpoint
+    saved at 48 data-parallel ranks cannot resume at 64 (other gradient buckets), found before srun."""
+    from acemath_mcore.training.checkpoint_dirs import write_optimizer_layout
+
+    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
+        (tmp_path / f"data{suffix}").write_bytes(b"")
+    checkpoint = tmp_path / "c" / "iter_0000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "metadata.json").write_text("{}")
+    (tmp_path / "c" / "latest").write_text("iter_0000005")
+    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
+                                        "data_parallel": 48}, "dp_reshardable", distributed_optimizer=True)
+    stage = ["--stage", "sft:tiny_sft", f"data.prefixes=[{tmp_path}/data]", f"checkpoint.save_dir={tmp_path}/c",
+             "optim.use_distributed_optimizer=true", "optim.overlap_grad_reduce=true"]
+    assert preflight.main(["--world-size=48", *stage]) == 0
+    capsys.readouterr()
+    assert preflight.main(["--world-size=64", *stage]) == 2
+    assert "preflight: error: tiny_sft (sft): OVERRIDES: parallel: " in capsys.readouterr().err
