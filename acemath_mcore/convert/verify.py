@@ -14,11 +14,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from acemath_mcore.convert.hf_files import read_hf_config
-from acemath_mcore.runtime.local_workers import run_local_workers
 from acemath_mcore.convert.megatron_files import find_model_description, holds_reward_head
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.families import family_for_hf_config
 from acemath_mcore.runtime.distributed import ParallelConfig
+from acemath_mcore.runtime.local_workers import run_local_workers
 from acemath_mcore.training.checkpoint_dirs import resolve_checkpoint_dir
 
 DEFAULT_PROMPTS = (

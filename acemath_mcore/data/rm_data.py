@@ -33,8 +33,15 @@ import torch
 from acemath_mcore.data.chat_templates import ConversationEncoder, build_template
 from acemath_mcore.data.datasets import ResumableDistributedSampler, batch_loader
 from acemath_mcore.data.indexed import RMIndexedDataset, RMIndexedWriter
-from acemath_mcore.data.jsonl import (DataError, Reason, drop_line, dropped_path, iter_line_chunks, parse_json_line,
-                                      validate_messages)
+from acemath_mcore.data.jsonl import (
+    DataError,
+    Reason,
+    drop_line,
+    dropped_path,
+    iter_line_chunks,
+    parse_json_line,
+    validate_messages,
+)
 from acemath_mcore.data.packing import best_fit_decreasing, collate_packed, collate_padded
 from acemath_mcore.data.tokenizers import Tokenizer, load_tokenizer
 from acemath_mcore.files import atomic_output

@@ -13,7 +13,6 @@ from typing import Iterator, Mapping, Tuple
 
 import torch
 
-
 # Native (local) spec names -> canonical (TE) names; the same table megatron uses for dist-checkpoint keys.
 _LOCAL_TO_CANONICAL = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",

@@ -286,8 +286,12 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
 def _resume_layout_problems(config: TrainConfig, checkpoint: Path, world_size: Optional[int]) -> List[str]:
     """A resume whose optimizer state was saved for another model-parallel layout, or (``world_size`` known) for
     other gradient buckets (the trainer would refuse it after building the model on every GPU)."""
-    from acemath_mcore.training.checkpoint_dirs import (bound_model_parallel, bucket_bound_problem,
-                                                        layout_bound_problem, read_optimizer_layout)
+    from acemath_mcore.training.checkpoint_dirs import (
+        bound_model_parallel,
+        bucket_bound_problem,
+        layout_bound_problem,
+        read_optimizer_layout,
+    )
 
     if checkpoint.parent != Path(config.checkpoint.save_dir or ""):
         return []  # a weights-only start

@@ -23,8 +23,15 @@ from megatron.core import parallel_state
 
 from acemath_mcore.data.chat_templates import ConversationEncoder
 from acemath_mcore.data.jsonl import DataError, Reason, check_encodable, parse_json_line
-from acemath_mcore.data.rm_data import (RMGroup, RMGroupSample, build_rm_dataset, collate_rm_packed, encode_rm_group,
-                                        problem_prompt, rm_dataloader)
+from acemath_mcore.data.rm_data import (
+    RMGroup,
+    RMGroupSample,
+    build_rm_dataset,
+    collate_rm_packed,
+    encode_rm_group,
+    problem_prompt,
+    rm_dataloader,
+)
 from acemath_mcore.files import atomic_output
 from acemath_mcore.models.arch import ModelArch
 from acemath_mcore.models.builder import ModelOptions, build_model
@@ -33,15 +40,19 @@ from acemath_mcore.models.specs import packed_qkv_format
 from acemath_mcore.progress import ProgressLog
 from acemath_mcore.recipes.checks import check_config
 from acemath_mcore.recipes.config import TrainConfig
-from acemath_mcore.runtime.distributed import (ParallelConfig, data_parallel_share, launch_rank, read_launch_env,
-                                               raise_on_every_rank)
+from acemath_mcore.runtime.distributed import (
+    ParallelConfig,
+    data_parallel_share,
+    launch_rank,
+    raise_on_every_rank,
+    read_launch_env,
+)
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.rm_losses import check_rm_loss, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
-from acemath_mcore.training.trainer import (TrainingData, preemption_requests, run, saved_rows_per_step,
-                                           size_batch_in_units)
+from acemath_mcore.training.trainer import TrainingData, preemption_requests, run, saved_rows_per_step, size_batch_in_units
 
 logger = logging.getLogger("acemath_mcore")
 

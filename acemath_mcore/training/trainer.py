@@ -39,11 +39,11 @@ from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime import init_distributed
 from acemath_mcore.runtime.distributed import STOP_SIGNALS
 from acemath_mcore.training import checkpointing
+from acemath_mcore.training.checkpoint_dirs import find_latest, resolve_checkpoint_dir
 from acemath_mcore.training.engine import Batch, Engine, Task
 from acemath_mcore.training.flops import training_flops
 from acemath_mcore.training.logging import IntervalMetrics, MetricsLogger, setup_console_logging
 from acemath_mcore.training.profiling import StepProfiler
-from acemath_mcore.training.checkpoint_dirs import find_latest, resolve_checkpoint_dir
 
 logger = logging.getLogger("acemath_mcore")
 
