@@ -28,9 +28,22 @@ def stories_dir() -> Path:
     return shared_path("models/stories260K_hf")
 
 
+def greedy_generate(model, arch, prompt, max_new_tokens):
+    """Greedy continuation, re-running the whole sequence each step: no KV cache to be wrong."""
+    import torch
+
+    from acemath_mcore.convert.megatron_model import vocab_logits
+
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            tokens.append(int(vocab_logits(model, arch, torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt):]
+
+
 def _generate(rank, world_size, checkpoints, prompt):
     from acemath_mcore.convert.megatron_files import find_model_description
-    from acemath_mcore.convert.megatron_model import greedy_generate, load_for_inference
+    from acemath_mcore.convert.megatron_model import load_for_inference
     from acemath_mcore.runtime import ParallelConfig, init_distributed
 
     init_distributed(ParallelConfig(tensor_parallel=world_size))

@@ -18,12 +18,13 @@ from acemath_mcore.data.rm_data import (
     RMGroupDataset,
     RMGroupSample,
     RMPreprocessConfig,
-    build_rm_dataloader,
+    build_rm_dataset,
     collate_rm_packed,
     collate_rm_padded,
     encode_rm_group,
     iter_rm_groups,
     preprocess_rm,
+    rm_dataloader,
     score_sorted_selection,
     uniform_label_reason,
 )
@@ -55,6 +56,13 @@ def rm_prefix(tmp_path_factory, qwen):
     stats = preprocess_rm(RMPreprocessConfig(inputs=[MATH_COT], output_prefix=prefix, tokenizer=QWEN,
                                              num_responses=4), qwen)
     return prefix, stats
+
+
+def build_rm_dataloader(prefix, pad_id, global_batch_size, micro_batch_size, packed_tokens=None, seq_length=None,
+                        **loader_options):
+    """What the trainer builds from a config: the dataset of one prefix, then its loader."""
+    return rm_dataloader(build_rm_dataset(prefix, packed_tokens, seq_length), pad_id, global_batch_size,
+                         micro_batch_size, seq_length, **loader_options)
 
 
 def rm_row(qid, prompt, response, label, system="Please reason step by step."):

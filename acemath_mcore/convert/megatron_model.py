@@ -7,7 +7,7 @@ Must run inside an initialised megatron parallel state (see :mod:`acemath_mcore.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List
 
 import torch
 from megatron.core.models.gpt import GPTModel
@@ -71,19 +71,6 @@ def vocab_logits(model: torch.nn.Module, arch: ModelArch, tokens: torch.Tensor) 
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     logits = gather_from_tensor_model_parallel_region(model(tokens, positions, None))
     return logits[..., : arch.vocab_size].float()
-
-
-@torch.no_grad()
-def greedy_generate(model: torch.nn.Module, arch: ModelArch, prompt: List[int], max_new_tokens: int,
-                    stop_id: Optional[int] = None) -> List[int]:
-    """Greedy continuation, re-running the whole sequence each step (no KV cache: meant for checks, not speed)."""
-    tokens = list(prompt)
-    for _ in range(max_new_tokens):
-        next_id = int(vocab_logits(model, arch, torch.tensor([tokens]))[0, -1].argmax())
-        tokens.append(next_id)
-        if next_id == stop_id:
-            break
-    return tokens[len(prompt):]
 
 
 @torch.no_grad()

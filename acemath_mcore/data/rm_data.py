@@ -456,11 +456,3 @@ def rm_dataloader(dataset: RMGroupDataset | PackedRMDataset, pad_id: int, global
     sampler = ResumableDistributedSampler(len(dataset), global_batch_size, micro_batch_size, dp_rank, dp_size,
                                           seed, consumed_samples)
     return batch_loader(dataset, sampler, collate, num_workers)
-
-
-def build_rm_dataloader(prefix: str, pad_id: int, global_batch_size: int, micro_batch_size: int,
-                        packed_tokens: Optional[int] = None, seq_length: Optional[int] = None,
-                        **loader_options) -> torch.utils.data.DataLoader:
-    """:func:`rm_dataloader` over :func:`build_rm_dataset` of one prefix."""
-    return rm_dataloader(build_rm_dataset(prefix, packed_tokens, seq_length), pad_id, global_batch_size,
-                         micro_batch_size, seq_length, **loader_options)
