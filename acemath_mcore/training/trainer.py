@@ -250,15 +250,7 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
     micro_batches_per_step = check_batch_arithmetic(config, dp_size)
     steps = total_steps(config, data.num_samples)
     data_order = _data_order(config, data.num_samples)
-    valid_batches = 0 if validation is None else validation.num_samples // config.global_batch_size
-    if validation is not None and valid_batches == 0:
-        raise ValueError(f"data.valid_prefixes hold {validation.num_samples} samples, fewer than one global batch "
-                         f"({config.global_batch_size}); add held-out data or leave data.valid_prefixes empty")
-    if validation is not None:
-        unscored = validation.num_samples - valid_batches * config.global_batch_size
-        logger.info("validation: %s; %d global batches every %s%s", validation.description, valid_batches,
-                    f"{config.eval_interval} steps and at the end" if config.eval_interval else "run, at the end",
-                    f" ({unscored} held-out samples left out: not a whole global batch)" if unscored else "")
+    valid_batches = 0 if validation is None else _validation_batches(config, validation)
     logger.info("%s: %s, %d samples/epoch, %d steps of %d samples (%d micro-batches of %d per rank, DP=%d)",
                 config.name, data.description, data.num_samples, steps, config.global_batch_size,
                 micro_batches_per_step, config.micro_batch_size, dp_size)
@@ -303,16 +295,8 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
             step += 1
             profiler.after_step(step)
             consumed_samples += config.global_batch_size
-            # FLOPs of the rows as computed, padding included; tokens/s counts the documents' tokens only. A step's
-            # own rates are this rank's share times DP; the logged lines' are summed over the ranks (_IntervalWork).
-            lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
-            flops = training_flops(arch, lengths, task.head_outputs)
-            tokens = sum(batch["num_tokens"] for batch in micro_batches)
-            work.add(tokens, flops)
-            metrics.update(step_s=seconds, data_s=data_seconds, tokens_per_s=tokens * dp_size / seconds,
-                           memory_gib=device_lib.peak_memory_bytes() / 2**30, consumed_samples=consumed_samples)
-            if peak:
-                metrics["mfu"] = flops * dp_size / seconds / (peak * torch.distributed.get_world_size())
+            metrics.update(_step_rates(arch, task, data, micro_batches, work, seconds, dp_size, peak),
+                           step_s=seconds, data_s=data_seconds, consumed_samples=consumed_samples)
             final_loss = metrics.get(task.loss_name)
             first_loss = final_loss if first_loss is None else first_loss
             validated = validation is not None and (
@@ -373,6 +357,34 @@ def _run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mod
         torch.distributed.barrier()
     summary.update(exit_code=exit_code, history=metrics_logger.history)
     return summary
+
+
+def _step_rates(arch: ModelArch, task: Task, data: TrainingData, micro_batches: List[Batch], work: _IntervalWork,
+                seconds: float, dp_size: int, peak: Optional[float]) -> Dict[str, float]:
+    """A step's tokens/s, MFU (when the GPU's peak is known) and peak memory, and its work added to ``work``.
+    FLOPs count the rows as computed, padding included; tokens/s counts the documents' tokens only. A step's own
+    rates are this rank's share times DP; the logged lines' are summed over the ranks (_IntervalWork)."""
+    lengths = [n for batch in micro_batches for n in data.sequence_lengths(batch)]
+    flops = training_flops(arch, lengths, task.head_outputs)
+    tokens = sum(batch["num_tokens"] for batch in micro_batches)
+    work.add(tokens, flops)
+    rates = {"tokens_per_s": tokens * dp_size / seconds, "memory_gib": device_lib.peak_memory_bytes() / 2**30}
+    if peak:
+        rates["mfu"] = flops * dp_size / seconds / (peak * torch.distributed.get_world_size())
+    return rates
+
+
+def _validation_batches(config: TrainConfig, validation: TrainingData) -> int:
+    """The whole global batches of held-out data each validation pass runs (logged, with what is left out)."""
+    batches = validation.num_samples // config.global_batch_size
+    if batches == 0:
+        raise ValueError(f"data.valid_prefixes hold {validation.num_samples} samples, fewer than one global batch "
+                         f"({config.global_batch_size}); add held-out data or leave data.valid_prefixes empty")
+    unscored = validation.num_samples - batches * config.global_batch_size
+    logger.info("validation: %s; %d global batches every %s%s", validation.description, batches,
+                f"{config.eval_interval} steps and at the end" if config.eval_interval else "run, at the end",
+                f" ({unscored} held-out samples left out: not a whole global batch)" if unscored else "")
+    return batches
 
 
 def _initialise(config: TrainConfig, engine: Engine, data_order: Dict) -> Dict:
