@@ -70,6 +70,13 @@ class OptimConfig:
     # instead of at the end of the optimizer step (needs overlap_grad_reduce too, as in Megatron-LM).
     overlap_param_gather: bool = False
 
+    def overlap_problem(self) -> Optional[str]:
+        """Why ``overlap_param_gather`` cannot be on (megatron-core 0.16 does not check it itself)."""
+        if self.overlap_param_gather and not (self.use_distributed_optimizer and self.overlap_grad_reduce):
+            return ("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
+                    "optim.overlap_grad_reduce=true")
+        return None
+
 
 @dataclasses.dataclass
 class ParallelConfig:

@@ -4,7 +4,8 @@
 #   DATA=/data/rm INIT_FROM=checkpoints/qwen2.5-math-72b-math_sft sbatch slurm/rm_72b.sh
 #   slurm/submit.sh rm_72b [sbatch args]                       # checks every path before it queues anything
 #SBATCH --job-name=acemath-rm-72b
-# From the planner (headers are static; keep in step with ACEMATH_NODES_72B in common.sh):
+# From the planner (headers are static; keep in step with ACEMATH_NODES_72B in common.sh); the RM's step of ~32
+# packed bins of 24,576 tokens fits the same 256 GPUs (DP 8 x PP 4 in the recipe's layout, or the planner's):
 #   python launch/plan.py --model qwen2.5-72b --gpus 256 --seq-length 4096 --global-batch 256 --format nodes
 #SBATCH --nodes=32
 #SBATCH --ntasks-per-node=8

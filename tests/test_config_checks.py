@@ -145,7 +145,7 @@ def test_values_megatron_or_torch_would_refuse_after_the_model_is_built_are_prob
     megatron's scheduler (min_lr above lr), its VPP assertion (VPP=1), torch's DataLoader, wandb's settings."""
     from acemath_mcore.recipes.checks import config_problems
 
-    config = _tiny(["optim.min_lr=1", "optim.weight_decay=-0.1", "optim.adam_beta2=1", "optim.adam_eps=0",
+    config = _tiny(["optim.min_lr=1", "optim.weight_decay=-0.1", "optim.adam_beta2=1", "optim.adam_eps=-1e-8",
                     "optim.overlap_param_gather=true", "data.num_workers=-1", "logging.wandb_mode=bogus",
                     "parallel.pipeline_parallel=2", "parallel.virtual_pipeline_parallel=1",
                     "parallel.timeout_minutes=0"])
@@ -156,13 +156,22 @@ def test_values_megatron_or_torch_would_refuse_after_the_model_is_built_are_prob
         "optim.min_lr=1.0: must be between 0 and optim.lr=0.002 (the decay's floor)",
         "optim.weight_decay=-0.1: must be at least 0",
         "optim.adam_beta2=1.0: must be in [0, 1)",
-        "optim.adam_eps=0.0: must be above 0",
+        "optim.adam_eps=-1e-08: must be at least 0",
         "optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and optim.overlap_grad_reduce=true",
         NO_DATA["sft"],
         "parallel.virtual_pipeline_parallel=1: use null (no interleaving) or at least 2 model chunks per pipeline "
         "stage",
     ]
-    assert config_problems(_tiny(["optim.lr=0", "optim.min_lr=1"]), "sft")[0] == "optim.lr=0.0: must be above 0"
+    assert config_problems(_tiny(["optim.lr=-1", "optim.min_lr=1"]), "sft")[0] == "optim.lr=-1.0: must be at least 0"
+    # Sequence parallelism splits a row's tokens over the TP ranks (megatron asserts it at the first forward).
+    split = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "micro_batch_size=1"]
+    assert config_problems(_tiny([*split, "data.seq_length=511"]), "sft") == [
+        NO_DATA["sft"], "data.seq_length=511: with parallel.sequence_parallel megatron splits each row's 511 tokens "
+        "over the tensor_parallel=2 ranks; use a multiple of 2"]
+    assert config_problems(_tiny([*split, "data.seq_length=512"]), "sft") == [NO_DATA["sft"]]
+    assert config_problems(_tiny([*split[:2], "micro_batch_size=2", "data.seq_length=511"]), "sft") == [
+        NO_DATA["sft"]]  # a packed micro-batch is one row of 2 x 511 tokens
+    assert config_problems(_tiny(["optim.lr=0", "optim.min_lr=0", "optim.adam_eps=0"]), "sft") == [NO_DATA["sft"]]
     assert config_problems(_tiny(["data.valid_prefixes=[a,b]"], "rm"), "rm")[:2] == [
         NO_DATA["rm"], "data.valid_prefixes: a reward model validates on one RM prefix, got 2"]
 
@@ -418,6 +427,11 @@ def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes
     assert config_problems(_tiny([f"data.prefixes=[{rm}]", f"data.seq_length={group - 1}"], "rm"), "rm") == [
         f"data.seq_length={group - 1}: {rm} has problem groups (a packed bin holds whole groups) of up to {group} "
         f"tokens (its _stats.json); raise data.seq_length to at least {group}"]
+    split = ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]  # bins of an even length then
+    even = group + group % 2
+    assert config_problems(_tiny([f"data.prefixes=[{rm}]", f"data.seq_length={even - 2}", *split], "rm"), "rm") == [
+        f"data.seq_length={even - 2}: {rm} has problem groups (a packed bin holds whole groups) of up to {group} "
+        f"tokens (its _stats.json); raise data.seq_length to at least {even}"]
     padded = _tiny([f"data.prefixes=[{rm}]", "data.packed=false", f"data.seq_length={group - 1}"], "rm")
     assert config_problems(padded, "rm") == []  # a padded row holds one response
     padded.data.seq_length = response - 1

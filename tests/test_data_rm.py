@@ -481,3 +481,12 @@ def test_every_dropped_group_is_listed_in_the_drop_log(rm_prefix):
     assert [f"{entry['where']}: {entry['detail']}" for entry in logged if entry["reason"] == "all_correct"][:5] == \
         stats["drop_examples"]["all_correct"]
     assert not dropped_path(prefix).with_name(dropped_path(prefix).name + ".partial").exists()
+
+
+def test_rm_preprocessing_creates_the_output_directory(tmp_path):
+    """`--output data/rm` on a fresh checkout: the drop log opened first must not need the directory to exist."""
+    data = write_jsonl(tmp_path / "rm.jsonl", [rm_row(1, "1+1?", "2", 1), rm_row(1, "1+1?", "3", 0)])
+    prefix = tmp_path / "not" / "yet" / "rm"
+    stats = preprocess_rm(RMPreprocessConfig(inputs=[data], output_prefix=str(prefix),
+                                             tokenizer=QWEN, template="chatml"))
+    assert stats["groups"] == 1 and (tmp_path / "not" / "yet" / "rm.bin").is_file()

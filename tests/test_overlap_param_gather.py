@@ -91,3 +91,14 @@ def test_checkpoint_after_a_step_holds_every_shard_updated(overlap_results):
         assert saved.keys() == expected.keys()
         for name, tensor in saved.items():
             assert torch.allclose(tensor, expected[name], atol=1e-6, rtol=0), name
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer_and_overlapped_grad_reduce():
+    """For library callers that skip the recipes' checks (megatron-core 0.16 would not say)."""
+    from acemath_mcore.models import ModelOptions, get_preset
+    from acemath_mcore.runtime import ParallelConfig
+    from acemath_mcore.training.engine import Engine, OptimConfig
+
+    with pytest.raises(ValueError, match="optim.overlap_param_gather=true needs optim.use_distributed_optimizer"):
+        Engine(get_preset("tiny"), ParallelConfig(), ModelOptions(spec="native"),
+               OptimConfig(overlap_param_gather=True, overlap_grad_reduce=True), train_steps=1)

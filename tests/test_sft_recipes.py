@@ -109,7 +109,7 @@ def test_a_resumed_run_keeps_its_checkpoints_rows_per_step_or_says_why_it_cannot
     assert config.global_batch_size == 12
     assert lines == [("INFO", "global batch: 12 rows per step, as in the checkpoint being resumed "
                               "(global_batch_conversations=64)")]
-    with pytest.raises(ValueError, match=r"the checkpoint being resumed took 14 packed rows per step "
+    with pytest.raises(ValueError, match=r"the checkpoint being resumed took 14 rows per step "
                                          r"\(global_batch_conversations=64\), which do not split into whole "
                                          r"micro-batches of micro_batch_size x data-parallel size = 4 here"):
         _sized((2, 1, None), 64, saved_rows=14)
@@ -119,3 +119,26 @@ def test_every_backbone_has_all_three_stages_and_nothing_else_is_sft():
     sft = {name for name in RECIPES if recipe_kind(name) == "sft"}
     expected = {f"{prefix}_{stage}" for prefix in BACKBONES for stage in PAPER_LR}
     assert sft - {"tiny_sft"} == expected
+
+
+def test_a_resume_whose_rows_held_other_samples_is_refused(monkeypatch, tmp_path):
+    """An RM run saved under the padded recipe (256 problems of 4,096-token rows per step) resumed under packed
+    bins sized in problems would have read its 256 as bins, ~8x the batch."""
+    from megatron.core import dist_checkpointing
+
+    from acemath_mcore.recipes import get_recipe
+    from acemath_mcore.training import trainer
+
+    latest = tmp_path / "iter_0000010"
+    monkeypatch.setattr(trainer, "resume_point", lambda config: latest)
+    saved = {"global_batch_size": 256, "data": {"packed": False, "seq_length": 4096}}
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda path: {"train_state": saved})
+    with pytest.raises(ValueError) as refused:
+        trainer.saved_rows_per_step(get_recipe("qwen25_math_7b_rm"))
+    assert str(refused.value) == (
+        f"{latest} was trained on other rows (data.packed=false data.seq_length=4096, global_batch_size=256): its "
+        "step count and data position count in them. Resume it with data.packed=false data.seq_length=4096 "
+        "global_batch_size=256 global_batch_problems=null, or start a new stage from its weights with "
+        f"checkpoint.init_from={latest} and another checkpoint.save_dir")
+    saved["data"] = {"packed": True, "seq_length": 6 * 4096}
+    assert trainer.saved_rows_per_step(get_recipe("qwen25_math_7b_rm")) == 256

@@ -274,6 +274,7 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
             raise error
         drop(error.where, error.reason, error.detail)
 
+    Path(config.output_prefix).parent.mkdir(parents=True, exist_ok=True)
     # the drop log is published after the data files close
     with atomic_output(dropped_path(config.output_prefix)) as drop_log, \
             RMIndexedWriter(config.output_prefix, tokenizer.vocab_size) as writer:

@@ -145,8 +145,8 @@ def _optim_problems(config: TrainConfig) -> List[str]:
     """Numbers megatron's scheduler and torch's AdamW would refuse with a bare assertion once the model is built."""
     optim = config.optim
     problems = []
-    if not optim.lr > 0:
-        problems.append(f"optim.lr={optim.lr}: must be above 0")
+    if not optim.lr >= 0:
+        problems.append(f"optim.lr={optim.lr}: must be at least 0")
     elif not 0 <= optim.min_lr <= optim.lr:
         problems.append(f"optim.min_lr={optim.min_lr}: must be between 0 and optim.lr={optim.lr} (the decay's floor)")
     problems += [f"optim.{key}={value}: must be at least 0{meaning}" for key, value, meaning in (
@@ -154,12 +154,10 @@ def _optim_problems(config: TrainConfig) -> List[str]:
         ("warmup_steps", optim.warmup_steps, "")) if value < 0]
     problems += [f"optim.{key}={value}: must be in [0, 1)" for key, value in (
         ("adam_beta1", optim.adam_beta1), ("adam_beta2", optim.adam_beta2)) if not 0 <= value < 1]
-    if not optim.adam_eps > 0:
-        problems.append(f"optim.adam_eps={optim.adam_eps}: must be above 0")
-    if optim.overlap_param_gather and not (optim.use_distributed_optimizer and optim.overlap_grad_reduce):
-        problems.append("optim.overlap_param_gather=true needs optim.use_distributed_optimizer=true and "
-                        "optim.overlap_grad_reduce=true")
-    return problems
+    if not optim.adam_eps >= 0:
+        problems.append(f"optim.adam_eps={optim.adam_eps}: must be at least 0")
+    overlap = optim.overlap_problem()
+    return problems + ([overlap] if overlap else [])
 
 
 # The paper's unit of a step for each kind of stage: conversations (SFT), problem groups (RM).
@@ -214,6 +212,12 @@ def _data_problems(config: TrainConfig, kind: str) -> List[str]:
     return problems
 
 
+def _row_multiple(config: TrainConfig) -> int:
+    """What a row's token count must be a multiple of: the TP size under sequence parallelism."""
+    parallel = config.parallel
+    return parallel.tensor_parallel if parallel.sequence_parallel and parallel.tensor_parallel > 1 else 1
+
+
 def _length_problems(config: TrainConfig, kind: str, prefixes: Iterable[str]) -> List[str]:
     """Samples longer than a row, from each prefix's stats (the loader would refuse them after set-up): an SFT
     conversation, an RM response (padded rows) or a whole RM group (packed bins)."""
@@ -229,8 +233,9 @@ def _length_problems(config: TrainConfig, kind: str, prefixes: Iterable[str]) ->
     for prefix in prefixes:
         longest = _prefix_stats(prefix, key, required=False)
         if longest is not None and longest > length:
+            least = -(-longest // _row_multiple(config)) * _row_multiple(config)
             problems.append(f"data.seq_length={length}: {prefix} has {what} of up to {longest} tokens (its "
-                            f"_stats.json); raise data.seq_length to at least {longest}{shorter}")
+                            f"_stats.json); raise data.seq_length to at least {least}{shorter}")
     return problems
 
 
@@ -276,6 +281,12 @@ def _layout_problems(config: TrainConfig, arch: ModelArch) -> List[str]:
     if parallel.virtual_pipeline_parallel == 1:
         problems.append("parallel.virtual_pipeline_parallel=1: use null (no interleaving) or at least 2 model "
                         "chunks per pipeline stage")
+    data = config.data
+    row = data.seq_length * (config.micro_batch_size if data.packed else 1)  # a packed micro-batch is one row
+    if row % _row_multiple(config):
+        problems.append(f"data.seq_length={data.seq_length}: with parallel.sequence_parallel megatron splits each row's "
+                        f"{row} tokens over the tensor_parallel={parallel.tensor_parallel} ranks; use a multiple of "
+                        f"{parallel.tensor_parallel}")
     if parallel.context_parallel != 1:
         problems.append(f"parallel.context_parallel={parallel.context_parallel}: context parallelism is not supported "
                         "(the data path does not split sequences across CP ranks); use 1, and tensor parallelism "

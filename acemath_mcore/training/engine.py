@@ -81,6 +81,8 @@ class Engine:
 
     def __init__(self, arch: ModelArch, parallel: ParallelConfig, model_options: ModelOptions, optim: OptimConfig,
                  train_steps: int, model_chunk_builder: Callable = build_model_chunk):
+        if optim.overlap_problem():  # the recipes' checks say so before set-up; this is for library callers
+            raise ValueError(optim.overlap_problem())
         self.arch = arch
         self.config = transformer_config(arch, parallel, model_options, with_ddp=True)
         self.config.calculate_per_token_loss = True

@@ -82,7 +82,7 @@ def size_batch_in_units(config: TrainConfig, data: TrainingData, world_size: int
         unit *= parallel.pipeline_parallel  # the interleaved schedule runs micro-batches in groups of PP
     if saved_rows is not None:
         if saved_rows % unit:
-            raise ValueError(f"the checkpoint being resumed took {saved_rows} packed rows per step "
+            raise ValueError(f"the checkpoint being resumed took {saved_rows} rows per step "
                              f"({key}={target}), which do not split into whole micro-batches "
                              f"of micro_batch_size x data-parallel size{interleaved} = {unit} here: resume on a "
                              f"layout where that product divides {saved_rows}, or start a new stage from its weights "
@@ -112,11 +112,21 @@ def resume_point(config: TrainConfig) -> Optional[Path]:
 
 
 def saved_rows_per_step(config: TrainConfig) -> Optional[int]:
-    """The global batch (rows) of the checkpoint this run will resume, None when it starts afresh."""
+    """The global batch (rows) of the checkpoint this run will resume, None when it starts afresh. Its rows must
+    be this run's rows: a checkpoint written with other packing or row length (an RM run saved with padded
+    4,096-token rows, resumed under packed bins) is refused, since its rows per step would count other samples."""
     latest = resume_point(config)
     if latest is None:
         return None
-    return dist_checkpointing.load_common_state_dict(str(latest))["train_state"].get("global_batch_size")
+    state = dist_checkpointing.load_common_state_dict(str(latest))["train_state"]
+    saved = {key: state.get("data", {}).get(key, getattr(config.data, key)) for key in ("packed", "seq_length")}
+    if saved != {"packed": config.data.packed, "seq_length": config.data.seq_length}:
+        rows = f"data.packed={str(saved['packed']).lower()} data.seq_length={saved['seq_length']}"
+        batch = f"global_batch_size={state.get('global_batch_size')} {config.batch_in_units()[0]}=null"
+        raise ValueError(f"{latest} was trained on other rows ({rows}, {batch.split()[0]}): its step count and data "
+                         f"position count in them. Resume it with {rows} {batch}, or start a new stage from its "
+                         f"weights with checkpoint.init_from={latest} and another checkpoint.save_dir")
+    return state.get("global_batch_size")
 
 
 class PreemptionFlag:
