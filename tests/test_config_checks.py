@@ -4,6 +4,7 @@ model and its starting checkpoint, and ids beyond the vocabulary stopped at the 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -401,7 +402,7 @@ def test_dry_run_and_the_tools_help_do_not_import_megatron(prefixes):
         assert report["status"] == 0 and not report["megatron"], script
 
 
-def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes, tmp_path):
+def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes, tmp_path, caplog):
     """The loader refuses them only after the process groups are up; the stats record the longest sample."""
     import json as json_lib
 
@@ -434,6 +435,11 @@ def test_samples_longer_than_a_row_are_found_in_the_stats_before_set_up(prefixes
         f"tokens (its _stats.json); raise data.seq_length to at least {even}"]
     padded = _tiny([f"data.prefixes=[{rm}]", "data.packed=false", f"data.seq_length={group - 1}"], "rm")
     assert config_problems(padded, "rm") == []  # a padded row holds one response
+    with caplog.at_level(logging.WARNING, logger="acemath_mcore"):
+        padded.data.seq_length = 24576  # the packed recipe's bin length, left in place with data.packed=false
+        assert config_problems(padded, "rm") == []
+    assert caplog.messages == [f"data.seq_length=24576 pads every row to 24576 tokens, while {rm}'s longest sample "
+                               f"has {response}: most of the computed tokens would be padding (lower data.seq_length)"]
     padded.data.seq_length = response - 1
     assert config_problems(padded, "rm") == [
         f"data.seq_length={response - 1}: {rm} has responses (a padded row holds one) of up to {response} tokens "

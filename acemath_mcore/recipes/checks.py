@@ -236,6 +236,10 @@ def _length_problems(config: TrainConfig, kind: str, prefixes: Iterable[str]) ->
             least = -(-longest // _row_multiple(config)) * _row_multiple(config)
             problems.append(f"data.seq_length={length}: {prefix} has {what} of up to {longest} tokens (its "
                             f"_stats.json); raise data.seq_length to at least {least}{shorter}")
+        elif longest is not None and not config.data.packed and length > 2 * longest:
+            logger.warning("data.seq_length=%d pads every row to %d tokens, while %s's longest sample has %d: most of "
+                           "the computed tokens would be padding (lower data.seq_length)", length, length, prefix,
+                           longest)
     return problems
 
 
