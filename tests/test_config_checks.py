@@ -475,3 +475,8 @@ def test_a_resume_across_40_data_parallel_ranks_is_refused_once_the_rank_count_i
                                         "data_parallel": 16}, "dp_reshardable", distributed_optimizer=True)
     assert config_problems(config, "sft", world_size=40) == []  # both at megatron's 40M floor
     assert "Resume with at most 40 data-parallel ranks" in config_problems(config, "sft", world_size=41)[0]
+    # Recorded since 2026-11-25: whether the gradients were reduced in buckets at all, known without the rank count.
+    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
+                                        "data_parallel": 16, "overlap_grad_reduce": False}, "dp_reshardable",
+                           distributed_optimizer=True)
+    assert "was saved with optim.overlap_grad_reduce=false (this run: true)" in config_problems(config, "sft")[0]

@@ -635,6 +635,17 @@ def test_dp_reshardable_optimizer_state_at_another_tensor_parallel_size_is_refus
                                             extra=["optim.use_distributed_optimizer=false",
                                                    "optim.overlap_param_gather=false"])
     assert config_problems(unbound, "sft") == []  # nothing of the distributed optimizer's is loaded then
+    # The record also says the gradients were reduced in buckets (overlap_grad_reduce), which decides their shapes.
+    step3 = save_dir / "iter_0000003"
+    assert json.loads((step3 / "optimizer_layout.json").read_text())["layout"]["overlap_grad_reduce"] is True
+    one_bucket = _distributed_optimizer_config(sft_prefix, save_dir.parent, str(save_dir), extra=[
+        "optim.overlap_grad_reduce=false", "optim.overlap_param_gather=false"])
+    assert config_problems(one_bucket, "sft") == [
+        f"parallel: {step3} holds its optimizer state in the dp_reshardable format, stored per gradient bucket, and "
+        "was saved with optim.overlap_grad_reduce=true (this run: false), which decides the buckets. Resume with "
+        "optim.overlap_grad_reduce=true, or resume it once as it was saved with "
+        "checkpoint.optimizer_format=fully_reshardable, whose next checkpoint is free of both, or start a new stage "
+        f"from its weights with checkpoint.init_from={step3} (fresh optimizer)"]
 
 
 def test_dp_reshardable_optimizer_state_at_another_tensor_parallel_size_is_refused_before_loading(

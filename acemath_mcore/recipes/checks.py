@@ -317,9 +317,11 @@ def _resume_layout_problems(config: TrainConfig, checkpoint: Path, world_size: O
     problem = layout_bound_problem(checkpoint, bound, {
         "tensor_parallel": parallel.tensor_parallel, "pipeline_parallel": parallel.pipeline_parallel,
         "virtual_pipeline": parallel.virtual_pipeline_parallel or 1})
-    if problem is None and world_size is not None and not world_size % parallel.model_parallel_size():
-        problem = bucket_bound_problem(checkpoint, read_optimizer_layout(checkpoint)["layout"].get("data_parallel"),
-                                       parallel.data_parallel_size(world_size), config.optim.overlap_grad_reduce)
+    if problem is None:
+        known = world_size is not None and not world_size % parallel.model_parallel_size()
+        problem = bucket_bound_problem(checkpoint, read_optimizer_layout(checkpoint)["layout"],
+                                       parallel.data_parallel_size(world_size) if known else None,
+                                       config.optim.overlap_grad_reduce)
     return [f"parallel: {problem}"] if problem else []
 
 

@@ -79,14 +79,23 @@ def layout_bound_problem(checkpoint: Path, saved: Dict[str, int], current: Dict[
 BUCKET_GROWTH_DATA_PARALLEL = 40
 
 
-def bucket_bound_problem(checkpoint: Path, saved_data_parallel: Optional[int], data_parallel: int,
+def bucket_bound_problem(checkpoint: Path, saved_layout: Dict, data_parallel: Optional[int],
                          overlap_grad_reduce: bool) -> Optional[str]:
-    """Why ``checkpoint``'s dp_reshardable optimizer state does not fit this run's gradient buckets (the number of
-    data-parallel ranks changed across 40); None when the buckets are the saved ones (or the record predates it)."""
+    """Why ``checkpoint``'s dp_reshardable optimizer state does not fit this run's gradient buckets: another
+    ``optim.overlap_grad_reduce``, or (``data_parallel`` known) a number of data-parallel ranks changed across 40.
+    None when the buckets are the saved ones, or the record predates what would tell."""
+    saved_overlap = saved_layout.get("overlap_grad_reduce")
+    if saved_overlap is not None and saved_overlap != overlap_grad_reduce:
+        return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, stored per gradient "
+                f"bucket, and was saved with optim.overlap_grad_reduce={str(saved_overlap).lower()} (this run: "
+                f"{str(overlap_grad_reduce).lower()}), which decides the buckets. Resume with "
+                f"optim.overlap_grad_reduce={str(saved_overlap).lower()}, or " + fresh_start(checkpoint))
+
     def bucket_scale(size: int) -> int:
         return max(BUCKET_GROWTH_DATA_PARALLEL, size)
 
-    if not overlap_grad_reduce or saved_data_parallel is None or \
+    saved_data_parallel = saved_layout.get("data_parallel")
+    if not overlap_grad_reduce or saved_data_parallel is None or data_parallel is None or \
             bucket_scale(saved_data_parallel) == bucket_scale(data_parallel):
         return None
     return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, stored per gradient bucket, "

@@ -205,8 +205,10 @@ def _start_save(save_dir: Path, step: int, model_chunks, optimizer, scheduler, t
     _writer_queue_deaf_to_stop_signals()
     request = dist_checkpointing.save(state, str(partial), sharded_strategy=_save_strategy(fully_parallel),
                                       **(_BACKGROUND_SAVE_ARGUMENTS if background else {}))
-    return _Save(save_dir, step, layout, optimizer_format, _uses_distributed_optimizer(optimizer), keep_last,
-                 request, started)
+    # optimizer_layout.json also records whether gradients were reduced in buckets (the config checks compare it)
+    overlap = any(getattr(getattr(chunk, "ddp_config", None), "overlap_grad_reduce", False) for chunk in model_chunks)
+    return _Save(save_dir, step, dict(layout, overlap_grad_reduce=overlap), optimizer_format,
+                 _uses_distributed_optimizer(optimizer), keep_last, request, started)
 
 
 def _partial_dir(final: Path) -> Path:
