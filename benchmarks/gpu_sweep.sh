@@ -24,6 +24,10 @@
 #          padded and packed
 #   rmgroups  the reward model with several problem groups per micro-batch: 2 padded, 2, 3 and 4 packed (4 x 1 and
 #          4 x 2 micro-batches; 4 padded runs out of memory on an 80 GB H100)
+#   rmbins the paper RM recipes' micro-batch: one packed bin of ~24k tokens (8 groups of 6 responses of 420-600
+#          tokens), qwen2.5-math-1.5b with full recompute as the recipes use it, then qwen2.5-math-7b's layer
+#          shapes (4 layers) with and without it: the MFU of the recipes' actual shape (measured so far: ~21k-token
+#          micro-batches, 1.5B, no recompute)
 #   hf     the transformers baseline issue 9 quotes (unpacked, mbs 1 x 4)
 #   decode generation with our Megatron loop, qwen2.5-7b shapes (random weights, bf16): 256 prompts of 100-400
 #          tokens, 512 new tokens each, batches of 32 rows and --batch-size auto (tokens/s, batches, peak memory)
@@ -40,7 +44,7 @@ bench() {
         "$@" 2>&1 | tee -a "$out/sweep.log" || failed=1
 }
 
-groups="tests headline idle graphs wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups hf decode"
+groups="tests headline idle graphs wgrad accum mbs fp8 fp8recipes fp8layers rm rmgroups rmbins hf decode"
 [ $# -gt 0 ] || { echo "usage: $0 GROUP... ($groups)" >&2; exit 2; }
 for group in "$@"; do
     echo "== $group $(date -u +%FT%TZ)" | tee -a "$out/sweep.log"
@@ -82,6 +86,11 @@ for group in "$@"; do
             rm_bench --impls te --micro-batches 1 --groups 3 --packed
             rm_bench --impls te,native --micro-batches 1 --groups 4 --packed
             rm_bench --impls te,native --micro-batches 2 --groups 4 --packed ;;
+        rmbins)
+            bin_bench() { bench --task rm --seq-length 600 --groups 8 --packed --micro-batches 2 "$@"; }
+            bin_bench --model qwen2.5-math-1.5b --impls te --recompute full
+            bin_bench --model qwen2.5-math-7b --num-layers 4 --impls te --recompute full
+            bin_bench --model qwen2.5-math-7b --num-layers 4 --impls te ;;
         hf) bench --impls hf --micro-batch 1 --micro-batches 4 ;;
         decode) python3 benchmarks/generation_speed.py --model qwen2.5-7b --prompts 256 --new-tokens 512 \
             --batch-sizes 32,auto 2>&1 | tee -a "$out/sweep.log" | grep '^{' >>"$out/generation.jsonl" || failed=1 ;;
