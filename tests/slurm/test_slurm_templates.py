@@ -167,19 +167,26 @@ def test_preflight_plans_a_reward_models_step_of_problems_as_packed_bins(preflig
         "--global-batch", "32", "--micro-batch", "1"]
 
 
-def test_preflight_keeps_a_resumed_dp_reshardable_layout_or_reports_it(preflight, tmp_path, capsys):
-    """The checkpoint's optimizer state was saved at TP=1: a configured TP=2 is an error, except where the Slurm
-    planner picks the layout at job start, which is then told to keep TP=1 (and the check runs on that layout)."""
+def _resumable_sft_save(root: Path, data_parallel: int) -> Path:
+    """SFT data files (empty) at ``root/data`` and a save dir ``root/c`` whose latest checkpoint holds TP=1
+    dp_reshardable optimizer state saved over ``data_parallel`` ranks; returns that checkpoint."""
     from acemath_mcore.training.checkpoint_dirs import write_optimizer_layout
 
     for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
-        (tmp_path / f"data{suffix}").write_bytes(b"")
-    checkpoint = tmp_path / "c" / "iter_0000005"
+        (root / f"data{suffix}").write_bytes(b"")
+    checkpoint = root / "c" / "iter_0000005"
     checkpoint.mkdir(parents=True)
     (checkpoint / "metadata.json").write_text("{}")
-    (tmp_path / "c" / "latest").write_text("iter_0000005")
+    (root / "c" / "latest").write_text("iter_0000005")
     write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
-                                        "data_parallel": 8}, "dp_reshardable", distributed_optimizer=True)
+                                        "data_parallel": data_parallel}, "dp_reshardable", distributed_optimizer=True)
+    return checkpoint
+
+
+def test_preflight_keeps_a_resumed_dp_reshardable_layout_or_reports_it(preflight, tmp_path, capsys):
+    """The checkpoint's optimizer state was saved at TP=1: a configured TP=2 is an error, except where the Slurm
+    planner picks the layout at job start, which is then told to keep TP=1 (and the check runs on that layout)."""
+    checkpoint = _resumable_sft_save(tmp_path, data_parallel=8)
     stage = ["--stage", "sft:tiny_sft", f"data.prefixes=[{tmp_path}/data]", f"checkpoint.save_dir={tmp_path}/c",
              "optim.use_distributed_optimizer=true", "parallel.tensor_parallel=2"]
     assert preflight.main(stage) == 2
@@ -445,16 +452,7 @@ def test_nsys_wraps_the_training_tasks_and_asks_the_trainer_for_its_capture_rang
 def test_preflight_at_job_start_checks_what_depends_on_the_rank_count(preflight, tmp_path, capsys):
     """The training templates pass --world-size=$SLURM_NTASKS when the job starts: a dp_reshardable checkpoint
     saved at 48 data-parallel ranks cannot resume at 64 (other gradient buckets), found before srun."""
-    from acemath_mcore.training.checkpoint_dirs import write_optimizer_layout
-
-    for suffix in (".bin", ".idx", "_loss_mask.bin", "_loss_mask.idx"):
-        (tmp_path / f"data{suffix}").write_bytes(b"")
-    checkpoint = tmp_path / "c" / "iter_0000005"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "metadata.json").write_text("{}")
-    (tmp_path / "c" / "latest").write_text("iter_0000005")
-    write_optimizer_layout(checkpoint, {"tensor_parallel": 1, "pipeline_parallel": 1, "virtual_pipeline": 1,
-                                        "data_parallel": 48}, "dp_reshardable", distributed_optimizer=True)
+    _resumable_sft_save(tmp_path, data_parallel=48)
     stage = ["--stage", "sft:tiny_sft", f"data.prefixes=[{tmp_path}/data]", f"checkpoint.save_dir={tmp_path}/c",
              "optim.use_distributed_optimizer=true", "optim.overlap_grad_reduce=true"]
     assert preflight.main(["--world-size=48", *stage]) == 0
