@@ -30,7 +30,7 @@ from acemath_mcore.options import (
     SPEC_CHOICES,
     WANDB_MODES,
 )
-from acemath_mcore.recipes.config import TrainConfig
+from acemath_mcore.recipes.config import BATCH_UNITS, TrainConfig
 
 if TYPE_CHECKING:  # the models package imports torch, which --help and argument errors do without
     from acemath_mcore.models.arch import ModelArch
@@ -160,14 +160,10 @@ def _optim_problems(config: TrainConfig) -> List[str]:
     return problems + ([overlap] if overlap else [])
 
 
-# The paper's unit of a step for each kind of stage: conversations (SFT), problem groups (RM).
-BATCH_UNITS = {"sft": ("global_batch_conversations", "conversations"), "rm": ("global_batch_problems", "problems")}
-
-
 def _batch_problems(config: TrainConfig, kind: str) -> List[str]:
     batch = config.global_batch_size
-    (key, noun), (other_kind, (other_key, _)) = BATCH_UNITS[kind], next(
-        (k, unit) for k, unit in BATCH_UNITS.items() if k != kind)
+    other_kind = "rm" if kind == "sft" else "sft"
+    (key, noun), (other_key, _) = BATCH_UNITS[kind], BATCH_UNITS[other_kind]
     units, other = getattr(config, key), getattr(config, other_key)
     problems = [f"{name}={value}: must be at least 1" for name, value in (
         ("global_batch_size", batch), (key, units), (other_key, other),

@@ -16,6 +16,10 @@ from typing import Any, List, Optional, Sequence, Tuple
 from acemath_mcore.options import ModelOptions, OptimConfig, ParallelConfig
 
 
+# The paper's unit of a step for each kind of stage, and the key that sizes a step in it.
+BATCH_UNITS = {"sft": ("global_batch_conversations", "conversations"), "rm": ("global_batch_problems", "problems")}
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Pre-tokenized megatron .bin/.idx prefixes (from launch/preprocess.py) and how to batch them."""
@@ -107,11 +111,12 @@ class TrainConfig:
     seed: int = 1234
     nan_policy: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient norm does
 
-    def batch_in_units(self) -> Optional[Tuple[str, int]]:
-        """(key, count) of a step sized in conversations or problems; None when ``global_batch_size`` sizes it."""
-        for key in ("global_batch_conversations", "global_batch_problems"):
+    def batch_in_units(self) -> Optional[Tuple[str, int, str]]:
+        """(key, count, unit) of a step sized in conversations or problems; None when ``global_batch_size`` sizes
+        it."""
+        for key, unit in BATCH_UNITS.values():
             if getattr(self, key) is not None:
-                return key, getattr(self, key)
+                return key, getattr(self, key), unit
         return None
 
     def rows_per_step(self, units_per_row: float, unit: int = 1) -> int:

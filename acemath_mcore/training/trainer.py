@@ -73,8 +73,7 @@ def size_batch_in_units(config: TrainConfig, data: TrainingData, world_size: int
     data-parallel rank. A resumed run keeps the rows per step of its checkpoint (``saved_rows``: its epoch and data
     position count in them), whatever the layout would round to now. A fit off by more than 2x is an error (a
     256-GPU job of a 7B recipe would take 8x the paper's batch), a lesser one a warning."""
-    key, target = config.batch_in_units()
-    noun = "conversations" if key == "global_batch_conversations" else "problems"
+    key, target, noun = config.batch_in_units()
     parallel = config.parallel
     unit = config.micro_batch_size * parallel.data_parallel_size(world_size)
     interleaved = " x pipeline_parallel" if parallel.virtual_pipeline_parallel else ""
