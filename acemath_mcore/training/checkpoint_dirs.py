@@ -84,26 +84,21 @@ def bucket_bound_problem(checkpoint: Path, saved_layout: Dict, data_parallel: Op
     """Why ``checkpoint``'s dp_reshardable optimizer state does not fit this run's gradient buckets: another
     ``optim.overlap_grad_reduce``, or (``data_parallel`` known) a number of data-parallel ranks changed across 40.
     None when the buckets are the saved ones, or the record predates what would tell."""
-    saved_overlap = saved_layout.get("overlap_grad_reduce")
+    saved_overlap, saved_dp = saved_layout.get("overlap_grad_reduce"), saved_layout.get("data_parallel")
+    growth = BUCKET_GROWTH_DATA_PARALLEL
     if saved_overlap is not None and saved_overlap != overlap_grad_reduce:
-        return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, stored per gradient "
-                f"bucket, and was saved with optim.overlap_grad_reduce={str(saved_overlap).lower()} (this run: "
-                f"{str(overlap_grad_reduce).lower()}), which decides the buckets. Resume with "
-                f"optim.overlap_grad_reduce={str(saved_overlap).lower()}, or " + fresh_start(checkpoint))
-
-    def bucket_scale(size: int) -> int:
-        return max(BUCKET_GROWTH_DATA_PARALLEL, size)
-
-    saved_data_parallel = saved_layout.get("data_parallel")
-    if not overlap_grad_reduce or saved_data_parallel is None or data_parallel is None or \
-            bucket_scale(saved_data_parallel) == bucket_scale(data_parallel):
+        flag = f"optim.overlap_grad_reduce={str(saved_overlap).lower()}"
+        why = f"was saved with {flag} (this run: {str(overlap_grad_reduce).lower()}), which decides the buckets"
+        fix = flag
+    elif overlap_grad_reduce and None not in (saved_dp, data_parallel) and \
+            max(growth, saved_dp) != max(growth, data_parallel):
+        why = (f"megatron sizes the buckets from the number of data-parallel ranks above {growth}: saved at "
+               f"{saved_dp}, this run has {data_parallel}")
+        fix = f"{saved_dp if saved_dp > growth else f'at most {growth}'} data-parallel ranks"
+    else:
         return None
     return (f"{checkpoint} holds its optimizer state in the {LAYOUT_BOUND_FORMAT} format, stored per gradient bucket, "
-            f"and megatron sizes the buckets from the number of data-parallel ranks above "
-            f"{BUCKET_GROWTH_DATA_PARALLEL}: saved at {saved_data_parallel}, this run has {data_parallel}. Resume with "
-            + (f"{saved_data_parallel}" if saved_data_parallel > BUCKET_GROWTH_DATA_PARALLEL
-               else f"at most {BUCKET_GROWTH_DATA_PARALLEL}")
-            + " data-parallel ranks, or " + fresh_start(checkpoint))
+            f"and {why}. Resume with {fix}, or " + fresh_start(checkpoint))
 
 
 def fresh_start(checkpoint: Path) -> str:
