@@ -52,7 +52,7 @@ from acemath_mcore.training.engine import Batch, run_schedule
 from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.rm_losses import check_rm_loss, rm_loss
 from acemath_mcore.training.sft import sequence_lengths
-from acemath_mcore.training.trainer import TrainingData, preemption_requests, run, saved_rows_per_step, size_batch_in_units
+from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -136,13 +136,10 @@ def train_reward_model(config: TrainConfig, arch: Optional[ModelArch] = None) ->
     log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "rm", arch, world_size=read_launch_env().world_size)
-        config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
+        config = dataclasses.replace(config)  # run() may set the batch size; the caller's config stays as given
         task = RewardTask(config.reward.loss, seed=config.seed)
         validation = rm_training_data(config, held_out=True) if config.data.valid_prefixes else None
-        data = rm_training_data(config)
-        if config.global_batch_size is None:
-            size_batch_in_units(config, data, read_launch_env().world_size, saved_rows_per_step(config))
-        return run(config, task, data, arch=arch, model_chunk_builder=build_reward_model_chunk,
+        return run(config, task, rm_training_data(config), arch=arch, model_chunk_builder=build_reward_model_chunk,
                    validation=validation, preemption=preemption)
 
 

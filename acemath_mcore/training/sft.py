@@ -14,13 +14,7 @@ from acemath_mcore.runtime.distributed import launch_rank, read_launch_env
 from acemath_mcore.training.engine import Batch
 from acemath_mcore.training.logging import log_on_rank_0
 from acemath_mcore.training.losses import masked_token_loss
-from acemath_mcore.training.trainer import (
-    TrainingData,
-    preemption_requests,
-    run,
-    saved_rows_per_step,
-    size_batch_in_units,
-)
+from acemath_mcore.training.trainer import TrainingData, preemption_requests, run
 
 logger = logging.getLogger("acemath_mcore")
 
@@ -72,9 +66,6 @@ def train_sft(config: TrainConfig) -> Dict:
     log_on_rank_0(launch_rank())  # the checks' warnings, once per job
     with preemption_requests() as preemption:
         check_config(config, "sft", world_size=read_launch_env().world_size)
-        config = dataclasses.replace(config)  # the batch size may be set below; the caller's config stays as given
+        config = dataclasses.replace(config)  # run() may set the batch size; the caller's config stays as given
         validation = sft_training_data(config, held_out=True) if config.data.valid_prefixes else None
-        data = sft_training_data(config)
-        if config.global_batch_size is None:
-            size_batch_in_units(config, data, read_launch_env().world_size, saved_rows_per_step(config))
-        return run(config, SFTTask(), data, validation=validation, preemption=preemption)
+        return run(config, SFTTask(), sft_training_data(config), validation=validation, preemption=preemption)

@@ -37,7 +37,7 @@ from acemath_mcore.recipes.checks import data_prompt_format
 from acemath_mcore.recipes.config import TrainConfig
 from acemath_mcore.runtime import device as device_lib
 from acemath_mcore.runtime import init_distributed
-from acemath_mcore.runtime.distributed import STOP_SIGNALS
+from acemath_mcore.runtime.distributed import STOP_SIGNALS, read_launch_env
 from acemath_mcore.training import checkpointing
 from acemath_mcore.training.checkpoint_dirs import find_latest, resolve_checkpoint_dir
 from acemath_mcore.training.engine import Batch, Engine, Task
@@ -243,7 +243,11 @@ def run(config: TrainConfig, task: Task, data: TrainingData, arch: Optional[Mode
     ``model_chunk_builder`` builds one model chunk (the reward model passes its GPTModel subclass);
     ``validation``, held-out data whose loss is logged as ``valid_*`` every ``eval_interval`` steps and at the end;
     ``preemption``, the flag the entry point installed before building the data (else one is installed here).
-    A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now."""
+    A preempted run (``exit_code`` 75) returns with SIGTERM and SIGUSR1 ignored: its process is meant to exit now.
+    A step sized in conversations or problems gets its ``global_batch_size`` here, in ``config`` itself (whose
+    copy the data's loaders read), before any process group exists."""
+    if config.global_batch_size is None:
+        size_batch_in_units(config, data, read_launch_env().world_size, saved_rows_per_step(config))
     if preemption is None:
         with preemption_requests() as preemption:
             return _run(config, task, data, arch, model_chunk_builder, validation, preemption)
