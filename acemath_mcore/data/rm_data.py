@@ -296,10 +296,11 @@ def preprocess_rm(config: RMPreprocessConfig, tokenizer: Optional[Tokenizer] = N
             group_sizes[len(sequences)] += 1
             counts["responses"] += len(sequences)
             counts["positives"] += sum(group.labels)
-            counts["tokens"] += sum(len(s) for s in sequences)
+            group_tokens = sum(len(s) for s in sequences)
+            counts["tokens"] += group_tokens
             # what a padded row (one response) and a packed bin (one group) must hold: checked before training
             counts["max_response_tokens"] = max(counts["max_response_tokens"], longest)
-            counts["max_group_tokens"] = max(counts["max_group_tokens"], sum(len(s) for s in sequences))
+            counts["max_group_tokens"] = max(counts["max_group_tokens"], group_tokens)
     elapsed = time.monotonic() - started
     config_dict = asdict(config)
     stats = {
